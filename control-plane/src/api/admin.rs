@@ -1,0 +1,258 @@
+//! AdminService: the operator's API over the registry. Converts requests,
+//! lets the registry do the work, and reads endpoints and tables from the
+//! watched snapshot. Error mapping lives with `RegistryError`.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use infermesh_proto::v1::{
+    self as pb, DeleteResponse, Endpoint, ListEndpointsResponse, ListModelsResponse,
+    ListPoolsResponse, ListRegionsResponse, Load, Model, Pool, Region, RoutingTable,
+    SubscriberRole, admin_service_server::AdminService,
+};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::registry::{Registry, RegistryError};
+use crate::snapshot::Snapshot;
+use crate::tables;
+
+/// Latest load per endpoint id, as sidecars report it.
+pub type LoadBook = DashMap<String, Load>;
+
+/// The admin service.
+pub struct Admin {
+    registry: Registry,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    loads: Arc<LoadBook>,
+}
+
+impl Admin {
+    /// An admin service over `registry`, reading endpoints from `snapshots`.
+    pub fn new(
+        registry: Registry,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        loads: Arc<LoadBook>,
+    ) -> Self {
+        Self {
+            registry,
+            snapshots,
+            loads,
+        }
+    }
+
+    fn snapshot(&self) -> Result<Arc<Snapshot>, Status> {
+        let snapshot = self.snapshots.borrow().clone();
+        if !snapshot.is_synced() {
+            return Err(Status::unavailable(
+                "registry not loaded from etcd yet; retry",
+            ));
+        }
+        Ok(snapshot)
+    }
+}
+
+fn required<T>(value: Option<T>, field: &str) -> Result<T, Status> {
+    value.ok_or_else(|| Status::invalid_argument(format!("{field}: required")))
+}
+
+fn named(name: &str, field: &str) -> Result<(), Status> {
+    if name.is_empty() {
+        return Err(Status::invalid_argument(format!("{field}: required")));
+    }
+    Ok(())
+}
+
+fn ok<T>(result: Result<T, RegistryError>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn create_model(
+        &self,
+        r: Request<pb::CreateModelRequest>,
+    ) -> Result<Response<Model>, Status> {
+        let model = required(r.into_inner().model, "model")?;
+        ok(self.registry.create_model(model).await)
+    }
+
+    async fn get_model(&self, r: Request<pb::GetModelRequest>) -> Result<Response<Model>, Status> {
+        let name = r.into_inner().name;
+        named(&name, "name")?;
+        ok(self.registry.get::<Model>(&name).await)
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        ok(self
+            .registry
+            .list::<Model>()
+            .await
+            .map(|models| ListModelsResponse { models }))
+    }
+
+    async fn update_model(
+        &self,
+        r: Request<pb::UpdateModelRequest>,
+    ) -> Result<Response<Model>, Status> {
+        let model = required(r.into_inner().model, "model")?;
+        ok(self.registry.update_model(model).await)
+    }
+
+    async fn delete_model(
+        &self,
+        r: Request<pb::DeleteModelRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let r = r.into_inner();
+        named(&r.name, "name")?;
+        ok(self
+            .registry
+            .delete_model(&r.name, r.revision)
+            .await
+            .map(|revision| DeleteResponse { revision }))
+    }
+
+    async fn create_pool(
+        &self,
+        r: Request<pb::CreatePoolRequest>,
+    ) -> Result<Response<Pool>, Status> {
+        let pool = required(r.into_inner().pool, "pool")?;
+        ok(self.registry.create_pool(pool).await)
+    }
+
+    async fn get_pool(&self, r: Request<pb::GetPoolRequest>) -> Result<Response<Pool>, Status> {
+        let name = r.into_inner().name;
+        named(&name, "name")?;
+        ok(self.registry.get::<Pool>(&name).await)
+    }
+
+    async fn list_pools(
+        &self,
+        r: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<ListPoolsResponse>, Status> {
+        let r = r.into_inner();
+        ok(self
+            .registry
+            .list::<Pool>()
+            .await
+            .map(|pools| ListPoolsResponse {
+                pools: pools
+                    .into_iter()
+                    .filter(|p| r.region.is_empty() || p.region == r.region)
+                    .filter(|p| r.model.is_empty() || p.model == r.model)
+                    .collect(),
+            }))
+    }
+
+    async fn update_pool(
+        &self,
+        r: Request<pb::UpdatePoolRequest>,
+    ) -> Result<Response<Pool>, Status> {
+        let pool = required(r.into_inner().pool, "pool")?;
+        ok(self.registry.update_pool(pool).await)
+    }
+
+    async fn delete_pool(
+        &self,
+        r: Request<pb::DeletePoolRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let r = r.into_inner();
+        named(&r.name, "name")?;
+        ok(self
+            .registry
+            .delete_pool(&r.name, r.revision)
+            .await
+            .map(|revision| DeleteResponse { revision }))
+    }
+
+    async fn create_region(
+        &self,
+        r: Request<pb::CreateRegionRequest>,
+    ) -> Result<Response<Region>, Status> {
+        let region = required(r.into_inner().region, "region")?;
+        ok(self.registry.create_region(region).await)
+    }
+
+    async fn get_region(
+        &self,
+        r: Request<pb::GetRegionRequest>,
+    ) -> Result<Response<Region>, Status> {
+        let name = r.into_inner().name;
+        named(&name, "name")?;
+        ok(self.registry.get::<Region>(&name).await)
+    }
+
+    async fn list_regions(
+        &self,
+        _: Request<pb::ListRegionsRequest>,
+    ) -> Result<Response<ListRegionsResponse>, Status> {
+        ok(self
+            .registry
+            .list::<Region>()
+            .await
+            .map(|regions| ListRegionsResponse { regions }))
+    }
+
+    async fn update_region(
+        &self,
+        r: Request<pb::UpdateRegionRequest>,
+    ) -> Result<Response<Region>, Status> {
+        let region = required(r.into_inner().region, "region")?;
+        ok(self.registry.update_region(region).await)
+    }
+
+    async fn delete_region(
+        &self,
+        r: Request<pb::DeleteRegionRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let r = r.into_inner();
+        named(&r.name, "name")?;
+        ok(self
+            .registry
+            .delete_region(&r.name, r.revision)
+            .await
+            .map(|revision| DeleteResponse { revision }))
+    }
+
+    async fn list_endpoints(
+        &self,
+        r: Request<pb::ListEndpointsRequest>,
+    ) -> Result<Response<ListEndpointsResponse>, Status> {
+        let r = r.into_inner();
+        let snapshot = self.snapshot()?;
+        let endpoints = snapshot
+            .endpoints
+            .values()
+            .filter(|e| r.region.is_empty() || e.region == r.region)
+            .filter(|e| r.model.is_empty() || e.model == r.model)
+            .filter(|e| r.pool.is_empty() || e.pool == r.pool)
+            .map(|e| Endpoint {
+                load: self.loads.get(&e.id).map(|l| l.clone()),
+                ..e.clone()
+            })
+            .collect();
+        Ok(Response::new(ListEndpointsResponse { endpoints }))
+    }
+
+    async fn get_routing_table(
+        &self,
+        r: Request<pb::GetRoutingTableRequest>,
+    ) -> Result<Response<RoutingTable>, Status> {
+        let r = r.into_inner();
+        let role = match SubscriberRole::try_from(r.role) {
+            Ok(role @ (SubscriberRole::Edge | SubscriberRole::Sidecar)) => role,
+            _ => return Err(Status::invalid_argument("role: must be EDGE or SIDECAR")),
+        };
+        named(&r.region, "region")?;
+        if role == SubscriberRole::Sidecar {
+            named(&r.node_id, "node_id")?;
+        }
+        let snapshot = self.snapshot()?;
+        Ok(Response::new(tables::build(
+            &snapshot, role, &r.region, &r.node_id,
+        )))
+    }
+}

@@ -1,0 +1,198 @@
+//! DiscoveryService: one stream per subscriber. Sends the table for the
+//! subscriber's role and region whenever the watched snapshot changes it,
+//! skips pushes whose content did not change, and records ACKs and NACKs.
+//! It never pushes from an unsynced snapshot: an empty table would make
+//! every edge drop its routes.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use infermesh_proto::v1::{
+    Hello, RoutingTable, SubscribeRequest, SubscribeResponse, SubscriberRole,
+    discovery_service_server::DiscoveryService, subscribe_request,
+};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::first_message;
+use crate::registry::validate;
+use crate::snapshot::Snapshot;
+use crate::tables;
+
+/// What the control plane knows of one connected subscriber.
+#[derive(Debug, Clone)]
+pub struct SubscriberState {
+    /// Edge or sidecar.
+    pub role: SubscriberRole,
+    /// Region served.
+    pub region: String,
+    /// Last version sent.
+    pub sent: u64,
+    /// Last version acknowledged.
+    pub acked: u64,
+    /// Last refusal: version and reason.
+    pub nacked: Option<(u64, String)>,
+}
+
+/// Connected subscribers by node id.
+pub type SubscriberBook = DashMap<String, SubscriberState>;
+
+/// The discovery service.
+pub struct Discovery {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    subscribers: Arc<SubscriberBook>,
+    cancel: CancellationToken,
+}
+
+impl Discovery {
+    /// A discovery service pushing tables built from `snapshots`.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        subscribers: Arc<SubscriberBook>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            snapshots,
+            subscribers,
+            cancel,
+        }
+    }
+}
+
+type TableStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
+
+fn check_hello(hello: &Hello) -> Result<SubscriberRole, Status> {
+    let role = match SubscriberRole::try_from(hello.role) {
+        Ok(role @ (SubscriberRole::Edge | SubscriberRole::Sidecar)) => role,
+        _ => {
+            return Err(Status::invalid_argument(
+                "hello.role: must be EDGE or SIDECAR",
+            ));
+        }
+    };
+    validate::dns_label("hello.region", &hello.region).map_err(Status::from)?;
+    if hello.node_id.is_empty() || hello.node_id.len() > 253 {
+        return Err(Status::invalid_argument(
+            "hello.node_id: must be 1 to 253 characters",
+        ));
+    }
+    Ok(role)
+}
+
+#[tonic::async_trait]
+impl DiscoveryService for Discovery {
+    type SubscribeStream = TableStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match first_message(&mut inbound, "hello").await?.kind {
+            Some(subscribe_request::Kind::Hello(hello)) => hello,
+            _ => return Err(Status::invalid_argument("the first message must be hello")),
+        };
+        let role = check_hello(&hello)?;
+        let (tx, rx) = mpsc::channel(4);
+        let session = Session {
+            role,
+            hello,
+            snapshots: self.snapshots.clone(),
+            subscribers: self.subscribers.clone(),
+            tx,
+        };
+        tokio::spawn(session.run(inbound, self.cancel.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Session {
+    role: SubscriberRole,
+    hello: Hello,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    subscribers: Arc<SubscriberBook>,
+    tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
+}
+
+/// The table's content without its version, to tell real changes from revision bumps elsewhere.
+fn content(table: &RoutingTable) -> Vec<u8> {
+    RoutingTable {
+        version: 0,
+        ..table.clone()
+    }
+    .encode_to_vec()
+}
+
+impl Session {
+    async fn run(mut self, mut inbound: Streaming<SubscribeRequest>, cancel: CancellationToken) {
+        let node = self.hello.node_id.clone();
+        tracing::info!(%node, role = ?self.role, region = %self.hello.region, held = self.hello.version_held, "subscriber connected");
+        self.subscribers.insert(
+            node.clone(),
+            SubscriberState {
+                role: self.role,
+                region: self.hello.region.clone(),
+                sent: self.hello.version_held,
+                acked: self.hello.version_held,
+                nacked: None,
+            },
+        );
+        let mut held = self.hello.version_held;
+        let mut last_content: Option<Vec<u8>> = None;
+        loop {
+            let snapshot = self.snapshots.borrow_and_update().clone();
+            if snapshot.is_synced() {
+                let table = tables::build(&snapshot, self.role, &self.hello.region, &node);
+                let body = content(&table);
+                if table.version > held && last_content.as_ref() != Some(&body) {
+                    let version = table.version;
+                    let response = SubscribeResponse { table: Some(table) };
+                    if self.tx.send(Ok(response)).await.is_err() {
+                        break;
+                    }
+                    held = version;
+                    last_content = Some(body);
+                    if let Some(mut state) = self.subscribers.get_mut(&node) {
+                        state.sent = version;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.tx.closed() => break,
+                changed = self.snapshots.changed() => if changed.is_err() { break },
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => self.record(&node, message),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%node, %status, "subscriber stream failed");
+                        break;
+                    }
+                },
+            }
+        }
+        self.subscribers.remove(&node);
+        tracing::info!(%node, "subscriber disconnected");
+    }
+
+    fn record(&self, node: &str, message: SubscribeRequest) {
+        let Some(mut state) = self.subscribers.get_mut(node) else {
+            return;
+        };
+        match message.kind {
+            Some(subscribe_request::Kind::Ack(ack)) => state.acked = state.acked.max(ack.version),
+            Some(subscribe_request::Kind::Nack(nack)) => {
+                tracing::warn!(%node, version = nack.version, reason = %nack.reason, "subscriber refused a routing table");
+                state.nacked = Some((nack.version, nack.reason));
+            }
+            Some(subscribe_request::Kind::Hello(_)) | None => {
+                tracing::debug!(%node, "ignoring a repeated hello");
+            }
+        }
+    }
+}

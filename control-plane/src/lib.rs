@@ -1,0 +1,11 @@
+//! The infermesh control plane: the only writer of etcd. Keeps the model
+//! registry and region topology, serves the admin API, pushes routing
+//! tables to edges and sidecars, and takes sidecar registrations and load.
+
+pub mod api;
+pub mod config;
+pub mod registry;
+pub mod server;
+pub mod snapshot;
+pub mod store;
+pub mod tables;

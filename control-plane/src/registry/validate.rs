@@ -1,0 +1,424 @@
+//! Shape checks of registry objects, independent of what else is stored.
+//! Every refusal names the field path the operator sent, e.g.
+//! `pool.max_replicas`. References to other objects are checked by the
+//! registry against etcd, not here.
+
+use std::collections::BTreeSet;
+
+use infermesh_proto::v1::{EngineKind, Model, Pool, Region, RoutingPolicy};
+
+use super::RegistryError;
+
+const MAX_MODEL_NAME: usize = 200;
+const MAX_DESCRIPTION: usize = 1000;
+const MAX_CACHE_TTL_SECONDS: u32 = 7 * 24 * 3600;
+
+/// Checks a model name or alias as clients would send it.
+pub fn model_name(field: &str, name: &str) -> Result<(), RegistryError> {
+    if name.is_empty() || name.len() > MAX_MODEL_NAME {
+        return Err(RegistryError::invalid(
+            field,
+            format!(
+                "must be 1 to {MAX_MODEL_NAME} characters, got {}",
+                name.len()
+            ),
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(RegistryError::invalid(
+            field,
+            format!("{name:?} contains {c:?}; only printable ASCII without spaces is allowed"),
+        ));
+    }
+    if name.starts_with('/') || name.ends_with('/') || name.contains("//") {
+        return Err(RegistryError::invalid(
+            field,
+            format!("{name:?} must not start or end with '/' or contain '//'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a DNS-label name (pools, regions, zones): `[a-z0-9]([a-z0-9-]*[a-z0-9])?`, at most 63.
+pub fn dns_label(field: &str, name: &str) -> Result<(), RegistryError> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_ends = !name.starts_with('-') && !name.ends_with('-');
+    if name.is_empty() || name.len() > 63 || !ok_chars || !ok_ends {
+        return Err(RegistryError::invalid(
+            field,
+            format!(
+                "{name:?} must be 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a replica id (a pod name): a DNS subdomain of at most 253 characters.
+pub fn endpoint_id(field: &str, id: &str) -> Result<(), RegistryError> {
+    if id.is_empty() || id.len() > 253 {
+        return Err(RegistryError::invalid(
+            field,
+            format!("must be 1 to 253 characters, got {}", id.len()),
+        ));
+    }
+    for label in id.split('.') {
+        dns_label(field, label).map_err(|_| {
+            RegistryError::invalid(
+                field,
+                format!("{id:?} must be dot-separated lowercase labels of letters, digits and '-'"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Checks a `host:port` address (IPv6 hosts in brackets).
+pub fn host_port(field: &str, address: &str) -> Result<(), RegistryError> {
+    let bad = || {
+        RegistryError::invalid(
+            field,
+            format!("{address:?} is not host:port with a port in 1..=65535"),
+        )
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host_ok = !host.is_empty()
+        && !host.contains(char::is_whitespace)
+        && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
+    if port == 0 || !host_ok {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+fn unique<'a>(
+    field: &str,
+    items: impl IntoIterator<Item = &'a String>,
+) -> Result<BTreeSet<&'a str>, RegistryError> {
+    let mut seen = BTreeSet::new();
+    for item in items {
+        if !seen.insert(item.as_str()) {
+            return Err(RegistryError::invalid(
+                field,
+                format!("{item:?} appears twice"),
+            ));
+        }
+    }
+    Ok(seen)
+}
+
+fn fraction(field: &str, value: f64) -> Result<(), RegistryError> {
+    if !(0.0..=1.0).contains(&value) {
+        return Err(RegistryError::invalid(
+            field,
+            format!("must be a fraction in [0, 1], got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a model as sent to create or update.
+pub fn model(m: &Model) -> Result<(), RegistryError> {
+    model_name("model.name", &m.name)?;
+    for (i, alias) in m.aliases.iter().enumerate() {
+        model_name(&format!("model.aliases[{i}]"), alias)?;
+        if *alias == m.name {
+            return Err(RegistryError::invalid(
+                format!("model.aliases[{i}]"),
+                "must differ from model.name",
+            ));
+        }
+    }
+    unique("model.aliases", &m.aliases)?;
+    if RoutingPolicy::try_from(m.routing_policy).is_err() {
+        return Err(RegistryError::invalid(
+            "model.routing_policy",
+            format!("unknown policy {}", m.routing_policy),
+        ));
+    }
+    for (i, fallback) in m.fallbacks.iter().enumerate() {
+        let field = format!("model.fallbacks[{i}]");
+        model_name(&field, fallback)?;
+        if *fallback == m.name || m.aliases.contains(fallback) {
+            return Err(RegistryError::invalid(
+                field,
+                "a model cannot fall back to itself",
+            ));
+        }
+    }
+    unique("model.fallbacks", &m.fallbacks)?;
+    if let Some(cache) = &m.cache_policy
+        && cache.ttl_seconds > MAX_CACHE_TTL_SECONDS
+    {
+        return Err(RegistryError::invalid(
+            "model.cache_policy.ttl_seconds",
+            format!(
+                "must be at most {MAX_CACHE_TTL_SECONDS} (7 days), got {}",
+                cache.ttl_seconds
+            ),
+        ));
+    }
+    if m.description.len() > MAX_DESCRIPTION {
+        return Err(RegistryError::invalid(
+            "model.description",
+            format!("must be at most {MAX_DESCRIPTION} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a pool as sent to create or update.
+pub fn pool(p: &Pool) -> Result<(), RegistryError> {
+    dns_label("pool.name", &p.name)?;
+    model_name("pool.model", &p.model)?;
+    dns_label("pool.region", &p.region)?;
+    match EngineKind::try_from(p.engine) {
+        Ok(EngineKind::Vllm | EngineKind::Sglang) => {}
+        _ => {
+            return Err(RegistryError::invalid(
+                "pool.engine",
+                format!("must be VLLM or SGLANG, got {}", p.engine),
+            ));
+        }
+    }
+    if p.max_replicas == 0 {
+        return Err(RegistryError::invalid(
+            "pool.max_replicas",
+            "must be at least 1",
+        ));
+    }
+    if p.min_replicas > p.max_replicas {
+        return Err(RegistryError::invalid(
+            "pool.min_replicas",
+            format!(
+                "{} is more than pool.max_replicas {}",
+                p.min_replicas, p.max_replicas
+            ),
+        ));
+    }
+    if let Some(t) = &p.scaling_targets {
+        if !(t.waiting_per_replica.is_finite() && t.waiting_per_replica >= 0.0) {
+            return Err(RegistryError::invalid(
+                "pool.scaling_targets.waiting_per_replica",
+                format!(
+                    "must be a finite number >= 0, got {}",
+                    t.waiting_per_replica
+                ),
+            ));
+        }
+        fraction("pool.scaling_targets.kv_cache_usage", t.kv_cache_usage)?;
+        fraction("pool.scaling_targets.gpu_utilization", t.gpu_utilization)?;
+    }
+    Ok(())
+}
+
+/// Checks a region as sent to create or update.
+pub fn region(r: &Region) -> Result<(), RegistryError> {
+    dns_label("region.name", &r.name)?;
+    for (i, zone) in r.zones.iter().enumerate() {
+        dns_label(&format!("region.zones[{i}]"), zone)?;
+    }
+    unique("region.zones", &r.zones)?;
+    for (i, other) in r.failover.iter().enumerate() {
+        let field = format!("region.failover[{i}]");
+        dns_label(&field, other)?;
+        if *other == r.name {
+            return Err(RegistryError::invalid(
+                field,
+                "a region cannot fail over to itself",
+            ));
+        }
+    }
+    unique("region.failover", &r.failover)?;
+    if !r.edge_address.is_empty() {
+        let address = r
+            .edge_address
+            .strip_prefix("https://")
+            .or_else(|| r.edge_address.strip_prefix("http://"))
+            .unwrap_or(&r.edge_address)
+            .trim_end_matches('/');
+        host_port("region.edge_address", address)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infermesh_proto::v1::{CachePolicy, ScalingTargets};
+
+    fn field_of(result: Result<(), RegistryError>) -> String {
+        match result {
+            Err(RegistryError::Invalid { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    fn good_pool() -> Pool {
+        Pool {
+            name: "llama-eu".into(),
+            model: "meta-llama/Llama-3.1-8B".into(),
+            region: "eu-west".into(),
+            engine: EngineKind::Vllm as i32,
+            min_replicas: 1,
+            max_replicas: 4,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_well_formed_pool_model_and_region_pass() {
+        pool(&good_pool()).unwrap();
+        model(&Model {
+            name: "meta-llama/Llama-3.1-8B-Instruct".into(),
+            aliases: vec!["llama".into()],
+            fallbacks: vec!["small".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        region(&Region {
+            name: "eu-west".into(),
+            zones: vec!["eu-west-1a".into()],
+            failover: vec!["us-east".into()],
+            edge_address: "https://edge.eu.example.com:443".into(),
+            revision: 0,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn pool_errors_name_the_field() {
+        let mut p = good_pool();
+        p.max_replicas = 0;
+        assert_eq!(field_of(pool(&p)), "pool.max_replicas");
+        let mut p = good_pool();
+        p.min_replicas = 9;
+        assert_eq!(field_of(pool(&p)), "pool.min_replicas");
+        let mut p = good_pool();
+        p.engine = 0;
+        assert_eq!(field_of(pool(&p)), "pool.engine");
+        let mut p = good_pool();
+        p.name = "Bad_Name".into();
+        assert_eq!(field_of(pool(&p)), "pool.name");
+        let mut p = good_pool();
+        p.scaling_targets = Some(ScalingTargets {
+            kv_cache_usage: 1.5,
+            ..Default::default()
+        });
+        assert_eq!(field_of(pool(&p)), "pool.scaling_targets.kv_cache_usage");
+        let mut p = good_pool();
+        p.scaling_targets = Some(ScalingTargets {
+            waiting_per_replica: f64::NAN,
+            ..Default::default()
+        });
+        assert_eq!(
+            field_of(pool(&p)),
+            "pool.scaling_targets.waiting_per_replica"
+        );
+    }
+
+    #[test]
+    fn model_errors_name_the_field() {
+        let base = Model {
+            name: "m".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            field_of(model(&Model {
+                name: String::new(),
+                ..base.clone()
+            })),
+            "model.name"
+        );
+        assert_eq!(
+            field_of(model(&Model {
+                name: "has space".into(),
+                ..base.clone()
+            })),
+            "model.name"
+        );
+        assert_eq!(
+            field_of(model(&Model {
+                aliases: vec!["a".into(), "m".into()],
+                ..base.clone()
+            })),
+            "model.aliases[1]"
+        );
+        assert_eq!(
+            field_of(model(&Model {
+                aliases: vec!["a".into(), "a".into()],
+                ..base.clone()
+            })),
+            "model.aliases"
+        );
+        assert_eq!(
+            field_of(model(&Model {
+                routing_policy: 42,
+                ..base.clone()
+            })),
+            "model.routing_policy"
+        );
+        assert_eq!(
+            field_of(model(&Model {
+                fallbacks: vec!["m".into()],
+                ..base.clone()
+            })),
+            "model.fallbacks[0]"
+        );
+        assert_eq!(
+            field_of(model(&Model {
+                cache_policy: Some(CachePolicy {
+                    enabled: true,
+                    ttl_seconds: u32::MAX
+                }),
+                ..base
+            })),
+            "model.cache_policy.ttl_seconds"
+        );
+    }
+
+    #[test]
+    fn region_errors_name_the_field() {
+        let base = Region {
+            name: "eu".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            field_of(region(&Region {
+                failover: vec!["eu".into()],
+                ..base.clone()
+            })),
+            "region.failover[0]"
+        );
+        assert_eq!(
+            field_of(region(&Region {
+                zones: vec!["A".into()],
+                ..base.clone()
+            })),
+            "region.zones[0]"
+        );
+        assert_eq!(
+            field_of(region(&Region {
+                edge_address: "no-port".into(),
+                ..base
+            })),
+            "region.edge_address"
+        );
+    }
+
+    #[test]
+    fn addresses_and_endpoint_ids() {
+        host_port("a", "127.0.0.1:8080").unwrap();
+        host_port("a", "[::1]:8080").unwrap();
+        host_port("a", "pod.ns.svc:80").unwrap();
+        assert!(host_port("a", "127.0.0.1:0").is_err());
+        assert!(host_port("a", "::1:80").is_err());
+        assert!(host_port("a", ":80").is_err());
+        endpoint_id("id", "vllm-0.llama").unwrap();
+        assert!(endpoint_id("id", "Pod_1").is_err());
+        assert!(endpoint_id("id", "a..b").is_err());
+    }
+}

@@ -1,0 +1,92 @@
+//! Assembles the control plane: etcd store, watched snapshot, the three
+//! services, gRPC health and reflection (v1 and v1alpha, so grpcurl 1.8
+//! works without .proto files), and the shutdown path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use infermesh_proto::v1::{
+    admin_service_server::AdminServiceServer, discovery_service_server::DiscoveryServiceServer,
+    load_report_service_server::LoadReportServiceServer,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::admin::Admin;
+use crate::api::discovery::Discovery;
+use crate::api::load_reports::{LeaseSettings, LoadReports};
+use crate::config::Config;
+use crate::registry::Registry;
+use crate::snapshot;
+use crate::store::Store;
+
+/// Runs the control plane until `cancel` fires.
+pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let store = Store::connect(&config.etcd_endpoints, &config.etcd_prefix).await?;
+    let (snapshots, watcher) = snapshot::spawn_watcher(store.clone(), cancel.clone());
+    let loads = Arc::new(dashmap::DashMap::new());
+    let subscribers = Arc::new(dashmap::DashMap::new());
+
+    let admin = Admin::new(
+        Registry::new(store.clone()),
+        snapshots.clone(),
+        loads.clone(),
+    );
+    let discovery = Discovery::new(snapshots.clone(), subscribers, cancel.clone());
+    let settings = LeaseSettings {
+        ttl_seconds: config.endpoint_lease_ttl_seconds,
+        report_interval: config.report_interval(),
+    };
+    let load_reports = LoadReports::new(store, loads, settings, cancel.clone());
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(infermesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(infermesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    // Serving only once the registry is loaded keeps probes honest.
+    let mut ready = snapshots.clone();
+    let reporter = health_reporter.clone();
+    let readiness = tokio::spawn(async move {
+        if ready.wait_for(|s| s.is_synced()).await.is_ok() {
+            reporter.set_serving::<AdminServiceServer<Admin>>().await;
+            reporter
+                .set_serving::<DiscoveryServiceServer<Discovery>>()
+                .await;
+            reporter
+                .set_serving::<LoadReportServiceServer<LoadReports>>()
+                .await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+        }
+    });
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+
+    tracing::info!(listen = %config.listen, etcd = ?config.etcd_endpoints, prefix = %config.etcd_prefix, "control plane starting");
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AdminServiceServer::new(admin))
+        .add_service(DiscoveryServiceServer::new(discovery))
+        .add_service(LoadReportServiceServer::new(load_reports))
+        .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned())
+        .await?;
+    cancel.cancel();
+    readiness.abort();
+    let _ = watcher.await;
+    tracing::info!("control plane stopped");
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! The watched snapshot: every registry object and endpoint under the
+//! prefix, kept current by one etcd watch and published whole through a
+//! `watch` channel. Readers take an `Arc` and never block the watcher.
+//! Revision 0 means "not synced yet": nothing may be pushed from it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use etcd_client::{EventType, KeyValue, WatchOptions};
+use futures_util::StreamExt;
+use infermesh_proto::v1::{Endpoint, Model, Pool, Region};
+use infermesh_runtime::backoff::Backoff;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::objects::{Object, stored};
+use crate::store::{Keys, ObjectKind, Store, StoreError};
+
+/// Everything under the prefix at one etcd revision.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// etcd revision this snapshot reflects; 0 until the first sync.
+    pub revision: i64,
+    /// Models by name.
+    pub models: BTreeMap<String, Model>,
+    /// Pools by name.
+    pub pools: BTreeMap<String, Pool>,
+    /// Regions by name.
+    pub regions: BTreeMap<String, Region>,
+    /// Registered endpoints by id.
+    pub endpoints: BTreeMap<String, Endpoint>,
+}
+
+fn upsert<T: Object>(map: &mut BTreeMap<String, T>, kv: &KeyValue) {
+    match stored::<T>(kv) {
+        Ok(object) => {
+            map.insert(object.name().to_string(), object);
+        }
+        Err(error) => tracing::error!(%error, "skipping undecodable registry value"),
+    }
+}
+
+impl Snapshot {
+    /// True once the snapshot reflects etcd.
+    pub fn is_synced(&self) -> bool {
+        self.revision > 0
+    }
+
+    fn put(&mut self, keys: &Keys, kv: &KeyValue) {
+        let Ok(key) = kv.key_str() else { return };
+        match keys.parse(key) {
+            Some((ObjectKind::Model, _)) => upsert(&mut self.models, kv),
+            Some((ObjectKind::Pool, _)) => upsert(&mut self.pools, kv),
+            Some((ObjectKind::Region, _)) => upsert(&mut self.regions, kv),
+            Some((ObjectKind::Endpoint, _)) => upsert(&mut self.endpoints, kv),
+            Some((ObjectKind::Name, _)) | None => {}
+        }
+    }
+
+    fn delete(&mut self, keys: &Keys, kv: &KeyValue) {
+        let Ok(key) = kv.key_str() else { return };
+        match keys.parse(key) {
+            Some((ObjectKind::Model, name)) => drop(self.models.remove(name)),
+            Some((ObjectKind::Pool, name)) => drop(self.pools.remove(name)),
+            Some((ObjectKind::Region, name)) => drop(self.regions.remove(name)),
+            Some((ObjectKind::Endpoint, id)) => drop(self.endpoints.remove(id)),
+            Some((ObjectKind::Name, _)) | None => {}
+        }
+    }
+}
+
+/// Starts the watcher; the receiver always holds the latest snapshot.
+pub fn spawn_watcher(
+    store: Store,
+    cancel: CancellationToken,
+) -> (watch::Receiver<Arc<Snapshot>>, JoinHandle<()>) {
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let task = tokio::spawn(async move {
+        let mut backoff = Backoff::default();
+        loop {
+            match follow(&store, &tx, &cancel, &mut backoff).await {
+                Ok(()) => return,
+                Err(error) => tracing::warn!(%error, "registry watch lost; resyncing from etcd"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    });
+    (rx, task)
+}
+
+/// Loads everything, then applies watch events until cancelled or the watch fails.
+async fn follow(
+    store: &Store,
+    tx: &watch::Sender<Arc<Snapshot>>,
+    cancel: &CancellationToken,
+    backoff: &mut Backoff,
+) -> Result<(), StoreError> {
+    let keys = store.keys().clone();
+    let (kvs, revision) = store.get_prefix(keys.root()).await?;
+    let mut snapshot = Snapshot {
+        revision,
+        ..Default::default()
+    };
+    for kv in &kvs {
+        snapshot.put(&keys, kv);
+    }
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1)
+        .with_progress_notify();
+    let mut stream = store.client().watch(keys.root(), Some(options)).await?;
+    tracing::info!(revision, objects = kvs.len(), "registry snapshot loaded");
+    tx.send_replace(Arc::new(snapshot.clone()));
+    backoff.reset();
+    loop {
+        let response = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            next = stream.next() => match next {
+                Some(response) => response?,
+                None => return Err(etcd_client::Error::WatchError("watch stream ended".into()).into()),
+            },
+        };
+        if response.canceled() {
+            return Err(etcd_client::Error::WatchError(format!(
+                "watch cancelled by etcd: {}",
+                response.cancel_reason()
+            ))
+            .into());
+        }
+        if response.events().is_empty() {
+            continue;
+        }
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            match event.event_type() {
+                EventType::Put => snapshot.put(&keys, kv),
+                EventType::Delete => snapshot.delete(&keys, kv),
+            }
+        }
+        if let Some(header) = response.header() {
+            snapshot.revision = header.revision();
+        }
+        tx.send_replace(Arc::new(snapshot.clone()));
+    }
+}

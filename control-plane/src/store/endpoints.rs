@@ -1,0 +1,43 @@
+//! Registered replicas: each endpoint key is bound to an etcd lease that the
+//! control plane keeps alive while the sidecar's stream lives, so a replica
+//! whose sidecar or control plane dies leaves every table on its own.
+
+use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions};
+use infermesh_proto::v1::Endpoint;
+use prost::Message;
+
+use super::{ObjectKind, Store, StoreError};
+
+impl Store {
+    /// A new lease of `ttl_seconds`.
+    pub async fn grant_lease(&self, ttl_seconds: i64) -> Result<i64, StoreError> {
+        Ok(self.client().lease_grant(ttl_seconds, None).await?.id())
+    }
+
+    /// Opens the keep-alive stream of a lease.
+    pub async fn keep_alive(
+        &self,
+        lease: i64,
+    ) -> Result<(LeaseKeeper, LeaseKeepAliveStream), StoreError> {
+        Ok(self.client().lease_keep_alive(lease).await?)
+    }
+
+    /// Ends a lease now, deleting the keys still bound to it.
+    pub async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        self.client().lease_revoke(lease).await?;
+        Ok(())
+    }
+
+    /// Writes an endpoint bound to `lease` (re-binding it if it had another).
+    pub async fn put_endpoint(&self, endpoint: &Endpoint, lease: i64) -> Result<(), StoreError> {
+        let key = self.keys().object(ObjectKind::Endpoint, &endpoint.id);
+        self.client()
+            .put(
+                key,
+                endpoint.encode_to_vec(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        Ok(())
+    }
+}

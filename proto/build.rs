@@ -1,0 +1,18 @@
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let files = [
+        "infermesh/v1/registry.proto",
+        "infermesh/v1/discovery.proto",
+        "infermesh/v1/load.proto",
+        "infermesh/v1/admin.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("infermesh_descriptor.bin"))
+        .compile_protos(&files, &["."])?;
+    Ok(())
+}

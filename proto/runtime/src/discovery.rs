@@ -1,0 +1,225 @@
+//! The subscriber side of `DiscoveryService`: one long-lived stream to a
+//! control plane, every table validated by the caller before it is applied,
+//! ACKed when applied and NACKed (keeping the old one) when refused.
+//! Reconnects with jittered backoff, rotating through the control-plane
+//! addresses, and resumes from the version it holds.
+//!
+//! It owns no routing logic: what a table means is the caller's `ApplyTable`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use infermesh_proto::v1::{
+    Ack, Hello, Nack, RoutingTable, SubscribeRequest, SubscriberRole,
+    discovery_service_client::DiscoveryServiceClient, subscribe_request,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::backoff::Backoff;
+
+/// Turns a pushed table into the subscriber's own validated form.
+pub trait ApplyTable: Send + 'static {
+    /// The subscriber's domain view of a table.
+    type Table: Send + Sync + 'static;
+    /// Validates a table; an `Err` is sent back as the NACK reason.
+    fn apply(&mut self, table: RoutingTable) -> Result<Self::Table, String>;
+}
+
+/// A table the subscriber accepted, with the version it came with.
+#[derive(Debug)]
+pub struct Applied<T> {
+    /// The control plane's version of the table.
+    pub version: u64,
+    /// The subscriber's view of it.
+    pub table: T,
+}
+
+/// Who subscribes, as told in `Hello`.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Edge or sidecar.
+    pub role: SubscriberRole,
+    /// Region served.
+    pub region: String,
+    /// Unique id of this subscriber.
+    pub node_id: String,
+}
+
+/// Where and how to subscribe.
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    /// Control-plane addresses (`host:port` or `http://host:port`), tried in turn.
+    pub control_planes: Vec<String>,
+    /// Who we are.
+    pub identity: Identity,
+    /// Limit on establishing one connection.
+    pub connect_timeout: Duration,
+    /// Delays between attempts.
+    pub backoff: Backoff,
+}
+
+/// What a running subscription shows its owner.
+#[derive(Debug, Clone)]
+pub struct Subscription<T> {
+    /// The last applied table; `None` until the first one.
+    pub tables: watch::Receiver<Option<Arc<Applied<T>>>>,
+    /// Whether a stream to a control plane is open now.
+    pub connected: watch::Receiver<bool>,
+}
+
+/// Starts the subscription task; it stops when `cancel` fires.
+pub fn subscribe<A: ApplyTable>(
+    config: DiscoveryConfig,
+    applier: A,
+    cancel: CancellationToken,
+) -> (Subscription<A::Table>, JoinHandle<()>) {
+    let (tables_tx, tables) = watch::channel(None);
+    let (connected_tx, connected) = watch::channel(false);
+    let task = tokio::spawn(run(config, applier, tables_tx, connected_tx, cancel));
+    (Subscription { tables, connected }, task)
+}
+
+/// Adds `http://` to a bare `host:port`.
+pub fn control_plane_uri(address: &str) -> String {
+    if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    }
+}
+
+struct Session<'a, A: ApplyTable> {
+    applier: &'a mut A,
+    tables: &'a watch::Sender<Option<Arc<Applied<A::Table>>>>,
+    held: u64,
+    received_any: bool,
+}
+
+async fn run<A: ApplyTable>(
+    mut config: DiscoveryConfig,
+    mut applier: A,
+    tables: watch::Sender<Option<Arc<Applied<A::Table>>>>,
+    connected: watch::Sender<bool>,
+    cancel: CancellationToken,
+) {
+    if config.control_planes.is_empty() {
+        tracing::error!("no control-plane address: discovery disabled");
+        return;
+    }
+    let mut next = 0usize;
+    let mut held = 0u64;
+    loop {
+        let address = control_plane_uri(&config.control_planes[next % config.control_planes.len()]);
+        next = next.wrapping_add(1);
+        let mut session = Session {
+            applier: &mut applier,
+            tables: &tables,
+            held,
+            received_any: false,
+        };
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => return,
+            outcome = session.run(&address, &config, &connected) => outcome,
+        };
+        held = session.held;
+        let _ = connected.send(false);
+        if session.received_any {
+            config.backoff.reset();
+        }
+        match outcome {
+            Ok(()) => tracing::info!(%address, "control plane closed the routing-table stream"),
+            Err(error) => tracing::warn!(%address, %error, "routing-table stream failed"),
+        }
+        let delay = config.backoff.next_delay();
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+impl<A: ApplyTable> Session<'_, A> {
+    async fn run(
+        &mut self,
+        address: &str,
+        config: &DiscoveryConfig,
+        connected: &watch::Sender<bool>,
+    ) -> Result<(), tonic::Status> {
+        let channel = Endpoint::from_shared(address.to_string())
+            .map_err(|e| {
+                tonic::Status::invalid_argument(format!("control-plane address {address}: {e}"))
+            })?
+            .connect_timeout(config.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("connect {address}: {e}")))?;
+        let mut client = DiscoveryServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel(16);
+        let hello = Hello {
+            role: config.identity.role as i32,
+            region: config.identity.region.clone(),
+            node_id: config.identity.node_id.clone(),
+            version_held: self.held,
+        };
+        send(&tx, subscribe_request::Kind::Hello(hello)).await?;
+        let mut inbound = client
+            .subscribe(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let _ = connected.send(true);
+        tracing::info!(%address, version_held = self.held, "subscribed to routing tables");
+        while let Some(response) = inbound.message().await? {
+            let Some(table) = response.table else {
+                continue;
+            };
+            self.received_any = true;
+            let version = table.version;
+            if version <= self.held {
+                send(&tx, subscribe_request::Kind::Ack(Ack { version })).await?;
+                continue;
+            }
+            match self.applier.apply(table) {
+                Ok(applied) => {
+                    self.held = version;
+                    self.tables.send_replace(Some(Arc::new(Applied {
+                        version,
+                        table: applied,
+                    })));
+                    tracing::debug!(version, "routing table applied");
+                    send(&tx, subscribe_request::Kind::Ack(Ack { version })).await?;
+                }
+                Err(reason) => {
+                    tracing::warn!(version, %reason, "routing table refused; keeping version {}", self.held);
+                    send(&tx, subscribe_request::Kind::Nack(Nack { version, reason })).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn send(
+    tx: &mpsc::Sender<SubscribeRequest>,
+    kind: subscribe_request::Kind,
+) -> Result<(), tonic::Status> {
+    tx.send(SubscribeRequest { kind: Some(kind) })
+        .await
+        .map_err(|_| tonic::Status::cancelled("routing-table stream closed"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_addresses_get_a_scheme_and_urls_are_kept() {
+        assert_eq!(control_plane_uri("127.0.0.1:7000"), "http://127.0.0.1:7000");
+        assert_eq!(control_plane_uri("https://cp:443"), "https://cp:443");
+    }
+}

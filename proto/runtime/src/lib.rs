@@ -1,0 +1,8 @@
+//! What every infermesh process shares: the discovery client that subscribes
+//! to routing tables, backoff with jitter, telemetry set-up and shutdown
+//! signals. Nothing process-specific belongs here.
+
+pub mod backoff;
+pub mod discovery;
+pub mod shutdown;
+pub mod telemetry;
