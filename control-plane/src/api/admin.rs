@@ -230,7 +230,7 @@ impl AdminService for Admin {
             .filter(|e| r.model.is_empty() || e.model == r.model)
             .filter(|e| r.pool.is_empty() || e.pool == r.pool)
             .map(|e| Endpoint {
-                load: self.loads.get(&e.id).map(|l| l.clone()),
+                load: self.loads.get(&e.id).map(|l| *l),
                 ..e.clone()
             })
             .collect();

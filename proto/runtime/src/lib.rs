@@ -4,5 +4,6 @@
 
 pub mod backoff;
 pub mod discovery;
+pub mod http;
 pub mod shutdown;
 pub mod telemetry;

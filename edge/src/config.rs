@@ -1,0 +1,97 @@
+//! Command-line and environment configuration of the edge.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// infermesh edge: the region's OpenAI-compatible gateway.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "infermesh-edge", version)]
+pub struct Config {
+    /// Address of the OpenAI-compatible HTTP server.
+    #[arg(long, env = "INFERMESH_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Region this edge serves.
+    #[arg(long, env = "INFERMESH_REGION")]
+    pub region: String,
+
+    /// Unique id of this edge (defaults to the host name).
+    #[arg(long, env = "INFERMESH_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Control-plane addresses, comma-separated (host:port or http://host:port).
+    #[arg(
+        long,
+        env = "INFERMESH_CONTROL_PLANE",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7070"
+    )]
+    pub control_plane: Vec<String>,
+
+    /// Largest request body accepted, bytes.
+    #[arg(long, env = "INFERMESH_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Deadline for connecting to a replica, milliseconds.
+    #[arg(
+        long,
+        env = "INFERMESH_UPSTREAM_CONNECT_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    pub upstream_connect_timeout_ms: u64,
+
+    /// Deadline for a replica's response headers, milliseconds (a
+    /// non-streamed completion sends them only when it is done).
+    #[arg(
+        long,
+        env = "INFERMESH_UPSTREAM_RESPONSE_TIMEOUT_MS",
+        default_value_t = 300_000
+    )]
+    pub upstream_response_timeout_ms: u64,
+
+    /// Time given to in-flight requests on shutdown, seconds.
+    #[arg(long, env = "INFERMESH_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Config {
+    /// Checks values clap cannot, naming the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.region.is_empty() {
+            return Err("--region: required".into());
+        }
+        if self.control_plane.iter().all(|a| a.trim().is_empty()) {
+            return Err("--control-plane: at least one address is required".into());
+        }
+        if self.max_body_bytes == 0 {
+            return Err("--max-body-bytes: must be positive".into());
+        }
+        if self.upstream_connect_timeout_ms == 0 || self.upstream_response_timeout_ms == 0 {
+            return Err(
+                "--upstream-connect-timeout-ms and --upstream-response-timeout-ms must be positive"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// This edge's node id.
+    pub fn node_id(&self) -> String {
+        self.node_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| format!("edge-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+    }
+
+    /// Connect deadline.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_connect_timeout_ms)
+    }
+
+    /// Response-headers deadline.
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_response_timeout_ms)
+    }
+}

@@ -1,0 +1,186 @@
+//! Every refusal the edge sends, in OpenAI's error shape with the status a
+//! client library expects. This is the one place errors become responses.
+
+use std::time::Duration;
+
+use http::{Response, StatusCode, header};
+use infermesh_runtime::http::{Body, full};
+use serde_json::json;
+
+/// A request the edge cannot serve, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not the JSON the endpoint takes.
+    #[error("{message}")]
+    InvalidRequest {
+        /// What is wrong.
+        message: String,
+        /// The offending field, when one is to blame.
+        param: Option<&'static str>,
+    },
+    /// The body exceeds the configured limit.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// No model of that name or alias.
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    /// The model exists but no replica in this region is serving.
+    #[error("no healthy replica of model `{0}` is available in this region")]
+    NoHealthyReplica(String),
+    /// The replica did not answer in time.
+    #[error("replica {endpoint} did not answer within {after:?}")]
+    UpstreamTimeout {
+        /// Endpoint id.
+        endpoint: String,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// The replica could not be reached or broke the connection.
+    #[error("replica {endpoint} failed: {reason}")]
+    UpstreamFailed {
+        /// Endpoint id.
+        endpoint: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The edge holds no routing table yet.
+    #[error("the edge has not received a routing table yet")]
+    NotReady,
+    /// No such path.
+    #[error("no route for {0}")]
+    NotFound(String),
+    /// Path exists, method does not.
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed {
+        /// Method used.
+        method: String,
+        /// Path asked for.
+        path: String,
+    },
+}
+
+impl ApiError {
+    /// Shorthand for a 400 about one field.
+    pub fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param),
+        }
+    }
+
+    /// HTTP status of the error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::NoHealthyReplica(_) | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn kind(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            ApiError::InvalidRequest { .. } => ("invalid_request_error", None),
+            ApiError::BodyTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            ApiError::NotFound(_) => ("invalid_request_error", Some("not_found")),
+            ApiError::MethodNotAllowed { .. } => {
+                ("invalid_request_error", Some("method_not_allowed"))
+            }
+            ApiError::NoHealthyReplica(_) => ("server_error", Some("no_healthy_replica")),
+            ApiError::NotReady => ("server_error", Some("not_ready")),
+            ApiError::UpstreamTimeout { .. } => ("server_error", Some("upstream_timeout")),
+            ApiError::UpstreamFailed { .. } => ("server_error", Some("upstream_failed")),
+        }
+    }
+
+    /// The OpenAI-shaped JSON response.
+    pub fn into_response(self) -> Response<Body> {
+        let (kind, code) = self.kind();
+        let param = match &self {
+            ApiError::InvalidRequest { param, .. } => *param,
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        };
+        let body = json!({
+            "error": {
+                "message": self.to_string(),
+                "type": kind,
+                "param": param,
+                "code": code,
+            }
+        });
+        let mut response = Response::new(full(body.to_string()));
+        *response.status_mut() = self.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        if let ApiError::MethodNotAllowed { path, .. } = &self {
+            let allow = if path.starts_with("/v1/models") || path.ends_with("z") {
+                "GET"
+            } else {
+                "POST"
+            };
+            response
+                .headers_mut()
+                .insert(header::ALLOW, http::HeaderValue::from_static(allow));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn json_of(error: ApiError) -> (StatusCode, serde_json::Value) {
+        let response = error.into_response();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn unknown_model_is_openai_shaped_404() {
+        let (status, body) = json_of(ApiError::ModelNotFound("gpt-9".into())).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert_eq!(body["error"]["param"], "model");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert!(body["error"]["message"].as_str().unwrap().contains("gpt-9"));
+    }
+
+    #[tokio::test]
+    async fn statuses_match_the_failure() {
+        assert_eq!(
+            json_of(ApiError::invalid("model", "x")).await.0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            json_of(ApiError::BodyTooLarge { limit: 1 }).await.0,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            json_of(ApiError::NoHealthyReplica("m".into())).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let timeout = ApiError::UpstreamTimeout {
+            endpoint: "e".into(),
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(json_of(timeout).await.0, StatusCode::GATEWAY_TIMEOUT);
+        let failed = ApiError::UpstreamFailed {
+            endpoint: "e".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(json_of(failed).await.0, StatusCode::BAD_GATEWAY);
+    }
+}

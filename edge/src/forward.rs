@@ -1,0 +1,106 @@
+//! Sends a request to the chosen replica over pooled connections and hands
+//! back its response as it arrives: the body streams through untouched,
+//! chunk by chunk, and dropping it (a client that went away) closes the
+//! upstream request so the engine stops generating.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri, header};
+use http_body_util::BodyExt;
+use infermesh_runtime::http::{
+    Body, Guarded, UpstreamClient, full, strip_hop_by_hop, upstream_client,
+};
+
+use crate::error::ApiError;
+use crate::table::Upstream;
+
+/// Counts a request as in flight to a replica until dropped.
+pub struct InFlight(Arc<Upstream>);
+
+impl InFlight {
+    /// Starts counting a request to `upstream`.
+    pub fn start(upstream: Arc<Upstream>) -> Self {
+        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(upstream)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Forwards requests to replicas.
+#[derive(Clone)]
+pub struct Forwarder {
+    client: UpstreamClient,
+    response_timeout: Duration,
+}
+
+impl Forwarder {
+    /// A forwarder whose connects give up after `connect_timeout` and whose
+    /// responses must start within `response_timeout`.
+    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Self {
+        Self {
+            client: upstream_client(connect_timeout),
+            response_timeout,
+        }
+    }
+
+    /// Sends `parts` + `body` to `upstream`; the response body streams and
+    /// keeps the request counted as in flight until it ends.
+    pub async fn forward(
+        &self,
+        mut parts: http::request::Parts,
+        body: Bytes,
+        upstream: Arc<Upstream>,
+    ) -> Result<Response<Body>, ApiError> {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(upstream.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| ApiError::UpstreamFailed {
+                endpoint: upstream.id.clone(),
+                reason: format!("cannot build upstream URI: {e}"),
+            })?;
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, body.len().into());
+        let in_flight = InFlight::start(upstream.clone());
+        let request = Request::from_parts(parts, full(body));
+        let response =
+            match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+                Err(_) => {
+                    return Err(ApiError::UpstreamTimeout {
+                        endpoint: upstream.id.clone(),
+                        after: self.response_timeout,
+                    });
+                }
+                Ok(Err(error)) => {
+                    let reason = if error.is_connect() {
+                        format!("connect to {} failed", upstream.authority)
+                    } else {
+                        format!("{error}")
+                    };
+                    return Err(ApiError::UpstreamFailed {
+                        endpoint: upstream.id.clone(),
+                        reason,
+                    });
+                }
+                Ok(Ok(response)) => response,
+            };
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = Guarded::new(body, in_flight).map_err(Into::into).boxed();
+        Ok(Response::from_parts(parts, body))
+    }
+}

@@ -1,0 +1,127 @@
+//! Reads the request body into memory up to a limit (routing needs the
+//! `model` field, so bodies are small JSON documents), answering 413 past
+//! it. Everything after this layer sees `Request<Bytes>`.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Body as HttpBody;
+use infermesh_runtime::http::Body;
+use tower::{Layer, Service};
+
+use crate::error::ApiError;
+
+/// Adds [`BodyLimit`] around a service.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimitLayer {
+    limit: usize,
+}
+
+impl BodyLimitLayer {
+    /// Bodies above `limit` bytes are refused.
+    pub fn new(limit: usize) -> Self {
+        Self { limit }
+    }
+}
+
+impl<S> Layer<S> for BodyLimitLayer {
+    type Service = BodyLimit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        BodyLimit {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct BodyLimit<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S, B> Service<Request<B>> for BodyLimit<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: HttpBody + Send + 'static,
+    B::Data: Send,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let limit = self.limit;
+        // The clone is the one that was polled ready; keep it for this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            if body.size_hint().lower() > limit as u64 {
+                return Ok(ApiError::BodyTooLarge { limit }.into_response());
+            }
+            let bytes = match Limited::new(body, limit).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                    return Ok(ApiError::BodyTooLarge { limit }.into_response());
+                }
+                Err(error) => {
+                    return Ok(ApiError::InvalidRequest {
+                        message: format!("could not read the request body: {error}"),
+                        param: None,
+                    }
+                    .into_response());
+                }
+            };
+            inner.call(Request::from_parts(parts, bytes)).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+    use http_body_util::Full;
+    use tower::ServiceExt;
+
+    fn svc() -> impl Service<Request<Full<Bytes>>, Response = Response<Body>, Error = Infallible> {
+        BodyLimitLayer::new(8).layer(tower::service_fn(|r: Request<Bytes>| async move {
+            Ok::<_, Infallible>(Response::new(infermesh_runtime::http::full(r.into_body())))
+        }))
+    }
+
+    #[tokio::test]
+    async fn bodies_within_the_limit_pass_whole() {
+        let response = svc()
+            .oneshot(Request::new(Full::new(Bytes::from("12345678"))))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"12345678");
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_get_413() {
+        let response = svc()
+            .oneshot(Request::new(Full::new(Bytes::from("123456789"))))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

@@ -1,0 +1,13 @@
+//! The infermesh edge: a region's OpenAI-compatible gateway. Routes each
+//! request by model to a serving replica of the local region, from the last
+//! routing table the control plane pushed.
+
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod gateway;
+pub mod layers;
+pub mod openai;
+pub mod server;
+pub mod stack;
+pub mod table;

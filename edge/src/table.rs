@@ -1,0 +1,286 @@
+//! The edge's routing table: what a pushed `RoutingTable` means to the
+//! request path, validated once when it arrives. A table that cannot be
+//! used (bad address, a name claimed twice) is refused whole and the edge
+//! keeps routing with the one it has. In-flight counters carry over from
+//! one table to the next so a push does not reset load figures.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http::uri::Authority;
+use infermesh_proto::v1::{EndpointState, RoutingPolicy, RoutingTable};
+use infermesh_runtime::discovery::ApplyTable;
+use rand::Rng;
+
+/// How a model's replica is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// The replica with the fewest requests in flight from this edge.
+    LeastOutstanding,
+    /// Replicas in turn.
+    RoundRobin,
+}
+
+/// One replica the edge may send to.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Endpoint id.
+    pub id: String,
+    /// Pool it belongs to.
+    pub pool: String,
+    /// Its sidecar's `host:port`.
+    pub authority: Authority,
+    /// Requests this edge has in flight to it.
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+/// Everything needed to route one model.
+#[derive(Debug)]
+pub struct ModelRoute {
+    /// Canonical model name.
+    pub model: String,
+    /// Replica choice.
+    pub policy: Policy,
+    /// Serving replicas in this region.
+    pub upstreams: Vec<Arc<Upstream>>,
+    next: AtomicUsize,
+}
+
+impl ModelRoute {
+    /// The replica for the next request, or `None` when none is serving.
+    pub fn pick(&self) -> Option<&Arc<Upstream>> {
+        let n = self.upstreams.len();
+        if n == 0 {
+            return None;
+        }
+        match self.policy {
+            Policy::RoundRobin => self
+                .upstreams
+                .get(self.next.fetch_add(1, Ordering::Relaxed) % n),
+            Policy::LeastOutstanding => {
+                // A random start spreads ties instead of always favouring the first replica.
+                let start = rand::rng().random_range(0..n);
+                (0..n)
+                    .map(|i| &self.upstreams[(start + i) % n])
+                    .min_by_key(|u| u.in_flight.load(Ordering::Relaxed))
+            }
+        }
+    }
+}
+
+/// A model as `/v1/models` lists it.
+#[derive(Debug, Clone)]
+pub struct ListedModel {
+    /// Canonical name.
+    pub name: String,
+    /// Other accepted names.
+    pub aliases: Vec<String>,
+}
+
+/// The edge's view of one routing-table version.
+#[derive(Debug, Default)]
+pub struct EdgeTable {
+    routes: HashMap<String, Arc<ModelRoute>>,
+    /// Models in name order.
+    pub models: Vec<ListedModel>,
+    /// Region the table is for.
+    pub region: String,
+}
+
+impl EdgeTable {
+    /// The route for a model name or alias.
+    pub fn route(&self, name: &str) -> Option<&Arc<ModelRoute>> {
+        self.routes.get(name)
+    }
+}
+
+/// Builds `EdgeTable`s from pushed tables, keeping in-flight counters by endpoint id.
+#[derive(Default)]
+pub struct EdgeTableBuilder {
+    counters: HashMap<String, Arc<AtomicUsize>>,
+}
+
+impl ApplyTable for EdgeTableBuilder {
+    type Table = EdgeTable;
+
+    fn apply(&mut self, table: RoutingTable) -> Result<EdgeTable, String> {
+        let mut upstreams_by_pool: HashMap<&str, Vec<Arc<Upstream>>> = HashMap::new();
+        let mut counters = HashMap::new();
+        for endpoint in &table.endpoints {
+            let authority: Authority = endpoint.address.parse().map_err(|e| {
+                format!(
+                    "endpoint {:?}: address {:?}: {e}",
+                    endpoint.id, endpoint.address
+                )
+            })?;
+            if authority.port_u16().is_none() {
+                return Err(format!(
+                    "endpoint {:?}: address {:?} has no port",
+                    endpoint.id, endpoint.address
+                ));
+            }
+            let in_flight = self.counters.get(&endpoint.id).cloned().unwrap_or_default();
+            counters.insert(endpoint.id.clone(), in_flight.clone());
+            let serving = matches!(
+                EndpointState::try_from(endpoint.state),
+                Ok(EndpointState::Serving | EndpointState::Unspecified)
+            );
+            if serving {
+                upstreams_by_pool
+                    .entry(endpoint.pool.as_str())
+                    .or_default()
+                    .push(Arc::new(Upstream {
+                        id: endpoint.id.clone(),
+                        pool: endpoint.pool.clone(),
+                        authority,
+                        in_flight,
+                    }));
+            }
+        }
+        let mut routes = HashMap::new();
+        let mut models = Vec::with_capacity(table.models.len());
+        for model in &table.models {
+            let policy = match RoutingPolicy::try_from(model.routing_policy) {
+                Ok(RoutingPolicy::RoundRobin) => Policy::RoundRobin,
+                Ok(RoutingPolicy::LeastOutstanding | RoutingPolicy::Unspecified) => {
+                    Policy::LeastOutstanding
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "model {:?}: unknown routing policy {}",
+                        model.name, model.routing_policy
+                    ));
+                }
+            };
+            let upstreams = table
+                .pools
+                .iter()
+                .filter(|p| p.model == model.name)
+                .flat_map(|p| {
+                    upstreams_by_pool
+                        .get(p.name.as_str())
+                        .into_iter()
+                        .flatten()
+                        .cloned()
+                })
+                .collect();
+            let route = Arc::new(ModelRoute {
+                model: model.name.clone(),
+                policy,
+                upstreams,
+                next: AtomicUsize::new(0),
+            });
+            for name in std::iter::once(&model.name).chain(&model.aliases) {
+                if routes.insert(name.clone(), route.clone()).is_some() {
+                    return Err(format!("model name or alias {name:?} appears twice"));
+                }
+            }
+            models.push(ListedModel {
+                name: model.name.clone(),
+                aliases: model.aliases.clone(),
+            });
+        }
+        self.counters = counters;
+        Ok(EdgeTable {
+            routes,
+            models,
+            region: table.region,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infermesh_proto::v1::{Endpoint, Model, Pool};
+
+    fn table(endpoints: &[(&str, &str, EndpointState)]) -> RoutingTable {
+        RoutingTable {
+            version: 7,
+            region: "eu".into(),
+            models: vec![Model {
+                name: "llama".into(),
+                aliases: vec!["l3".into()],
+                ..Default::default()
+            }],
+            pools: vec![Pool {
+                name: "llama-eu".into(),
+                model: "llama".into(),
+                region: "eu".into(),
+                ..Default::default()
+            }],
+            endpoints: endpoints
+                .iter()
+                .map(|(id, address, state)| Endpoint {
+                    id: id.to_string(),
+                    pool: "llama-eu".into(),
+                    model: "llama".into(),
+                    address: address.to_string(),
+                    state: *state as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn serving_endpoints_are_routable_by_name_and_alias() {
+        let t = EdgeTableBuilder::default()
+            .apply(table(&[
+                ("a", "127.0.0.1:1000", EndpointState::Serving),
+                ("b", "127.0.0.1:1001", EndpointState::Draining),
+                ("c", "127.0.0.1:1002", EndpointState::Unhealthy),
+            ]))
+            .unwrap();
+        let route = t.route("l3").expect("alias routes");
+        assert_eq!(route.model, "llama");
+        let ids: Vec<_> = route.upstreams.iter().map(|u| u.id.as_str()).collect();
+        assert_eq!(ids, ["a"], "draining and unhealthy replicas get nothing");
+        assert!(t.route("unknown").is_none());
+    }
+
+    #[test]
+    fn a_bad_address_refuses_the_whole_table() {
+        let err = EdgeTableBuilder::default()
+            .apply(table(&[("a", "not an address", EndpointState::Serving)]))
+            .unwrap_err();
+        assert!(err.contains("endpoint \"a\""), "{err}");
+        let err = EdgeTableBuilder::default()
+            .apply(table(&[("a", "host-without-port", EndpointState::Serving)]))
+            .unwrap_err();
+        assert!(err.contains("no port"), "{err}");
+    }
+
+    #[test]
+    fn least_outstanding_prefers_the_idle_replica_and_counters_survive_a_push() {
+        let mut builder = EdgeTableBuilder::default();
+        let eps = [
+            ("a", "127.0.0.1:1000", EndpointState::Serving),
+            ("b", "127.0.0.1:1001", EndpointState::Serving),
+        ];
+        let first = builder.apply(table(&eps)).unwrap();
+        let route = first.route("llama").unwrap();
+        route.upstreams[0].in_flight.store(5, Ordering::Relaxed);
+        for _ in 0..20 {
+            assert_eq!(route.pick().unwrap().id, "b");
+        }
+        let second = builder.apply(table(&eps)).unwrap();
+        let a = &second.route("llama").unwrap().upstreams[0];
+        assert_eq!(a.in_flight.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn round_robin_takes_turns() {
+        let mut t = table(&[
+            ("a", "127.0.0.1:1000", EndpointState::Serving),
+            ("b", "127.0.0.1:1001", EndpointState::Serving),
+        ]);
+        t.models[0].routing_policy = RoutingPolicy::RoundRobin as i32;
+        let t = EdgeTableBuilder::default().apply(t).unwrap();
+        let route = t.route("llama").unwrap();
+        let picks: Vec<_> = (0..4).map(|_| route.pick().unwrap().id.clone()).collect();
+        assert_eq!(picks, ["a", "b", "a", "b"]);
+    }
+}

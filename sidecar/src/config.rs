@@ -1,0 +1,146 @@
+//! Command-line and environment configuration of the sidecar. In
+//! Kubernetes the injected container sets these from the pod's labels.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use http::Uri;
+
+use crate::engine::EngineKind;
+
+/// infermesh sidecar: registers this pod's replica, proxies to its engine, reports load.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "infermesh-sidecar", version)]
+pub struct Config {
+    /// Address of the inbound proxy edges send requests to.
+    #[arg(long, env = "INFERMESH_LISTEN", default_value = "0.0.0.0:8081")]
+    pub listen: SocketAddr,
+
+    /// host:port edges use to reach this sidecar (defaults to $POD_IP with the listen port).
+    #[arg(long, env = "INFERMESH_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+
+    /// Base URL of the engine on localhost.
+    #[arg(
+        long,
+        env = "INFERMESH_ENGINE_URL",
+        default_value = "http://127.0.0.1:8000"
+    )]
+    pub engine_url: Uri,
+
+    /// Engine family, which picks the metric names read.
+    #[arg(long, env = "INFERMESH_ENGINE", value_enum, default_value = "vllm")]
+    pub engine: EngineKind,
+
+    /// Unique id of this replica (defaults to $HOSTNAME, the pod name).
+    #[arg(long, env = "INFERMESH_ENDPOINT_ID")]
+    pub endpoint_id: Option<String>,
+
+    /// Pool this replica belongs to.
+    #[arg(long, env = "INFERMESH_POOL")]
+    pub pool: String,
+
+    /// Model this replica serves.
+    #[arg(long, env = "INFERMESH_MODEL")]
+    pub model: String,
+
+    /// Region of this replica.
+    #[arg(long, env = "INFERMESH_REGION")]
+    pub region: String,
+
+    /// Availability zone of this replica.
+    #[arg(long, env = "INFERMESH_ZONE", default_value = "")]
+    pub zone: String,
+
+    /// Control-plane addresses, comma-separated.
+    #[arg(
+        long,
+        env = "INFERMESH_CONTROL_PLANE",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7070"
+    )]
+    pub control_plane: Vec<String>,
+
+    /// How often the engine is scraped and load reported, milliseconds.
+    #[arg(long, env = "INFERMESH_SCRAPE_INTERVAL_MS", default_value_t = 1000)]
+    pub scrape_interval_ms: u64,
+
+    /// Deadline of one scrape or health probe, milliseconds.
+    #[arg(long, env = "INFERMESH_SCRAPE_TIMEOUT_MS", default_value_t = 800)]
+    pub scrape_timeout_ms: u64,
+
+    /// On shutdown, longest wait for edges to stop sending before the listener closes, seconds.
+    #[arg(long, env = "INFERMESH_DRAIN_WAIT_SECONDS", default_value_t = 10)]
+    pub drain_wait_seconds: u64,
+
+    /// Time given to in-flight requests after the listener closes, seconds.
+    #[arg(long, env = "INFERMESH_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Config {
+    /// The endpoint id in use.
+    pub fn endpoint_id(&self) -> Result<String, String> {
+        self.endpoint_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| "--endpoint-id: required (or set $HOSTNAME)".to_string())
+    }
+
+    /// The address edges are told to use.
+    pub fn advertise_address(&self) -> Result<String, String> {
+        if let Some(address) = self.advertise_address.clone().filter(|a| !a.is_empty()) {
+            return Ok(address);
+        }
+        if let Ok(ip) = std::env::var("POD_IP")
+            && !ip.is_empty()
+        {
+            return Ok(SocketAddr::new(
+                ip.parse().map_err(|e| format!("$POD_IP {ip:?}: {e}"))?,
+                self.listen.port(),
+            )
+            .to_string());
+        }
+        if self.listen.ip().is_unspecified() {
+            return Err("--advertise-address: required when --listen is a wildcard address and $POD_IP is unset".into());
+        }
+        Ok(self.listen.to_string())
+    }
+
+    /// Checks values clap cannot, naming the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        self.endpoint_id()?;
+        self.advertise_address()?;
+        for (flag, value) in [
+            ("--pool", &self.pool),
+            ("--model", &self.model),
+            ("--region", &self.region),
+        ] {
+            if value.is_empty() {
+                return Err(format!("{flag}: required"));
+            }
+        }
+        if self.engine_url.scheme_str() != Some("http") || self.engine_url.authority().is_none() {
+            return Err(format!(
+                "--engine-url: {} must be http://host:port",
+                self.engine_url
+            ));
+        }
+        if self.scrape_interval_ms < 100 {
+            return Err("--scrape-interval-ms: must be at least 100".into());
+        }
+        if self.scrape_timeout_ms == 0 || self.scrape_timeout_ms > self.scrape_interval_ms {
+            return Err(
+                "--scrape-timeout-ms: must be positive and at most --scrape-interval-ms".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The scrape interval.
+    pub fn scrape_interval(&self) -> Duration {
+        Duration::from_millis(self.scrape_interval_ms)
+    }
+}

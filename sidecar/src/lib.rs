@@ -1,0 +1,11 @@
+//! The infermesh sidecar, injected into every inference pod: registers the
+//! replica with the control plane, proxies inbound traffic to the engine on
+//! localhost, scrapes the engine's load and health, reports it, and drains
+//! the replica on shutdown.
+
+pub mod assignment;
+pub mod config;
+pub mod engine;
+pub mod proxy;
+pub mod report;
+pub mod server;

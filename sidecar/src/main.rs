@@ -1,0 +1,10 @@
+use clap::Parser;
+use infermesh_sidecar::{config::Config, server};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    infermesh_runtime::telemetry::init("info");
+    let config = Config::parse();
+    let stop = infermesh_runtime::shutdown::on_signal();
+    server::run(config, stop).await
+}

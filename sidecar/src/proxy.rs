@@ -1,0 +1,124 @@
+//! The inbound proxy: every request not meant for the sidecar itself goes
+//! to the engine on localhost, bodies streamed both ways (SSE stays
+//! chunk-by-chunk). The sidecar answers `/livez` and `/readyz` itself.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use http::{Request, Response, StatusCode, Uri, header};
+use hyper::body::Incoming;
+use infermesh_runtime::http::{Body, UpstreamClient, full, streamed, strip_hop_by_hop};
+use serde_json::json;
+use tokio::sync::watch;
+
+/// What readiness depends on.
+#[derive(Clone)]
+pub struct Readiness {
+    /// Latest load from the scrape loop, which carries engine health.
+    pub loads: watch::Receiver<infermesh_proto::v1::Load>,
+    /// True once the pod is stopping.
+    pub draining: watch::Receiver<bool>,
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct EngineProxy {
+    client: UpstreamClient,
+    engine: Arc<Uri>,
+    readiness: Readiness,
+}
+
+impl EngineProxy {
+    /// A proxy to the engine at `engine` (scheme and authority).
+    pub fn new(client: UpstreamClient, engine: Uri, readiness: Readiness) -> Self {
+        Self {
+            client,
+            engine: Arc::new(engine),
+            readiness,
+        }
+    }
+
+    async fn forward(self, request: Request<Incoming>) -> Response<Body> {
+        let (mut parts, body) = request.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = match format!("{}{}", self.engine.to_string().trim_end_matches('/'), path)
+            .parse::<Uri>()
+        {
+            Ok(uri) => uri,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request path: {e}")),
+        };
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        match self
+            .client
+            .request(Request::from_parts(parts, streamed(body)))
+            .await
+        {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, streamed(body))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "engine request failed");
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("inference engine unreachable: {e}"),
+                )
+            }
+        }
+    }
+
+    fn readyz(&self) -> Response<Body> {
+        let healthy = self.readiness.loads.borrow().engine_healthy;
+        let draining = *self.readiness.draining.borrow();
+        let (status, text) = match (healthy, draining) {
+            (_, true) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+            (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "engine not healthy"),
+            (true, false) => (StatusCode::OK, "ready"),
+        };
+        json_response(status, json!({"status": text}))
+    }
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(full(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json_response(
+        status,
+        json!({"error": {"message": message, "type": "server_error", "param": null, "code": "engine_unavailable"}}),
+    )
+}
+
+impl tower::Service<Request<Incoming>> for EngineProxy {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let proxy = self.clone();
+        Box::pin(async move {
+            Ok(match request.uri().path() {
+                "/livez" => json_response(StatusCode::OK, json!({"status": "alive"})),
+                "/readyz" => proxy.readyz(),
+                _ => proxy.forward(request).await,
+            })
+        })
+    }
+}

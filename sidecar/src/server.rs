@@ -1,0 +1,116 @@
+//! Starts the sidecar and owns its shutdown sequence: on SIGTERM (or a
+//! drain directive) report draining, wait until edges see it (bounded),
+//! close the listener, let in-flight requests finish, exit.
+
+use std::time::Duration;
+
+use infermesh_proto::v1::{EndpointState, Load, Register, SubscriberRole};
+use infermesh_runtime::backoff::Backoff;
+use infermesh_runtime::discovery::{self, DiscoveryConfig, Identity};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::assignment::AssignmentReader;
+use crate::config::Config;
+use crate::engine::scrape::Scraper;
+use crate::proxy::{EngineProxy, Readiness};
+use crate::report::Reporter;
+
+/// Runs the sidecar until `stop` fires (SIGTERM) and the drain completes.
+pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let endpoint_id = config.endpoint_id().map_err(anyhow::Error::msg)?;
+    let address = config.advertise_address().map_err(anyhow::Error::msg)?;
+    let background = CancellationToken::new();
+    let client = infermesh_runtime::http::upstream_client(Duration::from_secs(2));
+
+    let (loads_tx, loads) = watch::channel(Load::default());
+    let scraper = Scraper::new(
+        client.clone(),
+        config.engine,
+        &config.engine_url,
+        Duration::from_millis(config.scrape_timeout_ms),
+    )?;
+    let scrape_task =
+        tokio::spawn(scraper.run(config.scrape_interval(), loads_tx, background.clone()));
+
+    let (draining_tx, draining) = watch::channel(false);
+    let reporter = Reporter {
+        control_planes: config.control_plane.clone(),
+        register: Register {
+            endpoint_id: endpoint_id.clone(),
+            pool: config.pool.clone(),
+            model: config.model.clone(),
+            region: config.region.clone(),
+            zone: config.zone.clone(),
+            address: address.clone(),
+            engine: config.engine.to_proto() as i32,
+        },
+        default_interval: config.scrape_interval(),
+    };
+    let (report_status, report_task) =
+        reporter.spawn(loads.clone(), draining.clone(), background.clone());
+
+    let (assignment, discovery_task) = discovery::subscribe(
+        DiscoveryConfig {
+            control_planes: config.control_plane.clone(),
+            identity: Identity {
+                role: SubscriberRole::Sidecar,
+                region: config.region.clone(),
+                node_id: endpoint_id.clone(),
+            },
+            connect_timeout: Duration::from_secs(3),
+            backoff: Backoff::default(),
+        },
+        AssignmentReader {
+            endpoint_id: endpoint_id.clone(),
+        },
+        background.clone(),
+    );
+
+    let proxy = EngineProxy::new(
+        client,
+        config.engine_url.clone(),
+        Readiness {
+            loads,
+            draining: draining.clone(),
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, advertise = %address, endpoint = %endpoint_id, engine = %config.engine_url, "sidecar serving");
+    let serving = CancellationToken::new();
+    let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    let server = tokio::spawn(infermesh_runtime::http::serve(
+        listener,
+        proxy,
+        serving.clone(),
+        grace,
+    ));
+
+    tokio::select! {
+        _ = stop.cancelled() => tracing::info!("stopping: draining this replica"),
+        _ = report_status.drain_requested.cancelled() => tracing::info!("drain requested by the control plane"),
+    }
+    draining_tx.send_replace(true);
+    let mut tables = assignment.tables.clone();
+    let edges_stopped = tables.wait_for(|t| {
+        t.as_ref()
+            .is_some_and(|t| !t.table.listed || t.table.state == EndpointState::Draining)
+    });
+    let drain_wait = Duration::from_secs(config.drain_wait_seconds);
+    if tokio::time::timeout(drain_wait, edges_stopped)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain_wait,
+            "edges not confirmed to have stopped sending; closing anyway"
+        );
+    }
+    serving.cancel();
+    let _ = server.await;
+    background.cancel();
+    let _ = tokio::join!(scrape_task, report_task, discovery_task);
+    tracing::info!("sidecar stopped");
+    Ok(())
+}
