@@ -1,0 +1,13 @@
+//! A harness that reads like the scenarios it runs: start real etcd, the
+//! control plane, edges, sidecars and simulated engines as real processes
+//! on free loopback ports, drive the admin API with the real `grpcurl`, and
+//! talk HTTP to the edge. Every process is killed when its handle drops,
+//! also when a test fails, and its log is printed then.
+
+pub mod binaries;
+pub mod client;
+pub mod etcd;
+pub mod grpcurl;
+pub mod mesh;
+pub mod process;
+pub mod wait;

@@ -1,0 +1,323 @@
+//! A whole infermesh on loopback: etcd, a control plane, edges, and
+//! replicas (a simulated engine with its sidecar), started and wired the
+//! way an operator would, with the admin API driven through grpcurl.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::binaries::{free_port, path};
+use crate::client::Http;
+use crate::etcd::Etcd;
+use crate::grpcurl::{GrpcError, Grpcurl};
+use crate::process::Process;
+use crate::wait;
+
+/// Endpoint lease TTL used in tests: short, so dead replicas leave quickly.
+pub const LEASE_TTL_SECONDS: u32 = 2;
+
+/// An edge process.
+pub struct Edge {
+    /// Base URL, e.g. `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The process.
+    pub process: Process,
+}
+
+/// One replica: a simulated engine and the sidecar in front of it.
+pub struct Replica {
+    /// Endpoint id the sidecar registers.
+    pub id: String,
+    /// Engine base URL.
+    pub engine_url: String,
+    /// Sidecar base URL.
+    pub sidecar_url: String,
+    /// The engine process.
+    pub engine: Process,
+    /// The sidecar process.
+    pub sidecar: Process,
+}
+
+/// The system under test.
+pub struct Mesh {
+    /// Where logs and etcd data live; removed on drop.
+    pub dir: TempDir,
+    /// The etcd server.
+    pub etcd: Etcd,
+    /// The control plane, while it runs.
+    pub control_plane: Option<Process>,
+    /// Control-plane gRPC address (host:port).
+    pub control_plane_address: String,
+    /// grpcurl aimed at the control plane.
+    pub admin: Grpcurl,
+    /// HTTP client.
+    pub http: Http,
+}
+
+impl Mesh {
+    /// Starts etcd and a control plane and waits until the control plane reports SERVING.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let etcd = Etcd::start(dir.path()).await;
+        let address = format!("127.0.0.1:{}", free_port());
+        let mut mesh = Self {
+            admin: Grpcurl::new(&address),
+            control_plane_address: address,
+            dir,
+            etcd,
+            control_plane: None,
+            http: Http::new(),
+        };
+        mesh.start_control_plane().await;
+        mesh
+    }
+
+    /// (Re)starts the control plane on its address and waits for SERVING.
+    pub async fn start_control_plane(&mut self) {
+        let args = [
+            "--listen",
+            &self.control_plane_address,
+            "--etcd-endpoints",
+            &self.etcd.url,
+            "--etcd-prefix",
+            "/infermesh-test/",
+            "--endpoint-lease-ttl-seconds",
+            &LEASE_TTL_SECONDS.to_string(),
+            "--report-interval-ms",
+            "200",
+        ]
+        .map(String::from);
+        let process = Process::spawn(
+            "control-plane",
+            &path("infermesh-control-plane"),
+            &args,
+            self.dir.path(),
+            &[],
+        );
+        self.control_plane = Some(process);
+        let admin = self.admin.clone();
+        wait::until("control plane to serve", Duration::from_secs(20), || {
+            let admin = admin.clone();
+            async move {
+                let out = admin
+                    .raw(&[], &["grpc.health.v1.Health/Check"])
+                    .await
+                    .ok()?;
+                out.contains("\"SERVING\"").then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Kills the control plane (SIGKILL).
+    pub async fn kill_control_plane(&mut self) {
+        if let Some(mut process) = self.control_plane.take() {
+            process.kill().await;
+        }
+    }
+
+    /// Starts an edge for `region` with `extra` flags and waits until it answers /livez.
+    pub async fn start_edge(&self, region: &str, extra: &[&str]) -> Edge {
+        let port = free_port();
+        let mut args: Vec<String> = [
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--region",
+            region,
+            "--node-id",
+            &format!("edge-{region}-{port}"),
+            "--control-plane",
+            &self.control_plane_address,
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let process = Process::spawn(
+            &format!("edge-{region}-{port}"),
+            &path("infermesh-edge"),
+            &args,
+            self.dir.path(),
+            &[],
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        self.wait_http_ok(&format!("{url}/livez"), "edge /livez")
+            .await;
+        Edge { url, process }
+    }
+
+    /// Starts a simulated engine serving `model` and a sidecar registering it
+    /// as `id` in `pool`/`region`; waits until both answer.
+    pub async fn start_replica(
+        &self,
+        id: &str,
+        pool: &str,
+        model: &str,
+        region: &str,
+        engine_flags: &[&str],
+    ) -> Replica {
+        let engine_port = free_port();
+        let mut args: Vec<String> = [
+            "--listen",
+            &format!("127.0.0.1:{engine_port}"),
+            "--model",
+            model,
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(engine_flags.iter().map(|s| s.to_string()));
+        let engine = Process::spawn(
+            &format!("engine-{id}"),
+            &path("infermesh-sim-engine"),
+            &args,
+            self.dir.path(),
+            &[],
+        );
+        let engine_url = format!("http://127.0.0.1:{engine_port}");
+        self.wait_http_ok(&format!("{engine_url}/health"), "engine /health")
+            .await;
+        let sidecar = self
+            .start_sidecar(id, pool, model, region, &engine_url, None)
+            .await;
+        Replica {
+            id: id.to_string(),
+            engine_url,
+            sidecar_url: sidecar.0,
+            engine,
+            sidecar: sidecar.1,
+        }
+    }
+
+    /// Starts a sidecar for the engine at `engine_url`; `advertise` overrides the address edges get.
+    pub async fn start_sidecar(
+        &self,
+        id: &str,
+        pool: &str,
+        model: &str,
+        region: &str,
+        engine_url: &str,
+        advertise: Option<&str>,
+    ) -> (String, Process) {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let args = [
+            "--listen",
+            &listen,
+            "--advertise-address",
+            advertise.unwrap_or(&listen),
+            "--engine-url",
+            engine_url,
+            "--endpoint-id",
+            id,
+            "--pool",
+            pool,
+            "--model",
+            model,
+            "--region",
+            region,
+            "--zone",
+            &format!("{region}-a"),
+            "--control-plane",
+            &self.control_plane_address,
+            "--scrape-interval-ms",
+            "200",
+            "--scrape-timeout-ms",
+            "150",
+            "--drain-wait-seconds",
+            "5",
+            "--shutdown-grace-seconds",
+            "10",
+        ]
+        .map(String::from);
+        let process = Process::spawn(
+            &format!("sidecar-{id}"),
+            &path("infermesh-sidecar"),
+            &args,
+            self.dir.path(),
+            &[],
+        );
+        let url = format!("http://{listen}");
+        self.wait_http_ok(&format!("{url}/livez"), "sidecar /livez")
+            .await;
+        (url, process)
+    }
+
+    async fn wait_http_ok(&self, url: &str, what: &str) {
+        let http = self.http.clone();
+        wait::until(what, Duration::from_secs(20), || {
+            let http = http.clone();
+            let url = url.to_string();
+            async move { (http.get(&url).await.ok()?.status == 200).then_some(()) }
+        })
+        .await;
+    }
+
+    /// Calls an admin method through grpcurl.
+    pub async fn admin(&self, method: &str, request: Value) -> Result<Value, GrpcError> {
+        self.admin.admin(method, request).await
+    }
+
+    /// Creates region, model and a vLLM pool of that model in the region.
+    pub async fn register(&self, region: &str, model: &str, pool: &str) {
+        let region_exists = self
+            .admin("GetRegion", json!({"name": region}))
+            .await
+            .is_ok();
+        if !region_exists {
+            self.admin(
+                "CreateRegion",
+                json!({"region": {"name": region, "zones": [format!("{region}-a")]}}),
+            )
+            .await
+            .expect("create region");
+        }
+        if self
+            .admin("GetModel", json!({"name": model}))
+            .await
+            .is_err()
+        {
+            self.admin("CreateModel", json!({"model": {"name": model}}))
+                .await
+                .expect("create model");
+        }
+        self.admin(
+            "CreatePool",
+            json!({"pool": {"name": pool, "model": model, "region": region, "engine": "VLLM", "min_replicas": 1, "max_replicas": 4}}),
+        )
+        .await
+        .expect("create pool");
+    }
+
+    /// Ids of the registered endpoints (optionally of one pool), sorted.
+    pub async fn endpoint_ids(&self, pool: &str) -> Vec<String> {
+        let listed = self
+            .admin("ListEndpoints", json!({"pool": pool}))
+            .await
+            .expect("list endpoints");
+        let mut ids: Vec<String> = listed["endpoints"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e["id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// The model ids an edge lists on /v1/models (empty when it is not ready).
+    pub async fn edge_models(&self, edge: &Edge) -> Vec<String> {
+        match self.http.get(&format!("{}/v1/models", edge.url)).await {
+            Ok(reply) if reply.status == 200 => reply.json()["data"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|m| m["id"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+}

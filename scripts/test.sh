@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every check and test of infermesh on a fresh machine: installs what
+# the tests need (protoc, etcd, grpcurl), checks formatting and lints,
+# builds the binaries the whole-system tests start, then runs all tests.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+scripts/install-deps.sh
+export PATH="$root/.tools/bin:$PATH"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo build --workspace --bins --locked
+cargo test --workspace --locked

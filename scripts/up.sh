@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Brings a whole infermesh up on this machine and shows it working:
+# etcd, the control plane, an edge for each of two regions, and five
+# replicas (simulated vLLM/SGLang engines, each with its sidecar) serving two
+# models. Everything is registered through grpcurl, then a streamed chat
+# completion goes through an edge. Processes keep running in the background;
+# `scripts/up.sh down` stops them. Logs are in .run/logs/.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+run="$root/.run"
+
+ETCD_PORT="${ETCD_PORT:-23790}"
+CP_PORT="${CP_PORT:-7070}"
+EDGE_EU_PORT="${EDGE_EU_PORT:-8080}"
+EDGE_US_PORT="${EDGE_US_PORT:-8090}"
+PROFILE="${PROFILE:-release}"
+
+stop_all() {
+  if [ -f "$run/pids" ]; then
+    while read -r pid; do kill "$pid" 2>/dev/null || true; done < "$run/pids"
+    sleep 0.5
+    while read -r pid; do kill -9 "$pid" 2>/dev/null || true; done < "$run/pids"
+    rm -f "$run/pids"
+  fi
+}
+
+if [ "${1:-}" = "down" ]; then
+  stop_all
+  echo "infermesh stopped"
+  exit 0
+fi
+
+scripts/install-deps.sh
+if [ "$PROFILE" = "release" ]; then
+  cargo build --release --bins --locked
+else
+  cargo build --bins --locked
+fi
+bin="$root/target/$PROFILE"
+grpcurl="$root/.tools/bin/grpcurl"
+cp_addr="127.0.0.1:$CP_PORT"
+
+stop_all
+mkdir -p "$run/logs"
+rm -rf "$run/etcd"
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for port in "$ETCD_PORT" $((ETCD_PORT + 10)) "$CP_PORT" "$EDGE_EU_PORT" "$EDGE_US_PORT" $(seq 18001 18005) $(seq 18101 18105); do
+  if port_busy "$port"; then
+    echo "port $port is in use; stop what holds it (or set ETCD_PORT, CP_PORT, EDGE_EU_PORT, EDGE_US_PORT)" >&2
+    exit 1
+  fi
+done
+
+start() {
+  local name="$1"
+  shift
+  "$@" >"$run/logs/$name.log" 2>&1 &
+  echo $! >>"$run/pids"
+}
+
+wait_for() {
+  local what="$1"
+  shift
+  for _ in $(seq 1 100); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.2
+  done
+  echo "timed out waiting for $what; see $run/logs/" >&2
+  exit 1
+}
+
+admin() {
+  "$grpcurl" -plaintext -d "$2" "$cp_addr" "infermesh.v1.AdminService/$1" >/dev/null
+  echo "  $1 $2"
+}
+
+echo "starting etcd on 127.0.0.1:$ETCD_PORT"
+start etcd etcd --name local --data-dir "$run/etcd" \
+  --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+  --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 10))" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 10))" \
+  --initial-cluster "local=http://127.0.0.1:$((ETCD_PORT + 10))" --log-level warn
+wait_for etcd curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
+
+echo "starting the control plane on $cp_addr"
+start control-plane "$bin/infermesh-control-plane" --listen "$cp_addr" \
+  --etcd-endpoints "http://127.0.0.1:$ETCD_PORT"
+wait_for "control plane" sh -c "'$grpcurl' -plaintext '$cp_addr' grpc.health.v1.Health/Check | grep -q SERVING"
+
+echo "registering regions, models and pools through grpcurl"
+admin CreateRegion '{"region":{"name":"eu-west","zones":["eu-west-1a","eu-west-1b"],"failover":["us-east"],"edge_address":"127.0.0.1:'"$EDGE_EU_PORT"'"}}'
+admin CreateRegion '{"region":{"name":"us-east","zones":["us-east-1a"],"failover":["eu-west"],"edge_address":"127.0.0.1:'"$EDGE_US_PORT"'"}}'
+admin CreateModel '{"model":{"name":"meta-llama/Llama-3.1-8B-Instruct","aliases":["llama-8b"],"routing_policy":"LEAST_OUTSTANDING","description":"Llama 3.1 8B on vLLM"}}'
+admin CreateModel '{"model":{"name":"Qwen/Qwen2.5-7B-Instruct","aliases":["qwen-7b"],"routing_policy":"ROUND_ROBIN","description":"Qwen 2.5 7B on SGLang"}}'
+admin CreatePool '{"pool":{"name":"llama-8b-eu-west","model":"meta-llama/Llama-3.1-8B-Instruct","region":"eu-west","engine":"VLLM","min_replicas":1,"max_replicas":8}}'
+admin CreatePool '{"pool":{"name":"llama-8b-us-east","model":"meta-llama/Llama-3.1-8B-Instruct","region":"us-east","engine":"VLLM","min_replicas":1,"max_replicas":8}}'
+admin CreatePool '{"pool":{"name":"qwen-7b-eu-west","model":"Qwen/Qwen2.5-7B-Instruct","region":"eu-west","engine":"SGLANG","min_replicas":1,"max_replicas":4}}'
+admin CreatePool '{"pool":{"name":"qwen-7b-us-east","model":"Qwen/Qwen2.5-7B-Instruct","region":"us-east","engine":"SGLANG","min_replicas":1,"max_replicas":4}}'
+
+# replica ID POOL MODEL REGION ZONE ENGINE ENGINE_PORT SIDECAR_PORT
+replica() {
+  local id="$1" pool="$2" model="$3" region="$4" zone="$5" engine="$6" eport="$7" sport="$8"
+  start "engine-$id" "$bin/infermesh-sim-engine" --listen "127.0.0.1:$eport" --model "$model" \
+    --metrics-dialect "$engine"
+  start "sidecar-$id" "$bin/infermesh-sidecar" --listen "127.0.0.1:$sport" \
+    --engine-url "http://127.0.0.1:$eport" --engine "$engine" --endpoint-id "$id" \
+    --pool "$pool" --model "$model" --region "$region" --zone "$zone" --control-plane "$cp_addr"
+}
+echo "starting five replicas (simulated engine + sidecar each)"
+replica llama-8b-eu-west-0 llama-8b-eu-west meta-llama/Llama-3.1-8B-Instruct eu-west eu-west-1a vllm 18001 18101
+replica llama-8b-eu-west-1 llama-8b-eu-west meta-llama/Llama-3.1-8B-Instruct eu-west eu-west-1b vllm 18002 18102
+replica qwen-7b-eu-west-0 qwen-7b-eu-west Qwen/Qwen2.5-7B-Instruct eu-west eu-west-1a sglang 18003 18103
+replica llama-8b-us-east-0 llama-8b-us-east meta-llama/Llama-3.1-8B-Instruct us-east us-east-1a vllm 18004 18104
+replica qwen-7b-us-east-0 qwen-7b-us-east Qwen/Qwen2.5-7B-Instruct us-east us-east-1a sglang 18005 18105
+
+echo "starting edges: eu-west on 127.0.0.1:$EDGE_EU_PORT, us-east on 127.0.0.1:$EDGE_US_PORT"
+start edge-eu-west "$bin/infermesh-edge" --listen "127.0.0.1:$EDGE_EU_PORT" --region eu-west \
+  --node-id edge-eu-west-0 --control-plane "$cp_addr"
+start edge-us-east "$bin/infermesh-edge" --listen "127.0.0.1:$EDGE_US_PORT" --region us-east \
+  --node-id edge-us-east-0 --control-plane "$cp_addr"
+
+chat='{"model":"llama-8b","messages":[{"role":"user","content":"Hello, infermesh!"}],"max_tokens":12}'
+for port in "$EDGE_EU_PORT" "$EDGE_US_PORT"; do
+  wait_for "edge on $port to route" curl -fsS -o /dev/null -H 'content-type: application/json' \
+    -d "$chat" "http://127.0.0.1:$port/v1/chat/completions"
+done
+
+echo
+echo "== endpoints registered with the control plane =="
+"$grpcurl" -plaintext "$cp_addr" infermesh.v1.AdminService/ListEndpoints \
+  | grep -E '"id"|"state"' | paste - - | sed 's/^ *//'
+echo
+echo "== a streamed chat completion through the eu-west edge =="
+curl -sN -H 'content-type: application/json' "http://127.0.0.1:$EDGE_EU_PORT/v1/chat/completions" \
+  -d '{"model":"llama-8b","messages":[{"role":"user","content":"Hello, infermesh!"}],"max_tokens":12,"stream":true,"stream_options":{"include_usage":true}}'
+echo
+cat <<TRY
+infermesh is up (logs in .run/logs/, stop with: scripts/up.sh down). Try:
+
+  curl -s http://127.0.0.1:$EDGE_EU_PORT/v1/models
+  curl -s http://127.0.0.1:$EDGE_EU_PORT/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{"model":"qwen-7b","messages":[{"role":"user","content":"hi"}]}'
+  curl -sN http://127.0.0.1:$EDGE_US_PORT/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{"model":"llama-8b","messages":[{"role":"user","content":"hi"}],"stream":true}'
+
+  .tools/bin/grpcurl -plaintext $cp_addr list infermesh.v1.AdminService
+  .tools/bin/grpcurl -plaintext $cp_addr describe infermesh.v1.Pool
+  .tools/bin/grpcurl -plaintext $cp_addr infermesh.v1.AdminService/ListModels
+  .tools/bin/grpcurl -plaintext -d '{"region":"eu-west"}' $cp_addr infermesh.v1.AdminService/ListEndpoints
+  .tools/bin/grpcurl -plaintext -d '{"role":"EDGE","region":"eu-west"}' $cp_addr infermesh.v1.AdminService/GetRoutingTable
+TRY
