@@ -22,7 +22,19 @@ use crate::store::Store;
 /// Runs the control plane until `cancel` fires.
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
-    let store = Store::connect(&config.etcd_endpoints, &config.etcd_prefix).await?;
+    tracing::info!(etcd = ?config.etcd_endpoints, "connecting to etcd");
+    let store = tokio::time::timeout(
+        Duration::from_secs(10),
+        Store::connect(&config.etcd_endpoints, &config.etcd_prefix),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "--etcd-endpoints: no connection to {:?} within 10s",
+            config.etcd_endpoints
+        )
+    })??;
+    tracing::info!("connected to etcd");
     let (snapshots, watcher) = snapshot::spawn_watcher(store.clone(), cancel.clone());
     let loads = Arc::new(dashmap::DashMap::new());
     let subscribers = Arc::new(dashmap::DashMap::new());
@@ -49,7 +61,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    // Serving only once the registry is loaded keeps probes honest.
+    // Serving only once the registry is loaded keeps probes honest. The
+    // initial NOT_SERVING must be set before the task that may flip it.
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let mut ready = snapshots.clone();
     let reporter = health_reporter.clone();
     let readiness = tokio::spawn(async move {
@@ -66,9 +82,6 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                 .await;
         }
     });
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
 
     tracing::info!(listen = %config.listen, etcd = ?config.etcd_endpoints, prefix = %config.etcd_prefix, "control plane starting");
     let listener = tokio::net::TcpListener::bind(config.listen).await?;

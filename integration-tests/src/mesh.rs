@@ -41,8 +41,6 @@ pub struct Replica {
 
 /// The system under test.
 pub struct Mesh {
-    /// Where logs and etcd data live; removed on drop.
-    pub dir: TempDir,
     /// The etcd server.
     pub etcd: Etcd,
     /// The control plane, while it runs.
@@ -53,6 +51,9 @@ pub struct Mesh {
     pub admin: Grpcurl,
     /// HTTP client.
     pub http: Http,
+    /// Where logs and etcd data live; removed on drop, after the processes
+    /// above (fields drop in order) have printed their logs.
+    pub dir: TempDir,
 }
 
 impl Mesh {
@@ -146,6 +147,26 @@ impl Mesh {
         Edge { url, process }
     }
 
+    /// Starts a simulated engine serving `model` with `flags`; waits for its /health.
+    pub async fn start_engine(&self, id: &str, model: &str, flags: &[&str]) -> (String, Process) {
+        let port = free_port();
+        let mut args: Vec<String> = ["--listen", &format!("127.0.0.1:{port}"), "--model", model]
+            .map(String::from)
+            .to_vec();
+        args.extend(flags.iter().map(|s| s.to_string()));
+        let engine = Process::spawn(
+            &format!("engine-{id}"),
+            &path("infermesh-sim-engine"),
+            &args,
+            self.dir.path(),
+            &[],
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        self.wait_http_ok(&format!("{url}/health"), "engine /health")
+            .await;
+        (url, engine)
+    }
+
     /// Starts a simulated engine serving `model` and a sidecar registering it
     /// as `id` in `pool`/`region`; waits until both answer.
     pub async fn start_replica(
@@ -156,35 +177,16 @@ impl Mesh {
         region: &str,
         engine_flags: &[&str],
     ) -> Replica {
-        let engine_port = free_port();
-        let mut args: Vec<String> = [
-            "--listen",
-            &format!("127.0.0.1:{engine_port}"),
-            "--model",
-            model,
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend(engine_flags.iter().map(|s| s.to_string()));
-        let engine = Process::spawn(
-            &format!("engine-{id}"),
-            &path("infermesh-sim-engine"),
-            &args,
-            self.dir.path(),
-            &[],
-        );
-        let engine_url = format!("http://127.0.0.1:{engine_port}");
-        self.wait_http_ok(&format!("{engine_url}/health"), "engine /health")
-            .await;
-        let sidecar = self
+        let (engine_url, engine) = self.start_engine(id, model, engine_flags).await;
+        let (sidecar_url, sidecar) = self
             .start_sidecar(id, pool, model, region, &engine_url, None)
             .await;
         Replica {
             id: id.to_string(),
             engine_url,
-            sidecar_url: sidecar.0,
+            sidecar_url,
             engine,
-            sidecar: sidecar.1,
+            sidecar,
         }
     }
 

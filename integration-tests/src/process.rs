@@ -101,7 +101,13 @@ impl Drop for Process {
         if std::thread::panicking() {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("----- last lines of {} -----", self.name);
+            let state = match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(None)) => "still running".to_string(),
+                Some(Ok(Some(status))) => format!("exited: {status}"),
+                Some(Err(e)) => format!("unknown: {e}"),
+                None => "stopped by the test".to_string(),
+            };
+            eprintln!("----- last lines of {} ({state}) -----", self.name);
             for line in tail.into_iter().rev() {
                 eprintln!("{line}");
             }

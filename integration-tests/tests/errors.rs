@@ -105,7 +105,8 @@ async fn a_hanging_replica_gives_504_and_an_unreachable_one_502() {
             &["--hang-rate", "1.0"],
         )
         .await;
-    // A sidecar that advertises a port nobody listens on.
+    // A healthy engine whose sidecar advertises a port nobody listens on.
+    let (gone_engine_url, _gone_engine) = mesh.start_engine("gone-0", "gone", &[]).await;
     let dead_port = infermesh_integration_tests::binaries::free_port();
     let (_, _unreachable) = mesh
         .start_sidecar(
@@ -113,7 +114,7 @@ async fn a_hanging_replica_gives_504_and_an_unreachable_one_502() {
             "gone-eu",
             "gone",
             "eu-west",
-            "http://127.0.0.1:9",
+            &gone_engine_url,
             Some(&format!("127.0.0.1:{dead_port}")),
         )
         .await;

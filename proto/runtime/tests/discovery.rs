@@ -39,11 +39,18 @@ type Out = Pin<Box<dyn tokio_stream::Stream<Item = Result<SubscribeResponse, Sta
 impl DiscoveryService for FakeControlPlane {
     type SubscribeStream = Out;
 
-    async fn subscribe(&self, request: Request<Streaming<SubscribeRequest>>) -> Result<Response<Out>, Status> {
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<SubscribeRequest>>,
+    ) -> Result<Response<Out>, Status> {
         let mut inbound = request.into_inner();
         let script = {
             let mut scripts = self.scripts.lock().unwrap();
-            if scripts.is_empty() { Vec::new() } else { scripts.remove(0) }
+            if scripts.is_empty() {
+                Vec::new()
+            } else {
+                scripts.remove(0)
+            }
         };
         let seen = self.seen.clone();
         let (tx, rx) = mpsc::channel(8);
@@ -52,7 +59,9 @@ impl DiscoveryService for FakeControlPlane {
             let mut script = script.into_iter();
             while let Ok(Some(message)) = inbound.message().await {
                 let event = match message.kind {
-                    Some(subscribe_request::Kind::Hello(h)) => Seen::Hello { version_held: h.version_held },
+                    Some(subscribe_request::Kind::Hello(h)) => Seen::Hello {
+                        version_held: h.version_held,
+                    },
                     Some(subscribe_request::Kind::Ack(a)) => Seen::Ack(a.version),
                     Some(subscribe_request::Kind::Nack(n)) => Seen::Nack(n.version, n.reason),
                     None => continue,
@@ -112,7 +121,10 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(DiscoveryServiceServer::new(fake))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.clone().cancelled_owned()),
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stop.clone().cancelled_owned(),
+            ),
     );
 
     let config = DiscoveryConfig {
@@ -143,7 +155,10 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
     // The table is published before its ACK leaves; wait for the fake to record it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !seen.lock().unwrap().contains(&Seen::Ack(3)) {
-        assert!(tokio::time::Instant::now() < deadline, "ACK of version 3 never arrived");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ACK of version 3 never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let seen = seen.lock().unwrap().clone();

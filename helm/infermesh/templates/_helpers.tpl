@@ -1,0 +1,90 @@
+{{/*
+Chart name, overridable with nameOverride.
+*/}}
+{{- define "infermesh.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name, the prefix of every resource name.
+*/}}
+{{- define "infermesh.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of one component's resources: the full name, shortened so that the
+suffix always fits in 63 characters (Service names are DNS labels).
+Call with (dict "ctx" $ "suffix" "-control-plane").
+*/}}
+{{- define "infermesh.componentName" -}}
+{{- $prefix := include "infermesh.fullname" .ctx | trunc (int (sub 63 (len .suffix))) | trimSuffix "-" }}
+{{- printf "%s%s" $prefix .suffix }}
+{{- end }}
+
+{{/*
+Name of the control plane's Deployment and Service.
+*/}}
+{{- define "infermesh.controlPlane.name" -}}
+{{- include "infermesh.componentName" (dict "ctx" . "suffix" "-control-plane") }}
+{{- end }}
+
+{{/*
+Name of one region's edge Deployment and Service. Call with (dict "ctx" $ "region" "eu-west").
+*/}}
+{{- define "infermesh.edge.name" -}}
+{{- include "infermesh.componentName" (dict "ctx" .ctx "suffix" (printf "-edge-%s" .region)) }}
+{{- end }}
+
+{{/*
+Chart label value.
+*/}}
+{{- define "infermesh.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Selector labels. Call with (dict "ctx" $ "component" "edge" "region" "eu-west"); region is optional.
+*/}}
+{{- define "infermesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "infermesh.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- with .region }}
+infermesh.io/region: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Standard labels. Same arguments as infermesh.selectorLabels.
+*/}}
+{{- define "infermesh.labels" -}}
+helm.sh/chart: {{ include "infermesh.chart" .ctx }}
+{{ include "infermesh.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: infermesh
+{{- end }}
+
+{{/*
+Container image reference; the tag defaults to the chart's appVersion.
+*/}}
+{{- define "infermesh.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) }}
+{{- end }}
+
+{{/*
+Address edges use to reach the control plane.
+*/}}
+{{- define "infermesh.controlPlane.address" -}}
+{{- printf "%s:7070" (include "infermesh.controlPlane.name" .) }}
+{{- end }}

@@ -1,0 +1,370 @@
+//! The OpenAI request and response bodies the engine speaks: parsing with
+//! errors that name the field (vLLM answers 400 for these), and the JSON of
+//! completions, chunks and embeddings.
+
+use serde_json::{Value, json};
+
+use crate::engine::Usage;
+use crate::tokens::tokenize;
+
+/// The two generation endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completion,
+}
+
+/// A refused request: status, message and the offending field.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// What is wrong.
+    pub message: String,
+    /// Field to blame.
+    pub param: Option<&'static str>,
+    /// Machine-readable code.
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// A 400 about `param`.
+    pub fn bad(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+            param: Some(param),
+            code: None,
+        }
+    }
+
+    /// The OpenAI error body.
+    pub fn body(&self) -> Value {
+        let kind = match self.status {
+            400 | 404 => "invalid_request_error",
+            _ => "server_error",
+        };
+        json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}})
+    }
+}
+
+/// A validated generation request.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Chat or plain completion.
+    pub kind: Kind,
+    /// Prompt tokens.
+    pub tokens: Vec<u32>,
+    /// Tokens to generate.
+    pub max_tokens: usize,
+    /// SSE or one JSON body.
+    pub stream: bool,
+    /// Append a usage chunk to the stream.
+    pub include_usage: bool,
+}
+
+fn text_of(content: &Value) -> Result<String, ApiError> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => Ok(parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" ")),
+        _ => Err(ApiError::bad(
+            "messages",
+            "message content must be a string or an array of parts",
+        )),
+    }
+}
+
+/// Parses a generation request for the engine serving `model`.
+pub fn parse_generation(
+    kind: Kind,
+    body: &[u8],
+    model: &str,
+    max_model_len: usize,
+) -> Result<Generation, ApiError> {
+    let request: Value = serde_json::from_slice(body).map_err(|e| ApiError {
+        status: 400,
+        message: format!("invalid JSON body: {e}"),
+        param: None,
+        code: None,
+    })?;
+    let Some(object) = request.as_object() else {
+        return Err(ApiError {
+            status: 400,
+            message: "request body must be a JSON object".into(),
+            param: None,
+            code: None,
+        });
+    };
+    match object.get("model").and_then(Value::as_str) {
+        Some(m) if m == model => {}
+        Some(m) => {
+            return Err(ApiError {
+                status: 404,
+                message: format!("The model `{m}` does not exist."),
+                param: Some("model"),
+                code: Some("model_not_found"),
+            });
+        }
+        None => return Err(ApiError::bad("model", "model is required")),
+    }
+    let prompt = match kind {
+        Kind::Chat => {
+            let messages = object
+                .get("messages")
+                .and_then(Value::as_array)
+                .ok_or_else(|| ApiError::bad("messages", "messages must be an array"))?;
+            let mut prompt = String::new();
+            for m in messages {
+                let role = m
+                    .get("role")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ApiError::bad("messages", "every message needs a role"))?;
+                prompt.push_str(role);
+                prompt.push_str(": ");
+                prompt.push_str(&text_of(m.get("content").unwrap_or(&Value::Null))?);
+                prompt.push('\n');
+            }
+            prompt
+        }
+        Kind::Completion => match object.get("prompt") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(items)) => items
+                .first()
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ApiError::bad("prompt", "prompt must be a string or an array of strings")
+                })?
+                .to_string(),
+            _ => {
+                return Err(ApiError::bad(
+                    "prompt",
+                    "prompt must be a string or an array of strings",
+                ));
+            }
+        },
+    };
+    let max_tokens =
+        match object
+            .get("max_completion_tokens")
+            .or_else(|| object.get("max_tokens"))
+        {
+            None | Some(Value::Null) => 16,
+            Some(v) => v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
+                ApiError::bad("max_tokens", "max_tokens must be a positive integer")
+            })? as usize,
+        };
+    if let Some(n) = object.get("n").and_then(Value::as_u64)
+        && n != 1
+    {
+        return Err(ApiError::bad("n", "only n=1 is supported"));
+    }
+    let stream = match object.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::bad("stream", "stream must be a boolean")),
+    };
+    let include_usage = object
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let tokens = tokenize(&prompt);
+    if tokens.len() + max_tokens > max_model_len {
+        return Err(ApiError::bad(
+            "max_tokens",
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({} in the messages, {max_tokens} in the completion).",
+                tokens.len() + max_tokens,
+                tokens.len()
+            ),
+        ));
+    }
+    Ok(Generation {
+        kind,
+        tokens,
+        max_tokens,
+        stream,
+        include_usage,
+    })
+}
+
+/// The `usage` object.
+pub fn usage(u: Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt,
+        "completion_tokens": u.completion,
+        "total_tokens": u.prompt + u.completion,
+        "prompt_tokens_details": {"cached_tokens": u.cached},
+    })
+}
+
+/// A whole (non-streamed) response.
+pub fn completion(kind: Kind, id: &str, created: u64, model: &str, text: &str, u: Usage) -> Value {
+    let (object, choice) = match kind {
+        Kind::Chat => (
+            "chat.completion",
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length", "logprobs": null}),
+        ),
+        Kind::Completion => (
+            "text_completion",
+            json!({"index": 0, "text": text, "finish_reason": "length", "logprobs": null}),
+        ),
+    };
+    json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage(u)})
+}
+
+/// One streamed chunk; `delta` is the new text, `finish` the finish reason.
+pub fn chunk(
+    kind: Kind,
+    id: &str,
+    created: u64,
+    model: &str,
+    delta: Option<&str>,
+    first: bool,
+    finish: Option<&str>,
+) -> Value {
+    let (object, choice) = match kind {
+        Kind::Chat => {
+            let mut d = serde_json::Map::new();
+            if first {
+                d.insert("role".into(), json!("assistant"));
+            }
+            d.insert("content".into(), json!(delta.unwrap_or("")));
+            (
+                "chat.completion.chunk",
+                json!({"index": 0, "delta": d, "finish_reason": finish, "logprobs": null}),
+            )
+        }
+        Kind::Completion => (
+            "text_completion",
+            json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null}),
+        ),
+    };
+    json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
+}
+
+/// The final usage chunk (empty `choices`).
+pub fn usage_chunk(kind: Kind, id: &str, created: u64, model: &str, u: Usage) -> Value {
+    let object = if kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage(u)})
+}
+
+/// An embeddings response for `body`, with deterministic 16-dimension vectors.
+pub fn embeddings(body: &[u8], model: &str) -> Result<Value, ApiError> {
+    let request: Value = serde_json::from_slice(body).map_err(|e| ApiError {
+        status: 400,
+        message: format!("invalid JSON body: {e}"),
+        param: None,
+        code: None,
+    })?;
+    match request.get("model").and_then(Value::as_str) {
+        Some(m) if m == model => {}
+        Some(m) => {
+            return Err(ApiError {
+                status: 404,
+                message: format!("The model `{m}` does not exist."),
+                param: Some("model"),
+                code: Some("model_not_found"),
+            });
+        }
+        None => return Err(ApiError::bad("model", "model is required")),
+    }
+    let inputs: Vec<String> = match request.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) && !items.is_empty() => {
+            items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        }
+        _ => {
+            return Err(ApiError::bad(
+                "input",
+                "input must be a string or a non-empty array of strings",
+            ));
+        }
+    };
+    let mut prompt_tokens = 0;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let tokens = tokenize(text);
+            prompt_tokens += tokens.len();
+            let seed = tokens
+                .iter()
+                .fold(7u64, |a, t| a.wrapping_mul(131).wrapping_add(u64::from(*t)));
+            let vector: Vec<f64> = (0..16u64)
+                .map(|d| ((seed.rotate_left(d as u32 * 4) % 2000) as f64 / 1000.0) - 1.0)
+                .collect();
+            json!({"object": "embedding", "index": i, "embedding": vector})
+        })
+        .collect();
+    Ok(
+        json!({"object": "list", "model": model, "data": data, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(kind: Kind, body: &str) -> Result<Generation, ApiError> {
+        parse_generation(kind, body.as_bytes(), "m", 64)
+    }
+
+    #[test]
+    fn chat_and_completion_requests_parse() {
+        let g = parse(Kind::Chat, r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a b"}]}],"max_tokens":3,"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(
+            (g.tokens.len(), g.max_tokens, g.stream, g.include_usage),
+            (3, 3, true, true)
+        );
+        let g = parse(Kind::Completion, r#"{"model":"m","prompt":["x y z"]}"#).unwrap();
+        assert_eq!((g.tokens.len(), g.max_tokens), (3, 16));
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let param = |kind, body| parse(kind, body).unwrap_err().param;
+        assert_eq!(parse(Kind::Chat, "{").unwrap_err().status, 400);
+        assert_eq!(param(Kind::Chat, r#"{"model":"m"}"#), Some("messages"));
+        assert_eq!(
+            param(Kind::Completion, r#"{"model":"m","prompt":3}"#),
+            Some("prompt")
+        );
+        assert_eq!(
+            param(
+                Kind::Completion,
+                r#"{"model":"m","prompt":"x","max_tokens":0}"#
+            ),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            param(
+                Kind::Completion,
+                r#"{"model":"m","prompt":"x","max_tokens":100}"#
+            ),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            param(Kind::Completion, r#"{"model":"m","prompt":"x","n":2}"#),
+            Some("n")
+        );
+        let other = parse(Kind::Chat, r#"{"model":"other","messages":[]}"#).unwrap_err();
+        assert_eq!((other.status, other.code), (404, Some("model_not_found")));
+    }
+}

@@ -1,0 +1,298 @@
+//! The HTTP surface: OpenAI routes, `/health`, `/metrics`, `/v1/models`,
+//! and `/sim/*` controls that let tests flip health and error rate at run
+//! time. Streams are SSE, one event per token as it is decoded.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::api::{self, ApiError, Kind};
+use crate::engine::{Engine, Event, Fate};
+use crate::metrics;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+const MAX_BODY: usize = 32 * 1024 * 1024;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut r = Response::new(full(value.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    json_response(
+        StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+        &e.body(),
+    )
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn query_value<'a>(request: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
+    request
+        .uri()
+        .query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Serves `engine` on `listener` until `shutdown` resolves.
+pub async fn serve(engine: Arc<Engine>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let engine = engine.clone();
+                async move { Ok::<_, Infallible>(handle(engine, request).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path().to_string();
+    match (request.method().clone(), path.as_str()) {
+        (Method::GET, "/health") => {
+            let status = if engine.healthy.load(Ordering::Relaxed) {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let mut r = Response::new(full(""));
+            *r.status_mut() = status;
+            r
+        }
+        (Method::GET, "/metrics") => {
+            let mut r = Response::new(full(metrics::render(&engine)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        (Method::GET, "/v1/models") => json_response(
+            StatusCode::OK,
+            &json!({"object": "list", "data": [{"id": engine.config.model, "object": "model", "created": now_secs(), "owned_by": "vllm", "max_model_len": engine.config.max_model_len}]}),
+        ),
+        (Method::POST, "/v1/chat/completions") => generate(engine, request, Kind::Chat).await,
+        (Method::POST, "/v1/completions") => generate(engine, request, Kind::Completion).await,
+        (Method::POST, "/v1/embeddings") => match read_body(request).await {
+            Ok(body) => match api::embeddings(&body, &engine.config.model) {
+                Ok(v) => json_response(StatusCode::OK, &v),
+                Err(e) => error_response(&e),
+            },
+            Err(e) => error_response(&e),
+        },
+        (Method::POST, "/sim/health") => {
+            match query_value(&request, "healthy").map(str::parse::<bool>) {
+                Some(Ok(healthy)) => {
+                    engine.healthy.store(healthy, Ordering::Relaxed);
+                    json_response(StatusCode::OK, &json!({"healthy": healthy}))
+                }
+                _ => error_response(&ApiError::bad("healthy", "expected ?healthy=true|false")),
+            }
+        }
+        (Method::POST, "/sim/fail") => {
+            match query_value(&request, "error_rate").map(str::parse::<f64>) {
+                Some(Ok(rate)) if (0.0..=1.0).contains(&rate) => {
+                    engine.set_error_rate(rate);
+                    json_response(StatusCode::OK, &json!({"error_rate": rate}))
+                }
+                _ => error_response(&ApiError::bad(
+                    "error_rate",
+                    "expected ?error_rate=<fraction in [0, 1]>",
+                )),
+            }
+        }
+        (
+            _,
+            "/health"
+            | "/metrics"
+            | "/v1/models"
+            | "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/embeddings"
+            | "/sim/health"
+            | "/sim/fail",
+        ) => error_response(&ApiError {
+            status: 405,
+            message: format!("method not allowed on {path}"),
+            param: None,
+            code: None,
+        }),
+        _ => error_response(&ApiError {
+            status: 404,
+            message: format!("no route for {path}"),
+            param: None,
+            code: Some("not_found"),
+        }),
+    }
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, ApiError> {
+    Limited::new(request.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| ApiError {
+            status: 400,
+            message: format!("could not read the body: {e}"),
+            param: None,
+            code: None,
+        })
+}
+
+async fn generate(engine: Arc<Engine>, request: Request<Incoming>, kind: Kind) -> Response<Body> {
+    let body = match read_body(request).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&e),
+    };
+    let generation = match api::parse_generation(
+        kind,
+        &body,
+        &engine.config.model,
+        engine.config.max_model_len,
+    ) {
+        Ok(g) => g,
+        Err(e) => return error_response(&e),
+    };
+    match engine.accept() {
+        Fate::Serve => {}
+        Fate::Fail => {
+            return error_response(&ApiError {
+                status: 500,
+                message: "injected engine failure".into(),
+                param: None,
+                code: Some("internal_error"),
+            });
+        }
+        // Holds no slot; ends when the client gives up and the connection closes.
+        Fate::Hang => std::future::pending::<()>().await,
+    }
+    let (tx, mut events) = mpsc::channel(64);
+    tokio::spawn(
+        engine
+            .clone()
+            .generate(generation.tokens, generation.max_tokens, tx),
+    );
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    let id = format!("{prefix}-{:032x}", rand::random::<u128>());
+    let created = now_secs();
+    let model = engine.config.model.clone();
+    if !generation.stream {
+        let mut text = String::new();
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Token(t) => text.push_str(&t),
+                Event::Done(u) => {
+                    return json_response(
+                        StatusCode::OK,
+                        &api::completion(kind, &id, created, &model, &text, u),
+                    );
+                }
+            }
+        }
+        return error_response(&ApiError {
+            status: 500,
+            message: "generation ended early".into(),
+            param: None,
+            code: None,
+        });
+    }
+    let (frames, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    let include_usage = generation.include_usage;
+    tokio::spawn(async move {
+        let sse = |v: &Value| Ok(Frame::data(Bytes::from(format!("data: {v}\n\n"))));
+        let mut first = true;
+        while let Some(event) = events.recv().await {
+            let frame = match event {
+                Event::Token(t) => {
+                    let c = api::chunk(kind, &id, created, &model, Some(&t), first, None);
+                    first = false;
+                    sse(&c)
+                }
+                Event::Done(u) => {
+                    let _ = frames
+                        .send(sse(&api::chunk(
+                            kind,
+                            &id,
+                            created,
+                            &model,
+                            None,
+                            false,
+                            Some("length"),
+                        )))
+                        .await;
+                    if include_usage {
+                        let _ = frames
+                            .send(sse(&api::usage_chunk(kind, &id, created, &model, u)))
+                            .await;
+                    }
+                    let _ = frames
+                        .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
+                        .await;
+                    return;
+                }
+            };
+            // A closed receiver means the client left: dropping `events` stops generation.
+            if frames.send(frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx))));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    r
+}
