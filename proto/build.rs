@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let files = [
         "infermesh/v1/registry.proto",
+        "infermesh/v1/access.proto",
         "infermesh/v1/discovery.proto",
         "infermesh/v1/load.proto",
         "infermesh/v1/admin.proto",

@@ -99,6 +99,15 @@ admin CreatePool '{"pool":{"name":"llama-8b-us-east","model":"meta-llama/Llama-3
 admin CreatePool '{"pool":{"name":"qwen-7b-eu-west","model":"Qwen/Qwen2.5-7B-Instruct","region":"eu-west","engine":"SGLANG","min_replicas":1,"max_replicas":4}}'
 admin CreatePool '{"pool":{"name":"qwen-7b-us-east","model":"Qwen/Qwen2.5-7B-Instruct","region":"us-east","engine":"SGLANG","min_replicas":1,"max_replicas":4}}'
 
+echo "creating a tenant and an API key (the secret is shown once; etcd keeps its SHA-256)"
+admin CreateTenant '{"tenant":{"name":"demo","limits":{"requests_per_minute":600,"tokens_per_minute":200000}}}'
+key_json=$("$grpcurl" -plaintext -d '{"tenant":"demo","name":"local demo","limits":{"requests_per_minute":120}}' \
+  "$cp_addr" infermesh.v1.AdminService/CreateApiKey)
+KEY=$(printf '%s' "$key_json" | sed -n 's/.*"secret": "\([^"]*\)".*/\1/p')
+[ -n "$KEY" ] || { echo "CreateApiKey returned no secret: $key_json" >&2; exit 1; }
+printf '%s\n' "$KEY" > "$run/api-key"
+chmod 600 "$run/api-key"
+
 # replica ID POOL MODEL REGION ZONE ENGINE ENGINE_PORT SIDECAR_PORT
 replica() {
   local id="$1" pool="$2" model="$3" region="$4" zone="$5" engine="$6" eport="$7" sport="$8"
@@ -124,6 +133,7 @@ start edge-us-east "$bin/infermesh-edge" --listen "127.0.0.1:$EDGE_US_PORT" --re
 chat='{"model":"llama-8b","messages":[{"role":"user","content":"Hello, infermesh!"}],"max_tokens":12}'
 for port in "$EDGE_EU_PORT" "$EDGE_US_PORT"; do
   wait_for "edge on $port to route" curl -fsS -o /dev/null -H 'content-type: application/json' \
+    -H "authorization: Bearer $KEY" \
     -d "$chat" "http://127.0.0.1:$port/v1/chat/completions"
 done
 
@@ -133,17 +143,22 @@ echo "== endpoints registered with the control plane =="
   | grep -E '"id"|"state"' | paste - - | sed 's/^ *//'
 echo
 echo "== a streamed chat completion through the eu-west edge =="
-curl -sN -H 'content-type: application/json' "http://127.0.0.1:$EDGE_EU_PORT/v1/chat/completions" \
+curl -sN -H 'content-type: application/json' -H "authorization: Bearer $KEY" \
+  "http://127.0.0.1:$EDGE_EU_PORT/v1/chat/completions" \
   -d '{"model":"llama-8b","messages":[{"role":"user","content":"Hello, infermesh!"}],"max_tokens":12,"stream":true,"stream_options":{"include_usage":true}}'
 echo
 cat <<TRY
-infermesh is up (logs in .run/logs/, stop with: scripts/up.sh down). Try:
+infermesh is up (logs in .run/logs/, stop with: scripts/up.sh down).
+The demo API key is in .run/api-key (tenant "demo", 120 requests/minute). Try:
 
-  curl -s http://127.0.0.1:$EDGE_EU_PORT/v1/models
-  curl -s http://127.0.0.1:$EDGE_EU_PORT/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{"model":"qwen-7b","messages":[{"role":"user","content":"hi"}]}'
-  curl -sN http://127.0.0.1:$EDGE_US_PORT/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{"model":"llama-8b","messages":[{"role":"user","content":"hi"}],"stream":true}'
+  KEY=\$(cat .run/api-key)
+  curl -s http://127.0.0.1:$EDGE_EU_PORT/v1/models -H "authorization: Bearer \$KEY"
+  curl -si http://127.0.0.1:$EDGE_EU_PORT/v1/chat/completions -H "authorization: Bearer \$KEY" \\
+    -H 'content-type: application/json' -d '{"model":"qwen-7b","messages":[{"role":"user","content":"hi"}]}'
+  curl -sN http://127.0.0.1:$EDGE_US_PORT/v1/chat/completions -H "authorization: Bearer \$KEY" \\
+    -H 'content-type: application/json' -d '{"model":"llama-8b","messages":[{"role":"user","content":"hi"}],"stream":true}'
+
+  .tools/bin/grpcurl -plaintext -d '{"tenant":"demo"}' $cp_addr infermesh.v1.AdminService/ListApiKeys
 
   .tools/bin/grpcurl -plaintext $cp_addr list infermesh.v1.AdminService
   .tools/bin/grpcurl -plaintext $cp_addr describe infermesh.v1.Pool

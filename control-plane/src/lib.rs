@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod quota;
 pub mod registry;
 pub mod server;
 pub mod snapshot;

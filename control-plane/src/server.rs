@@ -15,6 +15,7 @@ use crate::api::admin::Admin;
 use crate::api::discovery::Discovery;
 use crate::api::load_reports::{LeaseSettings, LoadReports};
 use crate::config::Config;
+use crate::quota::QuotaBook;
 use crate::registry::Registry;
 use crate::snapshot;
 use crate::store::Store;
@@ -44,7 +45,13 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         snapshots.clone(),
         loads.clone(),
     );
-    let discovery = Discovery::new(snapshots.clone(), subscribers, cancel.clone());
+    let quotas = Arc::new(QuotaBook::new(snapshots.clone()));
+    let quota_task = tokio::spawn(
+        quotas
+            .clone()
+            .run(Registry::new(store.clone()), cancel.clone()),
+    );
+    let discovery = Discovery::new(snapshots.clone(), subscribers, quotas, cancel.clone());
     let settings = LeaseSettings {
         ttl_seconds: config.endpoint_lease_ttl_seconds,
         report_interval: config.report_interval(),
@@ -99,6 +106,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         .await?;
     cancel.cancel();
     readiness.abort();
+    let _ = quota_task.await;
     let _ = watcher.await;
     tracing::info!("control plane stopped");
     Ok(())

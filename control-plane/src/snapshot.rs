@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use etcd_client::{EventType, KeyValue, WatchOptions};
 use futures_util::StreamExt;
-use infermesh_proto::v1::{Endpoint, Model, Pool, Region};
+use infermesh_proto::v1::{ApiKey, Endpoint, Model, Pool, Region, Tenant};
 use infermesh_runtime::backoff::Backoff;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -30,6 +30,10 @@ pub struct Snapshot {
     pub regions: BTreeMap<String, Region>,
     /// Registered endpoints by id.
     pub endpoints: BTreeMap<String, Endpoint>,
+    /// Tenants by name.
+    pub tenants: BTreeMap<String, Tenant>,
+    /// API keys by id, revoked ones included.
+    pub api_keys: BTreeMap<String, ApiKey>,
 }
 
 fn upsert<T: Object>(map: &mut BTreeMap<String, T>, kv: &KeyValue) {
@@ -54,7 +58,9 @@ impl Snapshot {
             Some((ObjectKind::Pool, _)) => upsert(&mut self.pools, kv),
             Some((ObjectKind::Region, _)) => upsert(&mut self.regions, kv),
             Some((ObjectKind::Endpoint, _)) => upsert(&mut self.endpoints, kv),
-            Some((ObjectKind::Name, _)) | None => {}
+            Some((ObjectKind::Tenant, _)) => upsert(&mut self.tenants, kv),
+            Some((ObjectKind::ApiKey, _)) => upsert(&mut self.api_keys, kv),
+            Some((ObjectKind::Name | ObjectKind::KeyUse, _)) | None => {}
         }
     }
 
@@ -65,7 +71,9 @@ impl Snapshot {
             Some((ObjectKind::Pool, name)) => drop(self.pools.remove(name)),
             Some((ObjectKind::Region, name)) => drop(self.regions.remove(name)),
             Some((ObjectKind::Endpoint, id)) => drop(self.endpoints.remove(id)),
-            Some((ObjectKind::Name, _)) | None => {}
+            Some((ObjectKind::Tenant, name)) => drop(self.tenants.remove(name)),
+            Some((ObjectKind::ApiKey, id)) => drop(self.api_keys.remove(id)),
+            Some((ObjectKind::Name | ObjectKind::KeyUse, _)) | None => {}
         }
     }
 }

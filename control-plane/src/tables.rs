@@ -2,7 +2,7 @@
 //! functions of the snapshot, so every control-plane replica that sees the
 //! same etcd revision builds the same table, with the revision as version.
 
-use infermesh_proto::v1::{Endpoint, RoutingTable, SubscriberRole};
+use infermesh_proto::v1::{ApiKey, Endpoint, RoutingTable, SubscriberRole};
 
 use crate::snapshot::Snapshot;
 
@@ -57,6 +57,16 @@ pub fn edge_table(snapshot: &Snapshot, region: &str) -> RoutingTable {
         endpoints,
         regions: snapshot.regions.values().cloned().collect(),
         role: SubscriberRole::Edge as i32,
+        api_keys: snapshot
+            .api_keys
+            .values()
+            .filter(|k| !k.revoked)
+            .map(|k| ApiKey {
+                last_used_at_unix_ms: 0,
+                ..k.clone()
+            })
+            .collect(),
+        tenants: snapshot.tenants.values().cloned().collect(),
     }
 }
 
@@ -73,6 +83,8 @@ pub fn sidecar_table(snapshot: &Snapshot, region: &str, node_id: &str) -> Routin
         endpoints: endpoint.into_iter().map(routed).collect(),
         regions: snapshot.regions.get(region).into_iter().cloned().collect(),
         role: SubscriberRole::Sidecar as i32,
+        api_keys: Vec::new(),
+        tenants: Vec::new(),
     }
 }
 

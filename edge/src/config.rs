@@ -51,6 +51,37 @@ pub struct Config {
     )]
     pub upstream_response_timeout_ms: u64,
 
+    /// Serve requests that present no API key, without limits (local
+    /// development only; a presented key is still checked).
+    #[arg(long, env = "INFERMESH_ALLOW_ANONYMOUS", default_value_t = false)]
+    pub allow_anonymous: bool,
+
+    /// Completion tokens reserved against token limits when a request sets
+    /// no max_tokens (settled against the real usage when it ends).
+    #[arg(
+        long,
+        env = "INFERMESH_DEFAULT_COMPLETION_RESERVE",
+        default_value_t = 256
+    )]
+    pub default_completion_reserve: u64,
+
+    /// How often rate-limit usage is reported to the control plane, milliseconds.
+    #[arg(
+        long,
+        env = "INFERMESH_USAGE_REPORT_INTERVAL_MS",
+        default_value_t = 200
+    )]
+    pub usage_report_interval_ms: u64,
+
+    /// Write one JSON access-log line per request to stdout.
+    #[arg(
+        long,
+        env = "INFERMESH_ACCESS_LOG",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub access_log: bool,
+
     /// Time given to in-flight requests on shutdown, seconds.
     #[arg(long, env = "INFERMESH_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
@@ -64,6 +95,9 @@ impl Config {
         }
         if self.control_plane.iter().all(|a| a.trim().is_empty()) {
             return Err("--control-plane: at least one address is required".into());
+        }
+        if self.usage_report_interval_ms == 0 {
+            return Err("--usage-report-interval-ms: must be positive".into());
         }
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes: must be positive".into());

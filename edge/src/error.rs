@@ -52,6 +52,30 @@ pub enum ApiError {
     /// No such path.
     #[error("no route for {0}")]
     NotFound(String),
+    /// No key, or a key that is unknown, revoked or expired.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The key may not call this model.
+    #[error("API key {key} is not allowed to use model `{model}`")]
+    ModelNotAllowed {
+        /// The key's visible prefix.
+        key: String,
+        /// Model asked for.
+        model: String,
+    },
+    /// A rate limit or budget is spent; `headers` tell when to come back.
+    #[error("{message}")]
+    RateLimited {
+        /// Which limit, in the client's words.
+        message: String,
+        /// `requests`, `tokens` or `insufficient_quota`.
+        kind: &'static str,
+        /// Retry-After and x-ratelimit-* headers.
+        headers: Box<http::HeaderMap>,
+    },
+    /// The body is not JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// Path exists, method does not.
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed {
@@ -75,6 +99,10 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -87,6 +115,16 @@ impl ApiError {
     fn kind(&self) -> (&'static str, Option<&'static str>) {
         match self {
             ApiError::InvalidRequest { .. } => ("invalid_request_error", None),
+            ApiError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
+            ApiError::ModelNotAllowed { .. } => ("permission_error", Some("model_not_allowed")),
+            ApiError::RateLimited {
+                kind: "insufficient_quota",
+                ..
+            } => ("insufficient_quota", Some("insufficient_quota")),
+            ApiError::RateLimited { kind, .. } => (kind, Some("rate_limit_exceeded")),
+            ApiError::UnsupportedMediaType(_) => {
+                ("invalid_request_error", Some("unsupported_media_type"))
+            }
             ApiError::BodyTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             ApiError::NotFound(_) => ("invalid_request_error", Some("not_found")),
@@ -100,12 +138,18 @@ impl ApiError {
         }
     }
 
+    /// The error's `code` (or its `type` where it has none), for logs.
+    pub fn code(&self) -> &'static str {
+        let (kind, code) = self.kind();
+        code.unwrap_or(kind)
+    }
+
     /// The OpenAI-shaped JSON response.
     pub fn into_response(self) -> Response<Body> {
         let (kind, code) = self.kind();
         let param = match &self {
             ApiError::InvalidRequest { param, .. } => *param,
-            ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::ModelNotFound(_) | ApiError::ModelNotAllowed { .. } => Some("model"),
             _ => None,
         };
         let body = json!({
@@ -122,6 +166,15 @@ impl ApiError {
             header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
+        if let ApiError::RateLimited { headers, .. } = &self {
+            response.headers_mut().extend((**headers).clone());
+        }
+        if matches!(self, ApiError::Unauthorized(_)) {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"infermesh\""),
+            );
+        }
         if let ApiError::MethodNotAllowed { path, .. } = &self {
             let allow = if path.starts_with("/v1/models") || path.ends_with("z") {
                 "GET"

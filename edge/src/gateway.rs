@@ -6,18 +6,25 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
 use infermesh_runtime::discovery::Applied;
 use infermesh_runtime::http::{Body, full};
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::access::Principal;
+use crate::access_log::{AccessLog, AccessRecord, millis};
 use crate::error::ApiError;
 use crate::forward::Forwarder;
 use crate::openai;
+use crate::quota::Limiter;
 use crate::table::EdgeTable;
+use crate::usage::{Finish, UsageTap};
 
 /// The table the request path reads: `None` until the first push.
 pub type Tables = watch::Receiver<Option<Arc<Applied<EdgeTable>>>>;
@@ -27,19 +34,36 @@ pub type Tables = watch::Receiver<Option<Arc<Applied<EdgeTable>>>>;
 pub struct Gateway {
     tables: Tables,
     forwarder: Forwarder,
+    limiter: Arc<Limiter>,
+    log: AccessLog,
 }
 
 impl Gateway {
-    /// A gateway routing by `tables` through `forwarder`.
-    pub fn new(tables: Tables, forwarder: Forwarder) -> Self {
-        Self { tables, forwarder }
+    /// A gateway routing by `tables` through `forwarder`, admitting
+    /// requests through `limiter` and logging them to `log`.
+    pub fn new(
+        tables: Tables,
+        forwarder: Forwarder,
+        limiter: Arc<Limiter>,
+        log: AccessLog,
+    ) -> Self {
+        Self {
+            tables,
+            forwarder,
+            limiter,
+            log,
+        }
     }
 
     fn table(&self) -> Option<Arc<Applied<EdgeTable>>> {
         self.tables.borrow().clone()
     }
 
-    async fn handle(self, request: Request<Bytes>) -> Result<Response<Body>, ApiError> {
+    async fn handle(
+        self,
+        request: Request<Bytes>,
+        record: &mut AccessRecord,
+    ) -> Result<Response<Body>, ApiError> {
         let path = request.uri().path();
         let method = request.method();
         match (method, path) {
@@ -47,11 +71,12 @@ impl Gateway {
                 Ok(json_response(StatusCode::OK, json!({"status": "alive"})))
             }
             (&Method::GET | &Method::HEAD, "/readyz") => Ok(self.readyz()),
-            (&Method::GET, "/v1/models") => self.models(),
+            (&Method::GET, "/v1/models") => self.models(request.extensions().get::<Principal>()),
             (_, "/livez" | "/readyz" | "/v1/models") => Err(not_allowed(&request)),
-            (&Method::POST, _) if openai::Endpoint::from_path(path).is_some() => {
-                self.infer(request).await
-            }
+            (&Method::POST, _) => match openai::Endpoint::from_path(path) {
+                Some(endpoint) => self.infer(endpoint, request, record).await,
+                None => Err(ApiError::NotFound(format!("{method} {path}"))),
+            },
             (_, _) if openai::Endpoint::from_path(path).is_some() => Err(not_allowed(&request)),
             _ => Err(ApiError::NotFound(format!("{method} {path}"))),
         }
@@ -70,12 +95,13 @@ impl Gateway {
         }
     }
 
-    fn models(&self) -> Result<Response<Body>, ApiError> {
+    fn models(&self, principal: Option<&Principal>) -> Result<Response<Body>, ApiError> {
         let table = self.table().ok_or(ApiError::NotReady)?;
         let data: Vec<_> = table
             .table
             .models
             .iter()
+            .filter(|m| principal.is_none_or(|p| p.key.allows(&m.name)))
             .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "infermesh", "aliases": m.aliases}))
             .collect();
         Ok(json_response(
@@ -84,20 +110,80 @@ impl Gateway {
         ))
     }
 
-    async fn infer(self, request: Request<Bytes>) -> Result<Response<Body>, ApiError> {
+    async fn infer(
+        self,
+        endpoint: openai::Endpoint,
+        request: Request<Bytes>,
+        record: &mut AccessRecord,
+    ) -> Result<Response<Body>, ApiError> {
+        let started = Instant::now();
+        openai::check_content_type(request.headers())?;
         let table = self.table().ok_or(ApiError::NotReady)?;
         let (parts, body) = request.into_parts();
-        let fields = openai::routing_fields(&body)?;
+        let fields = openai::routing_fields(endpoint, &body)?;
+        record.model = Some(fields.model.clone());
+        record.stream = fields.stream;
         let route = table
             .table
             .route(&fields.model)
             .ok_or_else(|| ApiError::ModelNotFound(fields.model.clone()))?;
+        let principal = parts.extensions.get::<Principal>().cloned();
+        if let Some(p) = principal.as_ref().filter(|p| !p.key.allows(&route.model)) {
+            return Err(ApiError::ModelNotAllowed {
+                key: p.key.prefix.clone(),
+                model: fields.model.clone(),
+            });
+        }
         let upstream = route
             .pick()
             .cloned()
             .ok_or_else(|| ApiError::NoHealthyReplica(route.model.clone()))?;
+        let admission = principal
+            .as_ref()
+            .map(|p| {
+                self.limiter
+                    .admit(p, fields.prompt_tokens_estimate, fields.max_tokens)
+            })
+            .transpose()?;
+        record.endpoint = Some(upstream.id.clone());
         tracing::debug!(model = %route.model, endpoint = %upstream.id, stream = fields.stream, "routing");
-        self.forwarder.forward(parts, body, upstream).await
+        // Usage is what settles token limits and fills the access log, so
+        // streamed requests always ask the engine for it.
+        let body = if fields.stream && !fields.include_usage {
+            openai::with_usage_requested(&body)
+        } else {
+            body
+        };
+        let mut response = match self.forwarder.forward(parts, body, upstream).await {
+            Ok(response) => response,
+            Err(error) => {
+                if let Some(admission) = admission {
+                    admission.settle(0);
+                }
+                return Err(error);
+            }
+        };
+        if let Some(admission) = &admission {
+            response.headers_mut().extend(admission.headers.clone());
+        }
+        record.status = response.status().as_u16();
+        let sse = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let failed = !response.status().is_success();
+        let strip = fields.stream && !fields.include_usage;
+        let finish = Finish {
+            admission,
+            record: record.clone(),
+            log: self.log.clone(),
+            started,
+            failed,
+        };
+        // The tap writes the access line when the body ends.
+        record.deferred = true;
+        Ok(response.map(|body| UsageTap::new(body, sse, strip, finish).boxed()))
     }
 }
 
@@ -130,12 +216,31 @@ impl tower::Service<Request<Bytes>> for Gateway {
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let gateway = self.clone();
         Box::pin(async move {
-            Ok(gateway.handle(request).await.unwrap_or_else(|error| {
-                if error.status().is_server_error() {
-                    tracing::warn!(%error, "request failed");
+            let started = Instant::now();
+            let mut record = AccessRecord::begin(&request);
+            let probe = matches!(request.uri().path(), "/livez" | "/readyz");
+            let log = gateway.log.clone();
+            match gateway.handle(request, &mut record).await {
+                Ok(response) => {
+                    if !record.deferred && !probe {
+                        record.status = response.status().as_u16();
+                        record.total_ms = millis(started.elapsed());
+                        log.write(&record);
+                    }
+                    Ok(response)
                 }
-                error.into_response()
-            }))
+                Err(error) => {
+                    if error.status().is_server_error() {
+                        tracing::warn!(%error, "request failed");
+                    }
+                    record.error = Some(error.code().to_string());
+                    let response = error.into_response();
+                    record.status = response.status().as_u16();
+                    record.total_ms = millis(started.elapsed());
+                    log.write(&record);
+                    Ok(response)
+                }
+            }
         })
     }
 }

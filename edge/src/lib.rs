@@ -2,12 +2,16 @@
 //! request by model to a serving replica of the local region, from the last
 //! routing table the control plane pushed.
 
+pub mod access;
+pub mod access_log;
 pub mod config;
 pub mod error;
 pub mod forward;
 pub mod gateway;
 pub mod layers;
 pub mod openai;
+pub mod quota;
 pub mod server;
 pub mod stack;
 pub mod table;
+pub mod usage;

@@ -1,6 +1,8 @@
-//! Reads only what routing needs from an OpenAI request body (`model`,
-//! `stream`), skipping the rest without building it, and refuses bodies
-//! that are not a JSON object with a string `model`.
+//! Reads what the edge acts on from an OpenAI request body (`model`,
+//! `stream`, `stream_options`, `max_tokens`, and the prompt for its token
+//! estimate), skipping the rest without building it, and refuses bodies
+//! of the wrong shape with the field to blame. Unknown fields pass to the
+//! engine untouched: the edge forwards the original bytes.
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -31,14 +33,25 @@ impl Endpoint {
     }
 }
 
-/// What routing needs from a request.
+/// What the edge needs from a request: routing, validation and the
+/// token estimate that rate limits reserve at admission.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingFields {
     /// Model name or alias.
     pub model: String,
     /// Whether the client asked for SSE.
     pub stream: bool,
+    /// Whether the client asked for usage in the stream (`stream_options.include_usage`).
+    pub include_usage: bool,
+    /// Prompt tokens, estimated from the text (about four bytes a token).
+    pub prompt_tokens_estimate: u64,
+    /// `max_tokens` or `max_completion_tokens`, if sent.
+    pub max_tokens: Option<u64>,
 }
+
+/// Largest `max_tokens` accepted: far above any context window, so only
+/// nonsense is refused.
+pub const MAX_TOKENS_LIMIT: u64 = 10_000_000;
 
 #[derive(Deserialize)]
 struct Wire {
@@ -46,12 +59,129 @@ struct Wire {
     model: Option<serde_json::Value>,
     #[serde(default)]
     stream: Option<serde_json::Value>,
+    #[serde(default)]
+    stream_options: Option<serde_json::Value>,
+    #[serde(default)]
+    max_tokens: Option<serde_json::Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<serde_json::Value>,
+    #[serde(default)]
+    messages: Option<serde_json::Value>,
+    #[serde(default)]
+    prompt: Option<serde_json::Value>,
+    #[serde(default)]
+    input: Option<serde_json::Value>,
     #[serde(flatten)]
     _rest: std::collections::HashMap<String, IgnoredAny>,
 }
 
-/// Parses the routing fields of `body`.
-pub fn routing_fields(body: &Bytes) -> Result<RoutingFields, ApiError> {
+/// Checks the `Content-Type` of an inference request: JSON, or none at all.
+pub fn check_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(http::header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type must be application/json, got {:?}",
+            value.to_str().unwrap_or("<not text>")
+        )))
+    }
+}
+
+/// Bytes of text in a prompt-like value: strings, arrays of strings or of
+/// token ids (each counted as one token's worth), and content parts.
+fn text_bytes(value: &serde_json::Value) -> u64 {
+    match value {
+        serde_json::Value::String(s) => s.len() as u64,
+        serde_json::Value::Number(_) => 4,
+        serde_json::Value::Array(items) => items.iter().map(text_bytes).sum(),
+        serde_json::Value::Object(map) => map.get("text").map_or(0, text_bytes),
+        _ => 0,
+    }
+}
+
+fn check_messages(value: &serde_json::Value) -> Result<u64, ApiError> {
+    let serde_json::Value::Array(messages) = value else {
+        return Err(ApiError::invalid(
+            "messages",
+            "messages must be an array of message objects",
+        ));
+    };
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    let mut bytes = 0;
+    for (i, message) in messages.iter().enumerate() {
+        let serde_json::Value::Object(fields) = message else {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("messages[{i}] must be an object with `role` and `content`"),
+            ));
+        };
+        match fields.get("role") {
+            Some(serde_json::Value::String(role)) if !role.is_empty() => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!("messages[{i}].role must be a non-empty string"),
+                ));
+            }
+        }
+        match fields.get("content") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(content @ (serde_json::Value::String(_) | serde_json::Value::Array(_))) => {
+                bytes += text_bytes(content);
+            }
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!(
+                        "messages[{i}].content must be a string or an array of content parts, got {other}"
+                    ),
+                ));
+            }
+        }
+        // Role markers and separators cost a few tokens per message.
+        bytes += 16;
+    }
+    Ok(bytes)
+}
+
+fn token_count(
+    param: &'static str,
+    value: Option<serde_json::Value>,
+) -> Result<Option<u64>, ApiError> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) => match n.as_u64() {
+            Some(v) if (1..=MAX_TOKENS_LIMIT).contains(&v) => Ok(Some(v)),
+            _ => Err(ApiError::invalid(
+                param,
+                format!("{param} must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {n}"),
+            )),
+        },
+        Some(other) => Err(ApiError::invalid(
+            param,
+            format!("{param} must be an integer, got {other}"),
+        )),
+    }
+}
+
+/// Parses and checks the fields of `body` the edge acts on; every other
+/// field passes to the engine untouched.
+pub fn routing_fields(endpoint: Endpoint, body: &Bytes) -> Result<RoutingFields, ApiError> {
     if body.is_empty() {
         return Err(ApiError::InvalidRequest {
             message: "request body is empty; expected a JSON object".into(),
@@ -87,7 +217,110 @@ pub fn routing_fields(body: &Bytes) -> Result<RoutingFields, ApiError> {
             ));
         }
     };
-    Ok(RoutingFields { model, stream })
+    let include_usage = match wire.stream_options {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Object(options)) => {
+            if !stream {
+                return Err(ApiError::invalid(
+                    "stream_options",
+                    "stream_options is only allowed when stream is true",
+                ));
+            }
+            match options.get("include_usage") {
+                None | Some(serde_json::Value::Null) => false,
+                Some(serde_json::Value::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        "stream_options",
+                        format!("stream_options.include_usage must be a boolean, got {other}"),
+                    ));
+                }
+            }
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "stream_options",
+                format!("stream_options must be an object, got {other}"),
+            ));
+        }
+    };
+    let max_tokens = match token_count("max_tokens", wire.max_tokens)? {
+        Some(v) => Some(v),
+        None => token_count("max_completion_tokens", wire.max_completion_tokens)?,
+    };
+    let prompt_bytes = match endpoint {
+        Endpoint::ChatCompletions => match &wire.messages {
+            Some(messages) => check_messages(messages)?,
+            None => return Err(ApiError::invalid("messages", "you must provide messages")),
+        },
+        Endpoint::Completions => match &wire.prompt {
+            Some(p @ (serde_json::Value::String(_) | serde_json::Value::Array(_))) => text_bytes(p),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    format!("prompt must be a string or an array, got {other}"),
+                ));
+            }
+            None => return Err(ApiError::invalid("prompt", "you must provide a prompt")),
+        },
+        Endpoint::Embeddings => match &wire.input {
+            Some(i @ (serde_json::Value::String(_) | serde_json::Value::Array(_))) => text_bytes(i),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "input",
+                    format!("input must be a string or an array, got {other}"),
+                ));
+            }
+            None => return Err(ApiError::invalid("input", "you must provide an input")),
+        },
+    };
+    Ok(RoutingFields {
+        model,
+        stream,
+        include_usage,
+        prompt_tokens_estimate: prompt_bytes.div_ceil(4),
+        max_tokens,
+    })
+}
+
+/// The body with `stream_options.include_usage` set, so that the engine
+/// reports usage at the end of the stream. The rest of the body is kept
+/// byte for byte when the client sent no `stream_options`.
+pub fn with_usage_requested(body: &Bytes) -> Bytes {
+    let start = body.iter().position(|b| !b.is_ascii_whitespace());
+    let has_options = memchr_str(body, b"\"stream_options\"");
+    match start {
+        Some(i) if body[i] == b'{' && !has_options => {
+            let rest = &body[i + 1..];
+            let empty = rest.iter().all(|b| b.is_ascii_whitespace() || *b == b'}');
+            let mut out = Vec::with_capacity(body.len() + 48);
+            out.extend_from_slice(b"{\"stream_options\":{\"include_usage\":true}");
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(rest);
+            Bytes::from(out)
+        }
+        _ => {
+            // The client sent stream_options without include_usage: rewrite it.
+            let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
+                return body.clone();
+            };
+            if let Some(map) = value.as_object_mut() {
+                let options = map
+                    .entry("stream_options")
+                    .or_insert_with(|| serde_json::json!({}));
+                if let Some(options) = options.as_object_mut() {
+                    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+                }
+            }
+            serde_json::to_vec(&value).map_or_else(|_| body.clone(), Bytes::from)
+        }
+    }
+}
+
+fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -95,7 +328,11 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<RoutingFields, ApiError> {
-        routing_fields(&Bytes::from(s.to_string()))
+        routing_fields(Endpoint::Completions, &Bytes::from(s.to_string()))
+    }
+
+    fn chat(s: &str) -> Result<RoutingFields, ApiError> {
+        routing_fields(Endpoint::ChatCompletions, &Bytes::from(s.to_string()))
     }
 
     fn param_of(result: Result<RoutingFields, ApiError>) -> Option<&'static str> {
@@ -107,18 +344,21 @@ mod tests {
 
     #[test]
     fn model_and_stream_are_read_and_the_rest_skipped() {
-        let f = parse(
-            r#"{"messages":[{"role":"user","content":"hi"}],"model":"llama","stream":true,"n":1}"#,
+        let f = chat(
+            r#"{"messages":[{"role":"user","content":"hi there, 16 b."}],"model":"llama","stream":true,"n":1,"max_tokens":9,"stream_options":{"include_usage":true}}"#,
         )
         .unwrap();
         assert_eq!(
             f,
             RoutingFields {
                 model: "llama".into(),
-                stream: true
+                stream: true,
+                include_usage: true,
+                prompt_tokens_estimate: 8,
+                max_tokens: Some(9),
             }
         );
-        assert!(!parse(r#"{"model":"m"}"#).unwrap().stream);
+        assert!(!parse(r#"{"model":"m","prompt":"x"}"#).unwrap().stream);
     }
 
     #[test]
@@ -130,9 +370,58 @@ mod tests {
         assert_eq!(param_of(parse(r#"{"model":""}"#)), Some("model"));
         assert_eq!(param_of(parse(r#"{"model":42}"#)), Some("model"));
         assert_eq!(
-            param_of(parse(r#"{"model":"m","stream":"yes"}"#)),
+            param_of(parse(r#"{"model":"m","prompt":"x","stream":"yes"}"#)),
             Some("stream")
         );
+        assert_eq!(param_of(parse(r#"{"model":"m"}"#)), Some("prompt"));
+        assert_eq!(param_of(chat(r#"{"model":"m"}"#)), Some("messages"));
+        assert_eq!(
+            param_of(chat(r#"{"model":"m","messages":"hi"}"#)),
+            Some("messages")
+        );
+        assert_eq!(
+            param_of(chat(r#"{"model":"m","messages":[]}"#)),
+            Some("messages")
+        );
+        assert_eq!(
+            param_of(chat(r#"{"model":"m","messages":["hi"]}"#)),
+            Some("messages")
+        );
+        assert_eq!(
+            param_of(chat(r#"{"model":"m","messages":[{"content":"x"}]}"#)),
+            Some("messages")
+        );
+        assert_eq!(
+            param_of(chat(
+                r#"{"model":"m","messages":[{"role":"user","content":5}]}"#
+            )),
+            Some("messages")
+        );
+        for bad in ["-1", "0", "1.5", "\"10\"", "100000000000"] {
+            let body = format!(r#"{{"model":"m","prompt":"x","max_tokens":{bad}}}"#);
+            assert_eq!(param_of(parse(&body)), Some("max_tokens"), "{bad}");
+        }
+        assert_eq!(
+            param_of(parse(
+                r#"{"model":"m","prompt":"x","stream_options":{"include_usage":true}}"#
+            )),
+            Some("stream_options")
+        );
+    }
+
+    #[test]
+    fn usage_is_requested_without_touching_the_rest_of_the_body() {
+        let body = Bytes::from(r#" {"model":"m","stream":true,"x_unknown":[1]}"#);
+        let out = with_usage_requested(&body);
+        assert_eq!(
+            &out[..],
+            br#"{"stream_options":{"include_usage":true},"model":"m","stream":true,"x_unknown":[1]}"#
+        );
+        let body =
+            Bytes::from(r#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#);
+        let value: serde_json::Value =
+            serde_json::from_slice(&with_usage_requested(&body)).unwrap();
+        assert_eq!(value["stream_options"]["include_usage"], true);
     }
 
     #[test]

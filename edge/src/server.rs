@@ -1,6 +1,7 @@
 //! Starts the edge: subscribes to routing tables, then serves the request
 //! path until shutdown, draining open connections for the grace period.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use infermesh_proto::v1::SubscriberRole;
@@ -8,9 +9,12 @@ use infermesh_runtime::backoff::Backoff;
 use infermesh_runtime::discovery::{self, DiscoveryConfig, Identity};
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::forward::Forwarder;
 use crate::gateway::Gateway;
+use crate::layers::auth::AuthLayer;
+use crate::quota::Limiter;
 use crate::stack;
 use crate::table::EdgeTableBuilder;
 
@@ -18,6 +22,7 @@ use crate::table::EdgeTableBuilder;
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let node_id = config.node_id();
+    let limiter = Arc::new(Limiter::new(config.default_completion_reserve));
     let discovery_config = DiscoveryConfig {
         control_planes: config.control_plane.clone(),
         identity: Identity {
@@ -27,17 +32,30 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         },
         connect_timeout: Duration::from_secs(3),
         backoff: Backoff::default(),
+        quota: Some(limiter.clone()),
+        usage_interval: Duration::from_millis(config.usage_report_interval_ms),
     };
     let (subscription, discovery_task) = discovery::subscribe(
         discovery_config,
         EdgeTableBuilder::default(),
         cancel.child_token(),
     );
+    let log = if config.access_log {
+        AccessLog::stdout()
+    } else {
+        AccessLog::disabled()
+    };
     let gateway = Gateway::new(
         subscription.tables.clone(),
         Forwarder::new(config.connect_timeout(), config.response_timeout()),
+        limiter,
+        log,
     );
-    let service = stack::build(gateway, config.max_body_bytes);
+    let auth = AuthLayer::new(subscription.tables.clone(), config.allow_anonymous);
+    if config.allow_anonymous {
+        tracing::warn!("--allow-anonymous: requests without an API key are served without limits");
+    }
+    let service = stack::build(gateway, auth, config.max_body_bytes);
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, region = %config.region, node = %node_id, "edge serving");
     infermesh_runtime::http::serve(

@@ -1,6 +1,6 @@
 //! The edge's request path, assembled in one place, outermost first:
-//! request id → body limit → gateway (parse, route, forward). Later layers
-//! (auth, rate limits, cache) go between the body limit and the gateway.
+//! request id → auth (before any body is read) → body limit → gateway
+//! (parse, allowed model, route, rate limit, forward, usage and access log).
 
 use std::convert::Infallible;
 
@@ -10,12 +10,14 @@ use infermesh_runtime::http::Body;
 use tower::ServiceBuilder;
 
 use crate::gateway::Gateway;
+use crate::layers::auth::AuthLayer;
 use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::request_id::RequestIdLayer;
 
 /// The full request path over `gateway`.
 pub fn build(
     gateway: Gateway,
+    auth: AuthLayer,
     max_body_bytes: usize,
 ) -> impl tower::Service<
     Request<Incoming>,
@@ -27,6 +29,7 @@ pub fn build(
 + 'static {
     ServiceBuilder::new()
         .layer(RequestIdLayer)
+        .layer(auth)
         .layer(BodyLimitLayer::new(max_body_bytes))
         .service(gateway)
 }

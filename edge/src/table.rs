@@ -13,6 +13,8 @@ use infermesh_proto::v1::{EndpointState, RoutingPolicy, RoutingTable};
 use infermesh_runtime::discovery::ApplyTable;
 use rand::Rng;
 
+use crate::access::Access;
+
 /// How a model's replica is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
@@ -86,6 +88,8 @@ pub struct EdgeTable {
     pub models: Vec<ListedModel>,
     /// Region the table is for.
     pub region: String,
+    /// API keys and tenants.
+    pub access: Access,
 }
 
 impl EdgeTable {
@@ -181,11 +185,13 @@ impl ApplyTable for EdgeTableBuilder {
                 aliases: model.aliases.clone(),
             });
         }
+        let access = Access::from_table(&table, |name| routes.get(name).map(|r| r.model.clone()))?;
         self.counters = counters;
         Ok(EdgeTable {
             routes,
             models,
             region: table.region,
+            access,
         })
     }
 }

@@ -66,6 +66,7 @@ impl Streamed {
 #[derive(Clone)]
 pub struct Http {
     client: UpstreamClient,
+    key: Option<String>,
 }
 
 impl Default for Http {
@@ -79,6 +80,32 @@ impl Http {
     pub fn new() -> Self {
         Self {
             client: upstream_client(Duration::from_secs(2)),
+            key: None,
+        }
+    }
+
+    /// A client that sends `secret` as `Authorization: Bearer` unless a
+    /// request sets its own authorization.
+    pub fn with_key(secret: &str) -> Self {
+        Self {
+            key: Some(secret.to_string()),
+            ..Self::new()
+        }
+    }
+
+    fn authorize(
+        &self,
+        request: http::request::Builder,
+        headers: &[(&str, &str)],
+    ) -> http::request::Builder {
+        let own = headers.iter().any(|(k, _)| {
+            k.eq_ignore_ascii_case("authorization")
+                || k.eq_ignore_ascii_case("x-api-key")
+                || k.eq_ignore_ascii_case("x-no-auth")
+        });
+        match &self.key {
+            Some(key) if !own => request.header("authorization", format!("Bearer {key}")),
+            _ => request,
         }
     }
 
@@ -91,7 +118,11 @@ impl Http {
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Reply> {
         let mut request = Request::builder().method(method).uri(url);
-        for (k, v) in headers {
+        request = self.authorize(request, headers);
+        for (k, v) in headers
+            .iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case("x-no-auth"))
+        {
             request = request.header(*k, *v);
         }
         if body.is_some()
@@ -132,7 +163,8 @@ impl Http {
         url: &str,
         body: &serde_json::Value,
     ) -> anyhow::Result<Streamed> {
-        let request = Request::post(url)
+        let request = self
+            .authorize(Request::post(url), &[])
             .header("content-type", "application/json")
             .body(full(body.to_string()))?;
         let fetch = async {

@@ -71,7 +71,26 @@ impl Mesh {
             http: Http::new(),
         };
         mesh.start_control_plane().await;
+        let secret = mesh.create_key("tests", json!({})).await;
+        mesh.http = Http::with_key(&secret);
         mesh
+    }
+
+    /// Creates an API key for `tenant` with the extra CreateApiKey fields in
+    /// `fields` (limits, allowed_models…) through grpcurl; returns its secret.
+    pub async fn create_key(&self, tenant: &str, fields: Value) -> String {
+        let mut request = json!({"tenant": tenant, "name": "integration test"});
+        if let (Some(request), Some(fields)) = (request.as_object_mut(), fields.as_object()) {
+            request.extend(fields.clone());
+        }
+        let created = self
+            .admin("CreateApiKey", request)
+            .await
+            .expect("CreateApiKey");
+        created["secret"]
+            .as_str()
+            .expect("secret in CreateApiKey response")
+            .to_string()
     }
 
     /// (Re)starts the control plane on its address and waits for SERVING.

@@ -66,10 +66,59 @@ async fn malformed_unknown_oversized_and_unroutable_requests_get_openai_errors()
     assert_openai_error(&reply, 400, None);
     assert_eq!(reply.json()["error"]["param"], "model");
 
-    let reply = send(r#"{"model": "gpt-unknown", "messages": []}"#)
+    let reply =
+        send(r#"{"model": "gpt-unknown", "messages": [{"role": "user", "content": "hi"}]}"#)
+            .await
+            .unwrap();
+    assert_openai_error(&reply, 404, Some("model_not_found"));
+
+    // Messages of the wrong shape and absurd max_tokens name the field.
+    for (body, param) in [
+        (r#"{"model": "llama", "messages": []}"#, "messages"),
+        (r#"{"model": "llama", "messages": "hi"}"#, "messages"),
+        (
+            r#"{"model": "llama", "messages": [{"content": "no role"}]}"#,
+            "messages",
+        ),
+        (
+            r#"{"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}"#,
+            "max_tokens",
+        ),
+        (
+            r#"{"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e12}"#,
+            "max_tokens",
+        ),
+        (
+            r#"{"model": ["llama"], "messages": [{"role": "user", "content": "hi"}]}"#,
+            "model",
+        ),
+    ] {
+        let reply = send(body).await.unwrap();
+        assert_openai_error(&reply, 400, None);
+        assert_eq!(reply.json()["error"]["param"], param, "{body}");
+    }
+    let form = mesh
+        .http
+        .send(
+            Method::POST,
+            &url,
+            Some(bytes::Bytes::from("model=llama")),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
         .await
         .unwrap();
-    assert_openai_error(&reply, 404, Some("model_not_found"));
+    assert_openai_error(&form, 415, Some("unsupported_media_type"));
+    let keyless = mesh
+        .http
+        .send(
+            Method::POST,
+            &url,
+            Some(bytes::Bytes::from(r#"{"model": "llama"}"#)),
+            &[("x-no-auth", "1")],
+        )
+        .await
+        .unwrap();
+    assert_openai_error(&keyless, 401, Some("invalid_api_key"));
 
     let big = format!(r#"{{"model": "llama", "prompt": "{}"}}"#, "x".repeat(4096));
     let reply = send(&big).await.unwrap();

@@ -11,13 +11,16 @@ use serde_json::{Value, json};
 const DEADLINE: Duration = Duration::from_secs(20);
 
 fn chat(model: &str, stream: bool) -> Value {
-    json!({
+    let mut body = json!({
         "model": model,
         "messages": [{"role": "user", "content": "Say hello to the mesh"}],
         "max_tokens": 8,
         "stream": stream,
-        "stream_options": {"include_usage": stream},
-    })
+    });
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body
 }
 
 /// Waits until a chat completion for `model` through `edge` succeeds.

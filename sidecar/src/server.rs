@@ -61,6 +61,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
             },
             connect_timeout: Duration::from_secs(3),
             backoff: Backoff::default(),
+            quota: None,
+            usage_interval: Duration::from_millis(200),
         },
         AssignmentReader {
             endpoint_id: endpoint_id.clone(),

@@ -13,7 +13,7 @@ use infermesh_proto::v1::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Registry, RegistryError, redacted};
 use crate::snapshot::Snapshot;
 use crate::tables;
 
@@ -22,7 +22,7 @@ pub type LoadBook = DashMap<String, Load>;
 
 /// The admin service.
 pub struct Admin {
-    registry: Registry,
+    pub(super) registry: Registry,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     loads: Arc<LoadBook>,
 }
@@ -52,18 +52,18 @@ impl Admin {
     }
 }
 
-fn required<T>(value: Option<T>, field: &str) -> Result<T, Status> {
+pub(super) fn required<T>(value: Option<T>, field: &str) -> Result<T, Status> {
     value.ok_or_else(|| Status::invalid_argument(format!("{field}: required")))
 }
 
-fn named(name: &str, field: &str) -> Result<(), Status> {
+pub(super) fn named(name: &str, field: &str) -> Result<(), Status> {
     if name.is_empty() {
         return Err(Status::invalid_argument(format!("{field}: required")));
     }
     Ok(())
 }
 
-fn ok<T>(result: Result<T, RegistryError>) -> Result<Response<T>, Status> {
+pub(super) fn ok<T>(result: Result<T, RegistryError>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
 }
 
@@ -251,8 +251,87 @@ impl AdminService for Admin {
             named(&r.node_id, "node_id")?;
         }
         let snapshot = self.snapshot()?;
-        Ok(Response::new(tables::build(
-            &snapshot, role, &r.region, &r.node_id,
-        )))
+        let mut table = tables::build(&snapshot, role, &r.region, &r.node_id);
+        for key in &mut table.api_keys {
+            *key = redacted(std::mem::take(key));
+        }
+        Ok(Response::new(table))
+    }
+
+    async fn create_tenant(
+        &self,
+        r: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        self.do_create_tenant(r.into_inner()).await
+    }
+
+    async fn get_tenant(
+        &self,
+        r: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        self.do_get_tenant(r.into_inner()).await
+    }
+
+    async fn list_tenants(
+        &self,
+        _: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        self.do_list_tenants().await
+    }
+
+    async fn update_tenant(
+        &self,
+        r: Request<pb::UpdateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        self.do_update_tenant(r.into_inner()).await
+    }
+
+    async fn delete_tenant(
+        &self,
+        r: Request<pb::DeleteTenantRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        self.do_delete_tenant(r.into_inner()).await
+    }
+
+    async fn create_api_key(
+        &self,
+        r: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        self.do_create_api_key(r.into_inner()).await
+    }
+
+    async fn get_api_key(
+        &self,
+        r: Request<pb::GetApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        self.do_get_api_key(r.into_inner()).await
+    }
+
+    async fn list_api_keys(
+        &self,
+        r: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        self.do_list_api_keys(r.into_inner()).await
+    }
+
+    async fn update_api_key(
+        &self,
+        r: Request<pb::UpdateApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        self.do_update_api_key(r.into_inner()).await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        r: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        self.do_revoke_api_key(r.into_inner()).await
+    }
+
+    async fn delete_api_key(
+        &self,
+        r: Request<pb::DeleteApiKeyRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        self.do_delete_api_key(r.into_inner()).await
     }
 }

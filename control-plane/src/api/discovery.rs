@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::first_message;
+use crate::quota::{QuotaBook, SessionId};
 use crate::registry::validate;
 use crate::snapshot::Snapshot;
 use crate::tables;
@@ -45,6 +46,7 @@ pub type SubscriberBook = DashMap<String, SubscriberState>;
 pub struct Discovery {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     subscribers: Arc<SubscriberBook>,
+    quotas: Arc<QuotaBook>,
     cancel: CancellationToken,
 }
 
@@ -53,11 +55,13 @@ impl Discovery {
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
         subscribers: Arc<SubscriberBook>,
+        quotas: Arc<QuotaBook>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
             snapshots,
             subscribers,
+            quotas,
             cancel,
         }
     }
@@ -104,6 +108,7 @@ impl DiscoveryService for Discovery {
             hello,
             snapshots: self.snapshots.clone(),
             subscribers: self.subscribers.clone(),
+            quotas: self.quotas.clone(),
             tx,
         };
         tokio::spawn(session.run(inbound, self.cancel.clone()));
@@ -116,6 +121,7 @@ struct Session {
     hello: Hello,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     subscribers: Arc<SubscriberBook>,
+    quotas: Arc<QuotaBook>,
     tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
 }
 
@@ -144,6 +150,14 @@ impl Session {
         );
         let mut held = self.hello.version_held;
         let mut last_content: Option<Vec<u8>> = None;
+        // Only edges take part in rate limiting; a sidecar's receiver stays empty.
+        let (quota_session, mut grants) = match self.role {
+            SubscriberRole::Edge => {
+                let (id, rx) = self.quotas.open();
+                (Some(id), rx)
+            }
+            _ => (None, mpsc::channel(1).1),
+        };
         loop {
             let snapshot = self.snapshots.borrow_and_update().clone();
             if snapshot.is_synced() {
@@ -151,7 +165,10 @@ impl Session {
                 let body = content(&table);
                 if table.version > held && last_content.as_ref() != Some(&body) {
                     let version = table.version;
-                    let response = SubscribeResponse { table: Some(table) };
+                    let response = SubscribeResponse {
+                        table: Some(table),
+                        quotas: None,
+                    };
                     if self.tx.send(Ok(response)).await.is_err() {
                         break;
                     }
@@ -166,8 +183,17 @@ impl Session {
                 _ = cancel.cancelled() => break,
                 _ = self.tx.closed() => break,
                 changed = self.snapshots.changed() => if changed.is_err() { break },
+                Some(quotas) = grants.recv() => {
+                    // Grants only make sense against a table the edge holds.
+                    if held > 0 {
+                        let response = SubscribeResponse { table: None, quotas: Some(quotas) };
+                        if self.tx.send(Ok(response)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.record(&node, message),
+                    Ok(Some(message)) => self.record(&node, quota_session, message),
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(%node, %status, "subscriber stream failed");
@@ -176,11 +202,21 @@ impl Session {
                 },
             }
         }
+        if let Some(id) = quota_session {
+            self.quotas.close(id);
+        }
         self.subscribers.remove(&node);
         tracing::info!(%node, "subscriber disconnected");
     }
 
-    fn record(&self, node: &str, message: SubscribeRequest) {
+    fn record(&self, node: &str, quota_session: Option<SessionId>, message: SubscribeRequest) {
+        if let Some(subscribe_request::Kind::Usage(report)) = message.kind {
+            match quota_session {
+                Some(id) => self.quotas.report(id, report),
+                None => tracing::debug!(%node, "ignoring usage from a non-edge subscriber"),
+            }
+            return;
+        }
         let Some(mut state) = self.subscribers.get_mut(node) else {
             return;
         };
@@ -190,7 +226,7 @@ impl Session {
                 tracing::warn!(%node, version = nack.version, reason = %nack.reason, "subscriber refused a routing table");
                 state.nacked = Some((nack.version, nack.reason));
             }
-            Some(subscribe_request::Kind::Hello(_)) | None => {
+            Some(subscribe_request::Kind::Hello(_) | subscribe_request::Kind::Usage(_)) | None => {
                 tracing::debug!(%node, "ignoring a repeated hello");
             }
         }

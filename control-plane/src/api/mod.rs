@@ -1,6 +1,7 @@
 //! The gRPC services: admin (operators), discovery (routing-table streams to
 //! edges and sidecars) and load reports (sidecar registration and load).
 
+mod access;
 pub mod admin;
 pub mod discovery;
 pub mod load_reports;

@@ -4,6 +4,7 @@
 //! revisions); when a guard fails the checks run again, so a refusal always
 //! describes the state the caller would see.
 
+mod access;
 mod error;
 pub mod validate;
 
@@ -13,6 +14,7 @@ use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
 use infermesh_proto::v1::{Model, Pool, Region};
 use prost::Message;
 
+pub use access::redacted;
 pub use error::RegistryError;
 
 use crate::store::objects::Object;
@@ -342,45 +344,56 @@ impl Registry {
     }
 
     /// Creates a region.
-    pub async fn create_region(&self, mut region: Region) -> Result<Region, RegistryError> {
+    pub async fn create_region(&self, region: Region) -> Result<Region, RegistryError> {
         validate::region(&region)?;
-        region.revision = 0;
-        let key = self.key(ObjectKind::Region, &region.name);
+        self.create_plain(region).await
+    }
+
+    /// Replaces a region whose stored revision equals `region.revision`.
+    pub async fn update_region(&self, region: Region) -> Result<Region, RegistryError> {
+        validate::region(&region)?;
+        self.update_plain(region).await
+    }
+
+    /// Creates an object that refers to nothing else.
+    async fn create_plain<T: Object>(&self, mut object: T) -> Result<T, RegistryError> {
+        object.set_revision(0);
+        let key = self.key(T::KIND, object.name());
         let compares = vec![Compare::version(key.clone(), CompareOp::Equal, 0)];
         match self
             .store
-            .guarded(compares, vec![put(key, region.encode_to_vec())])
+            .guarded(compares, vec![put(key, object.encode_to_vec())])
             .await?
         {
             Some(revision) => {
-                region.revision = revision;
-                Ok(region)
+                object.set_revision(revision);
+                Ok(object)
             }
             None => Err(RegistryError::AlreadyExists(format!(
-                "region {:?} already exists",
-                region.name
+                "{} {:?} already exists",
+                T::KIND.noun(),
+                object.name()
             ))),
         }
     }
 
-    /// Replaces a region whose stored revision equals `region.revision`.
-    pub async fn update_region(&self, mut region: Region) -> Result<Region, RegistryError> {
-        validate::region(&region)?;
-        let given = region.revision;
-        let key = self.key(ObjectKind::Region, &region.name);
+    /// Replaces an object that refers to nothing else, guarded by its revision.
+    async fn update_plain<T: Object>(&self, mut object: T) -> Result<T, RegistryError> {
+        let given = object.revision();
+        let key = self.key(T::KIND, object.name());
         for _ in 0..ATTEMPTS {
-            self.current::<Region>(&region.name, given, true).await?;
+            self.current::<T>(object.name(), given, true).await?;
             let compares = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, given)];
             if let Some(revision) = self
                 .store
-                .guarded(compares, vec![put(key.clone(), region.encode_to_vec())])
+                .guarded(compares, vec![put(key.clone(), object.encode_to_vec())])
                 .await?
             {
-                region.revision = revision;
-                return Ok(region);
+                object.set_revision(revision);
+                return Ok(object);
             }
         }
-        Err(Self::contended::<Region>(&region.name))
+        Err(Self::contended::<T>(object.name()))
     }
 
     /// Deletes a region no pool runs in.

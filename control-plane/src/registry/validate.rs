@@ -215,6 +215,17 @@ pub fn pool(p: &Pool) -> Result<(), RegistryError> {
     Ok(())
 }
 
+/// Checks a free-text description.
+pub fn description(field: &str, text: &str) -> Result<(), RegistryError> {
+    if text.len() > MAX_DESCRIPTION {
+        return Err(RegistryError::invalid(
+            field,
+            format!("must be at most {MAX_DESCRIPTION} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a region as sent to create or update.
 pub fn region(r: &Region) -> Result<(), RegistryError> {
     dns_label("region.name", &r.name)?;

@@ -4,6 +4,9 @@
 //! - `models/<name>`, `pools/<name>`, `regions/<name>`, `endpoints/<id>`
 //! - `names/<model name or alias>` → owning model name, so that names and
 //!   aliases stay unique across models through one transaction.
+//! - `tenants/<name>`, `apikeys/<id>`
+//! - `keyuse/<id>` → when a key was last used (Unix ms, decimal); kept apart
+//!   from the key so that recording use never changes a routing table.
 
 /// The kinds of object stored under the prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +21,12 @@ pub enum ObjectKind {
     Endpoint,
     /// A model name or alias reservation.
     Name,
+    /// A tenant.
+    Tenant,
+    /// An API key.
+    ApiKey,
+    /// When an API key was last used.
+    KeyUse,
 }
 
 impl ObjectKind {
@@ -28,6 +37,9 @@ impl ObjectKind {
             ObjectKind::Region => "regions/",
             ObjectKind::Endpoint => "endpoints/",
             ObjectKind::Name => "names/",
+            ObjectKind::Tenant => "tenants/",
+            ObjectKind::ApiKey => "apikeys/",
+            ObjectKind::KeyUse => "keyuse/",
         }
     }
 
@@ -39,15 +51,21 @@ impl ObjectKind {
             ObjectKind::Region => "region",
             ObjectKind::Endpoint => "endpoint",
             ObjectKind::Name => "name",
+            ObjectKind::Tenant => "tenant",
+            ObjectKind::ApiKey => "API key",
+            ObjectKind::KeyUse => "key use record",
         }
     }
 
-    const ALL: [ObjectKind; 5] = [
+    const ALL: [ObjectKind; 8] = [
         ObjectKind::Model,
         ObjectKind::Pool,
         ObjectKind::Region,
         ObjectKind::Endpoint,
         ObjectKind::Name,
+        ObjectKind::Tenant,
+        ObjectKind::ApiKey,
+        ObjectKind::KeyUse,
     ];
 }
 

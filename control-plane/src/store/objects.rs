@@ -1,7 +1,7 @@
 //! Typed reads of registry objects: decode the stored protobuf and stamp it
 //! with its key's mod_revision, which is what update guards compare against.
 
-use infermesh_proto::v1::{Endpoint, Model, Pool, Region};
+use infermesh_proto::v1::{ApiKey, Endpoint, Model, Pool, Region, Tenant};
 
 use super::{ObjectKind, Store, StoreError, decode};
 
@@ -37,6 +37,22 @@ macro_rules! named_object {
 named_object!(Model, ObjectKind::Model);
 named_object!(Pool, ObjectKind::Pool);
 named_object!(Region, ObjectKind::Region);
+named_object!(Tenant, ObjectKind::Tenant);
+
+impl Object for ApiKey {
+    const KIND: ObjectKind = ObjectKind::ApiKey;
+    // A key is stored under its id; its `name` field is only a label.
+    #[allow(clippy::misnamed_getters)]
+    fn name(&self) -> &str {
+        &self.id
+    }
+    fn revision(&self) -> i64 {
+        self.revision
+    }
+    fn set_revision(&mut self, revision: i64) {
+        self.revision = revision;
+    }
+}
 
 impl Object for Endpoint {
     const KIND: ObjectKind = ObjectKind::Endpoint;

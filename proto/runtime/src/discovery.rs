@@ -5,12 +5,14 @@
 //! addresses, and resumes from the version it holds.
 //!
 //! It owns no routing logic: what a table means is the caller's `ApplyTable`.
+//! Edges also carry rate-limit traffic on the same stream (usage reports
+//! out, quota grants in) through a `QuotaExchange`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use infermesh_proto::v1::{
-    Ack, Hello, Nack, RoutingTable, SubscribeRequest, SubscriberRole,
+    Ack, Hello, Nack, QuotaGrants, RoutingTable, SubscribeRequest, SubscriberRole, UsageReport,
     discovery_service_client::DiscoveryServiceClient, subscribe_request,
 };
 use tokio::sync::{mpsc, watch};
@@ -27,6 +29,18 @@ pub trait ApplyTable: Send + 'static {
     type Table: Send + Sync + 'static;
     /// Validates a table; an `Err` is sent back as the NACK reason.
     fn apply(&mut self, table: RoutingTable) -> Result<Self::Table, String>;
+}
+
+/// The rate-limit side of an edge's stream.
+pub trait QuotaExchange: Send + Sync + 'static {
+    /// A stream opened: counters reported from now on start from zero.
+    fn stream_opened(&self);
+    /// The stream ended: grants received on it are no longer kept current.
+    fn stream_closed(&self);
+    /// Counters to report now, or `None` when nothing changed since the last report.
+    fn usage(&self) -> Option<UsageReport>;
+    /// A share-out arrived.
+    fn grants(&self, grants: QuotaGrants);
 }
 
 /// A table the subscriber accepted, with the version it came with.
@@ -60,6 +74,16 @@ pub struct DiscoveryConfig {
     pub connect_timeout: Duration,
     /// Delays between attempts.
     pub backoff: Backoff,
+    /// Edges: where usage comes from and grants go.
+    pub quota: Option<Arc<dyn QuotaExchange>>,
+    /// How often usage is reported.
+    pub usage_interval: Duration,
+}
+
+impl std::fmt::Debug for dyn QuotaExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QuotaExchange")
+    }
 }
 
 /// What a running subscription shows its owner.
@@ -174,14 +198,47 @@ impl<A: ApplyTable> Session<'_, A> {
             .into_inner();
         let _ = connected.send(true);
         tracing::info!(%address, version_held = self.held, "subscribed to routing tables");
-        while let Some(response) = inbound.message().await? {
+        if let Some(quota) = &config.quota {
+            quota.stream_opened();
+        }
+        let result = self.follow(&mut inbound, &tx, config).await;
+        if let Some(quota) = &config.quota {
+            quota.stream_closed();
+        }
+        result
+    }
+
+    async fn follow(
+        &mut self,
+        inbound: &mut tonic::Streaming<infermesh_proto::v1::SubscribeResponse>,
+        tx: &mpsc::Sender<SubscribeRequest>,
+        config: &DiscoveryConfig,
+    ) -> Result<(), tonic::Status> {
+        let mut usage_tick = tokio::time::interval(config.usage_interval);
+        usage_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let response = tokio::select! {
+                response = inbound.message() => match response? {
+                    Some(response) => response,
+                    None => return Ok(()),
+                },
+                _ = usage_tick.tick(), if config.quota.is_some() => {
+                    if let Some(report) = config.quota.as_ref().and_then(|q| q.usage()) {
+                        send(tx, subscribe_request::Kind::Usage(report)).await?;
+                    }
+                    continue;
+                }
+            };
+            if let (Some(grants), Some(quota)) = (response.quotas, &config.quota) {
+                quota.grants(grants);
+            }
             let Some(table) = response.table else {
                 continue;
             };
             self.received_any = true;
             let version = table.version;
             if version <= self.held {
-                send(&tx, subscribe_request::Kind::Ack(Ack { version })).await?;
+                send(tx, subscribe_request::Kind::Ack(Ack { version })).await?;
                 continue;
             }
             match self.applier.apply(table) {
@@ -192,15 +249,14 @@ impl<A: ApplyTable> Session<'_, A> {
                         table: applied,
                     })));
                     tracing::debug!(version, "routing table applied");
-                    send(&tx, subscribe_request::Kind::Ack(Ack { version })).await?;
+                    send(tx, subscribe_request::Kind::Ack(Ack { version })).await?;
                 }
                 Err(reason) => {
                     tracing::warn!(version, %reason, "routing table refused; keeping version {}", self.held);
-                    send(&tx, subscribe_request::Kind::Nack(Nack { version, reason })).await?;
+                    send(tx, subscribe_request::Kind::Nack(Nack { version, reason })).await?;
                 }
             }
         }
-        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 //! Nothing here knows about routing.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,10 +17,15 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::tls::PeerIdentity;
+use crate::tls::server::ALPN_H2;
 
 /// Errors a body may yield.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -141,6 +147,90 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    let builder = connection_builder();
+    accept_until_cancelled(listener, cancel, grace, |stream, peer, watcher| {
+        let connection = builder
+            .serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(service.clone()),
+            )
+            .into_owned();
+        tokio::spawn(drive(watcher.watch(connection), peer));
+    })
+    .await;
+}
+
+/// Like `serve`, but every connection is TLS through `acceptor`: ALPN `h2`
+/// gets an HTTP/2-only connection, anything else HTTP/1.1 (or h2 by
+/// preface). A handshake not done within `handshake_timeout` is dropped.
+/// When the client presented a certificate carrying an infermesh identity,
+/// each request's extensions hold its `tls::PeerIdentity`.
+pub async fn serve_tls<S>(
+    listener: TcpListener,
+    service: S,
+    cancel: CancellationToken,
+    grace: Duration,
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+) where
+    S: tower::Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = connection_builder();
+    let stop = cancel.clone();
+    accept_until_cancelled(listener, cancel, grace, |stream, peer, watcher| {
+        let (acceptor, builder, service, stop) = (
+            acceptor.clone(),
+            builder.clone(),
+            service.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+            let stream = tokio::select! {
+                _ = stop.cancelled() => return,
+                done = handshake => match done {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            let (_, session) = stream.get_ref();
+            let h2 = session.alpn_protocol() == Some(ALPN_H2);
+            let identity = PeerIdentity::from_presented(session.peer_certificates());
+            let service = TowerToHyperService::new(service.map_request(
+                move |mut request: http::Request<Incoming>| {
+                    if let Some(identity) = &identity {
+                        request.extensions_mut().insert(identity.clone());
+                    }
+                    request
+                },
+            ));
+            let io = TokioIo::new(stream);
+            if h2 {
+                let builder = builder.http2_only();
+                drive(watcher.watch(builder.serve_connection(io, service)), peer).await;
+            } else {
+                let connection = builder.serve_connection_with_upgrades(io, service);
+                drive(watcher.watch(connection), peer).await;
+            }
+        });
+    })
+    .await;
+}
+
+/// The connection settings both listeners share: HTTP/1.1 with a header
+/// deadline and keep-alive, h2 with a stream cap.
+fn connection_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -151,6 +241,17 @@ where
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(1024);
+    builder
+}
+
+/// Accepts connections until `cancel` fires, handing each to `on_accept`
+/// with a watcher that asks it to drain; then waits up to `grace` for them.
+async fn accept_until_cancelled(
+    listener: TcpListener,
+    cancel: CancellationToken,
+    grace: Duration,
+    mut on_accept: impl FnMut(TcpStream, SocketAddr, Watcher),
+) {
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -166,18 +267,7 @@ where
             },
         };
         let _ = stream.set_nodelay(true);
-        let connection = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
-            )
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-        });
+        on_accept(stream, peer, graceful.watcher());
     }
     drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown())
@@ -188,6 +278,16 @@ where
             ?grace,
             "connections still open after the grace period; closing them"
         );
+    }
+}
+
+/// Runs one connection to its end, logging how it ended.
+async fn drive<E: std::fmt::Display>(
+    connection: impl Future<Output = Result<(), E>>,
+    peer: SocketAddr,
+) {
+    if let Err(error) = connection.await {
+        tracing::debug!(%peer, %error, "connection ended with an error");
     }
 }
 

@@ -2,8 +2,11 @@
 //! to routing tables, backoff with jitter, telemetry set-up and shutdown
 //! signals. Nothing process-specific belongs here.
 
+pub mod api_key;
 pub mod backoff;
 pub mod discovery;
 pub mod http;
+pub mod quota;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;

@@ -64,7 +64,7 @@ impl DiscoveryService for FakeControlPlane {
                     },
                     Some(subscribe_request::Kind::Ack(a)) => Seen::Ack(a.version),
                     Some(subscribe_request::Kind::Nack(n)) => Seen::Nack(n.version, n.reason),
-                    None => continue,
+                    Some(subscribe_request::Kind::Usage(_)) | None => continue,
                 };
                 let is_answer = !matches!(event, Seen::Hello { .. });
                 seen.lock().unwrap().push(event);
@@ -76,7 +76,12 @@ impl DiscoveryService for FakeControlPlane {
                     }
                 }
                 if let Some(table) = script.next() {
-                    let _ = tx.send(Ok(SubscribeResponse { table: Some(table) })).await;
+                    let _ = tx
+                        .send(Ok(SubscribeResponse {
+                            table: Some(table),
+                            quotas: None,
+                        }))
+                        .await;
                 }
             }
         });
@@ -136,6 +141,8 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
         },
         connect_timeout: Duration::from_secs(2),
         backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
+        quota: None,
+        usage_interval: Duration::from_millis(200),
     };
     let cancel = CancellationToken::new();
     let (subscription, task) = discovery::subscribe(config, RegionTables, cancel.clone());

@@ -1,0 +1,302 @@
+//! The global side of rate limiting, as pure bookkeeping over an explicit
+//! clock: one token bucket per quota holding what is left across every
+//! edge, the edges' cumulative counters, and the share-out that gives what
+//! is left to the edges in proportion to their recent demand.
+//!
+//! Why this holds a global limit without a round trip per request: each
+//! edge may admit `allowance` units beyond the consumption the grant saw;
+//! the allowances of one share-out sum to what the bucket held, so all
+//! edges together never admit more than the bucket plus its refill. Units
+//! an edge was granted but did not use flow back at the next share-out,
+//! because the next one is computed from what was consumed, not granted.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use infermesh_proto::v1::QuotaGrant;
+
+/// Weight of the newest demand sample in the moving average.
+const DEMAND_SMOOTHING: f64 = 0.5;
+/// Fraction of the mean demand every edge gets on top of its own, so that
+/// an edge that was idle can admit its first requests before the next share-out.
+const FLOOR_SHARE: f64 = 0.05;
+
+/// A quota's limit: units per window.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    /// Units per window.
+    pub units: u64,
+    /// The window.
+    pub window: Duration,
+}
+
+/// Identifies one edge stream (a reconnecting edge is a new session).
+pub type SessionId = u64;
+
+/// One edge's counters for one quota.
+#[derive(Debug, Default, Clone)]
+struct EdgeCounters {
+    consumed: i64,
+    demand: u64,
+    demand_at_last_shareout: u64,
+    demand_rate: f64,
+}
+
+/// One quota's global bucket and its edges.
+#[derive(Debug)]
+struct QuotaState {
+    limit: f64,
+    refill_per_sec: f64,
+    level: f64,
+    updated: Instant,
+    last_demand: Instant,
+    edges: HashMap<SessionId, EdgeCounters>,
+}
+
+impl QuotaState {
+    fn new(limit: u64, window: Duration, now: Instant) -> Self {
+        let limit = limit as f64;
+        Self {
+            limit,
+            refill_per_sec: limit / window.as_secs_f64(),
+            level: limit,
+            updated: now,
+            last_demand: now,
+            edges: HashMap::new(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.level = (self.level + dt * self.refill_per_sec).min(self.limit);
+        self.updated = now;
+    }
+
+    fn reset_ms(&self) -> u64 {
+        let missing = (self.limit - self.level).max(0.0);
+        ((missing / self.refill_per_sec) * 1000.0).ceil() as u64
+    }
+}
+
+/// Every quota in use.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    quotas: HashMap<String, QuotaState>,
+}
+
+impl Ledger {
+    /// Records an edge's cumulative counters for a quota whose limit is
+    /// `limit` per `window`; the bucket is made on first use.
+    pub fn report(
+        &mut self,
+        session: SessionId,
+        quota: &str,
+        limit: Limit,
+        consumed: i64,
+        demand: u64,
+        now: Instant,
+    ) {
+        let state = self
+            .quotas
+            .entry(quota.to_string())
+            .or_insert_with(|| QuotaState::new(limit.units, limit.window, now));
+        let Limit {
+            units: limit,
+            window,
+        } = limit;
+        if (state.limit - limit as f64).abs() > f64::EPSILON {
+            // The operator changed the limit: keep what was used, move the ceiling.
+            let used = state.limit - state.level;
+            state.limit = limit as f64;
+            state.refill_per_sec = state.limit / window.as_secs_f64();
+            state.level = (state.limit - used).min(state.limit);
+        }
+        state.refill(now);
+        let edge = state.edges.entry(session).or_default();
+        let delta = consumed - edge.consumed;
+        edge.consumed = consumed;
+        if demand > edge.demand {
+            state.last_demand = now;
+        }
+        edge.demand = edge.demand.max(demand);
+        state.level -= delta as f64;
+    }
+
+    /// Forgets an edge stream; what it consumed stays charged.
+    pub fn end_session(&mut self, session: SessionId) {
+        for state in self.quotas.values_mut() {
+            state.edges.remove(&session);
+        }
+    }
+
+    /// Forgets quotas whose limit is gone (`limit_of` answers `None`).
+    pub fn retain(&mut self, mut limit_of: impl FnMut(&str) -> Option<u64>) {
+        self.quotas.retain(|quota, _| limit_of(quota).is_some());
+    }
+
+    /// Shares out every quota among `sessions`: the grants for each session.
+    /// `elapsed` is the time since the previous share-out. Quotas whose
+    /// bucket is full and that saw no demand for `idle_after` are dropped:
+    /// edges fall back to their cold-start share, which is safe when
+    /// nothing has been used.
+    pub fn share_out(
+        &mut self,
+        sessions: &[SessionId],
+        elapsed: Duration,
+        idle_after: Duration,
+        now: Instant,
+    ) -> HashMap<SessionId, Vec<QuotaGrant>> {
+        let mut grants: HashMap<SessionId, Vec<QuotaGrant>> =
+            sessions.iter().map(|s| (*s, Vec::new())).collect();
+        let dt = elapsed.as_secs_f64().max(1e-3);
+        self.quotas.retain(|_, state| {
+            state.refill(now);
+            let full = state.level >= state.limit;
+            !(full && now.saturating_duration_since(state.last_demand) >= idle_after)
+        });
+        for (quota, state) in &mut self.quotas {
+            for edge in state.edges.values_mut() {
+                let sample = (edge.demand - edge.demand_at_last_shareout) as f64 / dt;
+                edge.demand_at_last_shareout = edge.demand;
+                edge.demand_rate =
+                    DEMAND_SMOOTHING * sample + (1.0 - DEMAND_SMOOTHING) * edge.demand_rate;
+            }
+            let rates: Vec<f64> = sessions
+                .iter()
+                .map(|s| state.edges.get(s).map_or(0.0, |e| e.demand_rate))
+                .collect();
+            let total: f64 = rates.iter().sum();
+            let floor = if total > 0.0 {
+                FLOOR_SHARE * total / sessions.len().max(1) as f64
+            } else {
+                1.0
+            };
+            let weights: Vec<f64> = rates.iter().map(|r| r + floor).collect();
+            let weight_sum: f64 = weights.iter().sum();
+            let available = state.level.max(0.0);
+            for (session, weight) in sessions.iter().zip(&weights) {
+                let share = weight / weight_sum;
+                let consumed_seen = state.edges.get(session).map_or(0, |e| e.consumed);
+                if let Some(list) = grants.get_mut(session) {
+                    list.push(QuotaGrant {
+                        quota: quota.clone(),
+                        allowance: (available * share).floor() as i64,
+                        consumed_seen,
+                        limit: state.limit as i64,
+                        global_remaining: available.floor() as i64,
+                        reset_ms: state.reset_ms(),
+                        share,
+                    });
+                }
+            }
+        }
+        grants
+    }
+
+    /// Units left globally for a quota, if it is being tracked.
+    #[cfg(test)]
+    pub fn remaining(&self, quota: &str) -> Option<f64> {
+        self.quotas.get(quota).map(|s| s.level)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn per_minute(units: u64) -> Limit {
+        Limit {
+            units,
+            window: MINUTE,
+        }
+    }
+    const TICK: Duration = Duration::from_millis(250);
+    const IDLE: Duration = Duration::from_secs(30);
+
+    fn allowance(grants: &HashMap<SessionId, Vec<QuotaGrant>>, s: SessionId) -> i64 {
+        grants[&s].iter().map(|g| g.allowance).sum()
+    }
+
+    #[test]
+    fn allowances_of_one_share_out_never_exceed_what_is_left() {
+        let mut ledger = Ledger::default();
+        let t0 = Instant::now();
+        ledger.report(1, "key/k/rpm", per_minute(100), 30, 40, t0);
+        ledger.report(2, "key/k/rpm", per_minute(100), 10, 10, t0);
+        let grants = ledger.share_out(&[1, 2, 3], TICK, IDLE, t0);
+        let total: i64 = [1, 2, 3].iter().map(|s| allowance(&grants, *s)).sum();
+        assert!(total <= 60, "granted {total} of 60 left");
+        assert!(total >= 57, "granted only {total} of 60 left");
+        let g1 = &grants[&1][0];
+        assert_eq!(g1.consumed_seen, 30);
+        assert_eq!(g1.global_remaining, 60);
+    }
+
+    #[test]
+    fn demand_moves_the_share_toward_the_busy_edge_and_idle_edges_keep_a_floor() {
+        let mut ledger = Ledger::default();
+        let mut now = Instant::now();
+        let mut demand = [0u64; 3];
+        let mut grants = HashMap::new();
+        for _ in 0..8 {
+            now += TICK;
+            for (i, d) in [70u64, 20, 0].iter().enumerate() {
+                demand[i] += d;
+                ledger.report(i as u64, "key/k/rpm", per_minute(10_000), 0, demand[i], now);
+            }
+            grants = ledger.share_out(&[0, 1, 2], TICK, IDLE, now);
+        }
+        let (a, b, c) = (
+            allowance(&grants, 0),
+            allowance(&grants, 1),
+            allowance(&grants, 2),
+        );
+        assert!(a > 3 * b, "busy edge {a} vs {b}");
+        assert!(c > 0 && c < b, "idle edge keeps a small floor: {c}");
+    }
+
+    #[test]
+    fn consumption_drains_the_bucket_and_time_refills_it() {
+        let mut ledger = Ledger::default();
+        let t0 = Instant::now();
+        ledger.report(1, "key/k/rpm", per_minute(60), 60, 60, t0);
+        assert_eq!(ledger.remaining("key/k/rpm"), Some(0.0));
+        let grants = ledger.share_out(&[1], TICK, IDLE, t0);
+        assert_eq!(grants[&1][0].allowance, 0);
+        assert_eq!(grants[&1][0].reset_ms, 60_000);
+        let later = t0 + Duration::from_secs(10);
+        let grants = ledger.share_out(&[1], TICK, IDLE, later);
+        assert_eq!(grants[&1][0].allowance, 10);
+    }
+
+    #[test]
+    fn refunds_of_reserved_tokens_flow_back() {
+        let mut ledger = Ledger::default();
+        let t0 = Instant::now();
+        ledger.report(1, "key/k/tpm", per_minute(1000), 600, 600, t0);
+        ledger.report(1, "key/k/tpm", per_minute(1000), 250, 600, t0);
+        assert_eq!(ledger.remaining("key/k/tpm"), Some(750.0));
+    }
+
+    #[test]
+    fn a_full_idle_quota_is_dropped_and_a_used_one_kept() {
+        let mut ledger = Ledger::default();
+        let t0 = Instant::now();
+        ledger.report(1, "key/a/rpm", per_minute(60), 0, 0, t0);
+        ledger.report(1, "key/b/rpm", per_minute(60), 60, 60, t0);
+        let grants = ledger.share_out(&[1], TICK, IDLE, t0 + IDLE);
+        let quotas: Vec<_> = grants[&1].iter().map(|g| g.quota.as_str()).collect();
+        assert_eq!(quotas, ["key/b/rpm"]);
+    }
+
+    #[test]
+    fn lowering_a_limit_keeps_what_was_used() {
+        let mut ledger = Ledger::default();
+        let t0 = Instant::now();
+        ledger.report(1, "key/k/rpm", per_minute(100), 40, 40, t0);
+        ledger.report(1, "key/k/rpm", per_minute(50), 40, 40, t0);
+        assert_eq!(ledger.remaining("key/k/rpm"), Some(10.0));
+    }
+}

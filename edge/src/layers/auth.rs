@@ -1,0 +1,111 @@
+//! Authenticates every request except the probes against the keys of the
+//! routing table held now, before the body is read, so that a caller
+//! without a valid key cannot make the edge buffer anything. The
+//! authenticated [`Principal`] rides in the request's extensions.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use futures_util::future::{BoxFuture, FutureExt};
+use http::{Request, Response};
+use infermesh_runtime::http::Body;
+use tower::{Layer, Service};
+
+use crate::access::Principal;
+use crate::error::ApiError;
+use crate::gateway::Tables;
+
+/// Paths open without a key: Kubernetes probes.
+fn is_probe(path: &str) -> bool {
+    matches!(path, "/livez" | "/readyz")
+}
+
+/// Adds [`Auth`] around a service.
+#[derive(Clone)]
+pub struct AuthLayer {
+    tables: Tables,
+    allow_anonymous: bool,
+}
+
+impl AuthLayer {
+    /// Checks keys from `tables`; with `allow_anonymous`, requests that
+    /// present no key pass without a principal (and without limits).
+    pub fn new(tables: Tables, allow_anonymous: bool) -> Self {
+        Self {
+            tables,
+            allow_anonymous,
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Auth {
+            inner,
+            tables: self.tables.clone(),
+            allow_anonymous: self.allow_anonymous,
+        }
+    }
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    tables: Tables,
+    allow_anonymous: bool,
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn presents_a_key(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key("x-api-key")
+}
+
+impl<S> Auth<S> {
+    fn principal(&self, headers: &http::HeaderMap) -> Result<Option<Principal>, ApiError> {
+        if self.allow_anonymous && !presents_a_key(headers) {
+            return Ok(None);
+        }
+        let table = self.tables.borrow().clone().ok_or(ApiError::NotReady)?;
+        table
+            .table
+            .access
+            .authenticate(headers, now_unix_ms())
+            .map(Some)
+    }
+}
+
+impl<S, B> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if is_probe(request.uri().path()) {
+            return self.inner.call(request).boxed();
+        }
+        match self.principal(request.headers()) {
+            Ok(principal) => {
+                if let Some(principal) = principal {
+                    request.extensions_mut().insert(principal);
+                }
+                self.inner.call(request).boxed()
+            }
+            Err(error) => futures_util::future::ready(Ok(error.into_response())).boxed(),
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! Rate limits at the edge. Every authenticated request is admitted
+//! against its key's and its tenant's quotas (requests and tokens per
+//! minute, tokens per day) without leaving the edge: each quota is checked
+//! against the grant the control plane shared out to this edge, or, with
+//! no fresh grant (cold start, control plane away), against a local bucket
+//! holding 1/edges of the limit. Usage goes back on the discovery stream.
+//!
+//! Token quotas reserve the prompt estimate plus max_tokens at admission;
+//! the reservation is settled against the response's `usage`.
+
+mod bucket;
+mod headers;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use http::HeaderMap;
+use infermesh_proto::v1::{QuotaGrants, QuotaUsage, UsageReport};
+use infermesh_runtime::discovery::QuotaExchange;
+use infermesh_runtime::quota::{Dimension, QuotaId, Scope};
+use tokio::time::Instant;
+
+use crate::access::Principal;
+use crate::error::ApiError;
+use bucket::Bucket;
+pub use headers::reset_text;
+
+/// A grant is trusted this long without a newer share-out.
+const GRANT_FRESH_FOR: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+struct Grant {
+    allowance: i64,
+    consumed_seen: i64,
+    global_remaining: i64,
+    reset: Duration,
+    at: Instant,
+}
+
+#[derive(Debug)]
+struct QuotaState {
+    limit: u64,
+    window: Duration,
+    consumed: i64,
+    demand: u64,
+    grant: Option<Grant>,
+    local: Bucket,
+    local_capacity: f64,
+}
+
+impl QuotaState {
+    fn new(limit: u64, window: Duration, edges: u32, now: Instant) -> Self {
+        let local_capacity = limit as f64 / edges.max(1) as f64;
+        Self {
+            limit,
+            window,
+            consumed: 0,
+            demand: 0,
+            grant: None,
+            local: Bucket::new(local_capacity, window, now),
+            local_capacity,
+        }
+    }
+
+    fn resize(&mut self, limit: u64, edges: u32, now: Instant) {
+        self.limit = limit;
+        self.local_capacity = limit as f64 / edges.max(1) as f64;
+        self.local.resize(self.local_capacity, self.window, now);
+    }
+
+    fn fresh_grant(&self, now: Instant) -> Option<&Grant> {
+        self.grant
+            .as_ref()
+            .filter(|g| now.saturating_duration_since(g.at) < GRANT_FRESH_FOR)
+    }
+
+    /// Units this edge may still admit.
+    fn available(&mut self, now: Instant) -> f64 {
+        match self.fresh_grant(now) {
+            Some(g) => (g.allowance - (self.consumed - g.consumed_seen)) as f64,
+            None => self.local.available(now),
+        }
+    }
+
+    /// What is left globally, as far as this edge knows.
+    fn remaining(&mut self, now: Instant) -> u64 {
+        let estimate = match self.fresh_grant(now) {
+            Some(g) => (g.global_remaining - (self.consumed - g.consumed_seen)) as f64,
+            None => self.local.available(now) * (self.limit as f64 / self.local_capacity.max(1.0)),
+        };
+        estimate.clamp(0.0, self.limit as f64) as u64
+    }
+
+    fn reset(&mut self, now: Instant) -> Duration {
+        match self.fresh_grant(now) {
+            Some(g) => g.reset,
+            None => self.local.until_full(now),
+        }
+    }
+
+    /// How long until `amount` could be admitted.
+    fn retry_after(&mut self, amount: f64, now: Instant) -> Duration {
+        match self.fresh_grant(now) {
+            // The next share-out brings what refilled meanwhile.
+            Some(_) => {
+                let per_sec = self.limit as f64 / self.window.as_secs_f64();
+                Duration::from_secs_f64((amount / per_sec).max(0.25))
+            }
+            None => self.local.wait_for(amount, now),
+        }
+    }
+
+    fn charge(&mut self, amount: i64, now: Instant) {
+        self.consumed += amount;
+        if self.fresh_grant(now).is_none() {
+            self.local.take(amount as f64, now);
+        }
+    }
+}
+
+/// One quota a request is admitted against.
+struct Charge {
+    id: QuotaId,
+    limit: u64,
+    amount: u64,
+}
+
+/// What was reserved for one admitted request, to settle when it ends.
+pub struct Admission {
+    token_quotas: Vec<Arc<Mutex<QuotaState>>>,
+    reserved_tokens: u64,
+    /// x-ratelimit-* headers for the response.
+    pub headers: HeaderMap,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("reserved_tokens", &self.reserved_tokens)
+            .finish()
+    }
+}
+
+impl Admission {
+    /// Replaces the token reservation with what the request really used.
+    pub fn settle(self, actual_tokens: u64) {
+        let delta = actual_tokens as i64 - self.reserved_tokens as i64;
+        if delta == 0 {
+            return;
+        }
+        let now = Instant::now();
+        for state in &self.token_quotas {
+            state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .charge(delta, now);
+        }
+    }
+
+    /// Tokens reserved at admission.
+    pub fn reserved_tokens(&self) -> u64 {
+        self.reserved_tokens
+    }
+}
+
+/// The edge's quotas.
+#[derive(Debug)]
+pub struct Limiter {
+    quotas: DashMap<String, Arc<Mutex<QuotaState>>>,
+    edges: AtomicU32,
+    dirty: AtomicBool,
+    /// Completion tokens reserved when a request sets no max_tokens.
+    default_completion_reserve: u64,
+}
+
+impl Limiter {
+    /// A limiter reserving `default_completion_reserve` completion tokens
+    /// for requests without max_tokens.
+    pub fn new(default_completion_reserve: u64) -> Self {
+        Self {
+            quotas: DashMap::new(),
+            edges: AtomicU32::new(1),
+            dirty: AtomicBool::new(false),
+            default_completion_reserve,
+        }
+    }
+
+    fn state(&self, id: &QuotaId, limit: u64, now: Instant) -> Arc<Mutex<QuotaState>> {
+        let edges = self.edges.load(Ordering::Relaxed);
+        let state = self
+            .quotas
+            .entry(id.to_string())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(QuotaState::new(
+                    limit,
+                    id.dimension.window(),
+                    edges,
+                    now,
+                )))
+            })
+            .clone();
+        {
+            let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let capacity = limit as f64 / edges.max(1) as f64;
+            if s.limit != limit || (s.local_capacity - capacity).abs() > f64::EPSILON {
+                s.resize(limit, edges, now);
+            }
+        }
+        state
+    }
+
+    fn charges(principal: &Principal, tokens: u64) -> Vec<Charge> {
+        let mut charges = Vec::new();
+        let mut add = |scope, name: &str, limits: &infermesh_proto::v1::RateLimits| {
+            for dimension in [
+                Dimension::Requests,
+                Dimension::Tokens,
+                Dimension::DailyTokens,
+            ] {
+                let limit = dimension.limit_in(limits);
+                // A key's request count is kept even without a limit: it is
+                // how the control plane learns when the key was last used.
+                let tracked = scope == Scope::Key && dimension == Dimension::Requests;
+                if limit > 0 || tracked {
+                    let amount = if dimension == Dimension::Requests {
+                        1
+                    } else {
+                        tokens
+                    };
+                    charges.push(Charge {
+                        id: QuotaId::new(scope, name, dimension),
+                        limit,
+                        amount,
+                    });
+                }
+            }
+        };
+        add(Scope::Key, &principal.key.id, &principal.key.limits);
+        if let Some(limits) = &principal.tenant_limits {
+            add(Scope::Tenant, &principal.key.tenant, limits);
+        }
+        charges.sort_by(|a, b| a.id.cmp(&b.id));
+        charges
+    }
+
+    /// Admits a request of `principal` whose prompt is about
+    /// `prompt_tokens` and that may generate `max_tokens`, or says which
+    /// limit refuses it and when to retry.
+    pub fn admit(
+        &self,
+        principal: &Principal,
+        prompt_tokens: u64,
+        max_tokens: Option<u64>,
+    ) -> Result<Admission, ApiError> {
+        let now = Instant::now();
+        let tokens = prompt_tokens + max_tokens.unwrap_or(self.default_completion_reserve);
+        let charges = Self::charges(principal, tokens);
+        let states: Vec<_> = charges
+            .iter()
+            .map(|c| self.state(&c.id, c.limit, now))
+            .collect();
+        // Locks are taken in quota-id order, so concurrent admissions cannot deadlock.
+        let mut guards: Vec<_> = states
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner))
+            .collect();
+        self.dirty.store(true, Ordering::Relaxed);
+        let refused = (0..charges.len()).find(|&i| {
+            let c = &charges[i];
+            c.limit > 0 && guards[i].available(now) < c.amount.min(c.limit) as f64
+        });
+        if let Some(i) = refused {
+            let charge = &charges[i];
+            let retry = guards[i].retry_after(charge.amount as f64, now);
+            for (c, g) in charges.iter().zip(guards.iter_mut()) {
+                g.demand += c.amount;
+            }
+            let mut headers = headers::limits(&charges, &mut guards, now);
+            return Err(headers::refusal(
+                &charge.id,
+                charge.limit,
+                tokens,
+                retry,
+                &mut headers,
+            ));
+        }
+        for (c, g) in charges.iter().zip(guards.iter_mut()) {
+            g.demand += c.amount;
+            g.charge(c.amount as i64, now);
+        }
+        let headers = headers::limits(&charges, &mut guards, now);
+        drop(guards);
+        let token_quotas = charges
+            .iter()
+            .zip(states)
+            .filter(|(c, _)| c.id.dimension != Dimension::Requests)
+            .map(|(_, s)| s)
+            .collect();
+        Ok(Admission {
+            token_quotas,
+            reserved_tokens: tokens,
+            headers,
+        })
+    }
+}
+
+impl QuotaExchange for Limiter {
+    fn stream_opened(&self) {
+        for entry in self.quotas.iter() {
+            let mut s = entry.lock().unwrap_or_else(PoisonError::into_inner);
+            s.consumed = 0;
+            s.demand = 0;
+            s.grant = None;
+        }
+    }
+
+    fn stream_closed(&self) {
+        for entry in self.quotas.iter() {
+            entry.lock().unwrap_or_else(PoisonError::into_inner).grant = None;
+        }
+    }
+
+    fn usage(&self) -> Option<UsageReport> {
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return None;
+        }
+        let quotas = self
+            .quotas
+            .iter()
+            .map(|entry| {
+                let s = entry.lock().unwrap_or_else(PoisonError::into_inner);
+                QuotaUsage {
+                    quota: entry.key().clone(),
+                    consumed: s.consumed,
+                    demand: s.demand,
+                }
+            })
+            .collect();
+        Some(UsageReport { quotas })
+    }
+
+    fn grants(&self, grants: QuotaGrants) {
+        let now = Instant::now();
+        self.edges.store(grants.edges.max(1), Ordering::Relaxed);
+        let mut granted = std::collections::HashSet::new();
+        for grant in grants.grants {
+            let Ok(id) = grant.quota.parse::<QuotaId>() else {
+                continue;
+            };
+            let state = self.state(&id, grant.limit.max(0) as u64, now);
+            let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+            s.grant = Some(Grant {
+                allowance: grant.allowance,
+                consumed_seen: grant.consumed_seen,
+                global_remaining: grant.global_remaining,
+                reset: Duration::from_millis(grant.reset_ms),
+                at: now,
+            });
+            granted.insert(grant.quota);
+        }
+        for entry in self.quotas.iter() {
+            if !granted.contains(entry.key()) {
+                entry.lock().unwrap_or_else(PoisonError::into_inner).grant = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

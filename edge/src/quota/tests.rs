@@ -1,0 +1,171 @@
+//! Admission against local buckets and control-plane grants, on a paused clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use infermesh_proto::v1::{ApiKey, QuotaGrant, QuotaGrants, RateLimits, RoutingTable, Tenant};
+use infermesh_runtime::api_key;
+use infermesh_runtime::discovery::QuotaExchange;
+
+use super::*;
+use crate::access::Access;
+
+fn principal(key_limits: RateLimits, tenant_limits: Option<RateLimits>) -> Principal {
+    let made = api_key::generate();
+    let table = RoutingTable {
+        api_keys: vec![ApiKey {
+            id: made.id.clone(),
+            tenant: "acme".into(),
+            secret_sha256: made.sha256.to_vec(),
+            limits: Some(key_limits),
+            ..Default::default()
+        }],
+        tenants: tenant_limits
+            .map(|limits| Tenant {
+                name: "acme".into(),
+                limits: Some(limits),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    let access = Access::from_table(&table, |_| None).unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert("x-api-key", made.secret.parse().unwrap());
+    access.authenticate(&headers, 1).unwrap()
+}
+
+fn rpm(n: u64) -> RateLimits {
+    RateLimits {
+        requests_per_minute: n,
+        ..Default::default()
+    }
+}
+
+fn header(h: &HeaderMap, name: &str) -> String {
+    h.get(name).unwrap().to_str().unwrap().to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_edge_admits_its_share_then_refuses_with_openai_headers() {
+    let limiter = Limiter::new(16);
+    let p = principal(rpm(3), None);
+    for left in [2, 1, 0] {
+        let admitted = limiter.admit(&p, 10, Some(5)).unwrap();
+        assert_eq!(header(&admitted.headers, "x-ratelimit-limit-requests"), "3");
+        assert_eq!(
+            header(&admitted.headers, "x-ratelimit-remaining-requests"),
+            left.to_string()
+        );
+    }
+    match limiter.admit(&p, 10, Some(5)) {
+        Err(ApiError::RateLimited {
+            kind,
+            headers,
+            message,
+        }) => {
+            assert_eq!(kind, "requests");
+            assert_eq!(header(&headers, "retry-after"), "20");
+            assert_eq!(header(&headers, "x-ratelimit-remaining-requests"), "0");
+            assert!(message.contains("3 requests per minute"), "{message}");
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    tokio::time::advance(Duration::from_secs(20)).await;
+    assert!(
+        limiter.admit(&p, 10, Some(5)).is_ok(),
+        "refilled after retry-after"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_reservations_are_settled_against_actual_usage() {
+    let limiter = Limiter::new(16);
+    let p = principal(
+        RateLimits {
+            tokens_per_minute: 100,
+            ..Default::default()
+        },
+        None,
+    );
+    let first = limiter.admit(&p, 40, Some(50)).unwrap();
+    assert_eq!(first.reserved_tokens(), 90);
+    assert!(
+        limiter.admit(&p, 40, Some(50)).is_err(),
+        "only 10 tokens left"
+    );
+    first.settle(20);
+    let second = limiter.admit(&p, 40, Some(20)).unwrap();
+    assert_eq!(
+        header(&second.headers, "x-ratelimit-remaining-tokens"),
+        "20"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_tenant_limit_binds_across_its_keys() {
+    let limiter = Limiter::new(16);
+    let tenant = Some(rpm(2));
+    let a = principal(RateLimits::default(), tenant);
+    assert!(limiter.admit(&a, 1, Some(1)).is_ok());
+    assert!(limiter.admit(&a, 1, Some(1)).is_ok());
+    match limiter.admit(&a, 1, Some(1)) {
+        Err(ApiError::RateLimited { message, .. }) => assert!(message.contains("tenant acme")),
+        other => panic!("expected 429, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grant_replaces_the_local_share_and_a_stale_one_falls_back() {
+    let limiter = Limiter::new(16);
+    let p = principal(rpm(100), None);
+    limiter.grants(QuotaGrants {
+        sequence: 1,
+        edges: 4,
+        grants: vec![],
+    });
+    // Cold with four edges: a quarter of the limit.
+    for _ in 0..25 {
+        limiter.admit(&p, 1, Some(1)).unwrap();
+    }
+    assert!(limiter.admit(&p, 1, Some(1)).is_err());
+    let quota = format!("key/{}/rpm", p.key.id);
+    let report = limiter.usage().unwrap();
+    let usage = report.quotas.iter().find(|q| q.quota == quota).unwrap();
+    assert_eq!((usage.consumed, usage.demand), (25, 26));
+    // The control plane saw those 25 and grants 10 more.
+    limiter.grants(QuotaGrants {
+        sequence: 2,
+        edges: 4,
+        grants: vec![QuotaGrant {
+            quota: quota.clone(),
+            allowance: 10,
+            consumed_seen: 25,
+            limit: 100,
+            global_remaining: 40,
+            reset_ms: 36_000,
+            share: 0.25,
+        }],
+    });
+    for _ in 0..10 {
+        limiter.admit(&p, 1, Some(1)).unwrap();
+    }
+    assert!(limiter.admit(&p, 1, Some(1)).is_err(), "allowance spent");
+    assert!(limiter.usage().is_some());
+    assert!(limiter.usage().is_none(), "nothing new to report");
+    // No share-out for a while: back to the local bucket, which refilled.
+    tokio::time::advance(GRANT_FRESH_FOR + Duration::from_secs(12)).await;
+    assert!(limiter.admit(&p, 1, Some(1)).is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_stream_restarts_the_counters_it_reports() {
+    let limiter = Arc::new(Limiter::new(16));
+    let p = principal(rpm(100), None);
+    limiter.admit(&p, 1, Some(1)).unwrap();
+    limiter.stream_opened();
+    limiter.admit(&p, 1, Some(1)).unwrap();
+    let report = limiter.usage().unwrap();
+    assert!(report.quotas.iter().all(|q| q.consumed == 1));
+}

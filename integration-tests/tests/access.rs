@@ -1,0 +1,250 @@
+//! API keys and rate limits through the real processes: keys made and
+//! revoked with grpcurl, checked at every edge, and one key's request limit
+//! held across three edges under uneven load.
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+use infermesh_integration_tests::client::{Http, Reply};
+use infermesh_integration_tests::mesh::{Edge, Mesh};
+use infermesh_integration_tests::wait;
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn chat(model: &str) -> Value {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 1,
+    })
+}
+
+async fn post(http: &Http, edge: &Edge, body: &Value, headers: &[(&str, &str)]) -> Reply {
+    http.send(
+        Method::POST,
+        &format!("{}/v1/chat/completions", edge.url),
+        Some(bytes::Bytes::from(body.to_string())),
+        headers,
+    )
+    .await
+    .expect("edge answers")
+}
+
+/// Waits until `http` gets a 200 for `model` through `edge`.
+async fn until_served(http: &Http, edge: &Edge, model: &str) {
+    wait::until(
+        &format!("{model} served at {}", edge.url),
+        DEADLINE,
+        || async { (post(http, edge, &chat(model), &[]).await.status == 200).then_some(()) },
+    )
+    .await;
+}
+
+fn code(reply: &Reply) -> String {
+    reply.json()["error"]["code"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test]
+async fn requests_need_a_valid_key_and_a_key_reaches_only_its_models() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    mesh.register("eu-west", "qwen", "qwen-eu").await;
+    let _r = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let secret = mesh
+        .create_key(
+            "acme",
+            json!({"allowed_models": ["llama"], "limits": {"requests_per_minute": 1000}}),
+        )
+        .await;
+    let http = Http::with_key(&secret);
+    until_served(&http, &edge, "llama").await;
+
+    let anonymous = post(&http, &edge, &chat("llama"), &[("x-no-auth", "1")]).await;
+    assert_eq!(anonymous.status, 401, "{}", anonymous.text());
+    assert_eq!(code(&anonymous), "invalid_api_key");
+    assert!(anonymous.headers.contains_key("www-authenticate"));
+    let forged = format!("{}x", &secret[..secret.len() - 1]);
+    let wrong = post(
+        &http,
+        &edge,
+        &chat("llama"),
+        &[("authorization", &format!("Bearer {forged}"))],
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    assert!(
+        !wrong.text().contains(&forged),
+        "the secret is never echoed"
+    );
+    let by_header = post(&http, &edge, &chat("llama"), &[("x-api-key", &secret)]).await;
+    assert_eq!(by_header.status, 200, "{}", by_header.text());
+    assert_eq!(by_header.headers["x-ratelimit-limit-requests"], "1000");
+
+    let forbidden = post(&http, &edge, &chat("qwen"), &[]).await;
+    assert_eq!(forbidden.status, 403, "{}", forbidden.text());
+    assert_eq!(code(&forbidden), "model_not_allowed");
+    let models = http.get(&format!("{}/v1/models", edge.url)).await.unwrap();
+    let ids: Vec<_> = models.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["llama"], "a key lists only the models it may call");
+
+    // The admin API never shows the secret or its hash, and reports use.
+    let id = secret.split('_').nth(1).unwrap();
+    let listed = mesh
+        .admin("ListApiKeys", json!({"tenant": "acme"}))
+        .await
+        .unwrap();
+    let text = listed.to_string();
+    assert!(
+        !text.contains(&secret) && !text.contains("secretSha256"),
+        "{text}"
+    );
+    assert_eq!(listed["keys"][0]["prefix"], format!("imk_{id}"));
+    let bad = mesh
+        .admin("CreateApiKey", json!({"tenant": "Not A Label"}))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code, "InvalidArgument", "{bad:?}");
+    assert!(bad.message.contains("tenant"), "{bad:?}");
+    let expired = mesh
+        .admin(
+            "CreateApiKey",
+            json!({"tenant": "acme", "expires_at_unix_ms": "1000"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        expired.message.contains("expires_at_unix_ms"),
+        "{expired:?}"
+    );
+}
+
+#[tokio::test]
+async fn revoked_key_is_refused_at_every_edge_within_one_push() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let _r = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let edges = [
+        mesh.start_edge("eu-west", &[]).await,
+        mesh.start_edge("eu-west", &[]).await,
+    ];
+    let secret = mesh.create_key("acme", json!({})).await;
+    let http = Http::with_key(&secret);
+    for edge in &edges {
+        until_served(&http, edge, "llama").await;
+    }
+    let id = secret.split('_').nth(1).unwrap().to_string();
+    let revoked_at = Instant::now();
+    let revoked = mesh.admin("RevokeApiKey", json!({"id": id})).await.unwrap();
+    assert_eq!(revoked["revoked"], true);
+    for edge in &edges {
+        wait::until("revoked key refused", Duration::from_secs(5), || async {
+            (post(&http, edge, &chat("llama"), &[]).await.status == 401).then_some(())
+        })
+        .await;
+    }
+    let took = revoked_at.elapsed();
+    eprintln!("revocation refused at both edges {took:?} after RevokeApiKey returned");
+    assert!(took < Duration::from_secs(5));
+    // And it stays refused: the key record is kept, marked revoked.
+    let shown = mesh.admin("GetApiKey", json!({"id": id})).await.unwrap();
+    assert_eq!(shown["revoked"], true);
+}
+
+#[tokio::test]
+async fn request_limit_holds_across_three_edges_under_uneven_load() {
+    const LIMIT: u64 = 60;
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let _r = mesh
+        .start_replica(
+            "llama-0",
+            "llama-eu",
+            "llama",
+            "eu-west",
+            &["--decode-ms-per-token", "0"],
+        )
+        .await;
+    let edges = [
+        mesh.start_edge("eu-west", &[]).await,
+        mesh.start_edge("eu-west", &[]).await,
+        mesh.start_edge("eu-west", &[]).await,
+    ];
+    for edge in &edges {
+        until_served(&mesh.http, edge, "llama").await;
+    }
+    let secret = mesh
+        .create_key("acme", json!({"limits": {"requests_per_minute": LIMIT}}))
+        .await;
+    let http = Http::with_key(&secret);
+    // The key is known everywhere before the load starts.
+    for edge in &edges {
+        wait::until("key pushed", DEADLINE, || async {
+            (post(&http, edge, &json!({"model": "llama"}), &[])
+                .await
+                .status
+                == 400)
+                .then_some(())
+        })
+        .await;
+    }
+    // Twice the limit, 70/20/10 over the three edges, paced over about 6 s.
+    let pattern = [0, 0, 0, 0, 0, 0, 0, 1, 1, 2];
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut calls = Vec::new();
+    for i in 0..(2 * LIMIT as usize) {
+        tick.tick().await;
+        let edge = edges[pattern[i % pattern.len()]].url.clone();
+        let http = http.clone();
+        calls.push(tokio::spawn(async move {
+            let reply = http
+                .send(
+                    Method::POST,
+                    &format!("{edge}/v1/chat/completions"),
+                    Some(bytes::Bytes::from(chat("llama").to_string())),
+                    &[],
+                )
+                .await
+                .expect("edge answers");
+            reply.status
+        }));
+    }
+    let mut admitted = [0u64; 3];
+    let mut refused = 0;
+    for (i, call) in calls.into_iter().enumerate() {
+        match call.await.unwrap() {
+            200 => admitted[pattern[i % pattern.len()]] += 1,
+            429 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let total: u64 = admitted.iter().sum();
+    // The bucket starts full and refills continuously over the minute.
+    let expected = LIMIT as f64 * (1.0 + elapsed / 60.0);
+    eprintln!(
+        "admitted {total} ({admitted:?} at 70/20/10), refused {refused}, in {elapsed:.1}s; expected {expected:.1}"
+    );
+    assert!(
+        (total as f64 - expected).abs() <= 0.1 * LIMIT as f64,
+        "admitted {total}, expected {expected:.1} ± 10% of {LIMIT} ({admitted:?})"
+    );
+    assert!(
+        admitted[0] > LIMIT / 3 + 5,
+        "the busy edge got more than a third: {admitted:?}"
+    );
+}
