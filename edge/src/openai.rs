@@ -319,6 +319,18 @@ pub fn with_usage_requested(body: &Bytes) -> Bytes {
     }
 }
 
+/// The body with `model` replaced by the canonical name, for a request that
+/// used an alias: engines know a model only by the name they serve it as.
+pub fn with_model(body: &Bytes, canonical: &str) -> Bytes {
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return body.clone();
+    };
+    if let Some(map) = value.as_object_mut() {
+        map.insert("model".into(), serde_json::Value::String(canonical.into()));
+    }
+    serde_json::to_vec(&value).map_or_else(|_| body.clone(), Bytes::from)
+}
+
 fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -422,6 +434,15 @@ mod tests {
         let value: serde_json::Value =
             serde_json::from_slice(&with_usage_requested(&body)).unwrap();
         assert_eq!(value["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn an_alias_is_replaced_by_the_canonical_name_and_other_fields_kept() {
+        let body = Bytes::from(r#"{"model":"l3","x_unknown":{"a":1},"prompt":"hi"}"#);
+        let value: serde_json::Value =
+            serde_json::from_slice(&with_model(&body, "llama-3")).unwrap();
+        assert_eq!(value["model"], "llama-3");
+        assert_eq!(value["x_unknown"]["a"], 1);
     }
 
     #[test]
