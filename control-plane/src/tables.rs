@@ -2,7 +2,7 @@
 //! functions of the snapshot, so every control-plane replica that sees the
 //! same etcd revision builds the same table, with the revision as version.
 
-use infermesh_proto::v1::{ApiKey, Endpoint, RoutingTable, SubscriberRole};
+use infermesh_proto::v1::{Endpoint, RoutingTable, SubscriberRole};
 
 use crate::snapshot::Snapshot;
 
@@ -61,10 +61,7 @@ pub fn edge_table(snapshot: &Snapshot, region: &str) -> RoutingTable {
             .api_keys
             .values()
             .filter(|k| !k.revoked)
-            .map(|k| ApiKey {
-                last_used_at_unix_ms: 0,
-                ..k.clone()
-            })
+            .cloned()
             .collect(),
         tenants: snapshot.tenants.values().cloned().collect(),
     }

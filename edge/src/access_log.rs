@@ -58,9 +58,7 @@ impl AccessRecord {
     pub fn begin<B>(request: &http::Request<B>) -> Self {
         let principal = request.extensions().get::<crate::access::Principal>();
         Self {
-            ts_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
+            ts_unix_ms: infermesh_runtime::time::now_unix_ms(),
             request_id: request
                 .headers()
                 .get(crate::layers::request_id::REQUEST_ID)

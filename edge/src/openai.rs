@@ -288,7 +288,7 @@ pub fn routing_fields(endpoint: Endpoint, body: &Bytes) -> Result<RoutingFields,
 /// byte for byte when the client sent no `stream_options`.
 pub fn with_usage_requested(body: &Bytes) -> Bytes {
     let start = body.iter().position(|b| !b.is_ascii_whitespace());
-    let has_options = memchr_str(body, b"\"stream_options\"");
+    let has_options = contains_bytes(body, b"\"stream_options\"");
     match start {
         Some(i) if body[i] == b'{' && !has_options => {
             let rest = &body[i + 1..];
@@ -331,7 +331,8 @@ pub fn with_model(body: &Bytes, canonical: &str) -> Bytes {
     serde_json::to_vec(&value).map_or_else(|_| body.clone(), Bytes::from)
 }
 
-fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
+/// Whether `needle` occurs in `haystack`.
+pub(crate) fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 

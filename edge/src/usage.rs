@@ -94,13 +94,19 @@ impl UsageTap {
         let mut out = BytesMut::new();
         while let Some(end) = find_event_end(pending) {
             let event = pending.split_to(end);
+            // Only the usage chunk (and, when stripping, chunks carrying
+            // `"usage":null`) need decoding; every other event passes as bytes.
+            if !crate::openai::contains_bytes(&event, b"\"usage\"") {
+                out.extend_from_slice(&event);
+                continue;
+            }
             let text = String::from_utf8_lossy(&event);
             let payload = text
                 .lines()
                 .filter_map(|l| l.strip_prefix("data:"))
                 .map(str::trim)
                 .collect::<String>();
-            if payload.contains("\"usage\"") && payload != "[DONE]" {
+            if payload != "[DONE]" {
                 if let Ok(value) = serde_json::from_str::<serde_json::Value>(&payload)
                     && let Some(usage) = usage_of(&value)
                 {

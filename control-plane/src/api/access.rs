@@ -23,6 +23,13 @@ fn key_id(id: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// `key` without its hash, with its last use (0 for never).
+fn with_last_use(key: ApiKey, last_used: Option<i64>) -> ApiKey {
+    let mut key = redacted(key);
+    key.last_used_at_unix_ms = last_used.unwrap_or(0);
+    key
+}
+
 impl Admin {
     pub(super) async fn do_create_tenant(
         &self,
@@ -81,10 +88,8 @@ impl Admin {
 
     /// A key as the admin API shows it, with when it was last used.
     async fn shown(&self, key: ApiKey) -> Result<ApiKey, Status> {
-        let used = self.registry.key_use().await?;
-        let mut key = redacted(key);
-        key.last_used_at_unix_ms = used.get(&key.id).copied().unwrap_or(0);
-        Ok(key)
+        let last_used = self.registry.key_last_used(&key.id).await?;
+        Ok(with_last_use(key, last_used))
     }
 
     pub(super) async fn do_get_api_key(
@@ -108,9 +113,8 @@ impl Admin {
             .into_iter()
             .filter(|k| r.tenant.is_empty() || k.tenant == r.tenant)
             .map(|k| {
-                let mut k = redacted(k);
-                k.last_used_at_unix_ms = used.get(&k.id).copied().unwrap_or(0);
-                k
+                let last_used = used.get(&k.id).copied();
+                with_last_use(k, last_used)
             })
             .collect();
         Ok(Response::new(ListApiKeysResponse { keys }))

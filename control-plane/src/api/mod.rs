@@ -28,9 +28,4 @@ pub async fn first_message<T>(
     }
 }
 
-/// Current time in milliseconds since the Unix epoch.
-pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub use infermesh_runtime::time::now_unix_ms;

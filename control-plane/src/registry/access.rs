@@ -7,6 +7,7 @@
 use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
 use infermesh_proto::v1::{ApiKey, CreateApiKeyRequest, RateLimits, Tenant, UpdateApiKeyRequest};
 use infermesh_runtime::api_key;
+use infermesh_runtime::time::now_unix_ms;
 use prost::Message;
 
 use super::{ATTEMPTS, Registry, RegistryError, validate};
@@ -14,10 +15,6 @@ use crate::store::ObjectKind;
 
 const MAX_KEY_NAME: usize = 200;
 const MAX_ALLOWED_MODELS: usize = 256;
-
-fn now_unix_ms() -> i64 {
-    crate::api::now_unix_ms()
-}
 
 /// Checks a tenant as sent to create or update.
 pub fn check_tenant(t: &Tenant) -> Result<(), RegistryError> {
@@ -221,6 +218,12 @@ impl Registry {
                 .map_err(crate::store::StoreError::from)?;
         }
         Ok(())
+    }
+
+    /// When one key was last used, if ever.
+    pub async fn key_last_used(&self, id: &str) -> Result<Option<i64>, RegistryError> {
+        let kv = self.store.get(&self.key(ObjectKind::KeyUse, id)).await?;
+        Ok(kv.and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok()))
     }
 
     /// When each key was last used, by id.

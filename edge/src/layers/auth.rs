@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use futures_util::future::{BoxFuture, FutureExt};
 use http::{Request, Response};
 use infermesh_runtime::http::Body;
+use infermesh_runtime::time::now_unix_ms;
 use tower::{Layer, Service};
 
 use crate::access::Principal;
@@ -55,12 +56,6 @@ pub struct Auth<S> {
     inner: S,
     tables: Tables,
     allow_anonymous: bool,
-}
-
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn presents_a_key(headers: &http::HeaderMap) -> bool {

@@ -9,4 +9,5 @@ pub mod http;
 pub mod quota;
 pub mod shutdown;
 pub mod telemetry;
+pub mod time;
 pub mod tls;
