@@ -2,8 +2,11 @@
 # Brings a whole infermesh up on this machine and shows it working:
 # etcd, the control plane, an edge for each of two regions, and five
 # replicas (simulated vLLM/SGLang engines, each with its sidecar) serving two
-# models. Everything is registered through grpcurl, then a streamed chat
-# completion goes through an edge. Processes keep running in the background;
+# models. A local CA and certificates are made first (.run/pki): the control
+# plane serves gRPC over TLS and knows edges and sidecars by their client
+# certificates, the admin API takes an admin certificate or an admin token,
+# and the eu-west edge serves HTTPS. Everything is registered through
+# grpcurl, then a streamed chat completion goes through an edge. Processes keep running in the background;
 # `scripts/up.sh down` stops them. Logs are in .run/logs/.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,6 +43,8 @@ fi
 bin="$root/target/$PROFILE"
 grpcurl="$root/.tools/bin/grpcurl"
 cp_addr="127.0.0.1:$CP_PORT"
+pki="$run/pki"
+tls=(-cacert "$pki/ca.pem" -cert "$pki/admin.pem" -key "$pki/admin-key.pem")
 
 stop_all
 mkdir -p "$run/logs"
@@ -72,9 +77,18 @@ wait_for() {
 }
 
 admin() {
-  "$grpcurl" -plaintext -d "$2" "$cp_addr" "infermesh.v1.AdminService/$1" >/dev/null
+  "$grpcurl" "${tls[@]}" -d "$2" "$cp_addr" "infermesh.v1.AdminService/$1" >/dev/null
   echo "  $1 $2"
 }
+
+replicas=(llama-8b-eu-west-0 llama-8b-eu-west-1 qwen-7b-eu-west-0 llama-8b-us-east-0 qwen-7b-us-east-0)
+echo "making a local CA, certificates and an admin token in $pki"
+sidecar_flags=()
+for id in "${replicas[@]}"; do sidecar_flags+=(--sidecar "$id"); done
+"$bin/infermesh-certs" generate --out "$pki" --force --edge eu-west --edge us-east "${sidecar_flags[@]}" >/dev/null
+rm -f "$pki/admin-tokens"
+"$bin/infermesh-certs" admin-token --name local-admin --tokens-file "$pki/admin-tokens" >"$run/admin-token"
+chmod 600 "$run/admin-token"
 
 echo "starting etcd on 127.0.0.1:$ETCD_PORT"
 start etcd etcd --name local --data-dir "$run/etcd" \
@@ -84,10 +98,12 @@ start etcd etcd --name local --data-dir "$run/etcd" \
   --initial-cluster "local=http://127.0.0.1:$((ETCD_PORT + 10))" --log-level warn
 wait_for etcd curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
 
-echo "starting the control plane on $cp_addr"
+echo "starting the control plane on $cp_addr (gRPC over TLS, client certificates checked)"
 start control-plane "$bin/infermesh-control-plane" --listen "$cp_addr" \
-  --etcd-endpoints "http://127.0.0.1:$ETCD_PORT"
-wait_for "control plane" sh -c "'$grpcurl' -plaintext '$cp_addr' grpc.health.v1.Health/Check | grep -q SERVING"
+  --etcd-endpoints "http://127.0.0.1:$ETCD_PORT" \
+  --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem" --tls-client-ca "$pki/ca.pem" \
+  --admin-tokens-file "$pki/admin-tokens"
+wait_for "control plane" sh -c "'$grpcurl' -cacert '$pki/ca.pem' '$cp_addr' grpc.health.v1.Health/Check | grep -q SERVING"
 
 echo "registering regions, models and pools through grpcurl"
 admin CreateRegion '{"region":{"name":"eu-west","zones":["eu-west-1a","eu-west-1b"],"failover":["us-east"],"edge_address":"127.0.0.1:'"$EDGE_EU_PORT"'"}}'
@@ -101,7 +117,7 @@ admin CreatePool '{"pool":{"name":"qwen-7b-us-east","model":"Qwen/Qwen2.5-7B-Ins
 
 echo "creating a tenant and an API key (the secret is shown once; etcd keeps its SHA-256)"
 admin CreateTenant '{"tenant":{"name":"demo","limits":{"requests_per_minute":600,"tokens_per_minute":200000}}}'
-key_json=$("$grpcurl" -plaintext -d '{"tenant":"demo","name":"local demo","limits":{"requests_per_minute":120}}' \
+key_json=$("$grpcurl" "${tls[@]}" -d '{"tenant":"demo","name":"local demo","limits":{"requests_per_minute":120}}' \
   "$cp_addr" infermesh.v1.AdminService/CreateApiKey)
 KEY=$(printf '%s' "$key_json" | sed -n 's/.*"secret": "\([^"]*\)".*/\1/p')
 [ -n "$KEY" ] || { echo "CreateApiKey returned no secret: $key_json" >&2; exit 1; }
@@ -115,7 +131,9 @@ replica() {
     --metrics-dialect "$engine"
   start "sidecar-$id" "$bin/infermesh-sidecar" --listen "127.0.0.1:$sport" \
     --engine-url "http://127.0.0.1:$eport" --engine "$engine" --endpoint-id "$id" \
-    --pool "$pool" --model "$model" --region "$region" --zone "$zone" --control-plane "$cp_addr"
+    --pool "$pool" --model "$model" --region "$region" --zone "$zone" --control-plane "$cp_addr" \
+    --control-plane-ca "$pki/ca.pem" --control-plane-cert "$pki/sidecar-$id.pem" \
+    --control-plane-key "$pki/sidecar-$id-key.pem"
 }
 echo "starting five replicas (simulated engine + sidecar each)"
 replica llama-8b-eu-west-0 llama-8b-eu-west meta-llama/Llama-3.1-8B-Instruct eu-west eu-west-1a vllm 18001 18101
@@ -124,45 +142,54 @@ replica qwen-7b-eu-west-0 qwen-7b-eu-west Qwen/Qwen2.5-7B-Instruct eu-west eu-we
 replica llama-8b-us-east-0 llama-8b-us-east meta-llama/Llama-3.1-8B-Instruct us-east us-east-1a vllm 18004 18104
 replica qwen-7b-us-east-0 qwen-7b-us-east Qwen/Qwen2.5-7B-Instruct us-east us-east-1a sglang 18005 18105
 
-echo "starting edges: eu-west on 127.0.0.1:$EDGE_EU_PORT, us-east on 127.0.0.1:$EDGE_US_PORT"
+edge_tls() {
+  edge_flags=(--control-plane "$cp_addr" --control-plane-ca "$pki/ca.pem"
+    --control-plane-cert "$pki/edge-$1.pem" --control-plane-key "$pki/edge-$1-key.pem")
+}
+echo "starting edges: eu-west on https://127.0.0.1:$EDGE_EU_PORT, us-east on http://127.0.0.1:$EDGE_US_PORT"
+edge_tls eu-west
 start edge-eu-west "$bin/infermesh-edge" --listen "127.0.0.1:$EDGE_EU_PORT" --region eu-west \
-  --node-id edge-eu-west-0 --control-plane "$cp_addr"
+  --node-id edge-eu-west-0 "${edge_flags[@]}" --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem"
+edge_tls us-east
 start edge-us-east "$bin/infermesh-edge" --listen "127.0.0.1:$EDGE_US_PORT" --region us-east \
-  --node-id edge-us-east-0 --control-plane "$cp_addr"
+  --node-id edge-us-east-0 "${edge_flags[@]}"
 
 chat='{"model":"llama-8b","messages":[{"role":"user","content":"Hello, infermesh!"}],"max_tokens":12}'
-for port in "$EDGE_EU_PORT" "$EDGE_US_PORT"; do
-  wait_for "edge on $port to route" curl -fsS -o /dev/null -H 'content-type: application/json' \
-    -H "authorization: Bearer $KEY" \
-    -d "$chat" "http://127.0.0.1:$port/v1/chat/completions"
+for url in "https://127.0.0.1:$EDGE_EU_PORT" "http://127.0.0.1:$EDGE_US_PORT"; do
+  wait_for "edge $url to route" curl -fsS -o /dev/null --cacert "$pki/ca.pem" \
+    -H 'content-type: application/json' -H "authorization: Bearer $KEY" \
+    -d "$chat" "$url/v1/chat/completions"
 done
 
 echo
 echo "== endpoints registered with the control plane =="
-"$grpcurl" -plaintext "$cp_addr" infermesh.v1.AdminService/ListEndpoints \
+"$grpcurl" "${tls[@]}" "$cp_addr" infermesh.v1.AdminService/ListEndpoints \
   | grep -E '"id"|"state"' | paste - - | sed 's/^ *//'
 echo
-echo "== a streamed chat completion through the eu-west edge =="
-curl -sN -H 'content-type: application/json' -H "authorization: Bearer $KEY" \
-  "http://127.0.0.1:$EDGE_EU_PORT/v1/chat/completions" \
+echo "== a streamed chat completion through the eu-west edge (HTTPS, h2) =="
+curl -sN --http2 --cacert "$pki/ca.pem" -H 'content-type: application/json' -H "authorization: Bearer $KEY" \
+  "https://127.0.0.1:$EDGE_EU_PORT/v1/chat/completions" \
   -d '{"model":"llama-8b","messages":[{"role":"user","content":"Hello, infermesh!"}],"max_tokens":12,"stream":true,"stream_options":{"include_usage":true}}'
 echo
 cat <<TRY
 infermesh is up (logs in .run/logs/, stop with: scripts/up.sh down).
-The demo API key is in .run/api-key (tenant "demo", 120 requests/minute). Try:
+The demo API key is in .run/api-key (tenant "demo", 120 requests/minute); the
+admin token is in .run/admin-token; certificates are in .run/pki. Try:
 
   KEY=\$(cat .run/api-key)
-  curl -s http://127.0.0.1:$EDGE_EU_PORT/v1/models -H "authorization: Bearer \$KEY"
-  curl -si http://127.0.0.1:$EDGE_EU_PORT/v1/chat/completions -H "authorization: Bearer \$KEY" \\
+  curl -s --cacert .run/pki/ca.pem https://127.0.0.1:$EDGE_EU_PORT/v1/models -H "authorization: Bearer \$KEY"
+  curl -si --cacert .run/pki/ca.pem https://127.0.0.1:$EDGE_EU_PORT/v1/chat/completions -H "authorization: Bearer \$KEY" \\
     -H 'content-type: application/json' -d '{"model":"qwen-7b","messages":[{"role":"user","content":"hi"}]}'
   curl -sN http://127.0.0.1:$EDGE_US_PORT/v1/chat/completions -H "authorization: Bearer \$KEY" \\
     -H 'content-type: application/json' -d '{"model":"llama-8b","messages":[{"role":"user","content":"hi"}],"stream":true}'
 
-  .tools/bin/grpcurl -plaintext -d '{"tenant":"demo"}' $cp_addr infermesh.v1.AdminService/ListApiKeys
+  # admin API with the admin client certificate ...
+  .tools/bin/grpcurl -cacert .run/pki/ca.pem -cert .run/pki/admin.pem -key .run/pki/admin-key.pem \\
+    $cp_addr infermesh.v1.AdminService/ListModels
+  # ... or with the admin bearer token
+  .tools/bin/grpcurl -cacert .run/pki/ca.pem -H "authorization: Bearer \$(cat .run/admin-token)" \\
+    -d '{"tenant":"demo"}' $cp_addr infermesh.v1.AdminService/ListApiKeys
 
-  .tools/bin/grpcurl -plaintext $cp_addr list infermesh.v1.AdminService
-  .tools/bin/grpcurl -plaintext $cp_addr describe infermesh.v1.Pool
-  .tools/bin/grpcurl -plaintext $cp_addr infermesh.v1.AdminService/ListModels
-  .tools/bin/grpcurl -plaintext -d '{"region":"eu-west"}' $cp_addr infermesh.v1.AdminService/ListEndpoints
-  .tools/bin/grpcurl -plaintext -d '{"role":"EDGE","region":"eu-west"}' $cp_addr infermesh.v1.AdminService/GetRoutingTable
+  .tools/bin/grpcurl -cacert .run/pki/ca.pem $cp_addr list infermesh.v1.AdminService
+  .tools/bin/grpcurl -cacert .run/pki/ca.pem $cp_addr describe infermesh.v1.Pool
 TRY

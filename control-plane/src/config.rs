@@ -2,6 +2,7 @@
 //! validated once at start.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -35,14 +36,58 @@ pub struct Config {
     )]
     pub endpoint_lease_ttl_seconds: u32,
 
+    /// Serving certificate chain (PEM) of the gRPC server; with --tls-key and
+    /// --tls-client-ca every connection is TLS and edges and sidecars are
+    /// checked by their client certificates.
+    #[arg(long, env = "INFERMESH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "INFERMESH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA (PEM) whose client certificates identify edges, sidecars and
+    /// admins (spiffe://infermesh/<role>/<name>).
+    #[arg(long, env = "INFERMESH_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// File of admin bearer-token hashes, one `<name> sha256:<hex>` per line
+    /// (`infermesh-certs admin-token` makes them). Admin calls need an admin
+    /// client certificate or one of these tokens.
+    #[arg(long, env = "INFERMESH_ADMIN_TOKENS_FILE")]
+    pub admin_tokens_file: Option<PathBuf>,
+
+    /// Serve gRPC without TLS: subscribers are not authenticated (anyone who
+    /// can connect may subscribe as an edge). Local development only; admin
+    /// calls still need a bearer token.
+    #[arg(long, env = "INFERMESH_INSECURE_PLAINTEXT", default_value_t = false)]
+    pub insecure_plaintext: bool,
+
     /// How often sidecars report load, milliseconds.
     #[arg(long, env = "INFERMESH_REPORT_INTERVAL_MS", default_value_t = 1000)]
     pub report_interval_ms: u32,
 }
 
+/// How the gRPC server is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// No TLS, no identities.
+    Plaintext,
+    /// TLS, with client certificates verified against `client_ca` when presented.
+    Tls {
+        /// Serving certificate.
+        cert: PathBuf,
+        /// Its key.
+        key: PathBuf,
+        /// CA of client certificates.
+        client_ca: PathBuf,
+    },
+}
+
 impl Config {
     /// Checks values clap cannot, naming the flag.
     pub fn validate(&self) -> Result<(), String> {
+        self.transport()?;
         if self.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
             return Err("--etcd-endpoints: at least one endpoint is required".into());
         }
@@ -65,6 +110,33 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The transport the flags ask for.
+    pub fn transport(&self) -> Result<Transport, String> {
+        let tls = (&self.tls_cert, &self.tls_key, &self.tls_client_ca);
+        match (tls, self.insecure_plaintext) {
+            ((None, None, None), true) => {
+                if self.admin_tokens_file.is_none() {
+                    return Err("--insecure-plaintext: admin calls need --admin-tokens-file (there are no client certificates without TLS)".into());
+                }
+                Ok(Transport::Plaintext)
+            }
+            (_, true) => Err(
+                "--insecure-plaintext cannot be combined with --tls-cert, --tls-key or --tls-client-ca"
+                    .into(),
+            ),
+            ((Some(cert), Some(key), Some(client_ca)), false) => Ok(Transport::Tls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            }),
+            ((None, None, None), false) => Err(
+                "TLS is required: give --tls-cert, --tls-key and --tls-client-ca (or --insecure-plaintext for local development)"
+                    .into(),
+            ),
+            _ => Err("--tls-cert, --tls-key and --tls-client-ca must be given together".into()),
+        }
     }
 
     /// The report interval as a duration.

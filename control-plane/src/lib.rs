@@ -3,6 +3,7 @@
 //! tables to edges and sidecars, and takes sidecar registrations and load.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod quota;
 pub mod registry;

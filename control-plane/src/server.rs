@@ -9,12 +9,15 @@ use infermesh_proto::v1::{
     admin_service_server::AdminServiceServer, discovery_service_server::DiscoveryServiceServer,
     load_report_service_server::LoadReportServiceServer,
 };
+use infermesh_runtime::admin_token::TokenSet;
+use infermesh_runtime::tls;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::admin::Admin;
 use crate::api::discovery::Discovery;
 use crate::api::load_reports::{LeaseSettings, LoadReports};
-use crate::config::Config;
+use crate::auth::Authorizer;
+use crate::config::{Config, Transport};
 use crate::quota::QuotaBook;
 use crate::registry::Registry;
 use crate::snapshot;
@@ -23,6 +26,30 @@ use crate::store::Store;
 /// Runs the control plane until `cancel` fires.
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    let transport = config.transport().map_err(anyhow::Error::msg)?;
+    let admin_tokens = match &config.admin_tokens_file {
+        Some(path) => {
+            TokenSet::load(path).map_err(|e| anyhow::anyhow!("--admin-tokens-file: {e}"))?
+        }
+        None => TokenSet::default(),
+    };
+    let tls = match &transport {
+        Transport::Plaintext => {
+            tracing::warn!(
+                "--insecure-plaintext: gRPC without TLS; subscribers are not authenticated"
+            );
+            None
+        }
+        Transport::Tls {
+            cert,
+            key,
+            client_ca,
+        } => Some(
+            tls::tonic_server_config(cert, key, Some(client_ca), true)
+                .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key/--tls-client-ca: {e}"))?,
+        ),
+    };
+    let authorizer = Arc::new(Authorizer::new(tls.is_some(), admin_tokens));
     tracing::info!(etcd = ?config.etcd_endpoints, "connecting to etcd");
     let store = tokio::time::timeout(
         Duration::from_secs(10),
@@ -51,12 +78,18 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             .clone()
             .run(Registry::new(store.clone()), cancel.clone()),
     );
-    let discovery = Discovery::new(snapshots.clone(), subscribers, quotas, cancel.clone());
+    let discovery = Discovery::new(
+        snapshots.clone(),
+        subscribers,
+        quotas,
+        authorizer.clone(),
+        cancel.clone(),
+    );
     let settings = LeaseSettings {
         ttl_seconds: config.endpoint_lease_ttl_seconds,
         report_interval: config.report_interval(),
     };
-    let load_reports = LoadReports::new(store, loads, settings, cancel.clone());
+    let load_reports = LoadReports::new(store, loads, settings, authorizer.clone(), cancel.clone());
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -90,16 +123,26 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         }
     });
 
-    tracing::info!(listen = %config.listen, etcd = ?config.etcd_endpoints, prefix = %config.etcd_prefix, "control plane starting");
+    tracing::info!(listen = %config.listen, tls = tls.is_some(), etcd = ?config.etcd_endpoints, prefix = %config.etcd_prefix, "control plane starting");
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let admin_auth = authorizer.clone();
+    let admin = AdminServiceServer::with_interceptor(admin, move |request: tonic::Request<()>| {
+        let caller = admin_auth.admin(&request)?;
+        tracing::debug!(%caller, "admin call");
+        Ok(request)
+    });
+    builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AdminServiceServer::new(admin))
+        .add_service(admin)
         .add_service(DiscoveryServiceServer::new(discovery))
         .add_service(LoadReportServiceServer::new(load_reports))
         .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned())

@@ -1,9 +1,12 @@
 //! Command-line and environment configuration of the edge.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use infermesh_runtime::control_plane::ControlPlaneTlsArgs;
+use infermesh_runtime::http::ServeOptions;
 
 /// infermesh edge: the region's OpenAI-compatible gateway.
 #[derive(Debug, Clone, Parser)]
@@ -29,6 +32,35 @@ pub struct Config {
         default_value = "127.0.0.1:7070"
     )]
     pub control_plane: Vec<String>,
+
+    #[command(flatten)]
+    pub control_plane_tls: ControlPlaneTlsArgs,
+
+    /// Serving certificate chain (PEM); with --tls-key the listener speaks
+    /// HTTPS (HTTP/1.1 and h2 by ALPN). Reloaded when the files change.
+    #[arg(long, env = "INFERMESH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "INFERMESH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// How often --tls-cert and --tls-key are checked for changes, milliseconds.
+    #[arg(long, env = "INFERMESH_TLS_RELOAD_INTERVAL_MS", default_value_t = 2000)]
+    pub tls_reload_interval_ms: u64,
+
+    /// A client must finish the TLS handshake and each request's headers
+    /// within this time, milliseconds; slower connections are closed.
+    #[arg(
+        long,
+        env = "INFERMESH_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub header_read_timeout_ms: u64,
+
+    /// Largest request head (request line and headers), bytes; larger gets 431.
+    #[arg(long, env = "INFERMESH_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
 
     /// Largest request body accepted, bytes.
     #[arg(long, env = "INFERMESH_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
@@ -98,6 +130,20 @@ impl Config {
         }
         if self.usage_report_interval_ms == 0 {
             return Err("--usage-report-interval-ms: must be positive".into());
+        }
+        self.control_plane_tls.client()?;
+        if self.tls_reload_interval_ms == 0 {
+            return Err("--tls-reload-interval-ms: must be positive".into());
+        }
+        if self.header_read_timeout_ms == 0 {
+            return Err("--header-read-timeout-ms: must be positive".into());
+        }
+        if self.max_header_bytes < ServeOptions::MIN_HEADER_BYTES {
+            return Err(format!(
+                "--max-header-bytes: {} is below the minimum of {}",
+                self.max_header_bytes,
+                ServeOptions::MIN_HEADER_BYTES
+            ));
         }
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes: must be positive".into());

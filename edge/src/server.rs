@@ -7,6 +7,8 @@ use std::time::Duration;
 use infermesh_proto::v1::SubscriberRole;
 use infermesh_runtime::backoff::Backoff;
 use infermesh_runtime::discovery::{self, DiscoveryConfig, Identity};
+use infermesh_runtime::http::ServeOptions;
+use infermesh_runtime::tls::{self, ClientAuth, server::HTTP_ALPN};
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
@@ -22,9 +24,14 @@ use crate::table::EdgeTableBuilder;
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let node_id = config.node_id();
+    let control_plane = config
+        .control_plane_tls
+        .client()
+        .map_err(anyhow::Error::msg)?;
     let limiter = Arc::new(Limiter::new(config.default_completion_reserve));
     let discovery_config = DiscoveryConfig {
         control_planes: config.control_plane.clone(),
+        client: control_plane,
         identity: Identity {
             role: SubscriberRole::Edge,
             region: config.region.clone(),
@@ -56,16 +63,37 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         tracing::warn!("--allow-anonymous: requests without an API key are served without limits");
     }
     let service = stack::build(gateway, auth, config.max_body_bytes);
+    let mut options = ServeOptions {
+        grace: Duration::from_secs(config.shutdown_grace_seconds),
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+        max_header_bytes: config.max_header_bytes,
+        tls: None,
+    };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = tls::server_config(
+                cert,
+                key,
+                None,
+                ClientAuth::None,
+                HTTP_ALPN,
+                Duration::from_millis(config.tls_reload_interval_ms),
+                cancel.child_token(),
+            )
+            .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key: {e}"))?;
+            options.tls = Some(tls.acceptor());
+            Some(tls)
+        }
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %listener.local_addr()?, region = %config.region, node = %node_id, "edge serving");
-    infermesh_runtime::http::serve(
-        listener,
-        service,
-        cancel.clone(),
-        Duration::from_secs(config.shutdown_grace_seconds),
-    )
-    .await;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(listen = %listener.local_addr()?, %scheme, region = %config.region, node = %node_id, "edge serving");
+    infermesh_runtime::http::serve(listener, service, cancel.clone(), options).await;
     cancel.cancel();
+    if let Some(tls) = tls {
+        tls.watcher.stop().await;
+    }
     let _ = discovery_task.await;
     tracing::info!("edge stopped");
     Ok(())

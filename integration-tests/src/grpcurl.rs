@@ -2,8 +2,10 @@
 //! no .proto files: everything goes through server reflection, as an
 //! operator would use it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+
+use crate::pki::CertPair;
 
 /// A failed call as grpcurl reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +21,12 @@ pub struct GrpcError {
 pub struct Grpcurl {
     binary: PathBuf,
     address: String,
+    /// CA to trust; `None` means plaintext.
+    ca: Option<PathBuf>,
+    /// Client certificate to present.
+    identity: Option<CertPair>,
+    /// Extra `-H` headers.
+    headers: Vec<String>,
 }
 
 fn binary() -> PathBuf {
@@ -39,13 +47,69 @@ impl Grpcurl {
         Self {
             binary: binary(),
             address: address.to_string(),
+            ca: None,
+            identity: None,
+            headers: Vec::new(),
         }
+    }
+
+    /// grpcurl over TLS to `address`, trusting `ca`.
+    pub fn tls(address: &str, ca: &Path) -> Self {
+        Self {
+            ca: Some(ca.to_path_buf()),
+            ..Self::new(address)
+        }
+    }
+
+    /// The same, presenting `identity` as its client certificate.
+    pub fn with_identity(&self, identity: CertPair) -> Self {
+        Self {
+            identity: Some(identity),
+            ..self.clone()
+        }
+    }
+
+    /// The same, without a client certificate.
+    pub fn without_identity(&self) -> Self {
+        Self {
+            identity: None,
+            ..self.clone()
+        }
+    }
+
+    /// The same, sending `header` (`name: value`) with every call.
+    pub fn with_header(&self, header: &str) -> Self {
+        let mut next = self.clone();
+        next.headers.push(header.to_string());
+        next
+    }
+
+    fn transport_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        match &self.ca {
+            None => args.push("-plaintext".to_string()),
+            Some(ca) => {
+                args.extend(["-cacert".to_string(), ca.display().to_string()]);
+                if let Some(identity) = &self.identity {
+                    args.extend([
+                        "-cert".to_string(),
+                        identity.cert.display().to_string(),
+                        "-key".to_string(),
+                        identity.key.display().to_string(),
+                    ]);
+                }
+            }
+        }
+        for header in &self.headers {
+            args.extend(["-H".to_string(), header.clone()]);
+        }
+        args
     }
 
     /// Runs grpcurl with `args` before the address and `after` behind it; stdout or the error.
     pub async fn raw(&self, args: &[&str], after: &[&str]) -> Result<String, GrpcError> {
         let output = tokio::process::Command::new(&self.binary)
-            .arg("-plaintext")
+            .args(self.transport_args())
             .args(args)
             .arg(&self.address)
             .args(after)

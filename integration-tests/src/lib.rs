@@ -9,5 +9,6 @@ pub mod client;
 pub mod etcd;
 pub mod grpcurl;
 pub mod mesh;
+pub mod pki;
 pub mod process;
 pub mod wait;

@@ -2,8 +2,10 @@
 //! replicas (a simulated engine with its sidecar), started and wired the
 //! way an operator would, with the admin API driven through grpcurl.
 
+use std::path::Path;
 use std::time::Duration;
 
+use infermesh_runtime::tls::PeerRole;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -11,6 +13,7 @@ use crate::binaries::{free_port, path};
 use crate::client::Http;
 use crate::etcd::Etcd;
 use crate::grpcurl::{GrpcError, Grpcurl};
+use crate::pki::TestPki;
 use crate::process::Process;
 use crate::wait;
 
@@ -47,10 +50,16 @@ pub struct Mesh {
     pub control_plane: Option<Process>,
     /// Control-plane gRPC address (host:port).
     pub control_plane_address: String,
-    /// grpcurl aimed at the control plane.
+    /// grpcurl aimed at the control plane, presenting an admin certificate.
     pub admin: Grpcurl,
-    /// HTTP client.
+    /// The CA and certificates every process uses.
+    pub pki: TestPki,
+    /// An admin bearer token the control plane accepts (its hash is in the tokens file).
+    pub admin_token: String,
+    /// HTTP client, sending `api_key`.
     pub http: Http,
+    /// The API key made at start (tenant "tests", no limits).
+    pub api_key: String,
     /// Where logs and etcd data live; removed on drop, after the processes
     /// above (fields drop in order) have printed their logs.
     pub dir: TempDir,
@@ -62,17 +71,25 @@ impl Mesh {
         let dir = tempfile::tempdir().expect("temp dir");
         let etcd = Etcd::start(dir.path()).await;
         let address = format!("127.0.0.1:{}", free_port());
+        let pki = TestPki::create(&dir.path().join("pki"));
+        let admin_token = make_admin_token(&dir.path().join("pki/admin-tokens"));
+        let admin = Grpcurl::tls(&address, &pki.ca_cert)
+            .with_identity(pki.client(PeerRole::Admin, "integration-tests"));
         let mut mesh = Self {
-            admin: Grpcurl::new(&address),
+            admin,
+            pki,
+            admin_token,
             control_plane_address: address,
             dir,
             etcd,
             control_plane: None,
             http: Http::new(),
+            api_key: String::new(),
         };
         mesh.start_control_plane().await;
         let secret = mesh.create_key("tests", json!({})).await;
         mesh.http = Http::with_key(&secret);
+        mesh.api_key = secret;
         mesh
     }
 
@@ -106,6 +123,14 @@ impl Mesh {
             &LEASE_TTL_SECONDS.to_string(),
             "--report-interval-ms",
             "200",
+            "--tls-cert",
+            &path_str(&self.pki.server.cert),
+            "--tls-key",
+            &path_str(&self.pki.server.key),
+            "--tls-client-ca",
+            &path_str(&self.pki.ca_cert),
+            "--admin-tokens-file",
+            &path_str(&self.dir.path().join("pki/admin-tokens")),
         ]
         .map(String::from);
         let process = Process::spawn(
@@ -152,6 +177,7 @@ impl Mesh {
         ]
         .map(String::from)
         .to_vec();
+        args.extend(self.control_plane_tls(PeerRole::Edge, region));
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = Process::spawn(
             &format!("edge-{region}-{port}"),
@@ -160,9 +186,30 @@ impl Mesh {
             self.dir.path(),
             &[],
         );
-        let url = format!("http://127.0.0.1:{port}");
-        self.wait_http_ok(&format!("{url}/livez"), "edge /livez")
+        let https = extra.contains(&"--tls-cert");
+        let url = format!(
+            "{}://127.0.0.1:{port}",
+            if https { "https" } else { "http" }
+        );
+        if https {
+            wait::until(
+                "edge to accept TLS connections",
+                Duration::from_secs(20),
+                || {
+                    let address = format!("127.0.0.1:{port}");
+                    async move {
+                        tokio::net::TcpStream::connect(address)
+                            .await
+                            .ok()
+                            .map(|_| ())
+                    }
+                },
+            )
             .await;
+        } else {
+            self.wait_http_ok(&format!("{url}/livez"), "edge /livez")
+                .await;
+        }
         Edge { url, process }
     }
 
@@ -221,7 +268,7 @@ impl Mesh {
     ) -> (String, Process) {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let args = [
+        let mut args: Vec<String> = [
             "--listen",
             &listen,
             "--advertise-address",
@@ -249,7 +296,9 @@ impl Mesh {
             "--shutdown-grace-seconds",
             "10",
         ]
-        .map(String::from);
+        .map(String::from)
+        .to_vec();
+        args.extend(self.control_plane_tls(PeerRole::Sidecar, id));
         let process = Process::spawn(
             &format!("sidecar-{id}"),
             &path("infermesh-sidecar"),
@@ -261,6 +310,19 @@ impl Mesh {
         self.wait_http_ok(&format!("{url}/livez"), "sidecar /livez")
             .await;
         (url, process)
+    }
+
+    /// Flags that make an edge or sidecar reach the control plane over mTLS as `role`/`name`.
+    pub fn control_plane_tls(&self, role: PeerRole, name: &str) -> Vec<String> {
+        let pair = self.pki.client(role, name);
+        vec![
+            "--control-plane-ca".into(),
+            path_str(&self.pki.ca_cert),
+            "--control-plane-cert".into(),
+            path_str(&pair.cert),
+            "--control-plane-key".into(),
+            path_str(&pair.key),
+        ]
     }
 
     async fn wait_http_ok(&self, url: &str, what: &str) {
@@ -341,4 +403,32 @@ impl Mesh {
             _ => Vec::new(),
         }
     }
+}
+
+fn path_str(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Makes an admin token with the real `infermesh-certs admin-token`, which
+/// appends its hash to `tokens_file`; returns the token.
+fn make_admin_token(tokens_file: &Path) -> String {
+    let output = std::process::Command::new(path("infermesh-certs"))
+        .args([
+            "admin-token",
+            "--name",
+            "integration-tests",
+            "--tokens-file",
+        ])
+        .arg(tokens_file)
+        .output()
+        .expect("infermesh-certs runs");
+    assert!(
+        output.status.success(),
+        "infermesh-certs admin-token: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("token is text")
+        .trim()
+        .to_string()
 }

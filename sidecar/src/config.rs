@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use http::Uri;
+use infermesh_runtime::control_plane::ControlPlaneTlsArgs;
 
 use crate::engine::EngineKind;
 
@@ -62,6 +63,9 @@ pub struct Config {
     )]
     pub control_plane: Vec<String>,
 
+    #[command(flatten)]
+    pub control_plane_tls: ControlPlaneTlsArgs,
+
     /// How often the engine is scraped and load reported, milliseconds.
     #[arg(long, env = "INFERMESH_SCRAPE_INTERVAL_MS", default_value_t = 1000)]
     pub scrape_interval_ms: u64,
@@ -112,6 +116,7 @@ impl Config {
     /// Checks values clap cannot, naming the flag.
     pub fn validate(&self) -> Result<(), String> {
         self.endpoint_id()?;
+        self.control_plane_tls.client()?;
         self.advertise_address()?;
         for (flag, value) in [
             ("--pool", &self.pool),

@@ -11,18 +11,19 @@ use infermesh_proto::v1::{
     load_report_service_client::LoadReportServiceClient,
 };
 use infermesh_runtime::backoff::Backoff;
-use infermesh_runtime::discovery::control_plane_uri;
+use infermesh_runtime::control_plane::ControlPlaneClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use tonic::transport::Endpoint;
 
 /// Where and as what to report.
 #[derive(Debug, Clone)]
 pub struct Reporter {
     /// Control-plane addresses, tried in turn.
     pub control_planes: Vec<String>,
+    /// How to connect to them.
+    pub client: ControlPlaneClient,
     /// The registration sent first on every stream.
     pub register: Register,
     /// Interval used until the control plane names one.
@@ -67,8 +68,9 @@ impl Reporter {
         let mut backoff = Backoff::default();
         let mut next = 0usize;
         loop {
-            let address =
-                control_plane_uri(&self.control_planes[next % self.control_planes.len().max(1)]);
+            let address = self
+                .client
+                .uri(&self.control_planes[next % self.control_planes.len().max(1)]);
             next = next.wrapping_add(1);
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -94,14 +96,7 @@ impl Reporter {
         drain_requested: &CancellationToken,
         backoff: &mut Backoff,
     ) -> Result<(), Status> {
-        let channel = Endpoint::from_shared(address.to_string())
-            .map_err(|e| Status::invalid_argument(format!("control-plane address {address}: {e}")))?
-            .connect_timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(format!("connect {address}: {e}")))?;
+        let channel = self.client.connect(address, Duration::from_secs(3)).await?;
         let (tx, rx) = mpsc::channel(8);
         let send = |kind| {
             let tx = tx.clone();

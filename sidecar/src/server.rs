@@ -7,6 +7,7 @@ use std::time::Duration;
 use infermesh_proto::v1::{EndpointState, Load, Register, SubscriberRole};
 use infermesh_runtime::backoff::Backoff;
 use infermesh_runtime::discovery::{self, DiscoveryConfig, Identity};
+use infermesh_runtime::http::ServeOptions;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +22,10 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
     config.validate().map_err(anyhow::Error::msg)?;
     let endpoint_id = config.endpoint_id().map_err(anyhow::Error::msg)?;
     let address = config.advertise_address().map_err(anyhow::Error::msg)?;
+    let control_plane = config
+        .control_plane_tls
+        .client()
+        .map_err(anyhow::Error::msg)?;
     let background = CancellationToken::new();
     let client = infermesh_runtime::http::upstream_client(Duration::from_secs(2));
 
@@ -37,6 +42,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
     let (draining_tx, draining) = watch::channel(false);
     let reporter = Reporter {
         control_planes: config.control_plane.clone(),
+        client: control_plane.clone(),
         register: Register {
             endpoint_id: endpoint_id.clone(),
             pool: config.pool.clone(),
@@ -54,6 +60,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
     let (assignment, discovery_task) = discovery::subscribe(
         DiscoveryConfig {
             control_planes: config.control_plane.clone(),
+            client: control_plane,
             identity: Identity {
                 role: SubscriberRole::Sidecar,
                 region: config.region.clone(),
@@ -86,7 +93,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
         listener,
         proxy,
         serving.clone(),
-        grace,
+        ServeOptions::plaintext(grace),
     ));
 
     tokio::select! {

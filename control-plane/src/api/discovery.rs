@@ -19,10 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::first_message;
+use crate::auth::Authorizer;
 use crate::quota::{QuotaBook, SessionId};
 use crate::registry::validate;
 use crate::snapshot::Snapshot;
 use crate::tables;
+use infermesh_runtime::tls::peer_identity;
 
 /// What the control plane knows of one connected subscriber.
 #[derive(Debug, Clone)]
@@ -47,6 +49,7 @@ pub struct Discovery {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     subscribers: Arc<SubscriberBook>,
     quotas: Arc<QuotaBook>,
+    auth: Arc<Authorizer>,
     cancel: CancellationToken,
 }
 
@@ -56,12 +59,14 @@ impl Discovery {
         snapshots: watch::Receiver<Arc<Snapshot>>,
         subscribers: Arc<SubscriberBook>,
         quotas: Arc<QuotaBook>,
+        auth: Arc<Authorizer>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
             snapshots,
             subscribers,
             quotas,
+            auth,
             cancel,
         }
     }
@@ -96,12 +101,17 @@ impl DiscoveryService for Discovery {
         &self,
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let peer = peer_identity(&request);
         let mut inbound = request.into_inner();
         let hello = match first_message(&mut inbound, "hello").await?.kind {
             Some(subscribe_request::Kind::Hello(hello)) => hello,
             _ => return Err(Status::invalid_argument("the first message must be hello")),
         };
         let role = check_hello(&hello)?;
+        if let Err(status) = self.auth.subscriber(peer.as_ref(), role, &hello.region) {
+            tracing::warn!(node = %hello.node_id, ?role, region = %hello.region, peer = ?peer.as_ref().map(|p| p.uri()), reason = %status.message(), "subscriber refused");
+            return Err(status);
+        }
         let (tx, rx) = mpsc::channel(4);
         let session = Session {
             role,

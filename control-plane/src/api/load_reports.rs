@@ -21,8 +21,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::admin::LoadBook;
 use super::{first_message, now_unix_ms};
+use crate::auth::Authorizer;
 use crate::registry::{RegistryError, validate};
 use crate::store::Store;
+use infermesh_runtime::tls::peer_identity;
 
 /// Lease and reporting settings handed to every sidecar.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +40,7 @@ pub struct LoadReports {
     store: Store,
     loads: Arc<LoadBook>,
     settings: LeaseSettings,
+    auth: Arc<Authorizer>,
     cancel: CancellationToken,
 }
 
@@ -47,12 +50,14 @@ impl LoadReports {
         store: Store,
         loads: Arc<LoadBook>,
         settings: LeaseSettings,
+        auth: Arc<Authorizer>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
             store,
             loads,
             settings,
+            auth,
             cancel,
         }
     }
@@ -101,6 +106,11 @@ impl LoadReportService for LoadReports {
         &self,
         request: Request<Streaming<LoadReportRequest>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
+        let peer = peer_identity(&request);
+        if let Err(status) = self.auth.reporter(peer.as_ref()) {
+            tracing::warn!(peer = ?peer.as_ref().map(|p| p.uri()), reason = %status.message(), "load reporter refused");
+            return Err(status);
+        }
         let mut inbound = request.into_inner();
         let register = match first_message(&mut inbound, "register").await?.kind {
             Some(load_report_request::Kind::Register(register)) => register,

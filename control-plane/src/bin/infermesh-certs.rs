@@ -1,12 +1,15 @@
 //! `infermesh-certs`: creates a development PKI (CA, server certificate and
 //! client certificates carrying infermesh identities) in a directory, for
-//! scripts and tests that need TLS at run time. It only writes files; it
-//! never installs trust anywhere, and its CA is not for production.
+//! scripts and tests that need TLS at run time, and admin bearer tokens
+//! (the token printed once, its hash appended to the control plane's tokens
+//! file). It only writes files; it never installs trust anywhere, and its
+//! CA is not for production.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use infermesh_runtime::admin_token::{self, TokenSet};
 use infermesh_runtime::tls::pki::{DevPki, PkiError, write_dev_pki};
 
 /// Create certificates for running infermesh with TLS locally.
@@ -25,6 +28,20 @@ enum Command {
     /// admin-key.pem, edge-<region>.pem, edge-<region>-key.pem,
     /// sidecar-<name>.pem, sidecar-<name>-key.pem. Keys are mode 0600.
     Generate(Generate),
+    /// Make an admin bearer token: print it once on stdout and append its
+    /// hash to the tokens file the control plane reads (--admin-tokens-file).
+    AdminToken(AdminToken),
+}
+
+#[derive(Debug, clap::Args)]
+struct AdminToken {
+    /// Who the token is for; names it in the control plane's logs.
+    #[arg(long)]
+    name: String,
+
+    /// Tokens file to append the hash to; created (mode 0600) if missing.
+    #[arg(long)]
+    tokens_file: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -51,7 +68,89 @@ struct Generate {
 }
 
 fn main() -> ExitCode {
-    let Command::Generate(args) = Cli::parse().command;
+    match Cli::parse().command {
+        Command::Generate(args) => generate(args),
+        Command::AdminToken(args) => admin_token(args),
+    }
+}
+
+fn admin_token(args: AdminToken) -> ExitCode {
+    let existing = match std::fs::read_to_string(&args.tokens_file) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(error) => {
+            eprintln!(
+                "error: --tokens-file {}: {error}",
+                args.tokens_file.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(error) = TokenSet::parse(&existing) {
+        eprintln!(
+            "error: --tokens-file {}: {error}",
+            args.tokens_file.display()
+        );
+        return ExitCode::from(2);
+    }
+    let (secret, entry) = match admin_token::generate(&args.name) {
+        Ok(made) => made,
+        Err(error) => {
+            eprintln!("error: --name: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut text = existing;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&entry.line());
+    text.push('\n');
+    if let Err(error) = TokenSet::parse(&text) {
+        eprintln!(
+            "error: --name {:?} is already in the tokens file ({error})",
+            args.name
+        );
+        return ExitCode::from(2);
+    }
+    if let Err(error) = write_private(&args.tokens_file, &text) {
+        eprintln!(
+            "error: --tokens-file {}: {error}",
+            args.tokens_file.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    println!("{secret}");
+    ExitCode::SUCCESS
+}
+
+/// Writes `text` to `path` readable by the owner only, replacing it atomically.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let staging = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("tokens")
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&staging)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&staging, path)
+}
+
+fn generate(args: Generate) -> ExitCode {
     let spec = DevPki {
         hosts: args.hosts,
         edges: args.edges,

@@ -11,6 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backoff::Backoff;
+use crate::control_plane::ControlPlaneClient;
 use infermesh_proto::v1::{
     Ack, Hello, Nack, QuotaGrants, RoutingTable, SubscribeRequest, SubscriberRole, UsageReport,
     discovery_service_client::DiscoveryServiceClient, subscribe_request,
@@ -19,9 +21,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
-
-use crate::backoff::Backoff;
 
 /// Turns a pushed table into the subscriber's own validated form.
 pub trait ApplyTable: Send + 'static {
@@ -66,8 +65,10 @@ pub struct Identity {
 /// Where and how to subscribe.
 #[derive(Debug, Clone)]
 pub struct DiscoveryConfig {
-    /// Control-plane addresses (`host:port` or `http://host:port`), tried in turn.
+    /// Control-plane addresses (`host:port` or a URL), tried in turn.
     pub control_planes: Vec<String>,
+    /// How to connect to them (TLS, client certificate).
+    pub client: ControlPlaneClient,
     /// Who we are.
     pub identity: Identity,
     /// Limit on establishing one connection.
@@ -107,15 +108,6 @@ pub fn subscribe<A: ApplyTable>(
     (Subscription { tables, connected }, task)
 }
 
-/// Adds `http://` to a bare `host:port`.
-pub fn control_plane_uri(address: &str) -> String {
-    if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    }
-}
-
 struct Session<'a, A: ApplyTable> {
     applier: &'a mut A,
     tables: &'a watch::Sender<Option<Arc<Applied<A::Table>>>>,
@@ -137,7 +129,9 @@ async fn run<A: ApplyTable>(
     let mut next = 0usize;
     let mut held = 0u64;
     loop {
-        let address = control_plane_uri(&config.control_planes[next % config.control_planes.len()]);
+        let address = config
+            .client
+            .uri(&config.control_planes[next % config.control_planes.len()]);
         next = next.wrapping_add(1);
         let mut session = Session {
             applier: &mut applier,
@@ -173,16 +167,10 @@ impl<A: ApplyTable> Session<'_, A> {
         config: &DiscoveryConfig,
         connected: &watch::Sender<bool>,
     ) -> Result<(), tonic::Status> {
-        let channel = Endpoint::from_shared(address.to_string())
-            .map_err(|e| {
-                tonic::Status::invalid_argument(format!("control-plane address {address}: {e}"))
-            })?
-            .connect_timeout(config.connect_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("connect {address}: {e}")))?;
+        let channel = config
+            .client
+            .connect(address, config.connect_timeout)
+            .await?;
         let mut client = DiscoveryServiceClient::new(channel);
         let (tx, rx) = mpsc::channel(16);
         let hello = Hello {
@@ -267,15 +255,4 @@ async fn send(
     tx.send(SubscribeRequest { kind: Some(kind) })
         .await
         .map_err(|_| tonic::Status::cancelled("routing-table stream closed"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bare_addresses_get_a_scheme_and_urls_are_kept() {
-        assert_eq!(control_plane_uri("127.0.0.1:7000"), "http://127.0.0.1:7000");
-        assert_eq!(control_plane_uri("https://cp:443"), "https://cp:443");
-    }
 }

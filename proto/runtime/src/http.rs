@@ -137,41 +137,58 @@ impl<B: HttpBody, G> HttpBody for Guarded<B, G> {
     }
 }
 
-/// Serves `service` on `listener` (HTTP/1.1 and h2) until `cancel` fires,
-/// then stops accepting and gives open connections `grace` to finish.
-pub async fn serve<S>(listener: TcpListener, service: S, cancel: CancellationToken, grace: Duration)
-where
-    S: tower::Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let builder = connection_builder();
-    accept_until_cancelled(listener, cancel, grace, |stream, peer, watcher| {
-        let connection = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
-            )
-            .into_owned();
-        tokio::spawn(drive(watcher.watch(connection), peer));
-    })
-    .await;
+/// How a listener treats its connections.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Time open connections get to finish once shutdown starts.
+    pub grace: Duration,
+    /// A client must finish its TLS handshake, and each HTTP/1.1 request's
+    /// headers, within this time or the connection is closed (slowloris).
+    pub header_read_timeout: Duration,
+    /// Largest request head (HTTP/1.1 request line and headers, h2 header
+    /// list) accepted; HTTP/1.1 requests over it get 431.
+    pub max_header_bytes: usize,
+    /// Serve TLS through this acceptor instead of plaintext.
+    pub tls: Option<TlsAcceptor>,
 }
 
-/// Like `serve`, but every connection is TLS through `acceptor`: ALPN `h2`
-/// gets an HTTP/2-only connection, anything else HTTP/1.1 (or h2 by
-/// preface). A handshake not done within `handshake_timeout` is dropped.
-/// When the client presented a certificate carrying an infermesh identity,
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("grace", &self.grace)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("max_header_bytes", &self.max_header_bytes)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl ServeOptions {
+    /// Smallest `max_header_bytes` accepted (hyper's lower bound on its read buffer).
+    pub const MIN_HEADER_BYTES: usize = 8192;
+
+    /// Plaintext with the given grace period, a 30 s header deadline and a 64 KiB head limit.
+    pub fn plaintext(grace: Duration) -> Self {
+        Self {
+            grace,
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            tls: None,
+        }
+    }
+}
+
+/// Serves `service` on `listener` (HTTP/1.1 and h2) until `cancel` fires,
+/// then stops accepting and gives open connections `options.grace` to
+/// finish. With `options.tls`, every connection is TLS: ALPN `h2` gets an
+/// HTTP/2 connection, anything else HTTP/1.1, and
+/// when the client presented a certificate carrying an infermesh identity,
 /// each request's extensions hold its `tls::PeerIdentity`.
-pub async fn serve_tls<S>(
+pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     cancel: CancellationToken,
-    grace: Duration,
-    acceptor: TlsAcceptor,
-    handshake_timeout: Duration,
+    options: ServeOptions,
 ) where
     S: tower::Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>
         + Clone
@@ -179,69 +196,172 @@ pub async fn serve_tls<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let builder = connection_builder();
-    let stop = cancel.clone();
-    accept_until_cancelled(listener, cancel, grace, |stream, peer, watcher| {
-        let (acceptor, builder, service, stop) = (
-            acceptor.clone(),
-            builder.clone(),
-            service.clone(),
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
-            let stream = tokio::select! {
-                _ = stop.cancelled() => return,
-                done = handshake => match done {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        return;
+    let builder = connection_builder(&options);
+    let grace = options.grace;
+    match options.tls {
+        None => {
+            let first_byte = options.header_read_timeout;
+            accept_until_cancelled(listener, cancel, grace, |stream, peer, watcher| {
+                let connection = builder
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(FirstByteDeadline::new(stream, first_byte)),
+                        TowerToHyperService::new(service.clone()),
+                    )
+                    .into_owned();
+                tokio::spawn(drive(watcher.watch(connection), peer));
+            })
+            .await
+        }
+        Some(acceptor) => {
+            let handshake_timeout = options.header_read_timeout;
+            let stop = cancel.clone();
+            accept_until_cancelled(listener, cancel, grace, |stream, peer, watcher| {
+                let (acceptor, builder, service, stop) = (
+                    acceptor.clone(),
+                    builder.clone(),
+                    service.clone(),
+                    stop.clone(),
+                );
+                tokio::spawn(async move {
+                    let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                    let stream = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        done = handshake => match done {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%peer, %error, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out");
+                                return;
+                            }
+                        },
+                    };
+                    let (_, session) = stream.get_ref();
+                    let h2 = session.alpn_protocol() == Some(ALPN_H2);
+                    let identity = PeerIdentity::from_presented(session.peer_certificates());
+                    let service = TowerToHyperService::new(service.map_request(
+                        move |mut request: http::Request<Incoming>| {
+                            if let Some(identity) = &identity {
+                                request.extensions_mut().insert(identity.clone());
+                            }
+                            request
+                        },
+                    ));
+                    let io = TokioIo::new(FirstByteDeadline::new(stream, handshake_timeout));
+                    // h2 over TLS is chosen by ALPN (RFC 9113 §3.2), so anything
+                    // else is HTTP/1.1, whose header deadline starts at once.
+                    if h2 {
+                        let builder = builder.http2_only();
+                        drive(watcher.watch(builder.serve_connection(io, service)), peer).await;
+                    } else {
+                        let builder = builder.http1_only();
+                        let connection = builder.serve_connection_with_upgrades(io, service);
+                        drive(watcher.watch(connection), peer).await;
                     }
-                    Err(_) => {
-                        tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out");
-                        return;
-                    }
-                },
-            };
-            let (_, session) = stream.get_ref();
-            let h2 = session.alpn_protocol() == Some(ALPN_H2);
-            let identity = PeerIdentity::from_presented(session.peer_certificates());
-            let service = TowerToHyperService::new(service.map_request(
-                move |mut request: http::Request<Incoming>| {
-                    if let Some(identity) = &identity {
-                        request.extensions_mut().insert(identity.clone());
-                    }
-                    request
-                },
-            ));
-            let io = TokioIo::new(stream);
-            if h2 {
-                let builder = builder.http2_only();
-                drive(watcher.watch(builder.serve_connection(io, service)), peer).await;
-            } else {
-                let connection = builder.serve_connection_with_upgrades(io, service);
-                drive(watcher.watch(connection), peer).await;
-            }
-        });
-    })
-    .await;
+                });
+            })
+            .await
+        }
+    }
 }
 
-/// The connection settings both listeners share: HTTP/1.1 with a header
-/// deadline and keep-alive, h2 with a stream cap.
-fn connection_builder() -> auto::Builder<TokioExecutor> {
+/// The connection settings every listener shares: HTTP/1.1 with a header
+/// deadline, a head size limit and keep-alive, h2 with a stream cap and a
+/// header list limit.
+fn connection_builder(options: &ServeOptions) -> auto::Builder<TokioExecutor> {
+    let max_header_bytes = options.max_header_bytes.max(ServeOptions::MIN_HEADER_BYTES);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(max_header_bytes)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
     builder
+}
+
+pin_project_lite::pin_project! {
+    /// A connection that fails with `TimedOut` when its first byte does not
+    /// arrive in time. hyper's header deadline only starts once a request
+    /// begins (and protocol sniffing has none), so without this a client
+    /// that connects and sends nothing holds the connection forever.
+    struct FirstByteDeadline<IO> {
+        #[pin]
+        io: IO,
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<IO> FirstByteDeadline<IO> {
+    fn new(io: IO, within: Duration) -> Self {
+        Self {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(within))),
+        }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead> tokio::io::AsyncRead for FirstByteDeadline<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.io.poll_read(cx, buf);
+        let Some(deadline) = this.deadline.as_mut() else {
+            return polled;
+        };
+        match &polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => *this.deadline = None,
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within the header deadline",
+                )));
+            }
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite> tokio::io::AsyncWrite for FirstByteDeadline<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 /// Accepts connections until `cancel` fires, handing each to `on_accept`

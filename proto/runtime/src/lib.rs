@@ -2,8 +2,10 @@
 //! to routing tables, backoff with jitter, telemetry set-up and shutdown
 //! signals. Nothing process-specific belongs here.
 
+pub mod admin_token;
 pub mod api_key;
 pub mod backoff;
+pub mod control_plane;
 pub mod discovery;
 pub mod http;
 pub mod quota;

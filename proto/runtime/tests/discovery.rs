@@ -12,6 +12,7 @@ use infermesh_proto::v1::{
     RoutingTable, SubscribeRequest, SubscribeResponse, SubscriberRole, subscribe_request,
 };
 use infermesh_runtime::backoff::Backoff;
+use infermesh_runtime::control_plane::ControlPlaneClient;
 use infermesh_runtime::discovery::{self, ApplyTable, DiscoveryConfig, Identity};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -134,6 +135,7 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
 
     let config = DiscoveryConfig {
         control_planes: vec![address],
+        client: ControlPlaneClient::plaintext(),
         identity: Identity {
             role: SubscriberRole::Edge,
             region: "eu".into(),

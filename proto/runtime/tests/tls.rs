@@ -1,5 +1,5 @@
 //! TLS end to end on loopback with certificates made at run time: HTTPS via
-//! `serve_tls` (h2 and HTTP/1.1 by ALPN, refused handshakes, handshake
+//! `http::serve` with TLS (h2 and HTTP/1.1 by ALPN, refused handshakes, handshake
 //! deadline, reload from disk, mTLS identities in request extensions) and
 //! tonic gRPC with `tonic_server_config` / `client_config` reading the
 //! caller's identity.
@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use infermesh_runtime::http::{full, serve_tls};
+use infermesh_runtime::http::{ServeOptions, full, serve};
 use infermesh_runtime::tls::pki::{IssuedCert, LocalCa};
 use infermesh_runtime::tls::server::{
     ALPN_H2, ALPN_HTTP1, CertWatcher, HTTP_ALPN, ReloadingCertResolver,
@@ -95,7 +95,7 @@ impl Pki {
     }
 }
 
-/// A `serve_tls` listener whose handler answers "<version> <identity URI or anonymous>".
+/// A `http::serve` with TLS listener whose handler answers "<version> <identity URI or anonymous>".
 struct Https {
     addr: SocketAddr,
     resolver: Arc<ReloadingCertResolver>,
@@ -126,14 +126,12 @@ async fn start_https(pki: &Pki, client_auth: ClientAuth) -> Https {
         let body = full(format!("{:?} {who}", request.version()));
         Ok::<_, Infallible>(http::Response::new(body))
     });
-    let task = tokio::spawn(serve_tls(
-        listener,
-        service,
-        cancel.clone(),
-        Duration::from_secs(5),
-        acceptor,
-        Duration::from_secs(1),
-    ));
+    let options = ServeOptions {
+        header_read_timeout: Duration::from_secs(1),
+        tls: Some(acceptor),
+        ..ServeOptions::plaintext(Duration::from_secs(5))
+    };
+    let task = tokio::spawn(serve(listener, service, cancel.clone(), options));
     Https {
         addr,
         resolver: tls.resolver,

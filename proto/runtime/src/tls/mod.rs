@@ -6,7 +6,7 @@
 //! belongs to each process, not here.
 //!
 //! - edge/sidecar HTTPS: `server::server_config` → `ServerTls::acceptor` →
-//!   `crate::http::serve_tls`; handlers read `PeerIdentity` from request
+//!   `crate::http::serve` (`ServeOptions::tls`); handlers read `PeerIdentity` from request
 //!   extensions.
 //! - control-plane gRPC: `tonic_server_config` on the server, `client_config`
 //!   on clients, `peer_identity(&request)` in handlers.

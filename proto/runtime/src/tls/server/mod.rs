@@ -49,7 +49,7 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
-    /// An acceptor for `http::serve_tls`.
+    /// An acceptor for `http::serve` (`ServeOptions::tls`).
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(Arc::clone(&self.config))
     }

@@ -1,0 +1,374 @@
+//! Transport security and admission through real processes: the control
+//! plane's admin API with certificates and bearer tokens (real grpcurl),
+//! subscriber roles checked against client certificates, the edge's HTTPS
+//! with h2/HTTP/1.1 by ALPN and certificate reload without restart (real
+//! curl), and the edge cutting off oversized and slow request heads.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use infermesh_integration_tests::mesh::Mesh;
+use infermesh_integration_tests::pki::{CertPair, TestPki};
+use infermesh_integration_tests::wait;
+use infermesh_runtime::tls::PeerRole;
+use rustls::pki_types::pem::PemObject;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn the_admin_api_needs_an_admin_certificate_or_an_admin_token() {
+    let mesh = Mesh::start().await;
+    let anonymous = mesh.admin.without_identity();
+
+    let refused = anonymous.admin("ListModels", json!({})).await.unwrap_err();
+    assert_eq!(refused.code, "Unauthenticated", "{refused:?}");
+    assert!(refused.message.contains("Bearer"), "{refused:?}");
+
+    let with_token = anonymous.with_header(&format!("authorization: Bearer {}", mesh.admin_token));
+    let listed = with_token.admin("ListModels", json!({})).await;
+    assert!(listed.is_ok(), "{listed:?}");
+
+    let wrong = anonymous.with_header("authorization: Bearer imadm_not-a-real-token");
+    let refused = wrong.admin("ListModels", json!({})).await.unwrap_err();
+    assert_eq!(refused.code, "Unauthenticated", "{refused:?}");
+    assert!(refused.message.contains("not recognised"), "{refused:?}");
+
+    let edge = anonymous.with_identity(mesh.pki.client(PeerRole::Edge, "eu-west"));
+    let refused = edge.admin("ListApiKeys", json!({})).await.unwrap_err();
+    assert_eq!(refused.code, "PermissionDenied", "{refused:?}");
+
+    // A certificate from another CA does not get through the handshake at all.
+    let foreign = TestPki::foreign_client(mesh.dir.path(), PeerRole::Admin, "mallory");
+    let refused = anonymous
+        .with_identity(foreign)
+        .admin("ListModels", json!({}))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.code.is_empty(),
+        "handshake should fail: {refused:?}"
+    );
+
+    // Probes and schema discovery stay open.
+    let health = anonymous.raw(&[], &["grpc.health.v1.Health/Check"]).await;
+    assert!(health.is_ok_and(|out| out.contains("SERVING")));
+    let services = anonymous.raw(&[], &["list"]).await.expect("reflection");
+    assert!(services.contains("infermesh.v1.AdminService"), "{services}");
+
+    // Plaintext is not served at all on a TLS control plane.
+    let plaintext = infermesh_integration_tests::grpcurl::Grpcurl::new(&mesh.control_plane_address)
+        .raw(&[], &["grpc.health.v1.Health/Check"])
+        .await;
+    assert!(plaintext.is_err(), "{plaintext:?}");
+}
+
+/// Opens a discovery stream through grpcurl as `identity`, says hello as
+/// `role` of `region`, and returns the first response or the error.
+async fn subscribe(
+    mesh: &Mesh,
+    identity: Option<CertPair>,
+    role: &str,
+    region: &str,
+) -> Result<String, infermesh_integration_tests::grpcurl::GrpcError> {
+    let grpcurl = match identity {
+        Some(identity) => mesh.admin.with_identity(identity),
+        None => mesh.admin.without_identity(),
+    };
+    let hello = json!({"hello": {"role": role, "region": region, "node_id": "probe-0"}});
+    grpcurl
+        .raw(
+            &["-d", &hello.to_string(), "-max-time", "10"],
+            &["infermesh.v1.DiscoveryService/Subscribe"],
+        )
+        .await
+}
+
+#[tokio::test]
+async fn subscribers_are_held_to_the_role_and_region_of_their_certificate() {
+    let mesh = Mesh::start().await;
+    let pki = &mesh.pki;
+
+    let sidecar = pki.client(PeerRole::Sidecar, "llama-0");
+    let refused = subscribe(&mesh, Some(sidecar.clone()), "EDGE", "eu-west")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "PermissionDenied", "{refused:?}");
+
+    let as_sidecar = subscribe(&mesh, Some(sidecar.clone()), "SIDECAR", "eu-west")
+        .await
+        .expect("a sidecar may subscribe as a sidecar");
+    assert!(as_sidecar.contains("\"table\""), "{as_sidecar}");
+    assert!(!as_sidecar.contains("apiKeys"), "{as_sidecar}");
+
+    let edge = pki.client(PeerRole::Edge, "eu-west");
+    let as_edge = subscribe(&mesh, Some(edge.clone()), "EDGE", "eu-west")
+        .await
+        .expect("an edge may subscribe for its region");
+    assert!(
+        as_edge.contains("apiKeys"),
+        "the key made at start: {as_edge}"
+    );
+
+    let elsewhere = subscribe(&mesh, Some(edge.clone()), "EDGE", "us-east")
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.code, "PermissionDenied", "{elsewhere:?}");
+
+    let anonymous = subscribe(&mesh, None, "SIDECAR", "eu-west")
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code, "Unauthenticated", "{anonymous:?}");
+
+    let admin = pki.client(PeerRole::Admin, "ops");
+    let refused = subscribe(&mesh, Some(admin), "EDGE", "eu-west")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "PermissionDenied", "{refused:?}");
+
+    // Only sidecars report load; an edge's certificate is refused before any write.
+    let register = json!({"register": {"endpoint_id": "fake-0", "pool": "p", "model": "m",
+        "region": "eu-west", "address": "127.0.0.1:1", "engine": "VLLM"}});
+    let refused = mesh
+        .admin
+        .with_identity(edge)
+        .raw(
+            &["-d", &register.to_string(), "-max-time", "10"],
+            &["infermesh.v1.LoadReportService/Report"],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "PermissionDenied", "{refused:?}");
+    let listed = mesh.admin("ListEndpoints", json!({})).await.unwrap();
+    assert!(listed.get("endpoints").is_none(), "{listed}");
+}
+
+/// curl against `url`, trusting `ca`, with `args`; returns (status, HTTP version).
+async fn curl(url: &str, ca: &Path, args: &[&str]) -> (String, String) {
+    let output = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+            "--max-time",
+            "10",
+        ])
+        .arg("--cacert")
+        .arg(ca)
+        .args(args)
+        .arg(url)
+        .output()
+        .await
+        .expect("curl runs");
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "curl {url}: {out} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (status, version) = out.split_once(' ').expect("status and version");
+    (status.to_string(), version.to_string())
+}
+
+/// A TLS connection to `address` trusting `ca`, offering no ALPN.
+async fn tls_connect(address: &str, ca: &Path) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.expect("TLS handshake")
+}
+
+/// The certificate the TLS server at `address` presents, as DER.
+async fn served_certificate(address: &str, ca: &Path) -> Vec<u8> {
+    let stream = tls_connect(address, ca).await;
+    let (_, session) = stream.get_ref();
+    session.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn pem_der(path: &Path) -> Vec<u8> {
+    let pem = std::fs::read(path).unwrap();
+    rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn the_edge_serves_https_with_h2_and_http1_and_reloads_its_certificate() {
+    let mesh = Mesh::start().await;
+    let tls_dir = mesh.dir.path().join("edge-tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let pair = CertPair {
+        cert: tls_dir.join("edge.pem"),
+        key: tls_dir.join("edge-key.pem"),
+    };
+    mesh.pki.reissue_server(&pair);
+    let cert = pair.cert.display().to_string();
+    let key = pair.key.display().to_string();
+    let edge = mesh
+        .start_edge(
+            "eu-west",
+            &[
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-reload-interval-ms",
+                "100",
+                "--header-read-timeout-ms",
+                "1000",
+            ],
+        )
+        .await;
+    assert!(edge.url.starts_with("https://"), "{}", edge.url);
+    let ca = mesh.pki.ca_cert.clone();
+    let auth = format!("authorization: Bearer {}", mesh.api_key);
+
+    let livez = format!("{}/livez", edge.url);
+    assert_eq!(
+        curl(&livez, &ca, &["--http2"]).await,
+        ("200".into(), "2".into())
+    );
+    assert_eq!(
+        curl(&livez, &ca, &["--http1.1"]).await,
+        ("200".into(), "1.1".into())
+    );
+    let models = format!("{}/v1/models", edge.url);
+    let (status, _) = curl(&models, &ca, &["--http2", "-H", &auth]).await;
+    assert!(
+        status == "200" || status == "503",
+        "authenticated: {status}"
+    );
+    let (status, _) = curl(&models, &ca, &["--http2"]).await;
+    assert_eq!(status, "401", "no key over h2");
+
+    let address = edge.url.trim_start_matches("https://").to_string();
+    let before = served_certificate(&address, &ca).await;
+    assert_eq!(before, pem_der(&pair.cert));
+    mesh.pki.reissue_server(&pair);
+    let renewed = pem_der(&pair.cert);
+    assert_ne!(before, renewed);
+    wait::until(
+        "the edge to serve the renewed certificate",
+        Duration::from_secs(10),
+        || {
+            let (address, ca, renewed) = (address.clone(), ca.clone(), renewed.clone());
+            async move { (served_certificate(&address, &ca).await == renewed).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        curl(&livez, &ca, &["--http2"]).await,
+        ("200".into(), "2".into())
+    );
+
+    // A client that opens a connection and never starts the handshake is cut
+    // off, and so is one that finishes it and then sends nothing.
+    assert_cut_off(
+        TcpStream::connect(&address).await.unwrap(),
+        b"",
+        Duration::from_secs(20),
+    )
+    .await;
+    let mut idle = tls_connect(&address, &ca).await;
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(20), idle.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+}
+
+/// Reads from `stream` after writing `sent` until the edge closes it; panics after `deadline`.
+/// Returns what the edge wrote before closing.
+async fn assert_cut_off(mut stream: TcpStream, sent: &[u8], deadline: Duration) -> Vec<u8> {
+    stream.write_all(sent).await.unwrap();
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => panic!("connection still open after {deadline:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return received,
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn oversized_heads_get_431_and_slow_heads_are_cut_off_while_others_are_served() {
+    let mesh = Mesh::start().await;
+    let edge = mesh
+        .start_edge(
+            "eu-west",
+            &[
+                "--header-read-timeout-ms",
+                "500",
+                "--max-header-bytes",
+                "16384",
+            ],
+        )
+        .await;
+    let address = edge.url.trim_start_matches("http://").to_string();
+
+    let big = "a".repeat(20_000);
+    let request = format!("GET /v1/models HTTP/1.1\r\nhost: edge\r\nx-padding: {big}\r\n\r\n");
+    let mut stream = TcpStream::connect(&address).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut head))
+        .await
+        .expect("an answer to an oversized head")
+        .unwrap();
+    let status_line = String::from_utf8_lossy(&head[..n]).into_owned();
+    assert!(status_line.starts_with("HTTP/1.1 431"), "{status_line:?}");
+
+    // Headers trickled in one byte at a time never complete: the edge closes
+    // the connection once the header deadline passes, while another client
+    // is served normally meanwhile.
+    let mut slow = TcpStream::connect(&address).await.unwrap();
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: edge\r\n")
+        .await
+        .unwrap();
+    let trickle = tokio::spawn(async move {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if slow.write_all(b"x").await.is_err() {
+                return started.elapsed();
+            }
+            let mut byte = [0u8; 1];
+            match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut byte)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+                _ => {}
+            }
+        }
+        panic!("a slow client was never cut off");
+    });
+    let livez = mesh.http.get(&format!("{}/livez", edge.url)).await.unwrap();
+    assert_eq!(livez.status, 200);
+    let cut_after = trickle.await.unwrap();
+    assert!(cut_after < Duration::from_secs(30), "{cut_after:?}");
+
+    // An idle connection that never sends a byte is closed too.
+    assert_cut_off(
+        TcpStream::connect(&address).await.unwrap(),
+        b"",
+        Duration::from_secs(20),
+    )
+    .await;
+    let livez = mesh.http.get(&format!("{}/livez", edge.url)).await.unwrap();
+    assert_eq!(livez.status, 200, "the edge keeps serving");
+}
