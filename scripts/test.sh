@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of infermesh on a fresh machine: installs what
 # the tests need (protoc, etcd, grpcurl), checks formatting and lints,
-# builds the binaries the whole-system tests start, then runs all tests.
+# builds the binaries the whole-system tests start, runs all tests, then
+# fuzzes the edge's request parser for a bounded time (cargo-fuzz).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -12,3 +13,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 cargo test --workspace --locked
+scripts/fuzz.sh "${FUZZ_SECONDS:-60}"

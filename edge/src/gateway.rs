@@ -147,18 +147,7 @@ impl Gateway {
             .transpose()?;
         record.endpoint = Some(upstream.id.clone());
         tracing::debug!(model = %route.model, endpoint = %upstream.id, stream = fields.stream, "routing");
-        // Usage is what settles token limits and fills the access log, so
-        // streamed requests always ask the engine for it.
-        let body = if fields.model != route.model {
-            openai::with_model(&body, &route.model)
-        } else {
-            body
-        };
-        let body = if fields.stream && !fields.include_usage {
-            openai::with_usage_requested(&body)
-        } else {
-            body
-        };
+        let body = openai::upstream_body(body, &fields, &route.model);
         let mut response = match self.forwarder.forward(parts, body, upstream).await {
             Ok(response) => response,
             Err(error) => {

@@ -283,6 +283,24 @@ pub fn routing_fields(endpoint: Endpoint, body: &Bytes) -> Result<RoutingFields,
     })
 }
 
+/// The body sent to the engine: the canonical model name in place of an
+/// alias (engines know a model only by the name they serve it as), and, on
+/// streamed requests, `stream_options.include_usage` set, since usage is what
+/// settles token limits and fills the access log. A body needing neither is
+/// passed on untouched.
+pub fn upstream_body(body: Bytes, fields: &RoutingFields, canonical_model: &str) -> Bytes {
+    let body = if fields.model != canonical_model {
+        with_model(&body, canonical_model)
+    } else {
+        body
+    };
+    if fields.stream && !fields.include_usage {
+        with_usage_requested(&body)
+    } else {
+        body
+    }
+}
+
 /// The body with `stream_options.include_usage` set, so that the engine
 /// reports usage at the end of the stream. The rest of the body is kept
 /// byte for byte when the client sent no `stream_options`.
