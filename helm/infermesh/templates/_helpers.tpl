@@ -83,8 +83,34 @@ Container image reference; the tag defaults to the chart's appVersion.
 {{- end }}
 
 {{/*
-Address edges use to reach the control plane.
+DNS name edges use to reach the control plane; its serving certificate must
+carry it as a SAN.
+*/}}
+{{- define "infermesh.controlPlane.host" -}}
+{{- printf "%s.%s.svc" (include "infermesh.controlPlane.name" .) .Release.Namespace }}
+{{- end }}
+
+{{/*
+Address edges use to reach the control plane: host:port, with no scheme; TLS
+is on when INFERMESH_CONTROL_PLANE_CA is set.
 */}}
 {{- define "infermesh.controlPlane.address" -}}
-{{- printf "%s:7070" (include "infermesh.controlPlane.name" .) }}
+{{- printf "%s:7070" (include "infermesh.controlPlane.host" .) }}
+{{- end }}
+
+{{/*
+"true" when controlPlane.tls.insecurePlaintext is set, else empty. Fails when
+it is combined with controlPlane.tls.secretName, or when neither is set (the
+control plane refuses both).
+*/}}
+{{- define "infermesh.controlPlane.insecure" -}}
+{{- $tls := .Values.controlPlane.tls | default dict }}
+{{- if eq (toString $tls.insecurePlaintext) "true" }}
+{{- if $tls.secretName }}
+{{- fail "controlPlane.tls.insecurePlaintext: cannot be combined with controlPlane.tls.secretName; unset one of them" }}
+{{- end }}
+{{- print "true" }}
+{{- else }}
+{{- $_ := required "controlPlane.tls.secretName is required: name a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt (the CA of edge, sidecar and admin client certificates), or set controlPlane.tls.insecurePlaintext=true for local development" $tls.secretName }}
+{{- end }}
 {{- end }}
