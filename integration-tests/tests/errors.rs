@@ -310,3 +310,72 @@ async fn a_stopping_sidecar_drains_finishing_its_stream_before_it_exits() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn unknown_fields_reach_the_engine_untouched() {
+    let mesh = Mesh::start().await;
+    mesh.admin(
+        "CreateModel",
+        json!({"model": {"name": "llama", "aliases": ["l3"]}}),
+    )
+    .await
+    .unwrap();
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let replica = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let probe = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]});
+    wait::until("routable", DEADLINE, || async {
+        (mesh.http.post_json(&url, &probe).await.ok()?.status == 200).then_some(())
+    })
+    .await;
+    let last_request = || async {
+        mesh.http
+            .send(
+                Method::GET,
+                &format!("{}/sim/last-request", replica.engine_url),
+                None,
+                &[("x-no-auth", "1")],
+            )
+            .await
+            .unwrap()
+            .body
+    };
+    let post = |body: &'static str| {
+        let url = url.clone();
+        let http = mesh.http.clone();
+        async move {
+            let reply = http
+                .send(
+                    Method::POST,
+                    &url,
+                    Some(body.into()),
+                    &[("content-type", "application/json")],
+                )
+                .await
+                .unwrap();
+            assert_eq!(reply.status, 200, "{}", reply.text());
+        }
+    };
+
+    // Canonical name, not streamed: the engine gets the client's bytes exactly,
+    // key order, spacing, escapes and fields the edge does not know included.
+    let sent = "{ \"vendor_ext\" : {\"guided_json\": {\"type\":\"object\"}},\n \"model\":\"llama\",\
+                \"messages\":[{\"role\":\"user\",\"content\":\"caf\\u00e9\"}], \"top_k\": 7,\
+                \"logit_bias\": {\"50256\": -100}, \"max_tokens\": 4 }";
+    post(sent).await;
+    assert_eq!(last_request().await, sent.as_bytes());
+
+    // An alias is replaced by the canonical name and a stream gets usage
+    // requested; every other field arrives with the same value.
+    let sent = r#"{"model":"l3","stream":true,"messages":[{"role":"user","content":"hi"}],
+                   "top_k":7,"vendor_ext":{"a":[1,2,{"b":null}]},"seed":42,"max_tokens":4}"#;
+    post(sent).await;
+    let received: serde_json::Value = serde_json::from_slice(&last_request().await).unwrap();
+    let mut expected: serde_json::Value = serde_json::from_str(sent).unwrap();
+    expected["model"] = json!("llama");
+    expected["stream_options"] = json!({"include_usage": true});
+    assert_eq!(received, expected);
+}

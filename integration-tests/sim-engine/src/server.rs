@@ -1,6 +1,6 @@
 //! The HTTP surface: OpenAI routes, `/health`, `/metrics`, `/v1/models`,
 //! and `/sim/*` controls that let tests flip health and error rate at run
-//! time. Streams are SSE, one event per token as it is decoded.
+//! time and read back the last request body exactly as it arrived. Streams are SSE, one event per token as it is decoded.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -118,12 +118,23 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
         (Method::POST, "/v1/chat/completions") => generate(engine, request, Kind::Chat).await,
         (Method::POST, "/v1/completions") => generate(engine, request, Kind::Completion).await,
         (Method::POST, "/v1/embeddings") => match read_body(request).await {
-            Ok(body) => match api::embeddings(&body, &engine.config.model) {
-                Ok(v) => json_response(StatusCode::OK, &v),
-                Err(e) => error_response(&e),
-            },
+            Ok(body) => {
+                engine.remember_request(&body);
+                match api::embeddings(&body, &engine.config.model) {
+                    Ok(v) => json_response(StatusCode::OK, &v),
+                    Err(e) => error_response(&e),
+                }
+            }
             Err(e) => error_response(&e),
         },
+        (Method::GET, "/sim/last-request") => {
+            let mut r = Response::new(full(engine.last_request()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/octet-stream"),
+            );
+            r
+        }
         (Method::POST, "/sim/health") => {
             match query_value(&request, "healthy").map(str::parse::<bool>) {
                 Some(Ok(healthy)) => {
@@ -153,6 +164,7 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
             | "/v1/chat/completions"
             | "/v1/completions"
             | "/v1/embeddings"
+            | "/sim/last-request"
             | "/sim/health"
             | "/sim/fail",
         ) => error_response(&ApiError {
@@ -188,6 +200,7 @@ async fn generate(engine: Arc<Engine>, request: Request<Incoming>, kind: Kind) -
         Ok(b) => b,
         Err(e) => return error_response(&e),
     };
+    engine.remember_request(&body);
     let generation = match api::parse_generation(
         kind,
         &body,
