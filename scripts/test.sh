@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of infermesh on a fresh machine: installs what
-# the tests need (protoc, etcd, grpcurl), checks formatting and lints,
+# the tests need (protoc, etcd, grpcurl, promtool), checks the alerting
+# rules (promtool unit tests) and the dashboard, checks formatting and lints,
 # builds the binaries the whole-system tests start, runs all tests, then
 # fuzzes the edge's request parser for a bounded time (cargo-fuzz).
 set -euo pipefail
@@ -9,6 +10,7 @@ cd "$root"
 scripts/install-deps.sh
 export PATH="$root/.tools/bin:$PATH"
 
+scripts/check-monitoring.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked

@@ -18,6 +18,8 @@ CP_PORT="${CP_PORT:-7070}"
 EDGE_EU_PORT="${EDGE_EU_PORT:-8080}"
 EDGE_US_PORT="${EDGE_US_PORT:-8090}"
 PROFILE="${PROFILE:-release}"
+# Prometheus endpoints: control plane, edges, then one per sidecar.
+CP_METRICS_PORT="${CP_METRICS_PORT:-9100}"
 
 stop_all() {
   if [ -f "$run/pids" ]; then
@@ -51,7 +53,8 @@ mkdir -p "$run/logs"
 rm -rf "$run/etcd"
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$ETCD_PORT" $((ETCD_PORT + 10)) "$CP_PORT" "$EDGE_EU_PORT" "$EDGE_US_PORT" $(seq 18001 18005) $(seq 18101 18105); do
+for port in "$ETCD_PORT" $((ETCD_PORT + 10)) "$CP_PORT" "$EDGE_EU_PORT" "$EDGE_US_PORT" $(seq 18001 18005) $(seq 18101 18105) \
+  $(seq "$CP_METRICS_PORT" $((CP_METRICS_PORT + 7))); do
   if port_busy "$port"; then
     echo "port $port is in use; stop what holds it (or set ETCD_PORT, CP_PORT, EDGE_EU_PORT, EDGE_US_PORT)" >&2
     exit 1
@@ -100,6 +103,7 @@ wait_for etcd curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
 
 echo "starting the control plane on $cp_addr (gRPC over TLS, client certificates checked)"
 start control-plane "$bin/infermesh-control-plane" --listen "$cp_addr" \
+  --metrics-listen "127.0.0.1:$CP_METRICS_PORT" \
   --etcd-endpoints "http://127.0.0.1:$ETCD_PORT" \
   --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem" --tls-client-ca "$pki/ca.pem" \
   --admin-tokens-file "$pki/admin-tokens"
@@ -124,23 +128,23 @@ KEY=$(printf '%s' "$key_json" | sed -n 's/.*"secret": "\([^"]*\)".*/\1/p')
 printf '%s\n' "$KEY" > "$run/api-key"
 chmod 600 "$run/api-key"
 
-# replica ID POOL MODEL REGION ZONE ENGINE ENGINE_PORT SIDECAR_PORT
+# replica ID POOL MODEL REGION ZONE ENGINE ENGINE_PORT SIDECAR_PORT METRICS_PORT
 replica() {
-  local id="$1" pool="$2" model="$3" region="$4" zone="$5" engine="$6" eport="$7" sport="$8"
+  local id="$1" pool="$2" model="$3" region="$4" zone="$5" engine="$6" eport="$7" sport="$8" mport="$9"
   start "engine-$id" "$bin/infermesh-sim-engine" --listen "127.0.0.1:$eport" --model "$model" \
     --metrics-dialect "$engine"
-  start "sidecar-$id" "$bin/infermesh-sidecar" --listen "127.0.0.1:$sport" \
+  start "sidecar-$id" "$bin/infermesh-sidecar" --listen "127.0.0.1:$sport" --metrics-listen "127.0.0.1:$mport" \
     --engine-url "http://127.0.0.1:$eport" --engine "$engine" --endpoint-id "$id" \
     --pool "$pool" --model "$model" --region "$region" --zone "$zone" --control-plane "$cp_addr" \
     --control-plane-ca "$pki/ca.pem" --control-plane-cert "$pki/sidecar-$id.pem" \
     --control-plane-key "$pki/sidecar-$id-key.pem"
 }
 echo "starting five replicas (simulated engine + sidecar each)"
-replica llama-8b-eu-west-0 llama-8b-eu-west meta-llama/Llama-3.1-8B-Instruct eu-west eu-west-1a vllm 18001 18101
-replica llama-8b-eu-west-1 llama-8b-eu-west meta-llama/Llama-3.1-8B-Instruct eu-west eu-west-1b vllm 18002 18102
-replica qwen-7b-eu-west-0 qwen-7b-eu-west Qwen/Qwen2.5-7B-Instruct eu-west eu-west-1a sglang 18003 18103
-replica llama-8b-us-east-0 llama-8b-us-east meta-llama/Llama-3.1-8B-Instruct us-east us-east-1a vllm 18004 18104
-replica qwen-7b-us-east-0 qwen-7b-us-east Qwen/Qwen2.5-7B-Instruct us-east us-east-1a sglang 18005 18105
+replica llama-8b-eu-west-0 llama-8b-eu-west meta-llama/Llama-3.1-8B-Instruct eu-west eu-west-1a vllm 18001 18101 $((CP_METRICS_PORT + 3))
+replica llama-8b-eu-west-1 llama-8b-eu-west meta-llama/Llama-3.1-8B-Instruct eu-west eu-west-1b vllm 18002 18102 $((CP_METRICS_PORT + 4))
+replica qwen-7b-eu-west-0 qwen-7b-eu-west Qwen/Qwen2.5-7B-Instruct eu-west eu-west-1a sglang 18003 18103 $((CP_METRICS_PORT + 5))
+replica llama-8b-us-east-0 llama-8b-us-east meta-llama/Llama-3.1-8B-Instruct us-east us-east-1a vllm 18004 18104 $((CP_METRICS_PORT + 6))
+replica qwen-7b-us-east-0 qwen-7b-us-east Qwen/Qwen2.5-7B-Instruct us-east us-east-1a sglang 18005 18105 $((CP_METRICS_PORT + 7))
 
 edge_tls() {
   edge_flags=(--control-plane "$cp_addr" --control-plane-ca "$pki/ca.pem"
@@ -149,10 +153,10 @@ edge_tls() {
 echo "starting edges: eu-west on https://127.0.0.1:$EDGE_EU_PORT, us-east on http://127.0.0.1:$EDGE_US_PORT"
 edge_tls eu-west
 start edge-eu-west "$bin/infermesh-edge" --listen "127.0.0.1:$EDGE_EU_PORT" --region eu-west \
-  --node-id edge-eu-west-0 "${edge_flags[@]}" --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem"
+  --node-id edge-eu-west-0 --metrics-listen "127.0.0.1:$((CP_METRICS_PORT + 1))" "${edge_flags[@]}" --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem"
 edge_tls us-east
 start edge-us-east "$bin/infermesh-edge" --listen "127.0.0.1:$EDGE_US_PORT" --region us-east \
-  --node-id edge-us-east-0 "${edge_flags[@]}"
+  --node-id edge-us-east-0 --metrics-listen "127.0.0.1:$((CP_METRICS_PORT + 2))" "${edge_flags[@]}"
 
 chat='{"model":"llama-8b","messages":[{"role":"user","content":"Hello, infermesh!"}],"max_tokens":12}'
 for url in "https://127.0.0.1:$EDGE_EU_PORT" "http://127.0.0.1:$EDGE_US_PORT"; do
@@ -189,6 +193,11 @@ admin token is in .run/admin-token; certificates are in .run/pki. Try:
   # ... or with the admin bearer token
   .tools/bin/grpcurl -cacert .run/pki/ca.pem -H "authorization: Bearer \$(cat .run/admin-token)" \\
     -d '{"tenant":"demo"}' $cp_addr infermesh.v1.AdminService/ListApiKeys
+
+  # Prometheus metrics: control plane, edges eu-west and us-east, then the sidecars
+  curl -s 127.0.0.1:$CP_METRICS_PORT/metrics | grep '^infermesh_control_plane_subscribers'
+  curl -s 127.0.0.1:$((CP_METRICS_PORT + 1))/metrics | grep '^infermesh_edge_requests_total'
+  curl -s 127.0.0.1:$((CP_METRICS_PORT + 3))/metrics | grep '^infermesh_sidecar_engine'
 
   .tools/bin/grpcurl -cacert .run/pki/ca.pem $cp_addr list infermesh.v1.AdminService
   .tools/bin/grpcurl -cacert .run/pki/ca.pem $cp_addr describe infermesh.v1.Pool

@@ -15,6 +15,10 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_LISTEN", default_value = "0.0.0.0:7070")]
     pub listen: SocketAddr,
 
+    /// Address of the Prometheus metrics listener (GET /metrics).
+    #[arg(long, env = "INFERMESH_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
     /// etcd endpoints, comma-separated.
     #[arg(
         long,

@@ -18,6 +18,7 @@ use crate::api::discovery::Discovery;
 use crate::api::load_reports::{LeaseSettings, LoadReports};
 use crate::auth::Authorizer;
 use crate::config::{Config, Transport};
+use crate::metrics::ControlPlaneMetrics;
 use crate::quota::QuotaBook;
 use crate::registry::Registry;
 use crate::snapshot;
@@ -50,6 +51,13 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         ),
     };
     let authorizer = Arc::new(Authorizer::new(tls.is_some(), admin_tokens));
+    let registry = infermesh_runtime::metrics::registry(&[]);
+    let metrics = Arc::new(ControlPlaneMetrics::register(&registry)?);
+    metrics.leader.set(1);
+    let (_, metrics_task) =
+        infermesh_runtime::metrics::spawn(config.metrics_listen, registry, cancel.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", config.metrics_listen))?;
     tracing::info!(etcd = ?config.etcd_endpoints, "connecting to etcd");
     let store = tokio::time::timeout(
         Duration::from_secs(10),
@@ -61,9 +69,15 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             "--etcd-endpoints: no connection to {:?} within 10s",
             config.etcd_endpoints
         )
-    })??;
+    })??
+    .with_metrics(metrics.clone());
     tracing::info!("connected to etcd");
     let (snapshots, watcher) = snapshot::spawn_watcher(store.clone(), cancel.clone());
+    let snapshot_gauges = tokio::spawn(follow_snapshots(
+        snapshots.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
     let loads = Arc::new(dashmap::DashMap::new());
     let subscribers = Arc::new(dashmap::DashMap::new());
 
@@ -83,13 +97,21 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         subscribers,
         quotas,
         authorizer.clone(),
+        metrics.clone(),
         cancel.clone(),
     );
     let settings = LeaseSettings {
         ttl_seconds: config.endpoint_lease_ttl_seconds,
         report_interval: config.report_interval(),
     };
-    let load_reports = LoadReports::new(store, loads, settings, authorizer.clone(), cancel.clone());
+    let load_reports = LoadReports::new(
+        store,
+        loads,
+        settings,
+        authorizer.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    );
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -151,6 +173,23 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     readiness.abort();
     let _ = quota_task.await;
     let _ = watcher.await;
+    let _ = tokio::join!(snapshot_gauges, metrics_task);
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// Keeps the snapshot-derived gauges current.
+async fn follow_snapshots(
+    mut snapshots: tokio::sync::watch::Receiver<Arc<crate::snapshot::Snapshot>>,
+    metrics: Arc<ControlPlaneMetrics>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        metrics.snapshot(&snapshot);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = snapshots.changed() => if changed.is_err() { return },
+        }
+    }
 }

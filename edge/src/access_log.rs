@@ -28,6 +28,8 @@ pub struct AccessRecord {
     pub tenant: Option<String>,
     /// Model as asked for.
     pub model: Option<String>,
+    /// The model's canonical name, once the request was routed.
+    pub served_model: Option<String>,
     /// Endpoint id the request went to.
     pub endpoint: Option<String>,
     /// Status sent to the client.

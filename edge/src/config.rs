@@ -16,6 +16,10 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
+    /// Address of the Prometheus metrics listener (GET /metrics).
+    #[arg(long, env = "INFERMESH_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
     /// Region this edge serves.
     #[arg(long, env = "INFERMESH_REGION")]
     pub region: String,

@@ -18,9 +18,10 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::access::Principal;
-use crate::access_log::{AccessLog, AccessRecord, millis};
+use crate::access_log::{AccessRecord, millis};
 use crate::error::ApiError;
 use crate::forward::Forwarder;
+use crate::metrics::Observer;
 use crate::openai;
 use crate::quota::Limiter;
 use crate::table::EdgeTable;
@@ -35,23 +36,23 @@ pub struct Gateway {
     tables: Tables,
     forwarder: Forwarder,
     limiter: Arc<Limiter>,
-    log: AccessLog,
+    observer: Observer,
 }
 
 impl Gateway {
     /// A gateway routing by `tables` through `forwarder`, admitting
-    /// requests through `limiter` and logging them to `log`.
+    /// requests through `limiter` and recording them with `observer`.
     pub fn new(
         tables: Tables,
         forwarder: Forwarder,
         limiter: Arc<Limiter>,
-        log: AccessLog,
+        observer: Observer,
     ) -> Self {
         Self {
             tables,
             forwarder,
             limiter,
-            log,
+            observer,
         }
     }
 
@@ -134,21 +135,35 @@ impl Gateway {
                 model: fields.model.clone(),
             });
         }
+        record.served_model = Some(route.model.clone());
         let upstream = route
             .pick()
             .cloned()
             .ok_or_else(|| ApiError::NoHealthyReplica(route.model.clone()))?;
+        let metrics = self.observer.metrics();
         let admission = principal
             .as_ref()
             .map(|p| {
                 self.limiter
                     .admit(p, fields.prompt_tokens_estimate, fields.max_tokens)
             })
-            .transpose()?;
+            .transpose()
+            .inspect_err(|error| {
+                if let (ApiError::RateLimited { kind, .. }, Some(metrics)) = (error, metrics) {
+                    metrics.rate_limited(&route.model, kind);
+                }
+            })?;
+        let in_flight = metrics.map(|m| m.in_flight(&route.model));
         record.endpoint = Some(upstream.id.clone());
         tracing::debug!(model = %route.model, endpoint = %upstream.id, stream = fields.stream, "routing");
         let body = openai::upstream_body(body, &fields, &route.model);
-        let mut response = match self.forwarder.forward(parts, body, upstream).await {
+        let sent = Instant::now();
+        let endpoint_id = upstream.id.clone();
+        let forwarded = self.forwarder.forward(parts, body, upstream).await;
+        if let Some(metrics) = metrics {
+            metrics.upstream(&route.model, &endpoint_id, sent.elapsed());
+        }
+        let mut response = match forwarded {
             Ok(response) => response,
             Err(error) => {
                 if let Some(admission) = admission {
@@ -171,7 +186,8 @@ impl Gateway {
         let finish = Finish {
             admission,
             record: record.clone(),
-            log: self.log.clone(),
+            observer: self.observer.clone(),
+            in_flight,
             started,
             failed,
         };
@@ -213,13 +229,13 @@ impl tower::Service<Request<Bytes>> for Gateway {
             let started = Instant::now();
             let mut record = AccessRecord::begin(&request);
             let probe = matches!(request.uri().path(), "/livez" | "/readyz");
-            let log = gateway.log.clone();
+            let observer = gateway.observer.clone();
             match gateway.handle(request, &mut record).await {
                 Ok(response) => {
                     if !record.deferred && !probe {
                         record.status = response.status().as_u16();
                         record.total_ms = millis(started.elapsed());
-                        log.write(&record);
+                        observer.finished(&record);
                     }
                     Ok(response)
                 }
@@ -231,7 +247,7 @@ impl tower::Service<Request<Bytes>> for Gateway {
                     let response = error.into_response();
                     record.status = response.status().as_u16();
                     record.total_ms = millis(started.elapsed());
-                    log.write(&record);
+                    observer.finished(&record);
                     Ok(response)
                 }
             }

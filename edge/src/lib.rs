@@ -9,6 +9,7 @@ pub mod error;
 pub mod forward;
 pub mod gateway;
 pub mod layers;
+pub mod metrics;
 pub mod openai;
 pub mod quota;
 pub mod server;

@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::forward::Forwarder;
 use crate::gateway::Gateway;
 use crate::layers::auth::AuthLayer;
+use crate::metrics::{EdgeMetrics, Observer};
 use crate::quota::Limiter;
 use crate::stack;
 use crate::table::EdgeTableBuilder;
@@ -52,11 +53,23 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     } else {
         AccessLog::disabled()
     };
+    let registry = infermesh_runtime::metrics::registry(&[("region", &config.region)]);
+    let metrics = Arc::new(EdgeMetrics::register(&registry)?);
+    let (_, metrics_task) =
+        infermesh_runtime::metrics::spawn(config.metrics_listen, registry, cancel.child_token())
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", config.metrics_listen))?;
+    let gauges = tokio::spawn(follow_subscription(
+        subscription.tables.clone(),
+        subscription.connected.clone(),
+        metrics.clone(),
+        cancel.child_token(),
+    ));
     let gateway = Gateway::new(
         subscription.tables.clone(),
         Forwarder::new(config.connect_timeout(), config.response_timeout()),
         limiter,
-        log,
+        Observer::new(log, metrics),
     );
     let auth = AuthLayer::new(subscription.tables.clone(), config.allow_anonymous);
     if config.allow_anonymous {
@@ -94,7 +107,31 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     if let Some(tls) = tls {
         tls.watcher.stop().await;
     }
+    let _ = tokio::join!(metrics_task, gauges);
     let _ = discovery_task.await;
     tracing::info!("edge stopped");
     Ok(())
+}
+
+/// Keeps the table-version and connection gauges current.
+async fn follow_subscription(
+    mut tables: crate::gateway::Tables,
+    mut connected: tokio::sync::watch::Receiver<bool>,
+    metrics: Arc<EdgeMetrics>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let version = tables.borrow_and_update().as_ref().map_or(0, |t| t.version);
+        metrics
+            .table_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        metrics
+            .control_plane_connected
+            .set(i64::from(*connected.borrow_and_update()));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = tables.changed() => if changed.is_err() { return },
+            changed = connected.changed() => if changed.is_err() { return },
+        }
+    }
 }

@@ -13,7 +13,8 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use infermesh_runtime::http::{Body, BoxError};
 
-use crate::access_log::{AccessLog, AccessRecord, millis};
+use crate::access_log::{AccessRecord, millis};
+use crate::metrics::{InFlight, Observer};
 use crate::quota::Admission;
 
 /// Non-streamed bodies larger than this are passed on without looking for usage.
@@ -49,8 +50,10 @@ pub struct Finish {
     pub admission: Option<Admission>,
     /// The access-log line to complete.
     pub record: AccessRecord,
-    /// Where the line goes.
-    pub log: AccessLog,
+    /// Where the finished record goes.
+    pub observer: Observer,
+    /// Holds the request in the in-flight gauge until the body ends.
+    pub in_flight: Option<InFlight>,
     /// When the request arrived.
     pub started: Instant,
     /// Whether the engine answered with an error status.
@@ -157,7 +160,7 @@ impl UsageTap {
             }
         }
         finish.record.total_ms = millis(finish.started.elapsed());
-        finish.log.write(&finish.record);
+        finish.observer.finished(&finish.record);
     }
 }
 
@@ -257,7 +260,8 @@ mod tests {
         Finish {
             admission: None,
             record: AccessRecord::default(),
-            log: AccessLog::disabled(),
+            observer: Observer::disabled(),
+            in_flight: None,
             started: Instant::now(),
             failed: false,
         }

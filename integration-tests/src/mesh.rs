@@ -24,6 +24,8 @@ pub const LEASE_TTL_SECONDS: u32 = 2;
 pub struct Edge {
     /// Base URL, e.g. `http://127.0.0.1:PORT`.
     pub url: String,
+    /// Its Prometheus endpoint, `http://127.0.0.1:PORT/metrics`.
+    pub metrics_url: String,
     /// The process.
     pub process: Process,
 }
@@ -36,10 +38,22 @@ pub struct Replica {
     pub engine_url: String,
     /// Sidecar base URL.
     pub sidecar_url: String,
+    /// The sidecar's Prometheus endpoint.
+    pub sidecar_metrics_url: String,
     /// The engine process.
     pub engine: Process,
     /// The sidecar process.
     pub sidecar: Process,
+}
+
+/// A sidecar process started on its own.
+pub struct Sidecar {
+    /// Base URL of its proxy.
+    pub url: String,
+    /// Its Prometheus endpoint.
+    pub metrics_url: String,
+    /// The process.
+    pub process: Process,
 }
 
 /// The system under test.
@@ -50,6 +64,8 @@ pub struct Mesh {
     pub control_plane: Option<Process>,
     /// Control-plane gRPC address (host:port).
     pub control_plane_address: String,
+    /// The control plane's Prometheus endpoint.
+    pub control_plane_metrics_url: String,
     /// grpcurl aimed at the control plane, presenting an admin certificate.
     pub admin: Grpcurl,
     /// The CA and certificates every process uses.
@@ -79,6 +95,7 @@ impl Mesh {
             admin,
             pki,
             admin_token,
+            control_plane_metrics_url: format!("http://127.0.0.1:{}/metrics", free_port()),
             control_plane_address: address,
             dir,
             etcd,
@@ -123,6 +140,10 @@ impl Mesh {
             &LEASE_TTL_SECONDS.to_string(),
             "--report-interval-ms",
             "200",
+            "--metrics-listen",
+            self.control_plane_metrics_url
+                .trim_start_matches("http://")
+                .trim_end_matches("/metrics"),
             "--tls-cert",
             &path_str(&self.pki.server.cert),
             "--tls-key",
@@ -165,9 +186,12 @@ impl Mesh {
     /// Starts an edge for `region` with `extra` flags and waits until it answers /livez.
     pub async fn start_edge(&self, region: &str, extra: &[&str]) -> Edge {
         let port = free_port();
+        let metrics_port = free_port();
         let mut args: Vec<String> = [
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
             "--region",
             region,
             "--node-id",
@@ -210,7 +234,11 @@ impl Mesh {
             self.wait_http_ok(&format!("{url}/livez"), "edge /livez")
                 .await;
         }
-        Edge { url, process }
+        Edge {
+            url,
+            metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
+            process,
+        }
     }
 
     /// Starts a simulated engine serving `model` with `flags`; waits for its /health.
@@ -244,15 +272,16 @@ impl Mesh {
         engine_flags: &[&str],
     ) -> Replica {
         let (engine_url, engine) = self.start_engine(id, model, engine_flags).await;
-        let (sidecar_url, sidecar) = self
+        let sidecar = self
             .start_sidecar(id, pool, model, region, &engine_url, None)
             .await;
         Replica {
             id: id.to_string(),
             engine_url,
-            sidecar_url,
+            sidecar_metrics_url: sidecar.metrics_url,
+            sidecar_url: sidecar.url,
+            sidecar: sidecar.process,
             engine,
-            sidecar,
         }
     }
 
@@ -265,12 +294,15 @@ impl Mesh {
         region: &str,
         engine_url: &str,
         advertise: Option<&str>,
-    ) -> (String, Process) {
+    ) -> Sidecar {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
+        let metrics_listen = format!("127.0.0.1:{}", free_port());
         let mut args: Vec<String> = [
             "--listen",
             &listen,
+            "--metrics-listen",
+            &metrics_listen,
             "--advertise-address",
             advertise.unwrap_or(&listen),
             "--engine-url",
@@ -309,7 +341,11 @@ impl Mesh {
         let url = format!("http://{listen}");
         self.wait_http_ok(&format!("{url}/livez"), "sidecar /livez")
             .await;
-        (url, process)
+        Sidecar {
+            url,
+            metrics_url: format!("http://{metrics_listen}/metrics"),
+            process,
+        }
     }
 
     /// Flags that make an edge or sidecar reach the control plane over mTLS as `role`/`name`.
@@ -331,6 +367,16 @@ impl Mesh {
             let http = http.clone();
             let url = url.to_string();
             async move { (http.get(&url).await.ok()?.status == 200).then_some(()) }
+        })
+        .await;
+    }
+
+    /// Waits until `body` POSTed to `url` gets a 200 (the edge holds a table routing it).
+    pub async fn wait_until_served(&self, url: &str, body: &Value) {
+        let http = self.http.clone();
+        wait::until("the request to be served", Duration::from_secs(20), || {
+            let (http, url, body) = (http.clone(), url.to_string(), body.clone());
+            async move { (http.post_json(&url, &body).await.ok()?.status == 200).then_some(()) }
         })
         .await;
     }

@@ -157,7 +157,7 @@ async fn a_hanging_replica_gives_504_and_an_unreachable_one_502() {
     // A healthy engine whose sidecar advertises a port nobody listens on.
     let (gone_engine_url, _gone_engine) = mesh.start_engine("gone-0", "gone", &[]).await;
     let dead_port = infermesh_integration_tests::binaries::free_port();
-    let (_, _unreachable) = mesh
+    let _unreachable = mesh
         .start_sidecar(
             "gone-0",
             "gone-eu",
@@ -200,10 +200,7 @@ async fn an_unhealthy_engine_is_taken_out_of_rotation_and_back() {
     let edge = mesh.start_edge("eu-west", &[]).await;
     let url = format!("{}/v1/chat/completions", edge.url);
     let body = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]});
-    wait::until("routable", DEADLINE, || async {
-        (mesh.http.post_json(&url, &body).await.ok()?.status == 200).then_some(())
-    })
-    .await;
+    mesh.wait_until_served(&url, &body).await;
 
     let flip = mesh
         .http
@@ -327,10 +324,7 @@ async fn unknown_fields_reach_the_engine_untouched() {
     let edge = mesh.start_edge("eu-west", &[]).await;
     let url = format!("{}/v1/chat/completions", edge.url);
     let probe = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]});
-    wait::until("routable", DEADLINE, || async {
-        (mesh.http.post_json(&url, &probe).await.ok()?.status == 200).then_some(())
-    })
-    .await;
+    mesh.wait_until_served(&url, &probe).await;
     let last_request = || async {
         mesh.http
             .send(

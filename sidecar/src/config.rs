@@ -18,6 +18,24 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_LISTEN", default_value = "0.0.0.0:8081")]
     pub listen: SocketAddr,
 
+    /// Address of the Prometheus metrics listener (GET /metrics).
+    #[arg(long, env = "INFERMESH_METRICS_LISTEN", default_value = "0.0.0.0:9091")]
+    pub metrics_listen: SocketAddr,
+
+    /// Read GPU utilisation and memory through NVML (a pod without a GPU or
+    /// without the library reports it unavailable and keeps working).
+    #[arg(
+        long,
+        env = "INFERMESH_GPU_TELEMETRY",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub gpu_telemetry: bool,
+
+    /// Path of the NVML library (default: the loader's libnvidia-ml.so.1).
+    #[arg(long, env = "INFERMESH_NVML_LIBRARY")]
+    pub nvml_library: Option<std::path::PathBuf>,
+
     /// host:port edges use to reach this sidecar (defaults to $POD_IP with the listen port).
     #[arg(long, env = "INFERMESH_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,

@@ -6,6 +6,8 @@
 pub mod assignment;
 pub mod config;
 pub mod engine;
+pub mod gpu;
+pub mod metrics;
 pub mod proxy;
 pub mod report;
 pub mod server;

@@ -13,6 +13,8 @@ use infermesh_runtime::http::{Body, UpstreamClient, full, streamed, strip_hop_by
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::metrics::SidecarMetrics;
+
 /// What readiness depends on.
 #[derive(Clone)]
 pub struct Readiness {
@@ -28,6 +30,7 @@ pub struct EngineProxy {
     client: UpstreamClient,
     engine: Arc<Uri>,
     readiness: Readiness,
+    metrics: Option<SidecarMetrics>,
 }
 
 impl EngineProxy {
@@ -37,7 +40,14 @@ impl EngineProxy {
             client,
             engine: Arc::new(engine),
             readiness,
+            metrics: None,
         }
+    }
+
+    /// Counts proxied requests in `metrics`.
+    pub fn with_metrics(mut self, metrics: SidecarMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     async fn forward(self, request: Request<Incoming>) -> Response<Body> {
@@ -117,7 +127,15 @@ impl tower::Service<Request<Incoming>> for EngineProxy {
             Ok(match request.uri().path() {
                 "/livez" => json_response(StatusCode::OK, json!({"status": "alive"})),
                 "/readyz" => proxy.readyz(),
-                _ => proxy.forward(request).await,
+                _ => {
+                    let started = std::time::Instant::now();
+                    let metrics = proxy.metrics.clone();
+                    let response = proxy.forward(request).await;
+                    if let Some(metrics) = metrics {
+                        metrics.request(response.status(), started.elapsed());
+                    }
+                    response
+                }
             })
         })
     }

@@ -4,6 +4,8 @@
 //! jittered backoff across control-plane addresses; while it is away the
 //! proxy keeps serving.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use infermesh_proto::v1::{
@@ -30,6 +32,13 @@ pub struct Reporter {
     pub default_interval: Duration,
 }
 
+/// What a stream tells the rest of the sidecar.
+struct Signals {
+    registered: watch::Sender<bool>,
+    drain_requested: CancellationToken,
+    last_sent: Arc<AtomicI64>,
+}
+
 /// What the reporter shows the rest of the sidecar.
 #[derive(Debug, Clone)]
 pub struct ReportStatus {
@@ -37,6 +46,8 @@ pub struct ReportStatus {
     pub registered: watch::Receiver<bool>,
     /// Fires when the control plane tells the replica to drain.
     pub drain_requested: CancellationToken,
+    /// When the last load report was handed to the stream, Unix ms (0: never).
+    pub last_sent_unix_ms: Arc<AtomicI64>,
 }
 
 impl Reporter {
@@ -49,11 +60,20 @@ impl Reporter {
     ) -> (ReportStatus, tokio::task::JoinHandle<()>) {
         let (registered_tx, registered) = watch::channel(false);
         let drain_requested = CancellationToken::new();
+        let last_sent = Arc::new(AtomicI64::new(0));
         let status = ReportStatus {
             registered,
             drain_requested: drain_requested.clone(),
+            last_sent_unix_ms: last_sent.clone(),
         };
-        let task = tokio::spawn(self.run(loads, draining, registered_tx, drain_requested, cancel));
+        let task = tokio::spawn(self.run(
+            loads,
+            draining,
+            registered_tx,
+            drain_requested,
+            last_sent,
+            cancel,
+        ));
         (status, task)
     }
 
@@ -63,8 +83,14 @@ impl Reporter {
         mut draining: watch::Receiver<bool>,
         registered: watch::Sender<bool>,
         drain_requested: CancellationToken,
+        last_sent: Arc<AtomicI64>,
         cancel: CancellationToken,
     ) {
+        let signals = Signals {
+            registered,
+            drain_requested,
+            last_sent,
+        };
         let mut backoff = Backoff::default();
         let mut next = 0usize;
         loop {
@@ -74,9 +100,9 @@ impl Reporter {
             next = next.wrapping_add(1);
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return,
-                outcome = self.session(&address, &mut loads, &mut draining, &registered, &drain_requested, &mut backoff) => outcome,
+                outcome = self.session(&address, &mut loads, &mut draining, &signals, &mut backoff) => outcome,
             };
-            registered.send_replace(false);
+            signals.registered.send_replace(false);
             if let Err(status) = outcome {
                 tracing::warn!(%address, %status, "load-report stream failed");
             }
@@ -92,8 +118,7 @@ impl Reporter {
         address: &str,
         loads: &mut watch::Receiver<Load>,
         draining: &mut watch::Receiver<bool>,
-        registered: &watch::Sender<bool>,
-        drain_requested: &CancellationToken,
+        signals: &Signals,
         backoff: &mut Backoff,
     ) -> Result<(), Status> {
         let channel = self.client.connect(address, Duration::from_secs(3)).await?;
@@ -132,7 +157,7 @@ impl Reporter {
                 ));
             }
         }
-        registered.send_replace(true);
+        signals.registered.send_replace(true);
         backoff.reset();
         if *draining.borrow_and_update() {
             send(load_report_request::Kind::Draining(Draining {})).await?;
@@ -143,6 +168,7 @@ impl Reporter {
                 _ = tick.tick() => {
                     let load = *loads.borrow_and_update();
                     send(load_report_request::Kind::Load(load)).await?;
+                    signals.last_sent.store(infermesh_runtime::time::now_unix_ms(), Ordering::Relaxed);
                 }
                 changed = draining.changed() => {
                     if changed.is_ok() && *draining.borrow_and_update() {
@@ -152,7 +178,7 @@ impl Reporter {
                 message = inbound.message() => match message?.and_then(|m| m.kind) {
                     Some(load_report_response::Kind::Drain(drain)) => {
                         tracing::info!(reason = %drain.reason, "control plane asked this replica to drain");
-                        drain_requested.cancel();
+                        signals.drain_requested.cancel();
                     }
                     Some(load_report_response::Kind::SetReportInterval(s)) if s.report_interval_ms > 0 => {
                         interval = Duration::from_millis(u64::from(s.report_interval_ms));

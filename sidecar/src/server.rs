@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::assignment::AssignmentReader;
 use crate::config::Config;
 use crate::engine::scrape::Scraper;
+use crate::gpu::GpuTelemetry;
+use crate::metrics::SidecarMetrics;
 use crate::proxy::{EngineProxy, Readiness};
 use crate::report::Reporter;
 
@@ -29,13 +31,31 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
     let background = CancellationToken::new();
     let client = infermesh_runtime::http::upstream_client(Duration::from_secs(2));
 
+    let registry = infermesh_runtime::metrics::registry(&[
+        ("endpoint", &endpoint_id),
+        ("pool", &config.pool),
+        ("model", &config.model),
+        ("region", &config.region),
+    ]);
+    let metrics = SidecarMetrics::register(&registry)?;
+    let (_, metrics_task) =
+        infermesh_runtime::metrics::spawn(config.metrics_listen, registry, background.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", config.metrics_listen))?;
+    let gpu = if config.gpu_telemetry {
+        GpuTelemetry::open(config.nvml_library.as_deref())
+    } else {
+        GpuTelemetry::Unavailable("--gpu-telemetry false".into())
+    };
+
     let (loads_tx, loads) = watch::channel(Load::default());
     let scraper = Scraper::new(
         client.clone(),
         config.engine,
         &config.engine_url,
         Duration::from_millis(config.scrape_timeout_ms),
-    )?;
+    )?
+    .with_telemetry(gpu, metrics.clone());
     let scrape_task =
         tokio::spawn(scraper.run(config.scrape_interval(), loads_tx, background.clone()));
 
@@ -56,6 +76,12 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
     };
     let (report_status, report_task) =
         reporter.spawn(loads.clone(), draining.clone(), background.clone());
+    let age_task = tokio::spawn(track_report_age(
+        report_status.last_sent_unix_ms.clone(),
+        metrics.clone(),
+        config.scrape_interval(),
+        background.clone(),
+    ));
 
     let (assignment, discovery_task) = discovery::subscribe(
         DiscoveryConfig {
@@ -84,7 +110,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
             loads,
             draining: draining.clone(),
         },
-    );
+    )
+    .with_metrics(metrics);
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, advertise = %address, endpoint = %endpoint_id, engine = %config.engine_url, "sidecar serving");
     let serving = CancellationToken::new();
@@ -119,7 +146,34 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
     serving.cancel();
     let _ = server.await;
     background.cancel();
-    let _ = tokio::join!(scrape_task, report_task, discovery_task);
+    let _ = tokio::join!(
+        scrape_task,
+        report_task,
+        discovery_task,
+        metrics_task,
+        age_task
+    );
     tracing::info!("sidecar stopped");
     Ok(())
+}
+
+/// Sets the report-age gauge every `every` from the reporter's last send.
+async fn track_report_age(
+    last_sent_unix_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    metrics: SidecarMetrics,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let started = infermesh_runtime::time::now_unix_ms();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let last = last_sent_unix_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let since = if last == 0 { started } else { last };
+        let age_ms = (infermesh_runtime::time::now_unix_ms() - since).max(0);
+        metrics.report_age(Duration::from_millis(age_ms as u64));
+    }
 }

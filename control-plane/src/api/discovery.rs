@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::first_message;
 use crate::auth::Authorizer;
+use crate::metrics::ControlPlaneMetrics;
 use crate::quota::{QuotaBook, SessionId};
 use crate::registry::validate;
 use crate::snapshot::Snapshot;
@@ -50,6 +51,7 @@ pub struct Discovery {
     subscribers: Arc<SubscriberBook>,
     quotas: Arc<QuotaBook>,
     auth: Arc<Authorizer>,
+    metrics: Arc<ControlPlaneMetrics>,
     cancel: CancellationToken,
 }
 
@@ -60,6 +62,7 @@ impl Discovery {
         subscribers: Arc<SubscriberBook>,
         quotas: Arc<QuotaBook>,
         auth: Arc<Authorizer>,
+        metrics: Arc<ControlPlaneMetrics>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -67,6 +70,7 @@ impl Discovery {
             subscribers,
             quotas,
             auth,
+            metrics,
             cancel,
         }
     }
@@ -119,6 +123,7 @@ impl DiscoveryService for Discovery {
             snapshots: self.snapshots.clone(),
             subscribers: self.subscribers.clone(),
             quotas: self.quotas.clone(),
+            metrics: self.metrics.clone(),
             tx,
         };
         tokio::spawn(session.run(inbound, self.cancel.clone()));
@@ -132,6 +137,7 @@ struct Session {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     subscribers: Arc<SubscriberBook>,
     quotas: Arc<QuotaBook>,
+    metrics: Arc<ControlPlaneMetrics>,
     tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
 }
 
@@ -147,6 +153,7 @@ fn content(table: &RoutingTable) -> Vec<u8> {
 impl Session {
     async fn run(mut self, mut inbound: Streaming<SubscribeRequest>, cancel: CancellationToken) {
         let node = self.hello.node_id.clone();
+        let _counted = self.metrics.subscriber(self.role, &self.hello.region);
         tracing::info!(%node, role = ?self.role, region = %self.hello.region, held = self.hello.version_held, "subscriber connected");
         self.subscribers.insert(
             node.clone(),
@@ -231,7 +238,12 @@ impl Session {
             return;
         };
         match message.kind {
-            Some(subscribe_request::Kind::Ack(ack)) => state.acked = state.acked.max(ack.version),
+            Some(subscribe_request::Kind::Ack(ack)) => {
+                if ack.version > state.acked {
+                    self.metrics.acked(self.role, state.acked, ack.version);
+                }
+                state.acked = state.acked.max(ack.version);
+            }
             Some(subscribe_request::Kind::Nack(nack)) => {
                 tracing::warn!(%node, version = nack.version, reason = %nack.reason, "subscriber refused a routing table");
                 state.nacked = Some((nack.version, nack.reason));

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::admin::LoadBook;
 use super::{first_message, now_unix_ms};
 use crate::auth::Authorizer;
+use crate::metrics::ControlPlaneMetrics;
 use crate::registry::{RegistryError, validate};
 use crate::store::Store;
 use infermesh_runtime::tls::peer_identity;
@@ -41,6 +42,7 @@ pub struct LoadReports {
     loads: Arc<LoadBook>,
     settings: LeaseSettings,
     auth: Arc<Authorizer>,
+    metrics: Arc<ControlPlaneMetrics>,
     cancel: CancellationToken,
 }
 
@@ -51,6 +53,7 @@ impl LoadReports {
         loads: Arc<LoadBook>,
         settings: LeaseSettings,
         auth: Arc<Authorizer>,
+        metrics: Arc<ControlPlaneMetrics>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -58,6 +61,7 @@ impl LoadReports {
             loads,
             settings,
             auth,
+            metrics,
             cancel,
         }
     }
@@ -148,6 +152,7 @@ impl LoadReportService for LoadReports {
         let session = Session {
             store: self.store.clone(),
             loads: self.loads.clone(),
+            metrics: self.metrics.clone(),
             endpoint,
             lease,
             ttl: Duration::from_secs(ttl as u64),
@@ -161,6 +166,7 @@ impl LoadReportService for LoadReports {
 struct Session {
     store: Store,
     loads: Arc<LoadBook>,
+    metrics: Arc<ControlPlaneMetrics>,
     endpoint: Endpoint,
     lease: i64,
     ttl: Duration,
@@ -239,6 +245,7 @@ impl Session {
         match message.kind {
             Some(load_report_request::Kind::Load(load)) => {
                 let state = self.state_for(&load);
+                self.metrics.load_report();
                 self.loads.insert(self.endpoint.id.clone(), load);
                 self.set_state(state).await
             }

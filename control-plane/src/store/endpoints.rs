@@ -11,7 +11,11 @@ use super::{ObjectKind, Store, StoreError};
 impl Store {
     /// A new lease of `ttl_seconds`.
     pub async fn grant_lease(&self, ttl_seconds: i64) -> Result<i64, StoreError> {
-        Ok(self.client().lease_grant(ttl_seconds, None).await?.id())
+        let mut client = self.client();
+        Ok(self
+            .timed("lease_grant", client.lease_grant(ttl_seconds, None))
+            .await?
+            .id())
     }
 
     /// Opens the keep-alive stream of a lease.
@@ -24,20 +28,25 @@ impl Store {
 
     /// Ends a lease now, deleting the keys still bound to it.
     pub async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
-        self.client().lease_revoke(lease).await?;
+        let mut client = self.client();
+        self.timed("lease_revoke", client.lease_revoke(lease))
+            .await?;
         Ok(())
     }
 
     /// Writes an endpoint bound to `lease` (re-binding it if it had another).
     pub async fn put_endpoint(&self, endpoint: &Endpoint, lease: i64) -> Result<(), StoreError> {
         let key = self.keys().object(ObjectKind::Endpoint, &endpoint.id);
-        self.client()
-            .put(
-                key,
-                endpoint.encode_to_vec(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await?;
+        let mut client = self.client();
+        let put = client.put(
+            key,
+            endpoint.encode_to_vec(),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        let resp = self.timed("put", put).await?;
+        if let Some(header) = resp.header() {
+            self.committed(header.revision());
+        }
         Ok(())
     }
 }

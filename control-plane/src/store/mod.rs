@@ -6,8 +6,11 @@ pub mod endpoints;
 mod keys;
 pub mod objects;
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::metrics::ControlPlaneMetrics;
 use etcd_client::{Client, Compare, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp};
 pub use keys::{Keys, ObjectKind, prefix_end};
 
@@ -32,6 +35,7 @@ pub enum StoreError {
 pub struct Store {
     client: Client,
     keys: Keys,
+    metrics: Option<Arc<ControlPlaneMetrics>>,
 }
 
 impl Store {
@@ -46,7 +50,29 @@ impl Store {
         Ok(Self {
             client,
             keys: Keys::new(prefix),
+            metrics: None,
         })
+    }
+
+    /// Times requests and records committed writes in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<ControlPlaneMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs `request`, timed under `op` when metrics are kept.
+    pub(crate) async fn timed<T>(&self, op: &str, request: impl Future<Output = T>) -> T {
+        match &self.metrics {
+            Some(metrics) => metrics.etcd(op, request).await,
+            None => request.await,
+        }
+    }
+
+    /// Notes a write committed at `revision`.
+    pub(crate) fn committed(&self, revision: i64) {
+        if let Some(metrics) = &self.metrics {
+            metrics.write_committed(revision);
+        }
     }
 
     /// The key layout in use.
@@ -61,15 +87,20 @@ impl Store {
 
     /// One key's current value, if any.
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let mut resp = self.client().get(key, None).await?;
+        let mut resp = self
+            .timed("get", self.client.clone().get(key, None))
+            .await?;
         Ok(resp.take_kvs().into_iter().next())
     }
 
     /// Every key under `prefix`, with the store revision the read saw.
     pub async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let mut client = self.client();
         let mut resp = self
-            .client()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .timed(
+                "range",
+                client.get(prefix, Some(GetOptions::new().with_prefix())),
+            )
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         Ok((resp.take_kvs(), revision))
@@ -81,12 +112,14 @@ impl Store {
         compares: Vec<Compare>,
         ops: Vec<TxnOp>,
     ) -> Result<Option<i64>, StoreError> {
+        let mut client = self.client();
         let resp = self
-            .client()
-            .txn(Txn::new().when(compares).and_then(ops))
+            .timed("txn", client.txn(Txn::new().when(compares).and_then(ops)))
             .await?;
         if resp.succeeded() {
-            Ok(Some(resp.header().map_or(0, |h| h.revision())))
+            let revision = resp.header().map_or(0, |h| h.revision());
+            self.committed(revision);
+            Ok(Some(revision))
         } else {
             Ok(None)
         }

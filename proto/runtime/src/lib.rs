@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod control_plane;
 pub mod discovery;
 pub mod http;
+pub mod metrics;
 pub mod quota;
 pub mod shutdown;
 pub mod telemetry;

@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::EngineKind;
 use super::metrics::{EngineFigures, Samples, figures};
+use crate::gpu::{GpuReading, GpuTelemetry, pod_totals};
+use crate::metrics::SidecarMetrics;
 
 /// Largest metrics page read; engines with many histograms stay well below.
 const MAX_METRICS_BYTES: usize = 8 * 1024 * 1024;
@@ -26,6 +28,8 @@ pub struct Scraper {
     timeout: Duration,
     previous_counters: Option<(f64, f64)>,
     hit_rate: f64,
+    gpu: GpuTelemetry,
+    metrics: Option<SidecarMetrics>,
 }
 
 /// Why a scrape failed.
@@ -56,6 +60,8 @@ impl Scraper {
         Ok(Self {
             client,
             engine,
+            gpu: GpuTelemetry::Unavailable("GPU telemetry not configured".into()),
+            metrics: None,
             metrics_uri: join("/metrics")?,
             health_uri: join("/health")?,
             timeout,
@@ -88,11 +94,22 @@ impl Scraper {
             .map_err(|_| ScrapeError::Timeout(self.timeout))?
     }
 
-    /// Reads metrics and health once.
+    /// Also reads GPU figures from `gpu`, and publishes every scrape to `metrics`.
+    pub fn with_telemetry(mut self, gpu: GpuTelemetry, metrics: SidecarMetrics) -> Self {
+        if let GpuTelemetry::Unavailable(why) = &gpu {
+            tracing::info!(reason = %why, "no GPU telemetry");
+        }
+        self.gpu = gpu;
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Reads metrics, health and GPU figures once.
     pub async fn scrape(&mut self) -> Load {
-        let (metrics, health) = tokio::join!(
+        let (metrics, health, gpus) = tokio::join!(
             self.get(&self.metrics_uri, MAX_METRICS_BYTES),
-            self.get(&self.health_uri, 64 * 1024)
+            self.get(&self.health_uri, 64 * 1024),
+            self.read_gpus()
         );
         let figures = match metrics {
             Ok(text) => figures(
@@ -108,18 +125,38 @@ impl Scraper {
             tracing::debug!(%error, "engine health probe failed");
         }
         self.update_hit_rate(&figures);
-        Load {
+        let totals = gpus.as_deref().and_then(pod_totals);
+        let load = Load {
             running: figures.running,
             waiting: figures.waiting,
             kv_cache_usage: figures.kv_cache_usage,
             prefix_cache_hit_rate: self.hit_rate,
-            gpu_utilization: None,
-            gpu_memory_used_bytes: None,
-            gpu_memory_total_bytes: None,
+            gpu_utilization: totals.map(|t| t.0),
+            gpu_memory_used_bytes: totals.map(|t| t.1),
+            gpu_memory_total_bytes: totals.map(|t| t.2),
             engine_healthy: health.is_ok(),
             observed_at_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64),
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.engine(&load);
+            metrics.gpus(gpus.as_deref());
+        }
+        load
+    }
+
+    /// GPU figures, or `None` (logged once per change of reason) when there are none.
+    async fn read_gpus(&self) -> Option<Vec<GpuReading>> {
+        if !self.gpu.is_available() {
+            return None;
+        }
+        match self.gpu.read().await {
+            Ok(readings) => Some(readings),
+            Err(error) => {
+                tracing::debug!(%error, "GPU read failed");
+                None
+            }
         }
     }
 

@@ -1,0 +1,220 @@
+//! The control plane's Prometheus metrics: subscribers by role and region,
+//! the table version, push latency (an etcd write committed by this replica
+//! until a subscriber ACKs a table that includes it), etcd request latency,
+//! leadership, load reports, and serving replicas per pool.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use infermesh_proto::v1::{EndpointState, SubscriberRole};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::snapshot::Snapshot;
+use infermesh_runtime::metrics::CONTROL_SECONDS;
+
+/// How many recent writes are remembered for push latency.
+const WRITES_KEPT: usize = 4096;
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct ControlPlaneMetrics {
+    subscribers: IntGaugeVec,
+    table_version: IntGauge,
+    push_latency: HistogramVec,
+    etcd: HistogramVec,
+    /// 1 on the replica that runs the singletons (share-out of rate limits,
+    /// key-use flushes); one replica today, so always this one.
+    pub leader: IntGauge,
+    load_reports: IntCounter,
+    pool_serving: IntGaugeVec,
+    /// Recent writes: (etcd revision, when it committed), oldest first.
+    writes: Mutex<VecDeque<(i64, Instant)>>,
+}
+
+fn role_label(role: SubscriberRole) -> &'static str {
+    match role {
+        SubscriberRole::Edge => "edge",
+        SubscriberRole::Sidecar => "sidecar",
+        SubscriberRole::Unspecified => "unspecified",
+    }
+}
+
+impl ControlPlaneMetrics {
+    /// Creates the metrics and registers them with `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = Self {
+            subscribers: IntGaugeVec::new(
+                Opts::new(
+                    "infermesh_control_plane_subscribers",
+                    "Open routing-table streams, by subscriber role and region.",
+                ),
+                &["role", "region"],
+            )?,
+            table_version: IntGauge::new(
+                "infermesh_control_plane_table_version",
+                "etcd revision of the registry snapshot tables are built from.",
+            )?,
+            push_latency: HistogramVec::new(
+                HistogramOpts::new(
+                    "infermesh_control_plane_push_latency_seconds",
+                    "Time from an etcd write this replica committed until a subscriber ACKed a table including it.",
+                )
+                .buckets(CONTROL_SECONDS.to_vec()),
+                &["role"],
+            )?,
+            etcd: HistogramVec::new(
+                HistogramOpts::new(
+                    "infermesh_control_plane_etcd_request_duration_seconds",
+                    "Latency of etcd requests, by operation (errors included).",
+                )
+                .buckets(CONTROL_SECONDS.to_vec()),
+                &["op"],
+            )?,
+            leader: IntGauge::new(
+                "infermesh_control_plane_leader",
+                "1 on the control-plane replica that runs the singletons.",
+            )?,
+            load_reports: IntCounter::new(
+                "infermesh_control_plane_load_reports_total",
+                "Load reports received from sidecars.",
+            )?,
+            pool_serving: IntGaugeVec::new(
+                Opts::new(
+                    "infermesh_control_plane_pool_serving_endpoints",
+                    "Serving replicas of each registered pool (0 included).",
+                ),
+                &["region", "pool", "model"],
+            )?,
+            writes: Mutex::new(VecDeque::with_capacity(WRITES_KEPT)),
+        };
+        registry.register(Box::new(metrics.subscribers.clone()))?;
+        registry.register(Box::new(metrics.table_version.clone()))?;
+        registry.register(Box::new(metrics.push_latency.clone()))?;
+        registry.register(Box::new(metrics.etcd.clone()))?;
+        registry.register(Box::new(metrics.leader.clone()))?;
+        registry.register(Box::new(metrics.load_reports.clone()))?;
+        registry.register(Box::new(metrics.pool_serving.clone()))?;
+        Ok(metrics)
+    }
+
+    /// Times one etcd request under `op`.
+    pub async fn etcd<T>(&self, op: &str, request: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let result = request.await;
+        self.etcd
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// An etcd write committed at `revision` just now.
+    pub fn write_committed(&self, revision: i64) {
+        let mut writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        if writes.len() == WRITES_KEPT {
+            writes.pop_front();
+        }
+        writes.push_back((revision, Instant::now()));
+    }
+
+    /// A subscriber of `role` that had ACKed `previous` ACKed `version`:
+    /// observes the push latency of the newest write it now includes.
+    pub fn acked(&self, role: SubscriberRole, previous: u64, version: u64) {
+        let written = {
+            let writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+            writes
+                .iter()
+                .rev()
+                .find(|(revision, _)| {
+                    let revision = u64::try_from(*revision).unwrap_or(0);
+                    revision > previous && revision <= version
+                })
+                .map(|(_, at)| *at)
+        };
+        if let Some(at) = written {
+            self.push_latency
+                .with_label_values(&[role_label(role)])
+                .observe(at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// A routing-table stream opened; it counts until the guard drops.
+    pub fn subscriber(&self, role: SubscriberRole, region: &str) -> SubscriberGuard {
+        let gauge = self
+            .subscribers
+            .with_label_values(&[role_label(role), region]);
+        gauge.inc();
+        SubscriberGuard(gauge)
+    }
+
+    /// One load report arrived.
+    pub fn load_report(&self) {
+        self.load_reports.inc();
+    }
+
+    /// The snapshot changed: table version and serving replicas per pool.
+    pub fn snapshot(&self, snapshot: &Snapshot) {
+        self.table_version.set(snapshot.revision);
+        self.pool_serving.reset();
+        for pool in snapshot.pools.values() {
+            let serving = snapshot
+                .endpoints
+                .values()
+                .filter(|e| e.pool == pool.name && e.state == EndpointState::Serving as i32)
+                .count();
+            self.pool_serving
+                .with_label_values(&[&pool.region, &pool.name, &pool.model])
+                .set(i64::try_from(serving).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// Decrements the subscriber gauge when dropped.
+#[derive(Debug)]
+pub struct SubscriberGuard(IntGauge);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_observes_the_newest_write_it_covers_and_only_once() {
+        let registry = Registry::new();
+        let metrics = ControlPlaneMetrics::register(&registry).unwrap();
+        metrics.write_committed(10);
+        metrics.write_committed(12);
+        metrics.acked(SubscriberRole::Edge, 9, 12);
+        metrics.acked(SubscriberRole::Edge, 12, 12);
+        metrics.acked(SubscriberRole::Sidecar, 12, 20);
+        let text = infermesh_runtime::metrics::render(&registry);
+        assert!(
+            text.contains(r#"infermesh_control_plane_push_latency_seconds_count{role="edge"} 1"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"push_latency_seconds_count{role="sidecar"}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn subscribers_count_while_their_guard_lives() {
+        let registry = Registry::new();
+        let metrics = ControlPlaneMetrics::register(&registry).unwrap();
+        let first = metrics.subscriber(SubscriberRole::Edge, "eu");
+        let _second = metrics.subscriber(SubscriberRole::Edge, "eu");
+        drop(first);
+        let text = infermesh_runtime::metrics::render(&registry);
+        assert!(
+            text.contains(r#"infermesh_control_plane_subscribers{region="eu",role="edge"} 1"#),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! The edge's Prometheus metrics, per model (the canonical name of a routed
+//! request, `unknown` otherwise, so client input never becomes a label);
+//! the region is a constant label of the registry. Every finished request
+//! is counted from its access record, so the log and the metrics agree.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+use crate::access_log::{AccessLog, AccessRecord};
+use infermesh_runtime::metrics::{FIRST_TOKEN_SECONDS, PER_TOKEN_SECONDS, REQUEST_SECONDS};
+
+/// Label value for requests that never reached a model.
+pub const UNKNOWN_MODEL: &str = "unknown";
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct EdgeMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    first_token: HistogramVec,
+    per_token: HistogramVec,
+    prompt_tokens: IntCounterVec,
+    completion_tokens: IntCounterVec,
+    in_flight: IntGaugeVec,
+    rate_limited: IntCounterVec,
+    upstream: HistogramVec,
+    /// Version of the routing table in use.
+    pub table_version: IntGauge,
+    /// 1 while a stream to a control plane is open.
+    pub control_plane_connected: IntGauge,
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid histogram definition")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter definition")
+}
+
+impl EdgeMetrics {
+    /// Creates the metrics and registers them with `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = Self {
+            requests: counter(
+                "infermesh_edge_requests_total",
+                "Requests answered, by model, HTTP status code and OpenAI error code (none when it succeeded).",
+                &["model", "code", "error"],
+            ),
+            duration: histogram(
+                "infermesh_edge_request_duration_seconds",
+                "Time from the request's arrival to the end of its response body.",
+                REQUEST_SECONDS,
+                &["model"],
+            ),
+            first_token: histogram(
+                "infermesh_edge_time_to_first_token_seconds",
+                "Time from the request's arrival to the first byte of the response body.",
+                FIRST_TOKEN_SECONDS,
+                &["model"],
+            ),
+            per_token: histogram(
+                "infermesh_edge_time_per_output_token_seconds",
+                "Mean time between output tokens of a streamed response after the first.",
+                PER_TOKEN_SECONDS,
+                &["model"],
+            ),
+            prompt_tokens: counter(
+                "infermesh_edge_prompt_tokens_total",
+                "Prompt tokens, as the engine's usage reported them.",
+                &["model"],
+            ),
+            completion_tokens: counter(
+                "infermesh_edge_completion_tokens_total",
+                "Completion tokens, as the engine's usage reported them.",
+                &["model"],
+            ),
+            in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "infermesh_edge_requests_in_flight",
+                    "Requests routed to a replica whose response has not ended.",
+                ),
+                &["model"],
+            )
+            .expect("valid gauge definition"),
+            rate_limited: counter(
+                "infermesh_edge_rate_limited_total",
+                "Requests refused with 429, by the limit that refused them (requests, tokens, insufficient_quota).",
+                &["model", "limit"],
+            ),
+            upstream: histogram(
+                "infermesh_edge_upstream_request_duration_seconds",
+                "Time from sending a request to a replica until its response headers, by replica.",
+                REQUEST_SECONDS,
+                &["model", "endpoint"],
+            ),
+            table_version: IntGauge::new(
+                "infermesh_edge_routing_table_version",
+                "Version of the routing table in use (0 before the first).",
+            )?,
+            control_plane_connected: IntGauge::new(
+                "infermesh_edge_control_plane_connected",
+                "1 while the routing-table stream to a control plane is open.",
+            )?,
+        };
+        registry.register(Box::new(metrics.requests.clone()))?;
+        registry.register(Box::new(metrics.duration.clone()))?;
+        registry.register(Box::new(metrics.first_token.clone()))?;
+        registry.register(Box::new(metrics.per_token.clone()))?;
+        registry.register(Box::new(metrics.prompt_tokens.clone()))?;
+        registry.register(Box::new(metrics.completion_tokens.clone()))?;
+        registry.register(Box::new(metrics.in_flight.clone()))?;
+        registry.register(Box::new(metrics.rate_limited.clone()))?;
+        registry.register(Box::new(metrics.upstream.clone()))?;
+        registry.register(Box::new(metrics.table_version.clone()))?;
+        registry.register(Box::new(metrics.control_plane_connected.clone()))?;
+        Ok(metrics)
+    }
+
+    /// Counts a finished request.
+    pub fn finished(&self, record: &AccessRecord) {
+        let model = record.served_model.as_deref().unwrap_or(UNKNOWN_MODEL);
+        let status = http::StatusCode::from_u16(record.status).ok();
+        let code = status.as_ref().map_or("000", http::StatusCode::as_str);
+        let error = record.error.as_deref().unwrap_or("none");
+        self.requests.with_label_values(&[model, code, error]).inc();
+        self.duration
+            .with_label_values(&[model])
+            .observe(record.total_ms / 1000.0);
+        if record.served_model.is_none() {
+            return;
+        }
+        if let Some(ttft) = record.ttft_ms {
+            self.first_token
+                .with_label_values(&[model])
+                .observe(ttft / 1000.0);
+            if let Some(tokens) = record.tokens_out.filter(|&t| t > 1 && record.stream) {
+                let decoding = (record.total_ms - ttft).max(0.0) / 1000.0;
+                self.per_token
+                    .with_label_values(&[model])
+                    .observe(decoding / (tokens - 1) as f64);
+            }
+        }
+        if let Some(tokens) = record.tokens_in {
+            self.prompt_tokens
+                .with_label_values(&[model])
+                .inc_by(tokens);
+        }
+        if let Some(tokens) = record.tokens_out {
+            self.completion_tokens
+                .with_label_values(&[model])
+                .inc_by(tokens);
+        }
+    }
+
+    /// A request routed to `model` is in flight until the guard drops.
+    pub fn in_flight(&self, model: &str) -> InFlight {
+        let gauge = self.in_flight.with_label_values(&[model]);
+        gauge.inc();
+        InFlight(gauge)
+    }
+
+    /// A request for `model` refused by the `limit` limit.
+    pub fn rate_limited(&self, model: &str, limit: &str) {
+        self.rate_limited.with_label_values(&[model, limit]).inc();
+    }
+
+    /// A replica's response headers came after `elapsed`.
+    pub fn upstream(&self, model: &str, endpoint: &str, elapsed: Duration) {
+        self.upstream
+            .with_label_values(&[model, endpoint])
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+#[derive(Debug)]
+pub struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Where a finished request goes: its access-log line and the metrics.
+#[derive(Clone)]
+pub struct Observer {
+    log: AccessLog,
+    metrics: Option<Arc<EdgeMetrics>>,
+}
+
+impl Observer {
+    /// Logs to `log` and counts in `metrics`.
+    pub fn new(log: AccessLog, metrics: Arc<EdgeMetrics>) -> Self {
+        Self {
+            log,
+            metrics: Some(metrics),
+        }
+    }
+
+    /// Neither logs nor counts (unit tests).
+    pub fn disabled() -> Self {
+        Self {
+            log: AccessLog::disabled(),
+            metrics: None,
+        }
+    }
+
+    /// Records a finished request.
+    pub fn finished(&self, record: &AccessRecord) {
+        self.log.write(record);
+        if let Some(metrics) = &self.metrics {
+            metrics.finished(record);
+        }
+    }
+
+    /// The metrics, when counting.
+    pub fn metrics(&self) -> Option<&EdgeMetrics> {
+        self.metrics.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(model: Option<&str>, status: u16) -> AccessRecord {
+        AccessRecord {
+            served_model: model.map(String::from),
+            status,
+            total_ms: 1500.0,
+            ttft_ms: Some(100.0),
+            tokens_in: Some(10),
+            tokens_out: Some(15),
+            stream: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_streamed_request_fills_every_series_and_unrouted_ones_only_the_counters() {
+        let registry = Registry::new();
+        let metrics = EdgeMetrics::register(&registry).unwrap();
+        metrics.finished(&record(Some("llama"), 200));
+        metrics.finished(&record(None, 404));
+        let text = infermesh_runtime::metrics::render(&registry);
+        for line in [
+            r#"infermesh_edge_requests_total{code="200",error="none",model="llama"} 1"#,
+            r#"infermesh_edge_requests_total{code="404",error="none",model="unknown"} 1"#,
+            r#"infermesh_edge_prompt_tokens_total{model="llama"} 10"#,
+            r#"infermesh_edge_completion_tokens_total{model="llama"} 15"#,
+            r#"infermesh_edge_time_to_first_token_seconds_count{model="llama"} 1"#,
+            r#"infermesh_edge_time_per_output_token_seconds_count{model="llama"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        // (1.5 s - 0.1 s) over 14 gaps = 0.1 s per token.
+        let sum: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    r#"infermesh_edge_time_per_output_token_seconds_sum{model="llama"} "#,
+                )
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        assert!((sum - 0.1).abs() < 1e-9, "{sum}");
+        assert!(!text.contains(r#"infermesh_edge_prompt_tokens_total{model="unknown"}"#));
+    }
+
+    #[test]
+    fn in_flight_falls_back_when_the_guard_drops() {
+        let registry = Registry::new();
+        let metrics = EdgeMetrics::register(&registry).unwrap();
+        let guard = metrics.in_flight("llama");
+        let text = infermesh_runtime::metrics::render(&registry);
+        assert!(text.contains(r#"infermesh_edge_requests_in_flight{model="llama"} 1"#));
+        drop(guard);
+        let text = infermesh_runtime::metrics::render(&registry);
+        assert!(text.contains(r#"infermesh_edge_requests_in_flight{model="llama"} 0"#));
+    }
+}
