@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use infermesh_runtime::http::{
     Body, Guarded, UpstreamClient, full, strip_hop_by_hop, upstream_client,
 };
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::table::Upstream;
@@ -75,32 +76,46 @@ impl Forwarder {
         parts
             .headers
             .insert(header::CONTENT_LENGTH, body.len().into());
+        let span = tracing::info_span!(
+            "upstream",
+            otel.name = %format!("{} {}", parts.method, parts.uri.path()),
+            otel.kind = "client",
+            server.address = %upstream.authority,
+            infermesh.endpoint = %upstream.id,
+            http.response.status_code = tracing::field::Empty,
+        );
+        infermesh_runtime::telemetry::propagate(&span, &mut parts.headers);
         let in_flight = InFlight::start(upstream.clone());
         let request = Request::from_parts(parts, full(body));
-        let response =
-            match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
-                Err(_) => {
-                    return Err(ApiError::UpstreamTimeout {
-                        endpoint: upstream.id.clone(),
-                        after: self.response_timeout,
-                    });
-                }
-                Ok(Err(error)) => {
-                    let reason = if error.is_connect() {
-                        format!("connect to {} failed", upstream.authority)
-                    } else {
-                        format!("{error}")
-                    };
-                    return Err(ApiError::UpstreamFailed {
-                        endpoint: upstream.id.clone(),
-                        reason,
-                    });
-                }
-                Ok(Ok(response)) => response,
-            };
+        let sent = tokio::time::timeout(self.response_timeout, self.client.request(request))
+            .instrument(span.clone());
+        let response = match sent.await {
+            Err(_) => {
+                return Err(ApiError::UpstreamTimeout {
+                    endpoint: upstream.id.clone(),
+                    after: self.response_timeout,
+                });
+            }
+            Ok(Err(error)) => {
+                let reason = if error.is_connect() {
+                    format!("connect to {} failed", upstream.authority)
+                } else {
+                    format!("{error}")
+                };
+                return Err(ApiError::UpstreamFailed {
+                    endpoint: upstream.id.clone(),
+                    reason,
+                });
+            }
+            Ok(Ok(response)) => response,
+        };
+        span.record("http.response.status_code", response.status().as_u16());
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = Guarded::new(body, in_flight).map_err(Into::into).boxed();
+        // The upstream span, like the replica's in-flight count, lasts until the body ends.
+        let body = Guarded::new(body, (in_flight, span))
+            .map_err(Into::into)
+            .boxed();
         Ok(Response::from_parts(parts, body))
     }
 }

@@ -16,6 +16,7 @@ use infermesh_runtime::discovery::Applied;
 use infermesh_runtime::http::{Body, full};
 use serde_json::json;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::access::Principal;
 use crate::access_log::{AccessRecord, millis};
@@ -136,10 +137,26 @@ impl Gateway {
             });
         }
         record.served_model = Some(route.model.clone());
-        let upstream = route
-            .pick()
-            .cloned()
-            .ok_or_else(|| ApiError::NoHealthyReplica(route.model.clone()))?;
+        let upstream = {
+            let span = tracing::info_span!(
+                "route",
+                otel.name = "route",
+                infermesh.model = %route.model,
+                infermesh.policy = route.policy.as_str(),
+                infermesh.candidates = route.upstreams.len(),
+                infermesh.endpoint = tracing::field::Empty,
+                infermesh.reason = tracing::field::Empty,
+            );
+            let _entered = span.enter();
+            let upstream = route.pick().cloned();
+            if let Some(chosen) = &upstream {
+                span.record("infermesh.endpoint", chosen.id.as_str());
+                span.record("infermesh.reason", route.reason(chosen).as_str());
+            } else {
+                span.record("infermesh.reason", "no serving replica in this region");
+            }
+            upstream.ok_or_else(|| ApiError::NoHealthyReplica(route.model.clone()))?
+        };
         let metrics = self.observer.metrics();
         let admission = principal
             .as_ref()
@@ -188,6 +205,7 @@ impl Gateway {
             record: record.clone(),
             observer: self.observer.clone(),
             in_flight,
+            span: tracing::Span::current(),
             started,
             failed,
         };
@@ -195,6 +213,26 @@ impl Gateway {
         record.deferred = true;
         Ok(response.map(|body| UsageTap::new(body, sse, strip, finish).boxed()))
     }
+}
+
+/// The server span of one request, continuing the caller's trace if it sent one.
+fn request_span(request: &Request<Bytes>) -> tracing::Span {
+    let method = request.method();
+    let path = request.uri().path();
+    let name = match openai::Endpoint::from_path(path) {
+        Some(_) => format!("{method} {path}"),
+        None => method.to_string(),
+    };
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %name,
+        otel.kind = "server",
+        http.request.method = %method,
+        url.path = %path,
+        http.response.status_code = tracing::field::Empty,
+    );
+    infermesh_runtime::telemetry::continue_trace(&span, request.headers());
+    span
 }
 
 fn not_allowed(request: &Request<Bytes>) -> ApiError {
@@ -230,7 +268,17 @@ impl tower::Service<Request<Bytes>> for Gateway {
             let mut record = AccessRecord::begin(&request);
             let probe = matches!(request.uri().path(), "/livez" | "/readyz");
             let observer = gateway.observer.clone();
-            match gateway.handle(request, &mut record).await {
+            let span = request_span(&request);
+            let outcome = gateway
+                .handle(request, &mut record)
+                .instrument(span.clone())
+                .await;
+            let status = match &outcome {
+                Ok(response) => response.status().as_u16(),
+                Err(error) => error.status().as_u16(),
+            };
+            span.record("http.response.status_code", status);
+            match outcome {
                 Ok(response) => {
                     if !record.deferred && !probe {
                         record.status = response.status().as_u16();

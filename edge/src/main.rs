@@ -3,8 +3,10 @@ use infermesh_edge::{config::Config, server};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    infermesh_runtime::telemetry::init("info");
+    let telemetry = infermesh_runtime::telemetry::init("info", "infermesh-edge");
     let config = Config::parse();
     let cancel = infermesh_runtime::shutdown::on_signal();
-    server::run(config, cancel).await
+    let result = server::run(config, cancel).await;
+    telemetry.shutdown().await;
+    result
 }

@@ -24,6 +24,16 @@ pub enum Policy {
     RoundRobin,
 }
 
+impl Policy {
+    /// The policy's name in the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::LeastOutstanding => "least_outstanding",
+            Policy::RoundRobin => "round_robin",
+        }
+    }
+}
+
 /// One replica the edge may send to.
 #[derive(Debug)]
 pub struct Upstream {
@@ -67,6 +77,20 @@ impl ModelRoute {
                     .map(|i| &self.upstreams[(start + i) % n])
                     .min_by_key(|u| u.in_flight.load(Ordering::Relaxed))
             }
+        }
+    }
+}
+
+impl ModelRoute {
+    /// Why `chosen` was picked, for the routing span.
+    pub fn reason(&self, chosen: &Upstream) -> String {
+        match self.policy {
+            Policy::RoundRobin => format!("round robin over {}", self.upstreams.len()),
+            Policy::LeastOutstanding => format!(
+                "fewest in flight ({}) of {}",
+                chosen.in_flight.load(Ordering::Relaxed),
+                self.upstreams.len()
+            ),
         }
     }
 }

@@ -54,6 +54,8 @@ pub struct Finish {
     pub observer: Observer,
     /// Holds the request in the in-flight gauge until the body ends.
     pub in_flight: Option<InFlight>,
+    /// The request's server span, which ends with the body.
+    pub span: tracing::Span,
     /// When the request arrived.
     pub started: Instant,
     /// Whether the engine answered with an error status.
@@ -262,6 +264,7 @@ mod tests {
             record: AccessRecord::default(),
             observer: Observer::disabled(),
             in_flight: None,
+            span: tracing::Span::none(),
             started: Instant::now(),
             failed: false,
         }

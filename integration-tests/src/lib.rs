@@ -9,6 +9,7 @@ pub mod client;
 pub mod etcd;
 pub mod grpcurl;
 pub mod mesh;
+pub mod otlp;
 pub mod pki;
 pub mod process;
 pub mod wait;

@@ -76,6 +76,8 @@ pub struct Mesh {
     pub http: Http,
     /// The API key made at start (tenant "tests", no limits).
     pub api_key: String,
+    /// Environment given to every process started from now on (e.g. OTEL_*).
+    pub env: Vec<(String, String)>,
     /// Where logs and etcd data live; removed on drop, after the processes
     /// above (fields drop in order) have printed their logs.
     pub dir: TempDir,
@@ -102,6 +104,7 @@ impl Mesh {
             control_plane: None,
             http: Http::new(),
             api_key: String::new(),
+            env: Vec::new(),
         };
         mesh.start_control_plane().await;
         let secret = mesh.create_key("tests", json!({})).await;
@@ -159,7 +162,7 @@ impl Mesh {
             &path("infermesh-control-plane"),
             &args,
             self.dir.path(),
-            &[],
+            &self.env_pairs(),
         );
         self.control_plane = Some(process);
         let admin = self.admin.clone();
@@ -208,7 +211,7 @@ impl Mesh {
             &path("infermesh-edge"),
             &args,
             self.dir.path(),
-            &[],
+            &self.env_pairs(),
         );
         let https = extra.contains(&"--tls-cert");
         let url = format!(
@@ -253,7 +256,7 @@ impl Mesh {
             &path("infermesh-sim-engine"),
             &args,
             self.dir.path(),
-            &[],
+            &self.env_pairs(),
         );
         let url = format!("http://127.0.0.1:{port}");
         self.wait_http_ok(&format!("{url}/health"), "engine /health")
@@ -336,7 +339,7 @@ impl Mesh {
             &path("infermesh-sidecar"),
             &args,
             self.dir.path(),
-            &[],
+            &self.env_pairs(),
         );
         let url = format!("http://{listen}");
         self.wait_http_ok(&format!("{url}/livez"), "sidecar /livez")
@@ -346,6 +349,13 @@ impl Mesh {
             metrics_url: format!("http://{metrics_listen}/metrics"),
             process,
         }
+    }
+
+    fn env_pairs(&self) -> Vec<(&str, &str)> {
+        self.env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
     }
 
     /// Flags that make an edge or sidecar reach the control plane over mTLS as `role`/`name`.

@@ -3,8 +3,10 @@ use infermesh_sidecar::{config::Config, server};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    infermesh_runtime::telemetry::init("info");
+    let telemetry = infermesh_runtime::telemetry::init("info", "infermesh-sidecar");
     let config = Config::parse();
     let stop = infermesh_runtime::shutdown::on_signal();
-    server::run(config, stop).await
+    let result = server::run(config, stop).await;
+    telemetry.shutdown().await;
+    result
 }

@@ -8,10 +8,12 @@ use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
 use http::{Request, Response, StatusCode, Uri, header};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use infermesh_runtime::http::{Body, UpstreamClient, full, streamed, strip_hop_by_hop};
+use infermesh_runtime::http::{Body, Guarded, UpstreamClient, full, streamed, strip_hop_by_hop};
 use serde_json::json;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::metrics::SidecarMetrics;
 
@@ -59,19 +61,33 @@ impl EngineProxy {
             Ok(uri) => uri,
             Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request path: {e}")),
         };
+        let span = tracing::info_span!(
+            "proxy",
+            otel.name = %format!("{} {}", parts.method, uri.path()),
+            otel.kind = "server",
+            http.request.method = %parts.method,
+            url.path = %uri.path(),
+            http.response.status_code = tracing::field::Empty,
+        );
+        infermesh_runtime::telemetry::continue_trace(&span, &parts.headers);
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
-        match self
+        // The engine continues the trace from this span (vLLM reads traceparent).
+        infermesh_runtime::telemetry::propagate(&span, &mut parts.headers);
+        let sent = self
             .client
             .request(Request::from_parts(parts, streamed(body)))
-            .await
-        {
+            .instrument(span.clone());
+        match sent.await {
             Ok(response) => {
+                span.record("http.response.status_code", response.status().as_u16());
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, streamed(body))
+                // The span ends with the body, streams included.
+                let body = Guarded::new(streamed(body), span).boxed();
+                Response::from_parts(parts, body)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "engine request failed");

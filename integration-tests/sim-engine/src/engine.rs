@@ -58,7 +58,7 @@ pub struct Engine {
     pub healthy: AtomicBool,
     error_rate_ppm: AtomicU64,
     accepted: AtomicU64,
-    last_request: Mutex<bytes::Bytes>,
+    last_request: Mutex<(bytes::Bytes, Option<String>)>,
 }
 
 /// What one generation produces, in order.
@@ -105,18 +105,19 @@ impl Engine {
             healthy: AtomicBool::new(!config.unhealthy),
             error_rate_ppm: AtomicU64::new((config.error_rate * 1e6) as u64),
             accepted: AtomicU64::new(0),
-            last_request: Mutex::new(bytes::Bytes::new()),
+            last_request: Mutex::new((bytes::Bytes::new(), None)),
             config,
         })
     }
 
-    /// Keeps `body` as the last inference request received.
-    pub fn remember_request(&self, body: &bytes::Bytes) {
-        *self.last_request.lock().unwrap_or_else(|e| e.into_inner()) = body.clone();
+    /// Keeps `body` and its `traceparent` header as the last inference request received.
+    pub fn remember_request(&self, body: &bytes::Bytes, traceparent: Option<String>) {
+        *self.last_request.lock().unwrap_or_else(|e| e.into_inner()) = (body.clone(), traceparent);
     }
 
-    /// The body of the last inference request, byte for byte (`GET /sim/last-request`).
-    pub fn last_request(&self) -> bytes::Bytes {
+    /// The body of the last inference request, byte for byte, and its
+    /// `traceparent` header (`GET /sim/last-request`).
+    pub fn last_request(&self) -> (bytes::Bytes, Option<String>) {
         self.last_request
             .lock()
             .unwrap_or_else(|e| e.into_inner())

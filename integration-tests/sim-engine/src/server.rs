@@ -117,22 +117,27 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
         ),
         (Method::POST, "/v1/chat/completions") => generate(engine, request, Kind::Chat).await,
         (Method::POST, "/v1/completions") => generate(engine, request, Kind::Completion).await,
-        (Method::POST, "/v1/embeddings") => match read_body(request).await {
-            Ok(body) => {
-                engine.remember_request(&body);
+        (Method::POST, "/v1/embeddings") => match (traceparent(&request), read_body(request).await)
+        {
+            (traceparent, Ok(body)) => {
+                engine.remember_request(&body, traceparent);
                 match api::embeddings(&body, &engine.config.model) {
                     Ok(v) => json_response(StatusCode::OK, &v),
                     Err(e) => error_response(&e),
                 }
             }
-            Err(e) => error_response(&e),
+            (_, Err(e)) => error_response(&e),
         },
         (Method::GET, "/sim/last-request") => {
-            let mut r = Response::new(full(engine.last_request()));
+            let (body, traceparent) = engine.last_request();
+            let mut r = Response::new(full(body));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/octet-stream"),
             );
+            if let Some(value) = traceparent.and_then(|t| http::HeaderValue::from_str(&t).ok()) {
+                r.headers_mut().insert("x-sim-traceparent", value);
+            }
             r
         }
         (Method::POST, "/sim/health") => {
@@ -182,6 +187,15 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
     }
 }
 
+/// The W3C `traceparent` header a request carried, as vLLM reads it.
+fn traceparent(request: &Request<Incoming>) -> Option<String> {
+    request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+}
+
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, ApiError> {
     Limited::new(request.into_body(), MAX_BODY)
         .collect()
@@ -196,11 +210,12 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, ApiError> {
 }
 
 async fn generate(engine: Arc<Engine>, request: Request<Incoming>, kind: Kind) -> Response<Body> {
+    let traceparent = traceparent(&request);
     let body = match read_body(request).await {
         Ok(b) => b,
         Err(e) => return error_response(&e),
     };
-    engine.remember_request(&body);
+    engine.remember_request(&body, traceparent);
     let generation = match api::parse_generation(
         kind,
         &body,
