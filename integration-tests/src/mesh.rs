@@ -391,6 +391,20 @@ impl Mesh {
         .await;
     }
 
+    /// The last inference request `replica`'s engine received: the body as it
+    /// arrived, and its traceparent in the `x-sim-traceparent` header.
+    pub async fn last_engine_request(&self, replica: &Replica) -> crate::client::Reply {
+        self.http
+            .send(
+                http::Method::GET,
+                &format!("{}/sim/last-request", replica.engine_url),
+                None,
+                &[("x-no-auth", "1")],
+            )
+            .await
+            .expect("the simulated engine answers")
+    }
+
     /// Calls an admin method through grpcurl.
     pub async fn admin(&self, method: &str, request: Value) -> Result<Value, GrpcError> {
         self.admin.admin(method, request).await

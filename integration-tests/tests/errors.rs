@@ -325,18 +325,7 @@ async fn unknown_fields_reach_the_engine_untouched() {
     let url = format!("{}/v1/chat/completions", edge.url);
     let probe = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]});
     mesh.wait_until_served(&url, &probe).await;
-    let last_request = || async {
-        mesh.http
-            .send(
-                Method::GET,
-                &format!("{}/sim/last-request", replica.engine_url),
-                None,
-                &[("x-no-auth", "1")],
-            )
-            .await
-            .unwrap()
-            .body
-    };
+    let last_request = || async { mesh.last_engine_request(&replica).await.body };
     let post = |body: &'static str| {
         let url = url.clone();
         let http = mesh.http.clone();

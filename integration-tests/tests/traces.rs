@@ -104,16 +104,7 @@ async fn a_request_is_one_trace_from_edge_through_sidecar_to_engine() {
     );
 
     // The engine got a traceparent continuing the trace from the sidecar's span.
-    let last = mesh
-        .http
-        .send(
-            Method::GET,
-            &format!("{}/sim/last-request", replica.engine_url),
-            None,
-            &[("x-no-auth", "1")],
-        )
-        .await
-        .unwrap();
+    let last = mesh.last_engine_request(&replica).await;
     let sent = last
         .headers
         .get("x-sim-traceparent")
