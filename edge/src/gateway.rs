@@ -20,6 +20,8 @@ use tracing::Instrument;
 
 use crate::access::Principal;
 use crate::access_log::{AccessRecord, millis};
+use crate::cache::tap::{CacheTap, Recording};
+use crate::cache::{self, CACHE_HEADER, Decision, Joined, ResponseCache};
 use crate::error::ApiError;
 use crate::forward::Forwarder;
 use crate::metrics::Observer;
@@ -38,6 +40,7 @@ pub struct Gateway {
     forwarder: Forwarder,
     limiter: Arc<Limiter>,
     observer: Observer,
+    cache: Option<Arc<ResponseCache>>,
 }
 
 impl Gateway {
@@ -48,12 +51,14 @@ impl Gateway {
         forwarder: Forwarder,
         limiter: Arc<Limiter>,
         observer: Observer,
+        cache: Option<Arc<ResponseCache>>,
     ) -> Self {
         Self {
             tables,
             forwarder,
             limiter,
             observer,
+            cache,
         }
     }
 
@@ -137,6 +142,60 @@ impl Gateway {
             });
         }
         record.served_model = Some(route.model.clone());
+        let mut flight = None;
+        let mut recording = None;
+        if let Some(cache) = &self.cache {
+            let tenant = principal.as_ref().map_or("", |p| p.key.tenant.as_str());
+            let decision = cache.decide(
+                &parts.headers,
+                endpoint,
+                &fields,
+                &body,
+                route.cache.as_ref(),
+                tenant,
+                &route.model,
+                route.upstreams.iter().map(|u| u.fingerprint.as_str()),
+            );
+            match decision {
+                Decision::Off => {}
+                Decision::Bypass => record.cache = "bypass",
+                Decision::Use(lookup) => {
+                    record.cache = if lookup.lookup { "miss" } else { "bypass" };
+                    if lookup.lookup {
+                        if let Some(answer) = cache.get(&lookup).await {
+                            return self.serve_cached(
+                                answer,
+                                endpoint,
+                                &fields,
+                                principal.as_ref(),
+                                record,
+                            );
+                        }
+                        // Identical misses wait for one engine answer (one fingerprint only:
+                        // during a rollout each replica's answer is its own).
+                        if let [(_, key)] = lookup.keys.as_slice() {
+                            match cache.join(key) {
+                                Joined::Leader(leader) => flight = Some(leader),
+                                Joined::Follower(rx) => {
+                                    if let Some(answer) = cache.follow(rx).await {
+                                        return self.serve_cached(
+                                            answer,
+                                            endpoint,
+                                            &fields,
+                                            principal.as_ref(),
+                                            record,
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    if lookup.store {
+                        recording = Some((cache.clone(), lookup));
+                    }
+                }
+            }
+        }
         let upstream = {
             let span = tracing::info_span!(
                 "route",
@@ -176,6 +235,7 @@ impl Gateway {
         let body = openai::upstream_body(body, &fields, &route.model);
         let sent = Instant::now();
         let endpoint_id = upstream.id.clone();
+        let fingerprint = upstream.fingerprint.clone();
         let forwarded = self.forwarder.forward(parts, body, upstream).await;
         if let Some(metrics) = metrics {
             metrics.upstream(&route.model, &endpoint_id, sent.elapsed());
@@ -198,6 +258,26 @@ impl Gateway {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        if record.cache != "none" {
+            response
+                .headers_mut()
+                .insert(CACHE_HEADER, http::HeaderValue::from_static(record.cache));
+        }
+        if let Some((cache, lookup)) = recording
+            && response.status() == StatusCode::OK
+            && let Some(key) = lookup.key_for(&fingerprint)
+        {
+            let recording = Recording {
+                cache,
+                key: key.to_string(),
+                ttl: lookup.ttl,
+                max_bytes: lookup.max_bytes,
+                endpoint,
+                sse,
+                flight: flight.take(),
+            };
+            response = response.map(|body| CacheTap::new(body, recording).boxed());
+        }
         let failed = !response.status().is_success();
         let strip = fields.stream && !fields.include_usage;
         let finish = Finish {
@@ -212,6 +292,59 @@ impl Gateway {
         // The tap writes the access line when the body ends.
         record.deferred = true;
         Ok(response.map(|body| UsageTap::new(body, sse, strip, finish).boxed()))
+    }
+}
+
+impl Gateway {
+    /// Answers from the cache: as stored, or replayed as a stream. The
+    /// request counts against the caller's request limits, not its tokens.
+    fn serve_cached(
+        &self,
+        answer: Bytes,
+        endpoint: openai::Endpoint,
+        fields: &openai::RoutingFields,
+        principal: Option<&Principal>,
+        record: &mut AccessRecord,
+    ) -> Result<Response<Body>, ApiError> {
+        let admission = principal
+            .map(|p| self.limiter.admit(p, 0, Some(0)))
+            .transpose()
+            .inspect_err(|error| {
+                if let (ApiError::RateLimited { kind, .. }, Some(metrics), Some(model)) = (
+                    error,
+                    self.observer.metrics(),
+                    record.served_model.as_deref(),
+                ) {
+                    metrics.rate_limited(model, kind);
+                }
+            })?;
+        let (body, content_type) = if fields.stream {
+            let value: serde_json::Value =
+                serde_json::from_slice(&answer).map_err(|e| ApiError::UpstreamFailed {
+                    endpoint: "cache".into(),
+                    reason: format!("cached answer is not JSON: {e}"),
+                })?;
+            (
+                cache::replay::to_sse(&value, endpoint, fields.include_usage),
+                "text/event-stream",
+            )
+        } else {
+            (answer, "application/json")
+        };
+        let mut response = Response::new(full(body));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static(content_type),
+        );
+        headers.insert(CACHE_HEADER, http::HeaderValue::from_static("hit"));
+        if let Some(admission) = admission {
+            headers.extend(admission.headers.clone());
+            admission.settle(0);
+        }
+        record.cache = "hit";
+        record.stream = fields.stream;
+        Ok(response)
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod access_log;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod forward;

@@ -28,6 +28,7 @@ pub struct EdgeMetrics {
     in_flight: IntGaugeVec,
     rate_limited: IntCounterVec,
     upstream: HistogramVec,
+    cache: IntCounterVec,
     /// Version of the routing table in use.
     pub table_version: IntGauge,
     /// 1 while a stream to a control plane is open.
@@ -102,6 +103,11 @@ impl EdgeMetrics {
                 REQUEST_SECONDS,
                 &["model", "endpoint"],
             ),
+            cache: counter(
+                "infermesh_edge_cache_requests_total",
+                "Requests of models with a cache policy, by outcome (hit, miss, bypass).",
+                &["model", "outcome"],
+            ),
             table_version: IntGauge::new(
                 "infermesh_edge_routing_table_version",
                 "Version of the routing table in use (0 before the first).",
@@ -120,6 +126,7 @@ impl EdgeMetrics {
         registry.register(Box::new(metrics.in_flight.clone()))?;
         registry.register(Box::new(metrics.rate_limited.clone()))?;
         registry.register(Box::new(metrics.upstream.clone()))?;
+        registry.register(Box::new(metrics.cache.clone()))?;
         registry.register(Box::new(metrics.table_version.clone()))?;
         registry.register(Box::new(metrics.control_plane_connected.clone()))?;
         Ok(metrics)
@@ -137,6 +144,9 @@ impl EdgeMetrics {
             .observe(record.total_ms / 1000.0);
         if record.served_model.is_none() {
             return;
+        }
+        if !matches!(record.cache, "none" | "") {
+            self.cache.with_label_values(&[model, record.cache]).inc();
         }
         if let Some(ttft) = record.ttft_ms {
             self.first_token

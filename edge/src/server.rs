@@ -12,6 +12,9 @@ use infermesh_runtime::tls::{self, ClientAuth, server::HTTP_ALPN};
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
+use crate::cache::store::{CacheStore, MemoryStore, RedisStore};
+use crate::cache::{CacheConfig, ResponseCache};
+use crate::config::CacheBackend;
 use crate::config::Config;
 use crate::forward::Forwarder;
 use crate::gateway::Gateway;
@@ -55,10 +58,13 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     };
     let registry = infermesh_runtime::metrics::registry(&[("region", &config.region)]);
     let metrics = Arc::new(EdgeMetrics::register(&registry)?);
-    let (_, metrics_task) =
-        infermesh_runtime::metrics::spawn(config.metrics_listen, registry, cancel.child_token())
-            .await
-            .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", config.metrics_listen))?;
+    let (_, metrics_task) = infermesh_runtime::metrics::spawn(
+        config.metrics_listen,
+        registry.clone(),
+        cancel.child_token(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", config.metrics_listen))?;
     let gauges = tokio::spawn(follow_subscription(
         subscription.tables.clone(),
         subscription.connected.clone(),
@@ -70,6 +76,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         Forwarder::new(config.connect_timeout(), config.response_timeout()),
         limiter,
         Observer::new(log, metrics),
+        response_cache(&config, &registry, cancel.child_token())?,
     );
     let auth = AuthLayer::new(subscription.tables.clone(), config.allow_anonymous);
     if config.allow_anonymous {
@@ -111,6 +118,32 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     let _ = discovery_task.await;
     tracing::info!("edge stopped");
     Ok(())
+}
+
+/// The response cache the flags ask for, if any.
+fn response_cache(
+    config: &Config,
+    registry: &prometheus::Registry,
+    cancel: CancellationToken,
+) -> anyhow::Result<Option<Arc<ResponseCache>>> {
+    let store: Arc<dyn CacheStore> = match config.cache {
+        CacheBackend::None => return Ok(None),
+        CacheBackend::Memory => Arc::new(MemoryStore::new(config.cache_memory_bytes)),
+        CacheBackend::Redis => {
+            let url = config
+                .cache_redis_url
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("--cache redis needs --cache-redis-url"))?;
+            let timeout = Duration::from_millis(config.cache_redis_timeout_ms);
+            Arc::new(RedisStore::connect(url, timeout, cancel).map_err(anyhow::Error::msg)?)
+        }
+    };
+    let settings = CacheConfig {
+        default_ttl: Duration::from_secs(config.cache_default_ttl_seconds),
+        max_entry_bytes: config.cache_max_entry_bytes,
+        flight_wait: Duration::from_millis(config.cache_wait_ms),
+    };
+    Ok(Some(ResponseCache::new(store, settings, registry)?))
 }
 
 /// Keeps the table-version and connection gauges current.

@@ -45,6 +45,8 @@ pub struct Upstream {
     pub authority: Authority,
     /// Requests this edge has in flight to it.
     pub in_flight: Arc<AtomicUsize>,
+    /// Its engine fingerprint (what makes cached answers interchangeable).
+    pub fingerprint: String,
 }
 
 /// Everything needed to route one model.
@@ -56,6 +58,8 @@ pub struct ModelRoute {
     pub policy: Policy,
     /// Serving replicas in this region.
     pub upstreams: Vec<Arc<Upstream>>,
+    /// Response-cache settings, when the model has them.
+    pub cache: Option<infermesh_proto::v1::CachePolicy>,
     next: AtomicUsize,
 }
 
@@ -163,6 +167,7 @@ impl ApplyTable for EdgeTableBuilder {
                         pool: endpoint.pool.clone(),
                         authority,
                         in_flight,
+                        fingerprint: endpoint.fingerprint.clone(),
                     }));
             }
         }
@@ -197,6 +202,7 @@ impl ApplyTable for EdgeTableBuilder {
                 model: model.name.clone(),
                 policy,
                 upstreams,
+                cache: model.cache_policy,
                 next: AtomicUsize::new(0),
             });
             for name in std::iter::once(&model.name).chain(&model.aliases) {

@@ -12,4 +12,5 @@ pub mod mesh;
 pub mod otlp;
 pub mod pki;
 pub mod process;
+pub mod redis;
 pub mod wait;

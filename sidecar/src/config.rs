@@ -64,6 +64,19 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_MODEL")]
     pub model: String,
 
+    /// Revision of the model's weights the engine serves (e.g. the Hugging
+    /// Face commit); part of the engine fingerprint.
+    #[arg(long, env = "INFERMESH_MODEL_REVISION", default_value = "")]
+    pub model_revision: String,
+
+    /// Tokenizer the engine uses, when not the model's own; part of the fingerprint.
+    #[arg(long, env = "INFERMESH_TOKENIZER", default_value = "")]
+    pub tokenizer: String,
+
+    /// Hash of the chat template the engine applies; part of the fingerprint.
+    #[arg(long, env = "INFERMESH_CHAT_TEMPLATE_HASH", default_value = "")]
+    pub chat_template_hash: String,
+
     /// Region of this replica.
     #[arg(long, env = "INFERMESH_REGION")]
     pub region: String,
@@ -160,6 +173,24 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// What makes this replica's answers interchangeable with another's:
+    /// engine, model, revision, tokenizer and chat template, hashed.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for part in [
+            self.engine.as_str(),
+            &self.model,
+            &self.model_revision,
+            &self.tokenizer,
+            &self.chat_template_hash,
+        ] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        format!("fp1:{}", &hex::encode(hash.finalize())[..16])
     }
 
     /// The scrape interval.

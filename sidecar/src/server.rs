@@ -71,6 +71,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
             zone: config.zone.clone(),
             address: address.clone(),
             engine: config.engine.to_proto() as i32,
+            fingerprint: config.fingerprint(),
         },
         default_interval: config.scrape_interval(),
     };

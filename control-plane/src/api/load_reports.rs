@@ -76,6 +76,17 @@ fn endpoint_from(register: Register) -> Result<Endpoint, RegistryError> {
         validate::dns_label("register.zone", &register.zone)?;
     }
     validate::host_port("register.address", &register.address)?;
+    if register.fingerprint.len() > 128
+        || !register
+            .fingerprint
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err(RegistryError::invalid(
+            "register.fingerprint",
+            "at most 128 letters, digits, '-', '_', '.' or ':'",
+        ));
+    }
     if !matches!(
         EngineKind::try_from(register.engine),
         Ok(EngineKind::Vllm | EngineKind::Sglang)
@@ -96,6 +107,7 @@ fn endpoint_from(register: Register) -> Result<Endpoint, RegistryError> {
         state: EndpointState::Serving as i32,
         load: None,
         registered_at_unix_ms: now_unix_ms(),
+        fingerprint: register.fingerprint,
     })
 }
 

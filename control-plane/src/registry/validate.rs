@@ -11,6 +11,8 @@ use super::RegistryError;
 
 const MAX_MODEL_NAME: usize = 200;
 const MAX_DESCRIPTION: usize = 1000;
+/// Largest cached answer a model's policy may allow.
+const MAX_CACHE_ENTRY_BYTES: u32 = 64 * 1024 * 1024;
 const MAX_CACHE_TTL_SECONDS: u32 = 7 * 24 * 3600;
 
 /// Checks a model name or alias as clients would send it.
@@ -158,6 +160,17 @@ pub fn model(m: &Model) -> Result<(), RegistryError> {
             format!(
                 "must be at most {MAX_CACHE_TTL_SECONDS} (7 days), got {}",
                 cache.ttl_seconds
+            ),
+        ));
+    }
+    if let Some(cache) = &m.cache_policy
+        && cache.max_entry_bytes > MAX_CACHE_ENTRY_BYTES
+    {
+        return Err(RegistryError::invalid(
+            "model.cache_policy.max_entry_bytes",
+            format!(
+                "must be at most {MAX_CACHE_ENTRY_BYTES} (64 MiB), got {}",
+                cache.max_entry_bytes
             ),
         ));
     }
@@ -383,11 +396,23 @@ mod tests {
             field_of(model(&Model {
                 cache_policy: Some(CachePolicy {
                     enabled: true,
-                    ttl_seconds: u32::MAX
+                    ttl_seconds: u32::MAX,
+                    ..Default::default()
+                }),
+                ..base.clone()
+            })),
+            "model.cache_policy.ttl_seconds"
+        );
+        assert_eq!(
+            field_of(model(&Model {
+                cache_policy: Some(CachePolicy {
+                    enabled: true,
+                    max_entry_bytes: u32::MAX,
+                    ..Default::default()
                 }),
                 ..base
             })),
-            "model.cache_policy.ttl_seconds"
+            "model.cache_policy.max_entry_bytes"
         );
     }
 

@@ -15,6 +15,14 @@ pub enum EngineKind {
 }
 
 impl EngineKind {
+    /// The engine's name, as the flag takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Vllm => "vllm",
+            EngineKind::Sglang => "sglang",
+        }
+    }
+
     /// The wire value.
     pub fn to_proto(self) -> infermesh_proto::v1::EngineKind {
         match self {
