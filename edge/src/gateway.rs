@@ -161,34 +161,26 @@ impl Gateway {
                 Decision::Bypass => record.cache = "bypass",
                 Decision::Use(lookup) => {
                     record.cache = if lookup.lookup { "miss" } else { "bypass" };
+                    let mut cached = None;
                     if lookup.lookup {
-                        if let Some(answer) = cache.get(&lookup).await {
-                            return self.serve_cached(
-                                answer,
-                                endpoint,
-                                &fields,
-                                principal.as_ref(),
-                                record,
-                            );
-                        }
+                        cached = cache.get(&lookup).await;
                         // Identical misses wait for one engine answer (one fingerprint only:
                         // during a rollout each replica's answer is its own).
-                        if let [(_, key)] = lookup.keys.as_slice() {
+                        if let (None, [(_, key)]) = (&cached, lookup.keys.as_slice()) {
                             match cache.join(key) {
                                 Joined::Leader(leader) => flight = Some(leader),
-                                Joined::Follower(rx) => {
-                                    if let Some(answer) = cache.follow(rx).await {
-                                        return self.serve_cached(
-                                            answer,
-                                            endpoint,
-                                            &fields,
-                                            principal.as_ref(),
-                                            record,
-                                        );
-                                    }
-                                }
+                                Joined::Follower(rx) => cached = cache.follow(rx).await,
                             }
                         }
+                    }
+                    if let Some(answer) = cached {
+                        return self.serve_cached(
+                            answer,
+                            endpoint,
+                            &fields,
+                            principal.as_ref(),
+                            record,
+                        );
                     }
                     if lookup.store {
                         recording = Some((cache.clone(), lookup));
