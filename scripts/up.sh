@@ -112,7 +112,7 @@ wait_for "control plane" sh -c "'$grpcurl' -cacert '$pki/ca.pem' '$cp_addr' grpc
 echo "registering regions, models and pools through grpcurl"
 admin CreateRegion '{"region":{"name":"eu-west","zones":["eu-west-1a","eu-west-1b"],"failover":["us-east"],"edge_address":"127.0.0.1:'"$EDGE_EU_PORT"'"}}'
 admin CreateRegion '{"region":{"name":"us-east","zones":["us-east-1a"],"failover":["eu-west"],"edge_address":"127.0.0.1:'"$EDGE_US_PORT"'"}}'
-admin CreateModel '{"model":{"name":"meta-llama/Llama-3.1-8B-Instruct","aliases":["llama-8b"],"routing_policy":"LEAST_OUTSTANDING","description":"Llama 3.1 8B on vLLM"}}'
+admin CreateModel '{"model":{"name":"meta-llama/Llama-3.1-8B-Instruct","aliases":["llama-8b"],"routing_policy":"LEAST_OUTSTANDING","cache_policy":{"enabled":true,"ttl_seconds":600},"description":"Llama 3.1 8B on vLLM"}}'
 admin CreateModel '{"model":{"name":"Qwen/Qwen2.5-7B-Instruct","aliases":["qwen-7b"],"routing_policy":"ROUND_ROBIN","description":"Qwen 2.5 7B on SGLang"}}'
 admin CreatePool '{"pool":{"name":"llama-8b-eu-west","model":"meta-llama/Llama-3.1-8B-Instruct","region":"eu-west","engine":"VLLM","min_replicas":1,"max_replicas":8}}'
 admin CreatePool '{"pool":{"name":"llama-8b-us-east","model":"meta-llama/Llama-3.1-8B-Instruct","region":"us-east","engine":"VLLM","min_replicas":1,"max_replicas":8}}'
@@ -186,6 +186,11 @@ admin token is in .run/admin-token; certificates are in .run/pki. Try:
     -H 'content-type: application/json' -d '{"model":"qwen-7b","messages":[{"role":"user","content":"hi"}]}'
   curl -sN http://127.0.0.1:$EDGE_US_PORT/v1/chat/completions -H "authorization: Bearer \$KEY" \\
     -H 'content-type: application/json' -d '{"model":"llama-8b","messages":[{"role":"user","content":"hi"}],"stream":true}'
+
+  # deterministic requests are cached (llama-8b has a cache policy): miss, then hit
+  for i in 1 2; do curl -s -o /dev/null -D - http://127.0.0.1:$EDGE_US_PORT/v1/chat/completions \
+    -H "authorization: Bearer \$KEY" -H 'content-type: application/json' \
+    -d '{"model":"llama-8b","messages":[{"role":"user","content":"hi"}],"temperature":0}' | grep -i x-infermesh-cache; done
 
   # admin API with the admin client certificate ...
   .tools/bin/grpcurl -cacert .run/pki/ca.pem -cert .run/pki/admin.pem -key .run/pki/admin-key.pem \\

@@ -67,6 +67,41 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_INSECURE_PLAINTEXT", default_value_t = false)]
     pub insecure_plaintext: bool,
 
+    /// Address of the sidecar-injection webhook (HTTPS, POST /mutate);
+    /// unset: no webhook.
+    #[arg(long, env = "INFERMESH_WEBHOOK_LISTEN")]
+    pub webhook_listen: Option<SocketAddr>,
+
+    /// Serving certificate (PEM) of the webhook; reloaded when it changes.
+    #[arg(long, env = "INFERMESH_WEBHOOK_TLS_CERT")]
+    pub webhook_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --webhook-tls-cert.
+    #[arg(long, env = "INFERMESH_WEBHOOK_TLS_KEY")]
+    pub webhook_tls_key: Option<PathBuf>,
+
+    /// Image of the injected sidecar container.
+    #[arg(
+        long,
+        env = "INFERMESH_SIDECAR_IMAGE",
+        default_value = "ghcr.io/infermesh/infermesh:latest"
+    )]
+    pub sidecar_image: String,
+
+    /// host:port injected sidecars dial to reach the control plane.
+    #[arg(
+        long,
+        env = "INFERMESH_SIDECAR_CONTROL_PLANE",
+        default_value = "infermesh-control-plane:7070"
+    )]
+    pub sidecar_control_plane: String,
+
+    /// kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) holding the
+    /// injected sidecars' client certificate, in the pods' namespace; empty
+    /// when the control plane runs with --insecure-plaintext.
+    #[arg(long, env = "INFERMESH_SIDECAR_TLS_SECRET", default_value = "")]
+    pub sidecar_tls_secret: String,
+
     /// How often sidecars report load, milliseconds.
     #[arg(long, env = "INFERMESH_REPORT_INTERVAL_MS", default_value_t = 1000)]
     pub report_interval_ms: u32,
@@ -92,6 +127,14 @@ impl Config {
     /// Checks values clap cannot, naming the flag.
     pub fn validate(&self) -> Result<(), String> {
         self.transport()?;
+        if self.webhook_listen.is_some()
+            && (self.webhook_tls_cert.is_none() || self.webhook_tls_key.is_none())
+        {
+            return Err(
+                "--webhook-listen needs --webhook-tls-cert and --webhook-tls-key (the API server only calls webhooks over HTTPS)"
+                    .into(),
+            );
+        }
         if self.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
             return Err("--etcd-endpoints: at least one endpoint is required".into());
         }

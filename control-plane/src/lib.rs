@@ -12,3 +12,4 @@ pub mod server;
 pub mod snapshot;
 pub mod store;
 pub mod tables;
+pub mod webhook;

@@ -145,6 +145,28 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         }
     });
 
+    let webhook = match (
+        &config.webhook_listen,
+        &config.webhook_tls_cert,
+        &config.webhook_tls_key,
+    ) {
+        (Some(listen), Some(cert), Some(key)) => {
+            let server = crate::webhook::WebhookServer {
+                listen: *listen,
+                cert: cert.clone(),
+                key: key.clone(),
+                injection: crate::webhook::Injection {
+                    image: config.sidecar_image.clone(),
+                    control_plane: config.sidecar_control_plane.clone(),
+                    tls_secret: Some(config.sidecar_tls_secret.clone()).filter(|s| !s.is_empty()),
+                    proxy_port: 8081,
+                    metrics_port: 9091,
+                },
+            };
+            Some(crate::webhook::start(server, cancel.clone()).await?)
+        }
+        _ => None,
+    };
     tracing::info!(listen = %config.listen, tls = tls.is_some(), etcd = ?config.etcd_endpoints, prefix = %config.etcd_prefix, "control plane starting");
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -174,6 +196,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     let _ = quota_task.await;
     let _ = watcher.await;
     let _ = tokio::join!(snapshot_gauges, metrics_task);
+    if let Some(webhook) = webhook {
+        let _ = webhook.await;
+    }
     tracing::info!("control plane stopped");
     Ok(())
 }

@@ -78,6 +78,8 @@ pub struct Mesh {
     pub api_key: String,
     /// Environment given to every process started from now on (e.g. OTEL_*).
     pub env: Vec<(String, String)>,
+    /// Extra control-plane flags, used from its next (re)start.
+    pub control_plane_extra: Vec<String>,
     /// Where logs and etcd data live; removed on drop, after the processes
     /// above (fields drop in order) have printed their logs.
     pub dir: TempDir,
@@ -105,6 +107,7 @@ impl Mesh {
             http: Http::new(),
             api_key: String::new(),
             env: Vec::new(),
+            control_plane_extra: Vec::new(),
         };
         mesh.start_control_plane().await;
         let secret = mesh.create_key("tests", json!({})).await;
@@ -156,7 +159,9 @@ impl Mesh {
             "--admin-tokens-file",
             &path_str(&self.dir.path().join("pki/admin-tokens")),
         ]
-        .map(String::from);
+        .map(String::from)
+        .to_vec();
+        let args = [args, self.control_plane_extra.clone()].concat();
         let process = Process::spawn(
             "control-plane",
             &path("infermesh-control-plane"),

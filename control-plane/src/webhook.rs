@@ -1,0 +1,436 @@
+//! The mutating admission webhook that injects the sidecar into inference
+//! pods. Kubernetes sends an `AdmissionReview` (admission.k8s.io/v1) for
+//! pods labelled `infermesh.io/inject: "true"`; the answer adds the
+//! `infermesh-sidecar` container (ports, environment from the pod's
+//! `infermesh.io/*` annotations, probes, resources, a locked-down security
+//! context) and, with TLS to the control plane, the volume holding its
+//! client certificate. A pod that already has the sidecar is left as it is;
+//! a labelled pod without the annotations the sidecar needs is refused with
+//! a message naming them. Served over HTTPS (`POST /mutate`).
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use infermesh_runtime::http::{Body, ServeOptions, full};
+use infermesh_runtime::tls::{self, ClientAuth, server::HTTP_ALPN};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Name of the injected container.
+pub const CONTAINER: &str = "infermesh-sidecar";
+/// Label a pod carries to be injected.
+pub const INJECT_LABEL: &str = "infermesh.io/inject";
+/// Annotation prefix of the per-pod settings.
+pub const PREFIX: &str = "infermesh.io/";
+const TLS_VOLUME: &str = "infermesh-control-plane-tls";
+const TLS_MOUNT: &str = "/etc/infermesh/control-plane-tls";
+const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
+
+/// What the injected container looks like.
+#[derive(Debug, Clone)]
+pub struct Injection {
+    /// Image of the sidecar.
+    pub image: String,
+    /// `host:port` the sidecars dial.
+    pub control_plane: String,
+    /// Secret with the sidecars' client certificate (tls.crt, tls.key,
+    /// ca.crt), in the pod's namespace; `None` for a plaintext control plane.
+    pub tls_secret: Option<String>,
+    /// Port the sidecar's proxy listens on.
+    pub proxy_port: u16,
+    /// Port of the sidecar's metrics.
+    pub metrics_port: u16,
+}
+
+/// The AdmissionReview answering `review`.
+pub fn answer(review: &Value, injection: &Injection) -> Value {
+    let uid = review
+        .pointer("/request/uid")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let response = match review.pointer("/request/object") {
+        None => refuse(&uid, "the review carries no request.object"),
+        Some(pod) => match patch(pod, injection) {
+            Ok(None) => json!({"uid": uid, "allowed": true}),
+            Ok(Some(ops)) => {
+                let bytes = serde_json::to_vec(&ops).unwrap_or_default();
+                json!({
+                    "uid": uid,
+                    "allowed": true,
+                    "patchType": "JSONPatch",
+                    "patch": base64::engine::general_purpose::STANDARD.encode(bytes),
+                })
+            }
+            Err(message) => refuse(&uid, &message),
+        },
+    };
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": response,
+    })
+}
+
+fn refuse(uid: &Value, message: &str) -> Value {
+    json!({"uid": uid, "allowed": false, "status": {"code": 400, "message": message}})
+}
+
+/// The JSON patch injecting the sidecar into `pod`; `None` when nothing is
+/// to change (not labelled, or already injected).
+pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, String> {
+    let labelled = pod
+        .pointer("/metadata/labels")
+        .and_then(|l| l.get(INJECT_LABEL))
+        .and_then(Value::as_str)
+        == Some("true");
+    if !labelled {
+        return Ok(None);
+    }
+    let containers = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .ok_or("the pod has no spec.containers")?;
+    if containers
+        .iter()
+        .any(|c| c.get("name").and_then(Value::as_str) == Some(CONTAINER))
+    {
+        return Ok(None);
+    }
+    let annotations = pod.pointer("/metadata/annotations");
+    let annotation = |name: &str| {
+        annotations
+            .and_then(|a| a.get(format!("{PREFIX}{name}")))
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let missing: Vec<String> = ["model", "pool", "region"]
+        .iter()
+        .filter(|name| annotation(name).is_none())
+        .map(|name| format!("{PREFIX}{name}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "pods labelled {INJECT_LABEL}=true need the annotations {}",
+            missing.join(", ")
+        ));
+    }
+    let engine = annotation("engine").unwrap_or("vllm");
+    if !matches!(engine, "vllm" | "sglang") {
+        return Err(format!("{PREFIX}engine: {engine:?} is not vllm or sglang"));
+    }
+    let engine_port = annotation("engine-port").unwrap_or("8000");
+    if engine_port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!(
+            "{PREFIX}engine-port: {engine_port:?} is not a port number"
+        ));
+    }
+    for port in [injection.proxy_port, injection.metrics_port] {
+        let taken = containers.iter().any(|c| {
+            c.get("ports")
+                .and_then(Value::as_array)
+                .is_some_and(|ports| {
+                    ports.iter().any(|p| {
+                        p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(port))
+                    })
+                })
+        });
+        if taken {
+            return Err(format!(
+                "port {port} is taken by another container; the sidecar needs it"
+            ));
+        }
+    }
+
+    let value = |name: &str, value: &str| json!({"name": name, "value": value});
+    let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    let mut env = vec![
+        value(
+            "INFERMESH_LISTEN",
+            &format!("0.0.0.0:{}", injection.proxy_port),
+        ),
+        value(
+            "INFERMESH_METRICS_LISTEN",
+            &format!("0.0.0.0:{}", injection.metrics_port),
+        ),
+        value(
+            "INFERMESH_ENGINE_URL",
+            &format!("http://127.0.0.1:{engine_port}"),
+        ),
+        value("INFERMESH_ENGINE", engine),
+        value("INFERMESH_MODEL", annotation("model").unwrap_or_default()),
+        value("INFERMESH_POOL", annotation("pool").unwrap_or_default()),
+        value("INFERMESH_REGION", annotation("region").unwrap_or_default()),
+        value("INFERMESH_CONTROL_PLANE", &injection.control_plane),
+        field("POD_IP", "status.podIP"),
+        field("INFERMESH_ENDPOINT_ID", "metadata.name"),
+    ];
+    if let Some(zone) = annotation("zone") {
+        env.push(value("INFERMESH_ZONE", zone));
+    }
+    if let Some(revision) = annotation("model-revision") {
+        env.push(value("INFERMESH_MODEL_REVISION", revision));
+    }
+    let mut container = json!({
+        "name": CONTAINER,
+        "image": injection.image,
+        "command": ["infermesh-sidecar"],
+        "env": env,
+        "ports": [
+            {"name": "infermesh-proxy", "containerPort": injection.proxy_port, "protocol": "TCP"},
+            {"name": "infermesh-metrics", "containerPort": injection.metrics_port, "protocol": "TCP"},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": injection.proxy_port},
+            "periodSeconds": 2,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/livez", "port": injection.proxy_port},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "64Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    });
+    let mut ops = Vec::new();
+    if let Some(secret) = &injection.tls_secret {
+        if let Some(env) = container["env"].as_array_mut() {
+            for (name, file) in [
+                ("INFERMESH_CONTROL_PLANE_CA", "ca.crt"),
+                ("INFERMESH_CONTROL_PLANE_CERT", "tls.crt"),
+                ("INFERMESH_CONTROL_PLANE_KEY", "tls.key"),
+            ] {
+                env.push(value(name, &format!("{TLS_MOUNT}/{file}")));
+            }
+        }
+        container["volumeMounts"] =
+            json!([{"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": true}]);
+        let volume = json!({"name": TLS_VOLUME, "secret": {"secretName": secret}});
+        match pod.pointer("/spec/volumes").and_then(Value::as_array) {
+            Some(volumes) => {
+                if volumes
+                    .iter()
+                    .any(|v| v.get("name").and_then(Value::as_str) == Some(TLS_VOLUME))
+                {
+                    return Err(format!("the pod already has a volume named {TLS_VOLUME}"));
+                }
+                ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+            }
+            None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
+        }
+    }
+    ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": container}));
+    ops.push(json!({
+        "op": "add",
+        "path": "/metadata/annotations/infermesh.io~1injected",
+        "value": "true",
+    }));
+    Ok(Some(ops))
+}
+
+/// Where and how the webhook is served.
+#[derive(Debug, Clone)]
+pub struct WebhookServer {
+    /// Listen address.
+    pub listen: std::net::SocketAddr,
+    /// Serving certificate (reloaded when it changes).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// What to inject.
+    pub injection: Injection,
+}
+
+/// Loads the certificate and binds the listener (errors here stop the
+/// control plane at start), then serves the webhook until `cancel` fires.
+pub async fn start(
+    server: WebhookServer,
+    cancel: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let tls = tls::server_config(
+        &server.cert,
+        &server.key,
+        None,
+        ClientAuth::None,
+        HTTP_ALPN,
+        tls::server::DEFAULT_RELOAD_INTERVAL,
+        cancel.child_token(),
+    )
+    .map_err(|e| anyhow::anyhow!("--webhook-tls-cert/--webhook-tls-key: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(server.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--webhook-listen {}: {e}", server.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, "sidecar-injection webhook serving on /mutate");
+    let injection = Arc::new(server.injection);
+    let service = tower::service_fn(move |request: Request<Incoming>| {
+        let injection = injection.clone();
+        async move { Ok::<_, Infallible>(handle(request, &injection).await) }
+    });
+    let options = ServeOptions {
+        tls: Some(tls.acceptor()),
+        ..ServeOptions::plaintext(Duration::from_secs(10))
+    };
+    Ok(tokio::spawn(async move {
+        infermesh_runtime::http::serve(listener, service, cancel, options).await;
+        tls.watcher.stop().await;
+    }))
+}
+
+async fn handle(request: Request<Incoming>, injection: &Injection) -> Response<Body> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/healthz") => {
+            reply(StatusCode::OK, Bytes::from_static(b"ok\n"), "text/plain")
+        }
+        (&Method::POST, "/mutate") => {
+            let body = match Limited::new(request.into_body(), MAX_REVIEW_BYTES)
+                .collect()
+                .await
+            {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) => {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        Bytes::from(format!("could not read the review: {error}\n")),
+                        "text/plain",
+                    );
+                }
+            };
+            let review: Value = match serde_json::from_slice(&body) {
+                Ok(review) => review,
+                Err(error) => {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        Bytes::from(format!("the body is not an AdmissionReview: {error}\n")),
+                        "text/plain",
+                    );
+                }
+            };
+            let answered = answer(&review, injection);
+            if answered.pointer("/response/allowed") == Some(&Value::Bool(false)) {
+                tracing::warn!(reason = ?answered.pointer("/response/status/message"), "pod refused");
+            }
+            reply(
+                StatusCode::OK,
+                Bytes::from(answered.to_string()),
+                "application/json",
+            )
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(b"POST /mutate or GET /healthz\n"),
+            "text/plain",
+        ),
+    }
+}
+
+fn reply(status: StatusCode, body: Bytes, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn injection(tls: bool) -> Injection {
+        Injection {
+            image: "ghcr.io/infermesh/infermesh:0.1.0".into(),
+            control_plane: "infermesh-control-plane.infermesh.svc:7070".into(),
+            tls_secret: tls.then(|| "infermesh-sidecar-tls".into()),
+            proxy_port: 8081,
+            metrics_port: 9091,
+        }
+    }
+
+    fn pod() -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "llama-", "labels": {INJECT_LABEL: "true"},
+                "annotations": {"infermesh.io/model": "meta-llama/Llama-3.1-8B-Instruct",
+                    "infermesh.io/pool": "llama-8b-eu-west", "infermesh.io/region": "eu-west"}},
+            "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:latest",
+                "ports": [{"containerPort": 8000}]}]}
+        })
+    }
+
+    #[test]
+    fn a_labelled_pod_gets_the_sidecar_and_its_certificate_volume() {
+        let ops = patch(&pod(), &injection(true)).unwrap().unwrap();
+        let paths: Vec<&str> = ops.iter().filter_map(|o| o["path"].as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/spec/volumes",
+                "/spec/containers/-",
+                "/metadata/annotations/infermesh.io~1injected"
+            ]
+        );
+        let container = &ops[1]["value"];
+        let env = container["env"].to_string();
+        for expected in [
+            "meta-llama/Llama-3.1-8B-Instruct",
+            "llama-8b-eu-west",
+            "http://127.0.0.1:8000",
+            "INFERMESH_CONTROL_PLANE_CERT",
+        ] {
+            assert!(env.contains(expected), "{expected} missing from {env}");
+        }
+    }
+
+    #[test]
+    fn other_pods_and_injected_pods_are_left_alone() {
+        let mut unlabelled = pod();
+        unlabelled["metadata"]["labels"] = json!({});
+        assert_eq!(patch(&unlabelled, &injection(false)).unwrap(), None);
+        let mut injected = pod();
+        injected["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": CONTAINER, "image": "x"}));
+        assert_eq!(patch(&injected, &injection(false)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_labelled_pod_missing_annotations_is_refused_by_name() {
+        let mut bare = pod();
+        bare["metadata"]["annotations"] = json!({"infermesh.io/model": "m"});
+        let review = json!({"request": {"uid": "u-1", "object": bare}});
+        let answered = answer(&review, &injection(false));
+        assert_eq!(answered["response"]["allowed"], false);
+        assert_eq!(answered["response"]["uid"], "u-1");
+        let message = answered["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("infermesh.io/pool") && message.contains("infermesh.io/region"),
+            "{message}"
+        );
+        let mut clash = pod();
+        clash["spec"]["containers"][0]["ports"] = json!([{"containerPort": 8081}]);
+        assert!(
+            patch(&clash, &injection(false))
+                .unwrap_err()
+                .contains("8081")
+        );
+    }
+}
