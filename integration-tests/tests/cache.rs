@@ -155,6 +155,32 @@ async fn deterministic_requests_hit_per_tenant_in_either_form_until_their_ttl() 
     assert_eq!(engine_requests(&mesh, &replica).await, served + 3.0);
     assert_eq!(outcome(&post(&other, &edge, body, &[]).await), "hit");
 
+    // Hits count against request limits but not token limits: a key whose
+    // token budget is spent still gets its cached answers.
+    let budget = Http::with_key(
+        &mesh
+            .create_key("frugal", json!({"limits": {"tokens_per_minute": 40}}))
+            .await,
+    );
+    let cached = r#"{"model":"llama","messages":[{"role":"user","content":"budget"}],"temperature":0,"max_tokens":6}"#;
+    assert_eq!(outcome(&post(&budget, &edge, cached, &[]).await), "miss");
+    let spent = wait::until("the token budget to run out", DEADLINE, || async {
+        let reply = budget
+            .send(
+                Method::POST,
+                &url,
+                Some(sampled.to_string().into()),
+                &[("content-type", "application/json")],
+            )
+            .await
+            .ok()?;
+        (reply.status == 429).then_some(reply)
+    })
+    .await;
+    assert_eq!(spent.json()["error"]["type"], "tokens");
+    let hit = post(&budget, &edge, cached, &[]).await;
+    assert_eq!(outcome(&hit), "hit");
+
     // A streamed answer is stored, and served to a non-streamed request.
     let fresh_stream = r#"{"model":"llama","messages":[{"role":"user","content":"stream me"}],"temperature":0,"max_tokens":5,"stream":true}"#;
     let streamed = post(http, &edge, fresh_stream, &[]).await;
