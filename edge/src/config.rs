@@ -98,6 +98,23 @@ pub struct Config {
     )]
     pub upstream_response_timeout_ms: u64,
 
+    /// Most attempts on other replicas for one request (refused or lost
+    /// connections and 502/503 before any byte reached the client).
+    #[arg(long, env = "INFERMESH_MAX_RETRIES", default_value_t = 2)]
+    pub max_retries: u32,
+
+    /// Retries allowed as a share of requests (retry budget).
+    #[arg(long, env = "INFERMESH_RETRY_BUDGET_RATIO", default_value_t = 0.2)]
+    pub retry_budget_ratio: f64,
+
+    /// Failures in a row that eject a replica from this edge's rotation.
+    #[arg(long, env = "INFERMESH_EJECT_AFTER_FAILURES", default_value_t = 3)]
+    pub eject_after_failures: u32,
+
+    /// First ejection's length, milliseconds; doubles with each ejection in a row (to 5 minutes).
+    #[arg(long, env = "INFERMESH_EJECTION_MS", default_value_t = 5000)]
+    pub ejection_ms: u64,
+
     /// Serve requests that present no API key, without limits (local
     /// development only; a presented key is still checked).
     #[arg(long, env = "INFERMESH_ALLOW_ANONYMOUS", default_value_t = false)]
@@ -187,6 +204,12 @@ impl Config {
             return Err(
                 "--cache-redis-timeout-ms and --cache-default-ttl-seconds must be positive".into(),
             );
+        }
+        if !(0.0..=1.0).contains(&self.retry_budget_ratio) {
+            return Err("--retry-budget-ratio: must be between 0 and 1".into());
+        }
+        if self.eject_after_failures == 0 || self.ejection_ms == 0 {
+            return Err("--eject-after-failures and --ejection-ms must be positive".into());
         }
         if self.tls_reload_interval_ms == 0 {
             return Err("--tls-reload-interval-ms: must be positive".into());

@@ -35,6 +35,26 @@ impl Drop for InFlight {
     }
 }
 
+/// Why a forward failed, and whether another replica may be tried.
+#[derive(Debug)]
+pub struct Failure {
+    /// The error for the client if no other attempt is made.
+    pub error: ApiError,
+    /// True when nothing of the response was received (connect failure, a
+    /// connection closed before the response headers).
+    pub retryable: bool,
+}
+
+/// A copy of a request head for one attempt (extensions are not forwarded).
+fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut copy = Request::new(()).into_parts().0;
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
+}
+
 /// Forwards requests to replicas.
 #[derive(Clone)]
 pub struct Forwarder {
@@ -56,19 +76,23 @@ impl Forwarder {
     /// keeps the request counted as in flight until it ends.
     pub async fn forward(
         &self,
-        mut parts: http::request::Parts,
+        request: &http::request::Parts,
         body: Bytes,
         upstream: Arc<Upstream>,
-    ) -> Result<Response<Body>, ApiError> {
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    ) -> Result<Response<Body>, Failure> {
+        let mut parts = copy_parts(request);
+        let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.uri = Uri::builder()
             .scheme("http")
             .authority(upstream.authority.clone())
             .path_and_query(path)
             .build()
-            .map_err(|e| ApiError::UpstreamFailed {
-                endpoint: upstream.id.clone(),
-                reason: format!("cannot build upstream URI: {e}"),
+            .map_err(|e| Failure {
+                error: ApiError::UpstreamFailed {
+                    endpoint: upstream.id.clone(),
+                    reason: format!("cannot build upstream URI: {e}"),
+                },
+                retryable: false,
             })?;
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
@@ -91,9 +115,13 @@ impl Forwarder {
             .instrument(span.clone());
         let response = match sent.await {
             Err(_) => {
-                return Err(ApiError::UpstreamTimeout {
-                    endpoint: upstream.id.clone(),
-                    after: self.response_timeout,
+                // The engine may still be working on it: not retried.
+                return Err(Failure {
+                    error: ApiError::UpstreamTimeout {
+                        endpoint: upstream.id.clone(),
+                        after: self.response_timeout,
+                    },
+                    retryable: false,
                 });
             }
             Ok(Err(error)) => {
@@ -102,9 +130,14 @@ impl Forwarder {
                 } else {
                     format!("{error}")
                 };
-                return Err(ApiError::UpstreamFailed {
-                    endpoint: upstream.id.clone(),
-                    reason,
+                // Refused, reset or closed before any response: nothing
+                // reached the client, so another replica may answer.
+                return Err(Failure {
+                    error: ApiError::UpstreamFailed {
+                        endpoint: upstream.id.clone(),
+                        reason,
+                    },
+                    retryable: true,
                 });
             }
             Ok(Ok(response)) => response,

@@ -24,10 +24,11 @@ use crate::cache::tap::{CacheTap, Recording};
 use crate::cache::{self, CACHE_HEADER, Decision, Joined, ResponseCache};
 use crate::error::ApiError;
 use crate::forward::Forwarder;
+use crate::health::{EjectionPolicy, RetryBudget};
 use crate::metrics::Observer;
 use crate::openai;
 use crate::quota::Limiter;
-use crate::table::EdgeTable;
+use crate::table::{EdgeTable, ModelRoute, Upstream};
 use crate::usage::{Finish, UsageTap};
 
 /// The table the request path reads: `None` until the first push.
@@ -41,6 +42,18 @@ pub struct Gateway {
     limiter: Arc<Limiter>,
     observer: Observer,
     cache: Option<Arc<ResponseCache>>,
+    resilience: Resilience,
+}
+
+/// Retries and ejection settings.
+#[derive(Debug, Clone)]
+pub struct Resilience {
+    /// Retries allowed as a share of requests.
+    pub budget: Arc<RetryBudget>,
+    /// Most attempts beyond the first for one request.
+    pub max_retries: u32,
+    /// When replicas are ejected.
+    pub ejection: EjectionPolicy,
 }
 
 impl Gateway {
@@ -52,6 +65,7 @@ impl Gateway {
         limiter: Arc<Limiter>,
         observer: Observer,
         cache: Option<Arc<ResponseCache>>,
+        resilience: Resilience,
     ) -> Self {
         Self {
             tables,
@@ -59,6 +73,7 @@ impl Gateway {
             limiter,
             observer,
             cache,
+            resilience,
         }
     }
 
@@ -222,23 +237,57 @@ impl Gateway {
                 }
             })?;
         let in_flight = metrics.map(|m| m.in_flight(&route.model));
-        record.endpoint = Some(upstream.id.clone());
         tracing::debug!(model = %route.model, endpoint = %upstream.id, stream = fields.stream, "routing");
         let body = openai::upstream_body(body, &fields, &route.model);
-        let sent = Instant::now();
-        let endpoint_id = upstream.id.clone();
-        let fingerprint = upstream.fingerprint.clone();
-        let forwarded = self.forwarder.forward(parts, body, upstream).await;
-        if let Some(metrics) = metrics {
-            metrics.upstream(&route.model, &endpoint_id, sent.elapsed());
-        }
-        let mut response = match forwarded {
-            Ok(response) => response,
-            Err(error) => {
-                if let Some(admission) = admission {
-                    admission.settle(0);
+        self.resilience.budget.earn();
+        let mut upstream = upstream;
+        let mut tried: Vec<String> = Vec::new();
+        let (mut response, fingerprint) = loop {
+            record.endpoint = Some(upstream.id.clone());
+            let sent = Instant::now();
+            let forwarded = self
+                .forwarder
+                .forward(&parts, body.clone(), upstream.clone())
+                .await;
+            if let Some(metrics) = metrics {
+                metrics.upstream(&route.model, &upstream.id, sent.elapsed());
+            }
+            let retryable = match &forwarded {
+                Ok(response) => {
+                    let status = response.status();
+                    if status.is_server_error() {
+                        self.failed(&upstream);
+                    } else {
+                        upstream.health.success();
+                    }
+                    // The sidecar says its engine is unreachable or not ready.
+                    matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                    )
                 }
-                return Err(error);
+                Err(failure) => {
+                    self.failed(&upstream);
+                    failure.retryable
+                }
+            };
+            if retryable && let Some(next) = self.next_attempt(route, &mut tried, &upstream) {
+                tracing::debug!(from = %upstream.id, to = %next.id, "retrying on another replica");
+                record.retries += 1;
+                if let Some(metrics) = metrics {
+                    metrics.retried(&route.model);
+                }
+                upstream = next;
+                continue;
+            }
+            match forwarded {
+                Ok(response) => break (response, upstream.fingerprint.clone()),
+                Err(failure) => {
+                    if let Some(admission) = admission {
+                        admission.settle(0);
+                    }
+                    return Err(failure.error);
+                }
             }
         };
         if let Some(admission) = &admission {
@@ -288,6 +337,32 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// Counts a failure against `upstream`, ejecting it when it fails too often.
+    fn failed(&self, upstream: &Upstream) {
+        if let Some(length) = upstream.health.failure(&self.resilience.ejection) {
+            tracing::warn!(endpoint = %upstream.id, ejected_for = ?length, "replica ejected after consecutive failures");
+            if let Some(metrics) = self.observer.metrics() {
+                metrics.ejected(&upstream.id);
+            }
+        }
+    }
+
+    /// Another replica for a failed attempt, if one is left, retries remain
+    /// and the retry budget allows it.
+    fn next_attempt(
+        &self,
+        route: &ModelRoute,
+        tried: &mut Vec<String>,
+        failed: &Upstream,
+    ) -> Option<Arc<Upstream>> {
+        tried.push(failed.id.clone());
+        if tried.len() > self.resilience.max_retries as usize {
+            return None;
+        }
+        let next = route.pick_excluding(tried)?.clone();
+        self.resilience.budget.spend().then_some(next)
+    }
+
     /// Answers from the cache: as stored, or replayed as a stream. The
     /// request counts against the caller's request limits, not its tokens.
     fn serve_cached(

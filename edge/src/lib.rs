@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod gateway;
+pub mod health;
 pub mod layers;
 pub mod metrics;
 pub mod openai;

@@ -29,6 +29,8 @@ pub struct EdgeMetrics {
     rate_limited: IntCounterVec,
     upstream: HistogramVec,
     cache: IntCounterVec,
+    retries: IntCounterVec,
+    ejections: IntCounterVec,
     /// Version of the routing table in use.
     pub table_version: IntGauge,
     /// 1 while a stream to a control plane is open.
@@ -108,6 +110,16 @@ impl EdgeMetrics {
                 "Requests of models with a cache policy, by outcome (hit, miss, bypass).",
                 &["model", "outcome"],
             ),
+            retries: counter(
+                "infermesh_edge_retries_total",
+                "Attempts on another replica after a refused connection, a connection lost before the response, or a 502/503.",
+                &["model"],
+            ),
+            ejections: counter(
+                "infermesh_edge_ejections_total",
+                "Replicas ejected after consecutive failures, by endpoint.",
+                &["endpoint"],
+            ),
             table_version: IntGauge::new(
                 "infermesh_edge_routing_table_version",
                 "Version of the routing table in use (0 before the first).",
@@ -127,6 +139,8 @@ impl EdgeMetrics {
         registry.register(Box::new(metrics.rate_limited.clone()))?;
         registry.register(Box::new(metrics.upstream.clone()))?;
         registry.register(Box::new(metrics.cache.clone()))?;
+        registry.register(Box::new(metrics.retries.clone()))?;
+        registry.register(Box::new(metrics.ejections.clone()))?;
         registry.register(Box::new(metrics.table_version.clone()))?;
         registry.register(Box::new(metrics.control_plane_connected.clone()))?;
         Ok(metrics)
@@ -181,6 +195,16 @@ impl EdgeMetrics {
     /// A request for `model` refused by the `limit` limit.
     pub fn rate_limited(&self, model: &str, limit: &str) {
         self.rate_limited.with_label_values(&[model, limit]).inc();
+    }
+
+    /// A request for `model` was retried on another replica.
+    pub fn retried(&self, model: &str) {
+        self.retries.with_label_values(&[model]).inc();
+    }
+
+    /// `endpoint` was ejected.
+    pub fn ejected(&self, endpoint: &str) {
+        self.ejections.with_label_values(&[endpoint]).inc();
     }
 
     /// A replica's response headers came after `elapsed`.

@@ -17,7 +17,8 @@ use crate::cache::{CacheConfig, ResponseCache};
 use crate::config::CacheBackend;
 use crate::config::Config;
 use crate::forward::Forwarder;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Resilience};
+use crate::health::{EjectionPolicy, RetryBudget};
 use crate::layers::auth::AuthLayer;
 use crate::metrics::{EdgeMetrics, Observer};
 use crate::quota::Limiter;
@@ -77,6 +78,15 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         limiter,
         Observer::new(log, metrics),
         response_cache(&config, &registry, cancel.child_token())?,
+        Resilience {
+            budget: Arc::new(RetryBudget::new(config.retry_budget_ratio, 10)),
+            max_retries: config.max_retries,
+            ejection: EjectionPolicy {
+                consecutive: config.eject_after_failures,
+                base: Duration::from_millis(config.ejection_ms),
+                max: Duration::from_secs(300),
+            },
+        },
     );
     let auth = AuthLayer::new(subscription.tables.clone(), config.allow_anonymous);
     if config.allow_anonymous {

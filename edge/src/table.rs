@@ -14,6 +14,7 @@ use infermesh_runtime::discovery::ApplyTable;
 use rand::Rng;
 
 use crate::access::Access;
+use crate::health::Health;
 
 /// How a model's replica is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +46,8 @@ pub struct Upstream {
     pub authority: Authority,
     /// Requests this edge has in flight to it.
     pub in_flight: Arc<AtomicUsize>,
+    /// Its passive health (ejection), kept across pushes.
+    pub health: Arc<Health>,
     /// Its engine fingerprint (what makes cached answers interchangeable).
     pub fingerprint: String,
 }
@@ -66,19 +69,35 @@ pub struct ModelRoute {
 impl ModelRoute {
     /// The replica for the next request, or `None` when none is serving.
     pub fn pick(&self) -> Option<&Arc<Upstream>> {
-        let n = self.upstreams.len();
+        self.pick_excluding(&[])
+    }
+
+    /// The replica for the next attempt, not one of `tried` and not an
+    /// ejected one (unless every other candidate is ejected).
+    pub fn pick_excluding(&self, tried: &[String]) -> Option<&Arc<Upstream>> {
+        let fresh = |u: &&Arc<Upstream>| !tried.contains(&u.id);
+        let healthy: Vec<&Arc<Upstream>> = self
+            .upstreams
+            .iter()
+            .filter(fresh)
+            .filter(|u| !u.health.is_ejected())
+            .collect();
+        let candidates = if healthy.is_empty() {
+            self.upstreams.iter().filter(fresh).collect()
+        } else {
+            healthy
+        };
+        let n = candidates.len();
         if n == 0 {
             return None;
         }
         match self.policy {
-            Policy::RoundRobin => self
-                .upstreams
-                .get(self.next.fetch_add(1, Ordering::Relaxed) % n),
+            Policy::RoundRobin => Some(candidates[self.next.fetch_add(1, Ordering::Relaxed) % n]),
             Policy::LeastOutstanding => {
                 // A random start spreads ties instead of always favouring the first replica.
                 let start = rand::rng().random_range(0..n);
                 (0..n)
-                    .map(|i| &self.upstreams[(start + i) % n])
+                    .map(|i| candidates[(start + i) % n])
                     .min_by_key(|u| u.in_flight.load(Ordering::Relaxed))
             }
         }
@@ -130,7 +149,7 @@ impl EdgeTable {
 /// Builds `EdgeTable`s from pushed tables, keeping in-flight counters by endpoint id.
 #[derive(Default)]
 pub struct EdgeTableBuilder {
-    counters: HashMap<String, Arc<AtomicUsize>>,
+    counters: HashMap<String, (Arc<AtomicUsize>, Arc<Health>)>,
 }
 
 impl ApplyTable for EdgeTableBuilder {
@@ -152,8 +171,8 @@ impl ApplyTable for EdgeTableBuilder {
                     endpoint.id, endpoint.address
                 ));
             }
-            let in_flight = self.counters.get(&endpoint.id).cloned().unwrap_or_default();
-            counters.insert(endpoint.id.clone(), in_flight.clone());
+            let (in_flight, health) = self.counters.get(&endpoint.id).cloned().unwrap_or_default();
+            counters.insert(endpoint.id.clone(), (in_flight.clone(), health.clone()));
             let serving = matches!(
                 EndpointState::try_from(endpoint.state),
                 Ok(EndpointState::Serving | EndpointState::Unspecified)
@@ -167,6 +186,7 @@ impl ApplyTable for EdgeTableBuilder {
                         pool: endpoint.pool.clone(),
                         authority,
                         in_flight,
+                        health,
                         fingerprint: endpoint.fingerprint.clone(),
                     }));
             }

@@ -1,0 +1,168 @@
+//! Failures under load through real processes: a replica killed mid-traffic
+//! costs no request (retried on another replica before any byte reached the
+//! client), and a replica that hangs is ejected so traffic moves to the
+//! healthy one within a bounded time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use infermesh_integration_tests::mesh::Mesh;
+use infermesh_integration_tests::wait;
+use serde_json::json;
+
+#[tokio::test]
+async fn killing_a_replica_under_steady_load_fails_no_request() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let _survivor = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let mut victim = mesh
+        .start_replica("llama-1", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let body = json!({"model": "llama", "messages": [{"role": "user", "content": "steady"}], "max_tokens": 8});
+    mesh.wait_until_served(&url, &body).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (http, url, body) = (mesh.http.clone(), url.clone(), body.clone());
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match http.post_json(&url, &body).await {
+                    Ok(reply) if reply.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(reply) => {
+                        eprintln!("failed: {} {}", reply.status, reply.text());
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(error) => {
+                        eprintln!("failed: {error}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    wait::until("traffic to flow", Duration::from_secs(20), || {
+        let ok = ok.clone();
+        async move { (ok.load(Ordering::Relaxed) >= 20).then_some(()) }
+    })
+    .await;
+    victim.sidecar.kill().await;
+    victim.engine.kill().await;
+    let killed_at = ok.load(Ordering::Relaxed);
+    // Keep the load on through the lease expiry and the push that removes it.
+    wait::until(
+        "traffic to go on after the kill",
+        Duration::from_secs(20),
+        || {
+            let ok = ok.clone();
+            async move { (ok.load(Ordering::Relaxed) >= killed_at + 60).then_some(()) }
+        },
+    )
+    .await;
+    wait::until(
+        "the dead replica to leave the table",
+        Duration::from_secs(20),
+        || async { (mesh.endpoint_ids("llama-eu").await == ["llama-0"]).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the kill"
+    );
+    let metrics = mesh.http.get(&edge.metrics_url).await.unwrap().text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("infermesh_edge_retries_total")),
+        "the kill was absorbed by retries:\n{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_hanging_replica_is_ejected_and_traffic_moves_within_seconds() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let _healthy = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let _hanging = mesh
+        .start_replica(
+            "llama-1",
+            "llama-eu",
+            "llama",
+            "eu-west",
+            &["--hang-rate", "1.0"],
+        )
+        .await;
+    let edge = mesh
+        .start_edge(
+            "eu-west",
+            &[
+                "--upstream-response-timeout-ms",
+                "300",
+                "--ejection-ms",
+                "60000",
+            ],
+        )
+        .await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let body = json!({"model": "llama", "messages": [{"role": "user", "content": "hang?"}], "max_tokens": 2});
+    wait::until(
+        "both replicas in the edge's table",
+        Duration::from_secs(20),
+        || async {
+            let text = mesh
+                .http
+                .get(&format!("{}/readyz", edge.url))
+                .await
+                .ok()?
+                .text();
+            (mesh.endpoint_ids("llama-eu").await.len() == 2 && text.contains("ready")).then_some(())
+        },
+    )
+    .await;
+
+    // Sequential requests until ten in a row succeed.
+    let started = Instant::now();
+    let mut in_a_row = 0;
+    let mut timeouts = 0;
+    while in_a_row < 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "traffic never moved"
+        );
+        let reply = mesh.http.post_json(&url, &body).await.unwrap();
+        match reply.status {
+            200 => in_a_row += 1,
+            504 => {
+                timeouts += 1;
+                in_a_row = 0;
+            }
+            other => panic!("unexpected {other}: {}", reply.text()),
+        }
+    }
+    let moved_after = started.elapsed();
+    eprintln!("traffic moved off the hanging replica after {moved_after:?} ({timeouts} timeouts)");
+    assert!(
+        timeouts <= 3,
+        "ejected after 3 failures in a row: {timeouts}"
+    );
+    assert!(moved_after < Duration::from_secs(5), "{moved_after:?}");
+    let metrics = mesh.http.get(&edge.metrics_url).await.unwrap().text();
+    let ejected = metrics
+        .lines()
+        .find(|l| l.starts_with("infermesh_edge_ejections_total") && l.contains("llama-1"));
+    assert!(ejected.is_some_and(|l| l.ends_with(" 1")), "{metrics}");
+}
