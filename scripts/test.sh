@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test of infermesh on a fresh machine: installs what
 # the tests need (protoc, etcd, grpcurl, promtool), checks the alerting
-# rules (promtool unit tests) and the dashboard, checks formatting and lints,
+# rules (promtool unit tests) and the dashboard, lints and renders the Helm
+# chart and validates its manifests (kubernetes-validate, which the webhook
+# test also uses), checks formatting and lints,
 # builds the binaries the whole-system tests start, runs all tests, then
 # fuzzes the edge's request parser for a bounded time (cargo-fuzz).
 set -euo pipefail
@@ -11,6 +13,7 @@ scripts/install-deps.sh
 export PATH="$root/.tools/bin:$PATH"
 
 scripts/check-monitoring.sh
+scripts/check-helm.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked

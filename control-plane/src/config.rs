@@ -28,6 +28,19 @@ pub struct Config {
     )]
     pub etcd_endpoints: Vec<String>,
 
+    /// CA (PEM) that signed etcd's serving certificate; turns on TLS to
+    /// etcd (endpoints then use https://).
+    #[arg(long, env = "INFERMESH_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd's client-certificate authentication.
+    #[arg(long, env = "INFERMESH_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, env = "INFERMESH_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+
     /// Key prefix under which every object is stored.
     #[arg(long, env = "INFERMESH_ETCD_PREFIX", default_value = "/infermesh/")]
     pub etcd_prefix: String,
@@ -127,6 +140,7 @@ impl Config {
     /// Checks values clap cannot, naming the flag.
     pub fn validate(&self) -> Result<(), String> {
         self.transport()?;
+        self.etcd_tls()?;
         if self.webhook_listen.is_some()
             && (self.webhook_tls_cert.is_none() || self.webhook_tls_key.is_none())
         {
@@ -157,6 +171,22 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// TLS to etcd, when --etcd-ca is given; files are read and checked now.
+    pub fn etcd_tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+        let pair = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (None, None) => None,
+            _ => return Err("--etcd-cert and --etcd-key must be given together".into()),
+        };
+        match (&self.etcd_ca, pair) {
+            (Some(ca), pair) => infermesh_runtime::tls::client_config(ca, pair)
+                .map(Some)
+                .map_err(|e| format!("--etcd-ca/--etcd-cert: {e}")),
+            (None, Some(_)) => Err("--etcd-cert needs --etcd-ca".into()),
+            (None, None) => Ok(None),
+        }
     }
 
     /// The transport the flags ask for.

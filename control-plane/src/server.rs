@@ -61,7 +61,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     tracing::info!(etcd = ?config.etcd_endpoints, "connecting to etcd");
     let store = tokio::time::timeout(
         Duration::from_secs(10),
-        Store::connect(&config.etcd_endpoints, &config.etcd_prefix),
+        Store::connect(
+            &config.etcd_endpoints,
+            &config.etcd_prefix,
+            config.etcd_tls().map_err(anyhow::Error::msg)?,
+        ),
     )
     .await
     .map_err(|_| {

@@ -40,12 +40,19 @@ pub struct Store {
 
 impl Store {
     /// Connects to the etcd cluster at `endpoints`.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Result<Self, StoreError> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls);
+        }
         let client = Client::connect(endpoints, Some(options)).await?;
         Ok(Self {
             client,

@@ -114,3 +114,95 @@ control plane refuses both).
 {{- $_ := required "controlPlane.tls.secretName is required: name a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt (the CA of edge, sidecar and admin client certificates), or set controlPlane.tls.insecurePlaintext=true for local development" $tls.secretName }}
 {{- end }}
 {{- end }}
+
+{{/*
+Name of the control plane's ServiceAccount.
+*/}}
+{{- define "infermesh.controlPlane.serviceAccountName" -}}
+{{- $sa := .Values.controlPlane.serviceAccount | default dict }}
+{{- if $sa.create }}
+{{- $sa.name | default (include "infermesh.controlPlane.name" .) }}
+{{- else }}
+{{- $sa.name | default "default" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the webhook's Service; its serving certificate names
+<this>.<namespace>.svc.
+*/}}
+{{- define "infermesh.webhook.serviceName" -}}
+{{- include "infermesh.componentName" (dict "ctx" . "suffix" "-webhook") }}
+{{- end }}
+
+{{/*
+Secret holding the webhook's serving certificate (tls.crt, tls.key, ca.crt).
+*/}}
+{{- define "infermesh.webhook.secretName" -}}
+{{- include "infermesh.componentName" (dict "ctx" . "suffix" "-webhook-tls") }}
+{{- end }}
+
+{{/*
+Name of the bundled etcd StatefulSet and its headless Service; short enough
+that pod names (<name>-<ordinal>) and their revision labels fit.
+*/}}
+{{- define "infermesh.etcd.name" -}}
+{{- printf "%s-etcd" (include "infermesh.fullname" . | trunc 47 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+"true" when the chart runs etcd (etcd.bundled.enabled), else empty.
+*/}}
+{{- define "infermesh.etcd.bundled" -}}
+{{- if ((.Values.etcd.bundled | default dict).enabled) }}
+{{- print "true" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Comma-separated client URLs of etcd: the bundled members, or etcd.endpoints.
+*/}}
+{{- define "infermesh.etcd.endpoints" -}}
+{{- if include "infermesh.etcd.bundled" . }}
+{{- $name := include "infermesh.etcd.name" . }}
+{{- $urls := list }}
+{{- range $i := until (int .Values.etcd.bundled.replicas) }}
+{{- $urls = append $urls (printf "http://%s-%d.%s.%s.svc:2379" $name $i $name $.Release.Namespace) }}
+{{- end }}
+{{- join "," $urls }}
+{{- else }}
+{{- join "," (compact (splitList "," (join "," (.Values.etcd.endpoints | default list)))) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Affinity of a component's pods: the user's `affinity`, plus (unless it sets
+podAntiAffinity itself) anti-affinity across zones and nodes.
+Call with (dict "ctx" $ "component" "edge" "region" "eu-west" "affinity" .affinity "mode" "soft").
+mode: soft (both preferred), hard (zones required, nodes preferred) or none.
+*/}}
+{{- define "infermesh.affinity" -}}
+{{- $aff := deepCopy (.affinity | default dict) }}
+{{- $mode := toString (.mode | default "soft") }}
+{{- if not (has $mode (list "soft" "hard" "none")) }}
+{{- fail (printf "podAntiAffinity of %s: %q must be soft, hard or none" .component $mode) }}
+{{- end }}
+{{- if and (ne $mode "none") (not (hasKey $aff "podAntiAffinity")) }}
+{{- $selector := dict "matchLabels" (fromYaml (include "infermesh.selectorLabels" (dict "ctx" .ctx "component" .component "region" .region))) }}
+{{- $zone := dict "labelSelector" $selector "topologyKey" (.ctx.Values.zoneTopologyKey | default "topology.kubernetes.io/zone") }}
+{{- $node := dict "labelSelector" $selector "topologyKey" "kubernetes.io/hostname" }}
+{{- if eq $mode "hard" }}
+{{- $_ := set $aff "podAntiAffinity" (dict
+      "requiredDuringSchedulingIgnoredDuringExecution" (list $zone)
+      "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 50 "podAffinityTerm" $node))) }}
+{{- else }}
+{{- $_ := set $aff "podAntiAffinity" (dict
+      "preferredDuringSchedulingIgnoredDuringExecution" (list
+        (dict "weight" 100 "podAffinityTerm" $zone)
+        (dict "weight" 50 "podAffinityTerm" $node))) }}
+{{- end }}
+{{- end }}
+{{- if $aff }}
+{{- toYaml $aff }}
+{{- end }}
+{{- end }}
