@@ -46,7 +46,7 @@ pub struct Failure {
 }
 
 /// A copy of a request head for one attempt (extensions are not forwarded).
-fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
+pub fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
     let mut copy = Request::new(()).into_parts().0;
     copy.method = parts.method.clone();
     copy.uri = parts.uri.clone();

@@ -156,6 +156,33 @@ impl Gateway {
                 model: fields.model.clone(),
             });
         }
+        let mut route = route;
+        let mut fallback = None;
+        if route.upstreams.is_empty() {
+            // Nothing serves the model here: its region's failover edges
+            // first (once: a forwarded request is never forwarded again),
+            // then the model's fallbacks served here.
+            if !parts.headers.contains_key(HOP_HEADER)
+                && let Some(response) = self
+                    .spill(&table.table, &parts, &body, &route.model, record)
+                    .await
+            {
+                return Ok(response);
+            }
+            let allowed =
+                |r: &&Arc<ModelRoute>| principal.as_ref().is_none_or(|p| p.key.allows(&r.model));
+            if let Some(other) = route
+                .fallbacks
+                .iter()
+                .filter_map(|name| table.table.route(name))
+                .filter(allowed)
+                .find(|r| !r.upstreams.is_empty())
+            {
+                tracing::debug!(model = %route.model, fallback = %other.model, "serving with a fallback model");
+                fallback = Some(other.model.clone());
+                route = other;
+            }
+        }
         record.served_model = Some(route.model.clone());
         let mut flight = None;
         let mut recording = None;
@@ -304,6 +331,9 @@ impl Gateway {
                 .headers_mut()
                 .insert(CACHE_HEADER, http::HeaderValue::from_static(record.cache));
         }
+        if let Some(value) = fallback.and_then(|f| http::HeaderValue::from_str(&f).ok()) {
+            response.headers_mut().insert(FALLBACK_HEADER, value);
+        }
         if let Some((cache, lookup)) = recording
             && response.status() == StatusCode::OK
             && let Some(key) = lookup.key_for(&fingerprint)
@@ -336,7 +366,60 @@ impl Gateway {
     }
 }
 
+/// Set on requests one edge forwards to another; such a request is never
+/// forwarded again, so spillover cannot loop.
+pub const HOP_HEADER: &str = "x-infermesh-hop";
+/// Names the region whose edge served a spilled-over request.
+pub const SPILLOVER_HEADER: &str = "x-infermesh-spillover";
+/// Names the fallback model that served the request.
+pub const FALLBACK_HEADER: &str = "x-infermesh-fallback";
+
 impl Gateway {
+    /// Forwards the request to the first failover region's edge that
+    /// answers without a server error; `None` when none did.
+    async fn spill(
+        &self,
+        table: &EdgeTable,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        model: &str,
+        record: &mut AccessRecord,
+    ) -> Option<Response<Body>> {
+        let mut head = crate::forward::copy_parts(parts);
+        let hop = http::HeaderValue::from_str(&table.region).ok()?;
+        head.headers.insert(HOP_HEADER, hop);
+        for peer in &table.failover {
+            let edge = Arc::new(Upstream {
+                id: format!("edge/{}", peer.region),
+                pool: String::new(),
+                authority: peer.authority.clone(),
+                in_flight: Arc::default(),
+                health: Arc::default(),
+                fingerprint: String::new(),
+            });
+            match self.forwarder.forward(&head, body.clone(), edge).await {
+                Ok(mut response) if !response.status().is_server_error() => {
+                    tracing::debug!(%model, region = %peer.region, "spilled over to another region");
+                    record.endpoint = Some(format!("edge/{}", peer.region));
+                    if let Some(metrics) = self.observer.metrics() {
+                        metrics.spilled(model, &peer.region);
+                    }
+                    if let Ok(value) = http::HeaderValue::from_str(&peer.region) {
+                        response.headers_mut().insert(SPILLOVER_HEADER, value);
+                    }
+                    return Some(response);
+                }
+                Ok(response) => {
+                    tracing::debug!(region = %peer.region, status = %response.status(), "failover edge could not serve");
+                }
+                Err(failure) => {
+                    tracing::debug!(region = %peer.region, error = %failure.error, "failover edge unreachable");
+                }
+            }
+        }
+        None
+    }
+
     /// Counts a failure against `upstream`, ejecting it when it fails too often.
     fn failed(&self, upstream: &Upstream) {
         if let Some(length) = upstream.health.failure(&self.resilience.ejection) {

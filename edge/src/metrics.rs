@@ -31,6 +31,7 @@ pub struct EdgeMetrics {
     cache: IntCounterVec,
     retries: IntCounterVec,
     ejections: IntCounterVec,
+    spillovers: IntCounterVec,
     /// Version of the routing table in use.
     pub table_version: IntGauge,
     /// 1 while a stream to a control plane is open.
@@ -120,6 +121,11 @@ impl EdgeMetrics {
                 "Replicas ejected after consecutive failures, by endpoint.",
                 &["endpoint"],
             ),
+            spillovers: counter(
+                "infermesh_edge_spillovers_total",
+                "Requests forwarded to another region's edge because this region had no serving replica of the model.",
+                &["model", "to_region"],
+            ),
             table_version: IntGauge::new(
                 "infermesh_edge_routing_table_version",
                 "Version of the routing table in use (0 before the first).",
@@ -140,6 +146,7 @@ impl EdgeMetrics {
         registry.register(Box::new(metrics.upstream.clone()))?;
         registry.register(Box::new(metrics.cache.clone()))?;
         registry.register(Box::new(metrics.retries.clone()))?;
+        registry.register(Box::new(metrics.spillovers.clone()))?;
         registry.register(Box::new(metrics.ejections.clone()))?;
         registry.register(Box::new(metrics.table_version.clone()))?;
         registry.register(Box::new(metrics.control_plane_connected.clone()))?;
@@ -200,6 +207,11 @@ impl EdgeMetrics {
     /// A request for `model` was retried on another replica.
     pub fn retried(&self, model: &str) {
         self.retries.with_label_values(&[model]).inc();
+    }
+
+    /// A request for `model` was forwarded to the edge of `region`.
+    pub fn spilled(&self, model: &str, region: &str) {
+        self.spillovers.with_label_values(&[model, region]).inc();
     }
 
     /// `endpoint` was ejected.

@@ -63,6 +63,8 @@ pub struct ModelRoute {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Response-cache settings, when the model has them.
     pub cache: Option<infermesh_proto::v1::CachePolicy>,
+    /// Models to serve instead, in order, when this one has no replica anywhere reachable.
+    pub fallbacks: Vec<String>,
     next: AtomicUsize,
 }
 
@@ -137,6 +139,17 @@ pub struct EdgeTable {
     pub region: String,
     /// API keys and tenants.
     pub access: Access,
+    /// Edges of the regions this one spills over to, in failover order.
+    pub failover: Vec<PeerEdge>,
+}
+
+/// Another region's edge, reached when this region cannot serve a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEdge {
+    /// Its region.
+    pub region: String,
+    /// Its `host:port`.
+    pub authority: Authority,
 }
 
 impl EdgeTable {
@@ -223,6 +236,7 @@ impl ApplyTable for EdgeTableBuilder {
                 policy,
                 upstreams,
                 cache: model.cache_policy,
+                fallbacks: model.fallbacks.clone(),
                 next: AtomicUsize::new(0),
             });
             for name in std::iter::once(&model.name).chain(&model.aliases) {
@@ -237,13 +251,43 @@ impl ApplyTable for EdgeTableBuilder {
         }
         let access = Access::from_table(&table, |name| routes.get(name).map(|r| r.model.clone()))?;
         self.counters = counters;
+        let failover = failover_edges(&table)?;
         Ok(EdgeTable {
             routes,
             models,
             region: table.region,
             access,
+            failover,
         })
     }
+}
+
+/// The local region's failover order, as edges to forward to; regions
+/// without an edge address are skipped.
+fn failover_edges(table: &RoutingTable) -> Result<Vec<PeerEdge>, String> {
+    let Some(local) = table.regions.iter().find(|r| r.name == table.region) else {
+        return Ok(Vec::new());
+    };
+    let mut peers = Vec::new();
+    for name in local.failover.iter().filter(|n| **n != table.region) {
+        let Some(region) = table.regions.iter().find(|r| &r.name == name) else {
+            continue;
+        };
+        if region.edge_address.is_empty() {
+            continue;
+        }
+        let authority: Authority = region.edge_address.parse().map_err(|e| {
+            format!(
+                "region {:?}: edge address {:?}: {e}",
+                region.name, region.edge_address
+            )
+        })?;
+        peers.push(PeerEdge {
+            region: region.name.clone(),
+            authority,
+        });
+    }
+    Ok(peers)
 }
 
 #[cfg(test)]

@@ -1,0 +1,117 @@
+//! Region spillover and model fallbacks through real edges: a region with
+//! no replica of a model forwards to the next region's edge in its failover
+//! order (and says so), a forwarded request is never forwarded again, and a
+//! model with no replica reachable is served by its fallback (and says so).
+
+use std::time::Duration;
+
+use infermesh_integration_tests::client::Reply;
+use infermesh_integration_tests::mesh::{Edge, Mesh};
+use infermesh_integration_tests::wait;
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn address(edge: &Edge) -> String {
+    edge.url.trim_start_matches("http://").to_string()
+}
+
+/// Sets `region`'s failover order and edge address through UpdateRegion.
+async fn set_region(mesh: &Mesh, region: &str, failover: &[&str], edge: &Edge) {
+    let current = mesh
+        .admin("GetRegion", json!({"name": region}))
+        .await
+        .expect("region exists");
+    let mut updated = current.clone();
+    updated["failover"] = json!(failover);
+    updated["edgeAddress"] = json!(address(edge));
+    mesh.admin("UpdateRegion", json!({"region": updated}))
+        .await
+        .expect("update region");
+}
+
+async fn chat(mesh: &Mesh, edge: &Edge, model: &str) -> Reply {
+    mesh.http
+        .post_json(
+            &format!("{}/v1/chat/completions", edge.url),
+            &json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        )
+        .await
+        .expect("the edge answers")
+}
+
+fn header<'a>(reply: &'a Reply, name: &str) -> Option<&'a str> {
+    reply.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Requests for `model` an edge answered, from its metrics.
+async fn answered(mesh: &Mesh, edge: &Edge, model: &str) -> f64 {
+    let text = mesh.http.get(&edge.metrics_url).await.unwrap().text();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("infermesh_edge_requests_total")
+                && l.contains(&format!("model=\"{model}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_region_without_replicas_spills_over_once_and_falls_back_by_policy() {
+    let mesh = Mesh::start().await;
+    mesh.admin(
+        "CreateRegion",
+        json!({"region": {"name": "eu-west", "zones": ["eu-west-a"]}}),
+    )
+    .await
+    .unwrap();
+    // llama: replicas only in us-east. orphan: a pool in us-east, no replica.
+    mesh.register("us-east", "llama", "llama-us").await;
+    mesh.register("us-east", "orphan", "orphan-us").await;
+    // big: a pool in eu-west without replicas, falling back to small (served in eu-west).
+    mesh.register("eu-west", "small", "small-eu").await;
+    let big = json!({"model": {"name": "big", "fallbacks": ["small"]}});
+    mesh.admin("CreateModel", big).await.unwrap();
+    mesh.register("eu-west", "big", "big-eu").await;
+    let _llama = mesh
+        .start_replica("llama-us-0", "llama-us", "llama", "us-east", &[])
+        .await;
+    let _small = mesh
+        .start_replica("small-eu-0", "small-eu", "small", "eu-west", &[])
+        .await;
+    let eu = mesh.start_edge("eu-west", &[]).await;
+    let us = mesh.start_edge("us-east", &[]).await;
+    set_region(&mesh, "eu-west", &["us-east"], &eu).await;
+    set_region(&mesh, "us-east", &["eu-west"], &us).await;
+
+    // llama through the eu-west edge is served by us-east's.
+    let reply = wait::until(
+        "eu-west to spill llama over to us-east",
+        DEADLINE,
+        || async {
+            let reply = chat(&mesh, &eu, "llama").await;
+            (reply.status == 200).then_some(reply)
+        },
+    )
+    .await;
+    assert_eq!(header(&reply, "x-infermesh-spillover"), Some("us-east"));
+    assert_eq!(reply.json()["model"], "llama");
+
+    // Nobody serves orphan: eu-west forwards once, us-east does not forward back.
+    let before = answered(&mesh, &us, "orphan").await;
+    let reply = chat(&mesh, &eu, "orphan").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "no_healthy_replica");
+    assert_eq!(
+        answered(&mesh, &us, "orphan").await,
+        before + 1.0,
+        "exactly one hop"
+    );
+
+    // big has no replica anywhere: its fallback answers, and says so.
+    let reply = chat(&mesh, &eu, "big").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(header(&reply, "x-infermesh-fallback"), Some("small"));
+    let body: Value = reply.json();
+    assert_eq!(body["model"], "small");
+}
