@@ -63,8 +63,18 @@ async fn a_request_is_one_trace_from_edge_through_sidecar_to_engine() {
         || {
             let spans = in_trace(&receiver.spans());
             async move {
-                let services = |name: &str| spans.iter().any(|s| s.service == name);
-                (services("infermesh-edge") && services("infermesh-sidecar")).then_some(spans)
+                // Spans arrive as they end, in batches: wait for all four.
+                let has = |service: &str, name: &str, kind: i32| {
+                    spans
+                        .iter()
+                        .any(|s| s.service == service && s.name == name && s.kind == kind)
+                };
+                let chat = "POST /v1/chat/completions";
+                (has("infermesh-edge", chat, 2)
+                    && has("infermesh-edge", "route", 1)
+                    && has("infermesh-edge", chat, 3)
+                    && has("infermesh-sidecar", chat, 2))
+                .then_some(spans)
             }
         },
     )
