@@ -28,7 +28,7 @@ use crate::health::{EjectionPolicy, RetryBudget};
 use crate::metrics::Observer;
 use crate::openai;
 use crate::quota::Limiter;
-use crate::table::{EdgeTable, ModelRoute, Upstream};
+use crate::table::{EdgeTable, ModelRoute, Policy, Upstream};
 use crate::usage::{Finish, UsageTap};
 
 /// The table the request path reads: `None` until the first push.
@@ -230,6 +230,10 @@ impl Gateway {
                 }
             }
         }
+        let prefix_keys = (route.policy == Policy::PrefixAffinity)
+            .then(|| openai::prompt_text(endpoint, &body))
+            .flatten()
+            .map(|prompt| crate::prefix::block_keys(&prompt));
         let upstream = {
             let span = tracing::info_span!(
                 "route",
@@ -241,14 +245,19 @@ impl Gateway {
                 infermesh.reason = tracing::field::Empty,
             );
             let _entered = span.enter();
-            let upstream = route.pick().cloned();
-            if let Some(chosen) = &upstream {
+            let picked = match &prefix_keys {
+                Some(keys) => route.pick_by_prefix(keys, &[]),
+                None => route.pick().map(|u| (u.clone(), route.reason(u))),
+            };
+            if let Some((chosen, reason)) = &picked {
                 span.record("infermesh.endpoint", chosen.id.as_str());
-                span.record("infermesh.reason", route.reason(chosen).as_str());
+                span.record("infermesh.reason", reason.as_str());
             } else {
                 span.record("infermesh.reason", "no serving replica in this region");
             }
-            upstream.ok_or_else(|| ApiError::NoHealthyReplica(route.model.clone()))?
+            picked
+                .map(|(upstream, _)| upstream)
+                .ok_or_else(|| ApiError::NoHealthyReplica(route.model.clone()))?
         };
         let metrics = self.observer.metrics();
         let admission = principal
@@ -298,7 +307,10 @@ impl Gateway {
                     failure.retryable
                 }
             };
-            if retryable && let Some(next) = self.next_attempt(route, &mut tried, &upstream) {
+            if retryable
+                && let Some(next) =
+                    self.next_attempt(route, &mut tried, &upstream, prefix_keys.as_deref())
+            {
                 tracing::debug!(from = %upstream.id, to = %next.id, "retrying on another replica");
                 record.retries += 1;
                 if let Some(metrics) = metrics {
@@ -437,12 +449,16 @@ impl Gateway {
         route: &ModelRoute,
         tried: &mut Vec<String>,
         failed: &Upstream,
+        prefix_keys: Option<&[u64]>,
     ) -> Option<Arc<Upstream>> {
         tried.push(failed.id.clone());
         if tried.len() > self.resilience.max_retries as usize {
             return None;
         }
-        let next = route.pick_excluding(tried)?.clone();
+        let next = match prefix_keys {
+            Some(keys) => route.pick_by_prefix(keys, tried)?.0,
+            None => route.pick_excluding(tried)?.clone(),
+        };
         self.resilience.budget.spend().then_some(next)
     }
 

@@ -13,6 +13,7 @@ pub mod health;
 pub mod layers;
 pub mod metrics;
 pub mod openai;
+pub mod prefix;
 pub mod quota;
 pub mod server;
 pub mod stack;

@@ -112,6 +112,47 @@ fn text_bytes(value: &serde_json::Value) -> u64 {
     }
 }
 
+/// Appends the text of a prompt-like value (as `text_bytes` counts it).
+fn push_text(value: &serde_json::Value, out: &mut Vec<u8>) {
+    match value {
+        serde_json::Value::String(s) => out.extend_from_slice(s.as_bytes()),
+        serde_json::Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
+        serde_json::Value::Array(items) => items.iter().for_each(|item| push_text(item, out)),
+        serde_json::Value::Object(map) => {
+            if let Some(text) = map.get("text") {
+                push_text(text, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The prompt as one byte string, for prefix affinity: each message's role
+/// and text in order (chat), the prompt (completions) or the input
+/// (embeddings). `None` when the body is not a JSON object.
+pub fn prompt_text(endpoint: Endpoint, body: &[u8]) -> Option<Vec<u8>> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let object = value.as_object()?;
+    let mut out = Vec::with_capacity(body.len());
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            for message in object.get("messages")?.as_array()? {
+                if let Some(role) = message.get("role").and_then(|r| r.as_str()) {
+                    out.extend_from_slice(role.as_bytes());
+                    out.extend_from_slice(b": ");
+                }
+                if let Some(content) = message.get("content") {
+                    push_text(content, &mut out);
+                }
+                out.push(b'\n');
+            }
+        }
+        Endpoint::Completions => push_text(object.get("prompt")?, &mut out),
+        Endpoint::Embeddings => push_text(object.get("input")?, &mut out),
+    }
+    Some(out)
+}
+
 fn check_messages(value: &serde_json::Value) -> Result<u64, ApiError> {
     let serde_json::Value::Array(messages) = value else {
         return Err(ApiError::invalid(

@@ -15,6 +15,7 @@ use rand::Rng;
 
 use crate::access::Access;
 use crate::health::Health;
+use crate::prefix::PrefixIndex;
 
 /// How a model's replica is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +24,8 @@ pub enum Policy {
     LeastOutstanding,
     /// Replicas in turn.
     RoundRobin,
+    /// The replica holding the longest prompt prefix, bounded by load.
+    PrefixAffinity,
 }
 
 impl Policy {
@@ -31,6 +34,7 @@ impl Policy {
         match self {
             Policy::LeastOutstanding => "least_outstanding",
             Policy::RoundRobin => "round_robin",
+            Policy::PrefixAffinity => "prefix_affinity",
         }
     }
 }
@@ -65,8 +69,14 @@ pub struct ModelRoute {
     pub cache: Option<infermesh_proto::v1::CachePolicy>,
     /// Models to serve instead, in order, when this one has no replica anywhere reachable.
     pub fallbacks: Vec<String>,
+    /// Which replica holds which prompt prefixes (kept across pushes).
+    pub prefixes: Arc<PrefixIndex>,
     next: AtomicUsize,
 }
+
+/// How far past the least busy replica's in-flight count the prefix holder
+/// may be and still get the request.
+const PREFIX_LOAD_SLACK: usize = 4;
 
 impl ModelRoute {
     /// The replica for the next request, or `None` when none is serving.
@@ -95,7 +105,7 @@ impl ModelRoute {
         }
         match self.policy {
             Policy::RoundRobin => Some(candidates[self.next.fetch_add(1, Ordering::Relaxed) % n]),
-            Policy::LeastOutstanding => {
+            Policy::LeastOutstanding | Policy::PrefixAffinity => {
                 // A random start spreads ties instead of always favouring the first replica.
                 let start = rand::rng().random_range(0..n);
                 (0..n)
@@ -107,11 +117,54 @@ impl ModelRoute {
 }
 
 impl ModelRoute {
+    /// Prefix affinity: the replica holding the longest prefix of `keys`
+    /// unless it is busier than the least busy candidate by more than the
+    /// slack, else the least busy; records the prompt as held by the
+    /// choice. Returns the choice and why.
+    pub fn pick_by_prefix(
+        &self,
+        keys: &[u64],
+        tried: &[String],
+    ) -> Option<(Arc<Upstream>, String)> {
+        let least = self.pick_excluding(tried)?.clone();
+        let least_load = least.in_flight.load(Ordering::Relaxed);
+        let eligible = |id: &str| {
+            self.upstreams
+                .iter()
+                .any(|u| &*u.id == id && !tried.contains(&u.id) && !u.health.is_ejected())
+        };
+        let (chosen, reason) = match self.prefixes.longest(keys, eligible) {
+            Some((owner, blocks)) => {
+                let holder = self.upstreams.iter().find(|u| *u.id == *owner)?.clone();
+                let load = holder.in_flight.load(Ordering::Relaxed);
+                if load <= least_load + PREFIX_LOAD_SLACK {
+                    (
+                        holder,
+                        format!("prefix match: {blocks} of {} blocks", keys.len()),
+                    )
+                } else {
+                    let reason = format!(
+                        "prefix holder {} busy ({load} in flight); fewest in flight ({least_load})",
+                        holder.id
+                    );
+                    (least, reason)
+                }
+            }
+            None => (
+                least,
+                format!("no prefix match; fewest in flight ({least_load})"),
+            ),
+        };
+        let id: Arc<str> = Arc::from(chosen.id.as_str());
+        self.prefixes.record(keys, &id);
+        Some((chosen, reason))
+    }
+
     /// Why `chosen` was picked, for the routing span.
     pub fn reason(&self, chosen: &Upstream) -> String {
         match self.policy {
             Policy::RoundRobin => format!("round robin over {}", self.upstreams.len()),
-            Policy::LeastOutstanding => format!(
+            Policy::LeastOutstanding | Policy::PrefixAffinity => format!(
                 "fewest in flight ({}) of {}",
                 chosen.in_flight.load(Ordering::Relaxed),
                 self.upstreams.len()
@@ -163,6 +216,7 @@ impl EdgeTable {
 #[derive(Default)]
 pub struct EdgeTableBuilder {
     counters: HashMap<String, (Arc<AtomicUsize>, Arc<Health>)>,
+    prefixes: HashMap<String, Arc<PrefixIndex>>,
 }
 
 impl ApplyTable for EdgeTableBuilder {
@@ -209,6 +263,7 @@ impl ApplyTable for EdgeTableBuilder {
         for model in &table.models {
             let policy = match RoutingPolicy::try_from(model.routing_policy) {
                 Ok(RoutingPolicy::RoundRobin) => Policy::RoundRobin,
+                Ok(RoutingPolicy::PrefixAffinity) => Policy::PrefixAffinity,
                 Ok(RoutingPolicy::LeastOutstanding | RoutingPolicy::Unspecified) => {
                     Policy::LeastOutstanding
                 }
@@ -237,6 +292,7 @@ impl ApplyTable for EdgeTableBuilder {
                 upstreams,
                 cache: model.cache_policy,
                 fallbacks: model.fallbacks.clone(),
+                prefixes: self.prefixes.get(&model.name).cloned().unwrap_or_default(),
                 next: AtomicUsize::new(0),
             });
             for name in std::iter::once(&model.name).chain(&model.aliases) {
@@ -252,6 +308,10 @@ impl ApplyTable for EdgeTableBuilder {
         let access = Access::from_table(&table, |name| routes.get(name).map(|r| r.model.clone()))?;
         self.counters = counters;
         let failover = failover_edges(&table)?;
+        self.prefixes = routes
+            .values()
+            .map(|r| (r.model.clone(), r.prefixes.clone()))
+            .collect();
         Ok(EdgeTable {
             routes,
             models,

@@ -115,3 +115,81 @@ async fn a_region_without_replicas_spills_over_once_and_falls_back_by_policy() {
     let body: Value = reply.json();
     assert_eq!(body["model"], "small");
 }
+
+/// Requests each replica's engine has finished.
+async fn finished(
+    mesh: &Mesh,
+    replicas: &[infermesh_integration_tests::mesh::Replica],
+) -> Vec<f64> {
+    let mut counts = Vec::new();
+    for replica in replicas {
+        let text = mesh
+            .http
+            .get(&format!("{}/metrics", replica.engine_url))
+            .await
+            .unwrap()
+            .text();
+        counts.push(
+            text.lines()
+                .filter(|l| l.starts_with("vllm:request_success_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum(),
+        );
+    }
+    counts
+}
+
+#[tokio::test]
+async fn prefix_affinity_keeps_a_conversation_on_the_replica_holding_its_prefix() {
+    let mesh = Mesh::start().await;
+    mesh.admin(
+        "CreateModel",
+        json!({"model": {"name": "chat", "routing_policy": "PREFIX_AFFINITY"}}),
+    )
+    .await
+    .unwrap();
+    mesh.register("eu-west", "chat", "chat-eu").await;
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push(
+            mesh.start_replica(&format!("chat-{i}"), "chat-eu", "chat", "eu-west", &[])
+                .await,
+        );
+    }
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    wait::until("all three replicas routable", DEADLINE, || async {
+        (mesh.endpoint_ids("chat-eu").await.len() == 3).then_some(())
+    })
+    .await;
+    mesh.wait_until_served(
+        &url,
+        &json!({"model": "chat", "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1}),
+    )
+    .await;
+
+    let system =
+        "You are the infermesh support assistant. Answer briefly and cite the docs. ".repeat(12);
+    let mut messages = vec![json!({"role": "system", "content": system})];
+    let before = finished(&mesh, &replicas).await;
+    for turn in 0..4 {
+        messages.push(json!({"role": "user", "content": format!("question number {turn} about routing tables")}));
+        let reply = mesh
+            .http
+            .post_json(
+                &url,
+                &json!({"model": "chat", "messages": messages, "max_tokens": 4}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let answer = reply.json()["choices"][0]["message"]["content"].clone();
+        messages.push(json!({"role": "assistant", "content": answer}));
+    }
+    let after = finished(&mesh, &replicas).await;
+    let served: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(
+        served.contains(&4.0) && served.iter().filter(|&&n| n > 0.0).count() == 1,
+        "every turn on one replica: {served:?}"
+    );
+}
