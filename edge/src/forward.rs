@@ -35,6 +35,9 @@ impl Drop for InFlight {
     }
 }
 
+/// Response header in which sidecars stamp their engine's load.
+pub const LOAD_HEADER: &str = "x-infermesh-load";
+
 /// Why a forward failed, and whether another replica may be tried.
 #[derive(Debug)]
 pub struct Failure {
@@ -145,6 +148,12 @@ impl Forwarder {
         span.record("http.response.status_code", response.status().as_u16());
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        // The sidecar's load stamp is for this edge, not the client.
+        if let Some(stamp) = parts.headers.remove(LOAD_HEADER)
+            && let Ok(stamp) = stamp.to_str()
+        {
+            upstream.load.update(stamp);
+        }
         // The upstream span, like the replica's in-flight count, lasts until the body ends.
         let body = Guarded::new(body, (in_flight, span))
             .map_err(Into::into)

@@ -28,7 +28,7 @@ use crate::health::{EjectionPolicy, RetryBudget};
 use crate::metrics::Observer;
 use crate::openai;
 use crate::quota::Limiter;
-use crate::table::{EdgeTable, ModelRoute, Policy, Upstream};
+use crate::table::{EdgeTable, ModelRoute, Policy, RouteHints, Upstream};
 use crate::usage::{Finish, UsageTap};
 
 /// The table the request path reads: `None` until the first push.
@@ -230,10 +230,16 @@ impl Gateway {
                 }
             }
         }
-        let prefix_keys = (route.policy == Policy::PrefixAffinity)
-            .then(|| openai::prompt_text(endpoint, &body))
-            .flatten()
-            .map(|prompt| crate::prefix::block_keys(&prompt));
+        let hints = RouteHints {
+            prefix: (route.policy == Policy::PrefixAffinity)
+                .then(|| openai::prompt_text(endpoint, &body))
+                .flatten()
+                .map(|prompt| crate::prefix::block_keys(&prompt)),
+            session: (route.policy == Policy::SessionAffinity)
+                .then(|| session_of(&parts.headers, &body))
+                .flatten(),
+        };
+        let mut route_reason;
         let upstream = {
             let span = tracing::info_span!(
                 "route",
@@ -241,23 +247,22 @@ impl Gateway {
                 infermesh.model = %route.model,
                 infermesh.policy = route.policy.as_str(),
                 infermesh.candidates = route.upstreams.len(),
+                infermesh.table_version = table.version,
                 infermesh.endpoint = tracing::field::Empty,
                 infermesh.reason = tracing::field::Empty,
             );
             let _entered = span.enter();
-            let picked = match &prefix_keys {
-                Some(keys) => route.pick_by_prefix(keys, &[]),
-                None => route.pick().map(|u| (u.clone(), route.reason(u))),
-            };
+            let picked = route.choose(&hints, &[]);
             if let Some((chosen, reason)) = &picked {
                 span.record("infermesh.endpoint", chosen.id.as_str());
                 span.record("infermesh.reason", reason.as_str());
             } else {
                 span.record("infermesh.reason", "no serving replica in this region");
             }
-            picked
-                .map(|(upstream, _)| upstream)
-                .ok_or_else(|| ApiError::NoHealthyReplica(route.model.clone()))?
+            let (upstream, reason) =
+                picked.ok_or_else(|| ApiError::NoHealthyReplica(route.model.clone()))?;
+            route_reason = reason;
+            upstream
         };
         let metrics = self.observer.metrics();
         let admission = principal
@@ -308,9 +313,10 @@ impl Gateway {
                 }
             };
             if retryable
-                && let Some(next) =
-                    self.next_attempt(route, &mut tried, &upstream, prefix_keys.as_deref())
+                && let Some((next, reason)) =
+                    self.next_attempt(route, &mut tried, &upstream, &hints)
             {
+                route_reason = reason;
                 tracing::debug!(from = %upstream.id, to = %next.id, "retrying on another replica");
                 record.retries += 1;
                 if let Some(metrics) = metrics {
@@ -345,6 +351,20 @@ impl Gateway {
         }
         if let Some(value) = fallback.and_then(|f| http::HeaderValue::from_str(&f).ok()) {
             response.headers_mut().insert(FALLBACK_HEADER, value);
+        }
+        if route.receipts {
+            let receipt = format!(
+                "policy={}; endpoint={}; region={}; table={}; retries={}; reason=\"{}\"",
+                route.policy.as_str(),
+                record.endpoint.as_deref().unwrap_or(""),
+                table.table.region,
+                table.version,
+                record.retries,
+                route_reason.replace('"', "'"),
+            );
+            if let Ok(value) = http::HeaderValue::from_str(&receipt) {
+                response.headers_mut().insert(ROUTE_HEADER, value);
+            }
         }
         if let Some((cache, lookup)) = recording
             && response.status() == StatusCode::OK
@@ -383,6 +403,28 @@ impl Gateway {
 pub const HOP_HEADER: &str = "x-infermesh-hop";
 /// Names the region whose edge served a spilled-over request.
 pub const SPILLOVER_HEADER: &str = "x-infermesh-spillover";
+/// The route receipt of a model with `route_receipts` on.
+pub const ROUTE_HEADER: &str = "x-infermesh-route";
+/// Names a session for session affinity (else the body's `user` field).
+pub const SESSION_HEADER: &str = "x-infermesh-session";
+
+/// The session of a request: its session header, else the body's `user`.
+fn session_of(headers: &http::HeaderMap, body: &[u8]) -> Option<String> {
+    if let Some(session) = headers
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+    {
+        return Some(session.to_string());
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value
+        .get("user")
+        .and_then(|u| u.as_str())
+        .filter(|u| !u.is_empty())
+        .map(String::from)
+}
+
 /// Names the fallback model that served the request.
 pub const FALLBACK_HEADER: &str = "x-infermesh-fallback";
 
@@ -407,6 +449,7 @@ impl Gateway {
                 authority: peer.authority.clone(),
                 in_flight: Arc::default(),
                 health: Arc::default(),
+                load: Arc::default(),
                 fingerprint: String::new(),
             });
             match self.forwarder.forward(&head, body.clone(), edge).await {
@@ -449,16 +492,13 @@ impl Gateway {
         route: &ModelRoute,
         tried: &mut Vec<String>,
         failed: &Upstream,
-        prefix_keys: Option<&[u64]>,
-    ) -> Option<Arc<Upstream>> {
+        hints: &RouteHints,
+    ) -> Option<(Arc<Upstream>, String)> {
         tried.push(failed.id.clone());
         if tried.len() > self.resilience.max_retries as usize {
             return None;
         }
-        let next = match prefix_keys {
-            Some(keys) => route.pick_by_prefix(keys, tried)?.0,
-            None => route.pick_excluding(tried)?.clone(),
-        };
+        let next = route.choose(hints, tried)?;
         self.resilience.budget.spend().then_some(next)
     }
 

@@ -5,8 +5,9 @@
 //! one table to the next so a push does not reset load figures.
 
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 
 use http::uri::Authority;
 use infermesh_proto::v1::{EndpointState, RoutingPolicy, RoutingTable};
@@ -26,6 +27,10 @@ pub enum Policy {
     RoundRobin,
     /// The replica holding the longest prompt prefix, bounded by load.
     PrefixAffinity,
+    /// Power of two choices over in-flight requests and the replica's load.
+    LeastLoad,
+    /// The same replica for the same session, bounded by load.
+    SessionAffinity,
 }
 
 impl Policy {
@@ -35,6 +40,8 @@ impl Policy {
             Policy::LeastOutstanding => "least_outstanding",
             Policy::RoundRobin => "round_robin",
             Policy::PrefixAffinity => "prefix_affinity",
+            Policy::LeastLoad => "least_load",
+            Policy::SessionAffinity => "session_affinity",
         }
     }
 }
@@ -52,8 +59,80 @@ pub struct Upstream {
     pub in_flight: Arc<AtomicUsize>,
     /// Its passive health (ejection), kept across pushes.
     pub health: Arc<Health>,
+    /// Its engine's latest load as the sidecar stamped it, kept across pushes.
+    pub load: Arc<LoadSample>,
     /// Its engine fingerprint (what makes cached answers interchangeable).
     pub fingerprint: String,
+}
+
+/// What a request tells the policy beyond the model name.
+#[derive(Debug, Default, Clone)]
+pub struct RouteHints {
+    /// Chained block keys of the prompt (prefix affinity).
+    pub prefix: Option<Vec<u64>>,
+    /// The session (session affinity).
+    pub session: Option<String>,
+}
+
+/// A replica's latest load as its sidecar stamped it on a response.
+#[derive(Debug, Default)]
+pub struct LoadSample {
+    running: AtomicU32,
+    waiting: AtomicU32,
+    kv_milli: AtomicU32,
+    at_ms: AtomicI64,
+}
+
+/// Load samples older than this are not used.
+const LOAD_SAMPLE_TTL_MS: i64 = 5_000;
+
+impl LoadSample {
+    /// Records a `r=<running>;w=<waiting>;kv=<use>` stamp; ignores a malformed one.
+    pub fn update(&self, stamp: &str) {
+        let mut fields = (None, None, None);
+        for part in stamp.split(';') {
+            match part.trim().split_once('=') {
+                Some(("r", v)) => fields.0 = v.parse::<u32>().ok(),
+                Some(("w", v)) => fields.1 = v.parse::<u32>().ok(),
+                Some(("kv", v)) => {
+                    fields.2 = v.parse::<f64>().ok().filter(|k| (0.0..=1.0).contains(k))
+                }
+                _ => {}
+            }
+        }
+        if let (Some(running), Some(waiting), Some(kv)) = fields {
+            self.running.store(running, Ordering::Relaxed);
+            self.waiting.store(waiting, Ordering::Relaxed);
+            self.kv_milli.store((kv * 1000.0) as u32, Ordering::Relaxed);
+            self.at_ms
+                .store(infermesh_runtime::time::now_unix_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// (running, waiting, KV use) when fresh.
+    pub fn fresh(&self) -> Option<(u32, u32, f64)> {
+        let age = infermesh_runtime::time::now_unix_ms() - self.at_ms.load(Ordering::Relaxed);
+        (age <= LOAD_SAMPLE_TTL_MS).then(|| {
+            (
+                self.running.load(Ordering::Relaxed),
+                self.waiting.load(Ordering::Relaxed),
+                f64::from(self.kv_milli.load(Ordering::Relaxed)) / 1000.0,
+            )
+        })
+    }
+}
+
+impl Upstream {
+    /// Load score for power of two choices: this edge's requests in flight,
+    /// plus the engine's queue (weighted: a queued request waits for a slot)
+    /// and KV-cache pressure, when a fresh sample is known.
+    pub fn score(&self) -> f64 {
+        let in_flight = self.in_flight.load(Ordering::Relaxed) as f64;
+        match self.load.fresh() {
+            Some((_running, waiting, kv)) => in_flight + 2.0 * f64::from(waiting) + 4.0 * kv,
+            None => in_flight,
+        }
+    }
 }
 
 /// Everything needed to route one model.
@@ -71,6 +150,8 @@ pub struct ModelRoute {
     pub fallbacks: Vec<String>,
     /// Which replica holds which prompt prefixes (kept across pushes).
     pub prefixes: Arc<PrefixIndex>,
+    /// Whether answers carry the `x-infermesh-route` receipt.
+    pub receipts: bool,
     next: AtomicUsize,
 }
 
@@ -84,9 +165,9 @@ impl ModelRoute {
         self.pick_excluding(&[])
     }
 
-    /// The replica for the next attempt, not one of `tried` and not an
-    /// ejected one (unless every other candidate is ejected).
-    pub fn pick_excluding(&self, tried: &[String]) -> Option<&Arc<Upstream>> {
+    /// Replicas an attempt may go to: not one of `tried`, and not ejected
+    /// (unless every other one is).
+    fn candidates(&self, tried: &[String]) -> Vec<&Arc<Upstream>> {
         let fresh = |u: &&Arc<Upstream>| !tried.contains(&u.id);
         let healthy: Vec<&Arc<Upstream>> = self
             .upstreams
@@ -94,18 +175,23 @@ impl ModelRoute {
             .filter(fresh)
             .filter(|u| !u.health.is_ejected())
             .collect();
-        let candidates = if healthy.is_empty() {
+        if healthy.is_empty() {
             self.upstreams.iter().filter(fresh).collect()
         } else {
             healthy
-        };
+        }
+    }
+
+    /// The replica for the next attempt by round robin or fewest in flight.
+    pub fn pick_excluding(&self, tried: &[String]) -> Option<&Arc<Upstream>> {
+        let candidates = self.candidates(tried);
         let n = candidates.len();
         if n == 0 {
             return None;
         }
         match self.policy {
             Policy::RoundRobin => Some(candidates[self.next.fetch_add(1, Ordering::Relaxed) % n]),
-            Policy::LeastOutstanding | Policy::PrefixAffinity => {
+            _ => {
                 // A random start spreads ties instead of always favouring the first replica.
                 let start = rand::rng().random_range(0..n);
                 (0..n)
@@ -114,9 +200,78 @@ impl ModelRoute {
             }
         }
     }
-}
 
-impl ModelRoute {
+    /// The replica for an attempt under the model's policy, and why.
+    pub fn choose(&self, hints: &RouteHints, tried: &[String]) -> Option<(Arc<Upstream>, String)> {
+        match (self.policy, &hints.prefix, &hints.session) {
+            (Policy::PrefixAffinity, Some(keys), _) => self.pick_by_prefix(keys, tried),
+            (Policy::SessionAffinity, _, Some(session)) => self.pick_by_session(session, tried),
+            (Policy::LeastLoad | Policy::SessionAffinity, _, _) => self.pick_least_load(tried),
+            _ => self
+                .pick_excluding(tried)
+                .map(|u| (u.clone(), self.reason(u))),
+        }
+    }
+
+    /// Power of two choices: two random candidates, the lower load score wins.
+    pub fn pick_least_load(&self, tried: &[String]) -> Option<(Arc<Upstream>, String)> {
+        let candidates = self.candidates(tried);
+        match candidates.len() {
+            0 => None,
+            1 => Some((candidates[0].clone(), "only candidate".into())),
+            n => {
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..n);
+                let b = (a + rng.random_range(1..n)) % n;
+                let (x, y) = (candidates[a], candidates[b]);
+                let (sx, sy) = (x.score(), y.score());
+                let (winner, loser, ws, ls) = if sx <= sy {
+                    (x, y, sx, sy)
+                } else {
+                    (y, x, sy, sx)
+                };
+                let reason = format!(
+                    "power of two: {} ({ws:.1}) over {} ({ls:.1})",
+                    winner.id, loser.id
+                );
+                Some((winner.clone(), reason))
+            }
+        }
+    }
+
+    /// Session affinity: the candidate the session hashes to (rendezvous
+    /// hashing, so a replica leaving moves only its own sessions), unless
+    /// it is much busier than the least busy one.
+    pub fn pick_by_session(
+        &self,
+        session: &str,
+        tried: &[String],
+    ) -> Option<(Arc<Upstream>, String)> {
+        let candidates = self.candidates(tried);
+        let owner = candidates.iter().max_by_key(|u| {
+            let mut hasher = DefaultHasher::new();
+            session.hash(&mut hasher);
+            u.id.hash(&mut hasher);
+            hasher.finish()
+        })?;
+        let least = candidates
+            .iter()
+            .min_by_key(|u| u.in_flight.load(Ordering::Relaxed))?;
+        let (owner_load, least_load) = (
+            owner.in_flight.load(Ordering::Relaxed),
+            least.in_flight.load(Ordering::Relaxed),
+        );
+        if owner_load <= least_load + PREFIX_LOAD_SLACK {
+            Some(((*owner).clone(), "session affinity".into()))
+        } else {
+            let reason = format!(
+                "session replica {} busy ({owner_load} in flight); fewest in flight",
+                owner.id
+            );
+            Some(((*least).clone(), reason))
+        }
+    }
+
     /// Prefix affinity: the replica holding the longest prefix of `keys`
     /// unless it is busier than the least busy candidate by more than the
     /// slack, else the least busy; records the prompt as held by the
@@ -164,7 +319,7 @@ impl ModelRoute {
     pub fn reason(&self, chosen: &Upstream) -> String {
         match self.policy {
             Policy::RoundRobin => format!("round robin over {}", self.upstreams.len()),
-            Policy::LeastOutstanding | Policy::PrefixAffinity => format!(
+            _ => format!(
                 "fewest in flight ({}) of {}",
                 chosen.in_flight.load(Ordering::Relaxed),
                 self.upstreams.len()
@@ -212,10 +367,14 @@ impl EdgeTable {
     }
 }
 
+/// What the edge knows of one replica beyond the table: requests in
+/// flight, passive health, latest load; kept by endpoint id across pushes.
+type ReplicaState = (Arc<AtomicUsize>, Arc<Health>, Arc<LoadSample>);
+
 /// Builds `EdgeTable`s from pushed tables, keeping in-flight counters by endpoint id.
 #[derive(Default)]
 pub struct EdgeTableBuilder {
-    counters: HashMap<String, (Arc<AtomicUsize>, Arc<Health>)>,
+    counters: HashMap<String, ReplicaState>,
     prefixes: HashMap<String, Arc<PrefixIndex>>,
 }
 
@@ -238,8 +397,12 @@ impl ApplyTable for EdgeTableBuilder {
                     endpoint.id, endpoint.address
                 ));
             }
-            let (in_flight, health) = self.counters.get(&endpoint.id).cloned().unwrap_or_default();
-            counters.insert(endpoint.id.clone(), (in_flight.clone(), health.clone()));
+            let (in_flight, health, load) =
+                self.counters.get(&endpoint.id).cloned().unwrap_or_default();
+            counters.insert(
+                endpoint.id.clone(),
+                (in_flight.clone(), health.clone(), load.clone()),
+            );
             let serving = matches!(
                 EndpointState::try_from(endpoint.state),
                 Ok(EndpointState::Serving | EndpointState::Unspecified)
@@ -254,6 +417,7 @@ impl ApplyTable for EdgeTableBuilder {
                         authority,
                         in_flight,
                         health,
+                        load,
                         fingerprint: endpoint.fingerprint.clone(),
                     }));
             }
@@ -264,6 +428,8 @@ impl ApplyTable for EdgeTableBuilder {
             let policy = match RoutingPolicy::try_from(model.routing_policy) {
                 Ok(RoutingPolicy::RoundRobin) => Policy::RoundRobin,
                 Ok(RoutingPolicy::PrefixAffinity) => Policy::PrefixAffinity,
+                Ok(RoutingPolicy::LeastLoad) => Policy::LeastLoad,
+                Ok(RoutingPolicy::SessionAffinity) => Policy::SessionAffinity,
                 Ok(RoutingPolicy::LeastOutstanding | RoutingPolicy::Unspecified) => {
                     Policy::LeastOutstanding
                 }
@@ -293,6 +459,7 @@ impl ApplyTable for EdgeTableBuilder {
                 cache: model.cache_policy,
                 fallbacks: model.fallbacks.clone(),
                 prefixes: self.prefixes.get(&model.name).cloned().unwrap_or_default(),
+                receipts: model.route_receipts,
                 next: AtomicUsize::new(0),
             });
             for name in std::iter::once(&model.name).chain(&model.aliases) {
@@ -442,5 +609,62 @@ mod tests {
         let route = t.route("llama").unwrap();
         let picks: Vec<_> = (0..4).map(|_| route.pick().unwrap().id.clone()).collect();
         assert_eq!(picks, ["a", "b", "a", "b"]);
+    }
+
+    #[test]
+    fn least_load_prefers_the_replica_whose_engine_stamped_less_load() {
+        let mut t = table(&[
+            ("a", "127.0.0.1:1000", EndpointState::Serving),
+            ("b", "127.0.0.1:1001", EndpointState::Serving),
+        ]);
+        t.models[0].routing_policy = RoutingPolicy::LeastLoad as i32;
+        let t = EdgeTableBuilder::default().apply(t).unwrap();
+        let route = t.route("llama").unwrap();
+        let by_id = |id: &str| route.upstreams.iter().find(|u| u.id == id).unwrap().clone();
+        by_id("a").load.update("r=4;w=6;kv=0.900");
+        by_id("b").load.update("r=1;w=0;kv=0.100");
+        by_id("b").load.update("garbage");
+        assert_eq!(by_id("b").load.fresh(), Some((1, 0, 0.1)));
+        for _ in 0..20 {
+            let (chosen, reason) = route.choose(&RouteHints::default(), &[]).unwrap();
+            assert_eq!(chosen.id, "b", "{reason}");
+        }
+    }
+
+    #[test]
+    fn a_session_sticks_to_one_replica_and_sessions_spread() {
+        let mut t = table(&[
+            ("a", "127.0.0.1:1000", EndpointState::Serving),
+            ("b", "127.0.0.1:1001", EndpointState::Serving),
+            ("c", "127.0.0.1:1002", EndpointState::Serving),
+        ]);
+        t.models[0].routing_policy = RoutingPolicy::SessionAffinity as i32;
+        let t = EdgeTableBuilder::default().apply(t).unwrap();
+        let route = t.route("llama").unwrap();
+        let hints = |session: &str| RouteHints {
+            session: Some(session.to_string()),
+            ..Default::default()
+        };
+        let first = route.choose(&hints("alice"), &[]).unwrap().0.id.clone();
+        for _ in 0..10 {
+            assert_eq!(route.choose(&hints("alice"), &[]).unwrap().0.id, first);
+        }
+        let owners: std::collections::HashSet<String> = (0..60)
+            .map(|i| {
+                route
+                    .choose(&hints(&format!("user-{i}")), &[])
+                    .unwrap()
+                    .0
+                    .id
+                    .clone()
+            })
+            .collect();
+        assert_eq!(owners.len(), 3, "sessions spread over every replica");
+        // Retried elsewhere when its replica failed.
+        let other = route
+            .choose(&hints("alice"), std::slice::from_ref(&first))
+            .unwrap()
+            .0;
+        assert_ne!(other.id, first);
     }
 }

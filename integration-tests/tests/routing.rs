@@ -116,6 +116,38 @@ async fn a_region_without_replicas_spills_over_once_and_falls_back_by_policy() {
     assert_eq!(body["model"], "small");
 }
 
+/// Model `chat` (with `fields` such as its routing policy) served by three
+/// replicas in eu-west behind one edge; returns them once the edge routes to all.
+async fn three_replicas(
+    mesh: &Mesh,
+    fields: Value,
+) -> (Vec<infermesh_integration_tests::mesh::Replica>, Edge) {
+    let mut model = json!({"name": "chat"});
+    if let (Some(model), Some(fields)) = (model.as_object_mut(), fields.as_object()) {
+        model.extend(fields.clone());
+    }
+    mesh.admin("CreateModel", json!({"model": model}))
+        .await
+        .unwrap();
+    mesh.register("eu-west", "chat", "chat-eu").await;
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push(
+            mesh.start_replica(&format!("chat-{i}"), "chat-eu", "chat", "eu-west", &[])
+                .await,
+        );
+    }
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    wait::until("all three replicas routable", DEADLINE, || async {
+        (mesh.endpoint_ids("chat-eu").await.len() == 3).then_some(())
+    })
+    .await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let warm = json!({"model": "chat", "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1});
+    mesh.wait_until_served(&url, &warm).await;
+    (replicas, edge)
+}
+
 /// Requests each replica's engine has finished.
 async fn finished(
     mesh: &Mesh,
@@ -142,31 +174,9 @@ async fn finished(
 #[tokio::test]
 async fn prefix_affinity_keeps_a_conversation_on_the_replica_holding_its_prefix() {
     let mesh = Mesh::start().await;
-    mesh.admin(
-        "CreateModel",
-        json!({"model": {"name": "chat", "routing_policy": "PREFIX_AFFINITY"}}),
-    )
-    .await
-    .unwrap();
-    mesh.register("eu-west", "chat", "chat-eu").await;
-    let mut replicas = Vec::new();
-    for i in 0..3 {
-        replicas.push(
-            mesh.start_replica(&format!("chat-{i}"), "chat-eu", "chat", "eu-west", &[])
-                .await,
-        );
-    }
-    let edge = mesh.start_edge("eu-west", &[]).await;
+    let (replicas, edge) =
+        three_replicas(&mesh, json!({"routing_policy": "PREFIX_AFFINITY"})).await;
     let url = format!("{}/v1/chat/completions", edge.url);
-    wait::until("all three replicas routable", DEADLINE, || async {
-        (mesh.endpoint_ids("chat-eu").await.len() == 3).then_some(())
-    })
-    .await;
-    mesh.wait_until_served(
-        &url,
-        &json!({"model": "chat", "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1}),
-    )
-    .await;
 
     let system =
         "You are the infermesh support assistant. Answer briefly and cite the docs. ".repeat(12);
@@ -191,5 +201,55 @@ async fn prefix_affinity_keeps_a_conversation_on_the_replica_holding_its_prefix(
     assert!(
         served.contains(&4.0) && served.iter().filter(|&&n| n > 0.0).count() == 1,
         "every turn on one replica: {served:?}"
+    );
+}
+
+#[tokio::test]
+async fn sessions_stick_to_a_replica_and_receipts_say_how_each_answer_was_routed() {
+    let mesh = Mesh::start().await;
+    let fields = json!({"routing_policy": "SESSION_AFFINITY", "route_receipts": true});
+    let (_replicas, edge) = three_replicas(&mesh, fields).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let ask = |user: &str| {
+        json!({"model": "chat", "user": user, "max_tokens": 1,
+        "messages": [{"role": "user", "content": "hi"}]})
+    };
+
+    let endpoint_of = |reply: &Reply| -> String {
+        let receipt = header(reply, "x-infermesh-route")
+            .expect("a route receipt")
+            .to_string();
+        assert!(receipt.contains("policy=session_affinity"), "{receipt}");
+        assert!(receipt.contains("region=eu-west"), "{receipt}");
+        receipt
+            .split("; ")
+            .find_map(|p| p.strip_prefix("endpoint="))
+            .expect("endpoint in the receipt")
+            .to_string()
+    };
+    let mut alice = Vec::new();
+    for _ in 0..5 {
+        let reply = mesh.http.post_json(&url, &ask("alice")).await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert!(
+            header(&reply, "x-infermesh-load").is_none(),
+            "the sidecar's load stamp stays inside the mesh"
+        );
+        alice.push(endpoint_of(&reply));
+    }
+    assert!(alice.iter().all(|e| *e == alice[0]), "{alice:?}");
+    let mut owners = std::collections::HashSet::new();
+    for i in 0..24 {
+        let reply = mesh
+            .http
+            .post_json(&url, &ask(&format!("user-{i}")))
+            .await
+            .unwrap();
+        owners.insert(endpoint_of(&reply));
+    }
+    assert_eq!(
+        owners.len(),
+        3,
+        "sessions spread over the replicas: {owners:?}"
     );
 }

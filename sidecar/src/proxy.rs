@@ -85,6 +85,12 @@ impl EngineProxy {
                 span.record("http.response.status_code", response.status().as_u16());
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                // The engine's latest load rides on every answer, so the edge
+                // sees it at once, between pushed reports.
+                let load = stamp(&self.readiness.loads.borrow());
+                if let Ok(value) = http::HeaderValue::from_str(&load) {
+                    parts.headers.insert(LOAD_HEADER, value);
+                }
                 // The span ends with the body, streams included.
                 let body = Guarded::new(streamed(body), span).boxed();
                 Response::from_parts(parts, body)
@@ -109,6 +115,17 @@ impl EngineProxy {
         };
         json_response(status, json!({"status": text}))
     }
+}
+
+/// Response header carrying the engine's load as last scraped, for the edge.
+pub const LOAD_HEADER: &str = "x-infermesh-load";
+
+/// `r=<running>;w=<waiting>;kv=<KV-cache use>`, compact and parseable.
+pub fn stamp(load: &infermesh_proto::v1::Load) -> String {
+    format!(
+        "r={};w={};kv={:.3}",
+        load.running, load.waiting, load.kv_cache_usage
+    )
 }
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Body> {
