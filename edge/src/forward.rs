@@ -58,21 +58,64 @@ pub fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
     copy
 }
 
+/// The deadlines of one request to a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// Connecting.
+    pub connect: Duration,
+    /// From sending until the response headers.
+    pub first_byte: Duration,
+    /// Longest gap between two body chunks.
+    pub idle: Option<Duration>,
+    /// The whole exchange, body included.
+    pub total: Option<Duration>,
+}
+
 /// Forwards requests to replicas.
 #[derive(Clone)]
 pub struct Forwarder {
-    client: UpstreamClient,
-    response_timeout: Duration,
+    defaults: Deadlines,
+    /// One pooled client per connect deadline in use (the edge's, and any
+    /// model's own).
+    clients: Arc<dashmap::DashMap<Duration, UpstreamClient>>,
 }
 
 impl Forwarder {
     /// A forwarder whose connects give up after `connect_timeout` and whose
-    /// responses must start within `response_timeout`.
+    /// responses must start within `response_timeout`, unless a model says otherwise.
     pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Self {
+        let clients = dashmap::DashMap::new();
+        clients.insert(connect_timeout, upstream_client(connect_timeout));
         Self {
-            client: upstream_client(connect_timeout),
-            response_timeout,
+            defaults: Deadlines {
+                connect: connect_timeout,
+                first_byte: response_timeout,
+                idle: None,
+                total: None,
+            },
+            clients: Arc::new(clients),
         }
+    }
+
+    /// The deadlines for a model with `timeouts` (its zero fields take the edge's).
+    pub fn deadlines(&self, timeouts: Option<&infermesh_proto::v1::ModelTimeouts>) -> Deadlines {
+        let Some(t) = timeouts else {
+            return self.defaults;
+        };
+        let ms = |v: u32| (v > 0).then(|| Duration::from_millis(u64::from(v)));
+        Deadlines {
+            connect: ms(t.connect_ms).unwrap_or(self.defaults.connect),
+            first_byte: ms(t.first_byte_ms).unwrap_or(self.defaults.first_byte),
+            idle: ms(t.idle_ms).or(self.defaults.idle),
+            total: ms(t.total_ms).or(self.defaults.total),
+        }
+    }
+
+    fn client(&self, connect: Duration) -> UpstreamClient {
+        self.clients
+            .entry(connect)
+            .or_insert_with(|| upstream_client(connect))
+            .clone()
     }
 
     /// Sends `parts` + `body` to `upstream`; the response body streams and
@@ -82,7 +125,12 @@ impl Forwarder {
         request: &http::request::Parts,
         body: Bytes,
         upstream: Arc<Upstream>,
+        deadlines: &Deadlines,
     ) -> Result<Response<Body>, Failure> {
+        let started = tokio::time::Instant::now();
+        let first_byte = deadlines.total.map_or(deadlines.first_byte, |total| {
+            total.min(deadlines.first_byte)
+        });
         let mut parts = copy_parts(request);
         let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.uri = Uri::builder()
@@ -114,15 +162,16 @@ impl Forwarder {
         infermesh_runtime::telemetry::propagate(&span, &mut parts.headers);
         let in_flight = InFlight::start(upstream.clone());
         let request = Request::from_parts(parts, full(body));
-        let sent = tokio::time::timeout(self.response_timeout, self.client.request(request))
-            .instrument(span.clone());
+        let client = self.client(deadlines.connect);
+        let sent =
+            tokio::time::timeout(first_byte, client.request(request)).instrument(span.clone());
         let response = match sent.await {
             Err(_) => {
                 // The engine may still be working on it: not retried.
                 return Err(Failure {
                     error: ApiError::UpstreamTimeout {
                         endpoint: upstream.id.clone(),
-                        after: self.response_timeout,
+                        after: first_byte,
                     },
                     retryable: false,
                 });
@@ -158,6 +207,84 @@ impl Forwarder {
         let body = Guarded::new(body, (in_flight, span))
             .map_err(Into::into)
             .boxed();
+        let body = match (deadlines.idle, deadlines.total) {
+            (None, None) => body,
+            (idle, total) => TimedBody::new(body, idle, total.map(|t| started + t)).boxed(),
+        };
         Ok(Response::from_parts(parts, body))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body cut off when no chunk comes for `idle` or the
+    /// request's total deadline passes; dropping the upstream body then
+    /// closes the replica's connection, so the engine stops generating.
+    pub struct TimedBody {
+        #[pin]
+        inner: Body,
+        idle: Option<Duration>,
+        #[pin]
+        next_chunk: tokio::time::Sleep,
+        #[pin]
+        total: tokio::time::Sleep,
+        has_total: bool,
+    }
+}
+
+impl TimedBody {
+    /// Wraps `inner`.
+    pub fn new(inner: Body, idle: Option<Duration>, total: Option<tokio::time::Instant>) -> Self {
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        Self {
+            inner,
+            idle,
+            next_chunk: tokio::time::sleep_until(
+                idle.map_or(far, |i| tokio::time::Instant::now() + i),
+            ),
+            total: tokio::time::sleep_until(total.unwrap_or(far)),
+            has_total: total.is_some(),
+        }
+    }
+}
+
+impl http_body::Body for TimedBody {
+    type Data = Bytes;
+    type Error = infermesh_runtime::http::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some(idle) = *this.idle {
+                    this.next_chunk
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + idle);
+                }
+                return Poll::Ready(frame);
+            }
+            Poll::Pending => {}
+        }
+        if this.idle.is_some() && this.next_chunk.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(
+                "no chunk from the replica within the idle timeout".into(),
+            )));
+        }
+        if *this.has_total && this.total.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err("the request's total timeout passed".into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

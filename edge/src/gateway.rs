@@ -281,6 +281,7 @@ impl Gateway {
         tracing::debug!(model = %route.model, endpoint = %upstream.id, stream = fields.stream, "routing");
         let body = openai::upstream_body(body, &fields, &route.model);
         self.resilience.budget.earn();
+        let deadlines = self.forwarder.deadlines(route.timeouts.as_ref());
         let mut upstream = upstream;
         let mut tried: Vec<String> = Vec::new();
         let (mut response, fingerprint) = loop {
@@ -288,7 +289,7 @@ impl Gateway {
             let sent = Instant::now();
             let forwarded = self
                 .forwarder
-                .forward(&parts, body.clone(), upstream.clone())
+                .forward(&parts, body.clone(), upstream.clone(), &deadlines)
                 .await;
             if let Some(metrics) = metrics {
                 metrics.upstream(&route.model, &upstream.id, sent.elapsed());
@@ -452,7 +453,12 @@ impl Gateway {
                 load: Arc::default(),
                 fingerprint: String::new(),
             });
-            match self.forwarder.forward(&head, body.clone(), edge).await {
+            let deadlines = self.forwarder.deadlines(None);
+            match self
+                .forwarder
+                .forward(&head, body.clone(), edge, &deadlines)
+                .await
+            {
                 Ok(mut response) if !response.status().is_server_error() => {
                     tracing::debug!(%model, region = %peer.region, "spilled over to another region");
                     record.endpoint = Some(format!("edge/{}", peer.region));

@@ -152,6 +152,8 @@ pub struct ModelRoute {
     pub prefixes: Arc<PrefixIndex>,
     /// Whether answers carry the `x-infermesh-route` receipt.
     pub receipts: bool,
+    /// The model's own deadlines, if it sets any.
+    pub timeouts: Option<infermesh_proto::v1::ModelTimeouts>,
     next: AtomicUsize,
 }
 
@@ -460,6 +462,7 @@ impl ApplyTable for EdgeTableBuilder {
                 fallbacks: model.fallbacks.clone(),
                 prefixes: self.prefixes.get(&model.name).cloned().unwrap_or_default(),
                 receipts: model.route_receipts,
+                timeouts: model.timeouts,
                 next: AtomicUsize::new(0),
             });
             for name in std::iter::once(&model.name).chain(&model.aliases) {

@@ -166,3 +166,100 @@ async fn a_hanging_replica_is_ejected_and_traffic_moves_within_seconds() {
         .find(|l| l.starts_with("infermesh_edge_ejections_total") && l.contains("llama-1"));
     assert!(ejected.is_some_and(|l| l.ends_with(" 1")), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_models_own_deadlines_cut_a_silent_stream_and_a_slow_first_byte() {
+    let mesh = Mesh::start().await;
+    mesh.admin(
+        "CreateModel",
+        json!({"model": {"name": "slow", "timeouts": {"idle_ms": 150, "first_byte_ms": 3000}}}),
+    )
+    .await
+    .unwrap();
+    mesh.register("eu-west", "slow", "slow-eu").await;
+    mesh.admin(
+        "CreateModel",
+        json!({"model": {"name": "stuck", "timeouts": {"first_byte_ms": 200}}}),
+    )
+    .await
+    .unwrap();
+    mesh.register("eu-west", "stuck", "stuck-eu").await;
+    let slow = mesh
+        .start_replica(
+            "slow-0",
+            "slow-eu",
+            "slow",
+            "eu-west",
+            &["--decode-ms-per-token", "400"],
+        )
+        .await;
+    let _stuck = mesh
+        .start_replica(
+            "stuck-0",
+            "stuck-eu",
+            "stuck",
+            "eu-west",
+            &["--hang-rate", "1.0"],
+        )
+        .await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let ask = |model: &str, stream: bool| {
+        json!({"model": model, "stream": stream, "max_tokens": 20,
+        "messages": [{"role": "user", "content": "hi"}]})
+    };
+    wait::until("both models routable", Duration::from_secs(20), || async {
+        let ids = (
+            mesh.endpoint_ids("slow-eu").await,
+            mesh.endpoint_ids("stuck-eu").await,
+        );
+        (ids.0.len() == 1 && ids.1.len() == 1).then_some(())
+    })
+    .await;
+
+    // 400 ms between tokens against a 150 ms idle deadline: the stream is cut.
+    let started = Instant::now();
+    let streamed = mesh.http.post_stream(&url, &ask("slow", true)).await;
+    let elapsed = started.elapsed();
+    let cut = match &streamed {
+        Err(_) => true,
+        Ok(s) => !s.events().iter().any(|e| e == "[DONE]"),
+    };
+    assert!(cut, "the stream ran to the end: {streamed:?}");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "{elapsed:?} for 20 tokens at 400 ms"
+    );
+    // The engine stops generating for the client that was cut off.
+    wait::until(
+        "the engine to drop the cut request",
+        Duration::from_secs(20),
+        || async {
+            let text = mesh
+                .http
+                .get(&format!("{}/metrics", slow.engine_url))
+                .await
+                .ok()?
+                .text();
+            text.lines()
+                .find(|l| l.starts_with("vllm:num_requests_running"))
+                .filter(|l| l.ends_with(" 0"))
+                .map(|_| ())
+        },
+    )
+    .await;
+
+    // A 200 ms first-byte deadline against a replica that never answers.
+    let started = Instant::now();
+    let reply = mesh
+        .http
+        .post_json(&url, &ask("stuck", false))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
