@@ -301,6 +301,8 @@ impl Gateway {
                         self.failed(&upstream);
                     } else {
                         upstream.health.success();
+                        upstream.health.observe_latency(sent.elapsed());
+                        self.eject_if_slow(route, &upstream);
                     }
                     // The sidecar says its engine is unreachable or not ready.
                     matches!(
@@ -485,6 +487,27 @@ impl Gateway {
     fn failed(&self, upstream: &Upstream) {
         if let Some(length) = upstream.health.failure(&self.resilience.ejection) {
             tracing::warn!(endpoint = %upstream.id, ejected_for = ?length, "replica ejected after consecutive failures");
+            if let Some(metrics) = self.observer.metrics() {
+                metrics.ejected(&upstream.id);
+            }
+        }
+    }
+
+    /// Ejects `upstream` when it answers far slower than its peers.
+    fn eject_if_slow(&self, route: &ModelRoute, upstream: &Upstream) {
+        let Some(latency) = upstream.health.latency() else {
+            return;
+        };
+        let peers: Vec<_> = route
+            .upstreams
+            .iter()
+            .filter(|u| u.id != upstream.id && !u.health.is_ejected())
+            .filter_map(|u| u.health.latency())
+            .collect();
+        if crate::health::Health::is_slow_outlier(latency, peers)
+            && let Some(length) = upstream.health.eject_slow(&self.resilience.ejection)
+        {
+            tracing::warn!(endpoint = %upstream.id, ?latency, ejected_for = ?length, "replica ejected as far slower than its peers");
             if let Some(metrics) = self.observer.metrics() {
                 metrics.ejected(&upstream.id);
             }

@@ -40,12 +40,66 @@ pub struct Health {
     failures_in_a_row: AtomicU32,
     ejections_in_a_row: AtomicU32,
     ejected_until_ms: AtomicI64,
+    /// Moving average of the time to response headers, microseconds.
+    latency_us: AtomicU64,
+    samples: AtomicU32,
 }
+
+/// Requests a replica must have answered before its latency is compared.
+pub const LATENCY_SAMPLES: u32 = 10;
+/// How many times slower than the median of its peers a replica must be to be ejected.
+pub const SLOW_FACTOR: f64 = 3.0;
+/// Ignore differences below this, so fast fleets do not eject on noise.
+const SLOW_FLOOR: Duration = Duration::from_millis(50);
 
 impl Health {
     /// Whether the replica is ejected now.
     pub fn is_ejected(&self) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_unix_ms()
+    }
+
+    /// Records the time a successful request took to its response headers.
+    pub fn observe_latency(&self, elapsed: Duration) {
+        let sample = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let seen = self.samples.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .latency_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |average| {
+                Some(if seen == 0 {
+                    sample
+                } else {
+                    // Weight 1/8 for the newest sample.
+                    average - average / 8 + sample / 8
+                })
+            });
+    }
+
+    /// The moving average, once enough requests were seen.
+    pub fn latency(&self) -> Option<Duration> {
+        (self.samples.load(Ordering::Relaxed) >= LATENCY_SAMPLES)
+            .then(|| Duration::from_micros(self.latency_us.load(Ordering::Relaxed)))
+    }
+
+    /// Ejects the replica for being slow (as a failure would); returns the length.
+    pub fn eject_slow(&self, policy: &EjectionPolicy) -> Option<Duration> {
+        if self.is_ejected() {
+            return None;
+        }
+        // A fresh start once it is back: its old average would eject it again at once.
+        self.samples.store(0, Ordering::Relaxed);
+        self.failures_in_a_row
+            .store(policy.consecutive.saturating_sub(1), Ordering::Relaxed);
+        self.failure(policy)
+    }
+
+    /// Whether `latency` is far slower than `peers` (their median).
+    pub fn is_slow_outlier(latency: Duration, mut peers: Vec<Duration>) -> bool {
+        if peers.len() < 2 {
+            return false;
+        }
+        peers.sort();
+        let median = peers[peers.len() / 2];
+        latency > median.mul_f64(SLOW_FACTOR) && latency > median + SLOW_FLOOR
     }
 
     /// A request to the replica succeeded.
@@ -148,6 +202,35 @@ mod tests {
         health.ejected_until_ms.store(0, Ordering::Relaxed);
         health.success();
         assert_eq!(health.failure(&policy), None, "a success starts over");
+    }
+
+    #[test]
+    fn a_replica_three_times_slower_than_its_peers_median_is_an_outlier() {
+        let ms = Duration::from_millis;
+        assert!(Health::is_slow_outlier(
+            ms(400),
+            vec![ms(40), ms(50), ms(45)]
+        ));
+        assert!(!Health::is_slow_outlier(
+            ms(100),
+            vec![ms(40), ms(50), ms(45)]
+        ));
+        assert!(
+            !Health::is_slow_outlier(ms(30), vec![ms(5), ms(6)]),
+            "below the floor"
+        );
+        assert!(
+            !Health::is_slow_outlier(ms(400), vec![ms(40)]),
+            "too few peers"
+        );
+        let health = Health::default();
+        for _ in 0..LATENCY_SAMPLES {
+            health.observe_latency(ms(100));
+        }
+        assert_eq!(health.latency(), Some(ms(100)));
+        assert!(health.eject_slow(&EjectionPolicy::default()).is_some());
+        assert!(health.is_ejected());
+        assert_eq!(health.latency(), None, "a fresh start after the ejection");
     }
 
     #[test]

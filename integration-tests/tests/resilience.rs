@@ -263,3 +263,75 @@ async fn a_models_own_deadlines_cut_a_silent_stream_and_a_slow_first_byte() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_replica_far_slower_than_its_peers_is_ejected() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let mut replicas = Vec::new();
+    for (id, decode_ms) in [("llama-0", "10"), ("llama-1", "10"), ("llama-slow", "150")] {
+        replicas.push(
+            mesh.start_replica(
+                id,
+                "llama-eu",
+                "llama",
+                "eu-west",
+                &["--decode-ms-per-token", decode_ms],
+            )
+            .await,
+        );
+    }
+    let edge = mesh
+        .start_edge("eu-west", &["--ejection-ms", "60000"])
+        .await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let body = json!({"model": "llama", "messages": [{"role": "user", "content": "pace"}], "max_tokens": 4});
+    wait::until(
+        "three replicas routable",
+        Duration::from_secs(20),
+        || async { (mesh.endpoint_ids("llama-eu").await.len() == 3).then_some(()) },
+    )
+    .await;
+    mesh.wait_until_served(&url, &body).await;
+
+    let ejected = wait::until(
+        "the slow replica to be ejected",
+        Duration::from_secs(60),
+        || async {
+            let reply = mesh.http.post_json(&url, &body).await.ok()?;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            let metrics = mesh.http.get(&edge.metrics_url).await.ok()?.text();
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with("infermesh_edge_ejections_total") && l.contains("llama-slow")
+                })
+                .map(String::from)
+        },
+    )
+    .await;
+    assert!(ejected.ends_with(" 1"), "{ejected}");
+    // Only the fast replicas serve from now on.
+    let slow = &replicas[2];
+    let before = mesh.last_engine_request(slow).await.body;
+    for _ in 0..10 {
+        let unique = json!({"model": "llama", "messages": [{"role": "user", "content": format!("after {}", uuid_like())}], "max_tokens": 2});
+        assert_eq!(
+            mesh.http.post_json(&url, &unique).await.unwrap().status,
+            200
+        );
+    }
+    assert_eq!(
+        mesh.last_engine_request(slow).await.body,
+        before,
+        "the slow replica got traffic"
+    );
+}
+
+/// A value that differs between calls, for distinct prompts.
+fn uuid_like() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
