@@ -115,6 +115,12 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_EJECTION_MS", default_value_t = 5000)]
     pub ejection_ms: u64,
 
+    /// File the last routing table is saved to after every push, and read
+    /// at start, so the edge serves (marked stale) when no control plane is
+    /// reachable, across restarts too.
+    #[arg(long, env = "INFERMESH_TABLE_CACHE")]
+    pub table_cache: Option<std::path::PathBuf>,
+
     /// Serve requests that present no API key, without limits (local
     /// development only; a presented key is still checked).
     #[arg(long, env = "INFERMESH_ALLOW_ANONYMOUS", default_value_t = false)]

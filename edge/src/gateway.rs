@@ -108,7 +108,8 @@ impl Gateway {
         match self.table() {
             Some(table) => json_response(
                 StatusCode::OK,
-                json!({"status": "ready", "table_version": table.version, "region": table.table.region}),
+                json!({"status": "ready", "table_version": table.version, "region": table.table.region,
+                       "stale": table.table.from_disk}),
             ),
             None => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -18,4 +18,5 @@ pub mod quota;
 pub mod server;
 pub mod stack;
 pub mod table;
+pub mod table_store;
 pub mod usage;

@@ -36,6 +36,8 @@ pub struct EdgeMetrics {
     pub table_version: IntGauge,
     /// 1 while a stream to a control plane is open.
     pub control_plane_connected: IntGauge,
+    /// 1 while the table in use is the one saved to disk, not yet replaced by a push.
+    pub table_stale: IntGauge,
 }
 
 fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
@@ -130,6 +132,10 @@ impl EdgeMetrics {
                 "infermesh_edge_routing_table_version",
                 "Version of the routing table in use (0 before the first).",
             )?,
+            table_stale: IntGauge::new(
+                "infermesh_edge_routing_table_stale",
+                "1 while the edge routes with the table saved to disk, no control plane having pushed one since it started.",
+            )?,
             control_plane_connected: IntGauge::new(
                 "infermesh_edge_control_plane_connected",
                 "1 while the routing-table stream to a control plane is open.",
@@ -150,6 +156,7 @@ impl EdgeMetrics {
         registry.register(Box::new(metrics.ejections.clone()))?;
         registry.register(Box::new(metrics.table_version.clone()))?;
         registry.register(Box::new(metrics.control_plane_connected.clone()))?;
+        registry.register(Box::new(metrics.table_stale.clone()))?;
         Ok(metrics)
     }
 

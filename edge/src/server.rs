@@ -24,6 +24,8 @@ use crate::metrics::{EdgeMetrics, Observer};
 use crate::quota::Limiter;
 use crate::stack;
 use crate::table::EdgeTableBuilder;
+use crate::table_store::TableStore;
+use infermesh_runtime::discovery::{Applied, ApplyTable};
 
 /// Runs the edge until `cancel` fires.
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -47,11 +49,37 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         quota: Some(limiter.clone()),
         usage_interval: Duration::from_millis(config.usage_report_interval_ms),
     };
-    let (subscription, discovery_task) = discovery::subscribe(
-        discovery_config,
-        EdgeTableBuilder::default(),
-        cancel.child_token(),
-    );
+    let (builder, initial) = match &config.table_cache {
+        Some(path) => {
+            let store = TableStore::new(path.clone());
+            let mut builder = EdgeTableBuilder::saving_to(store.clone());
+            let initial = match store.load() {
+                Ok(Some(table)) => {
+                    let version = table.version;
+                    match builder.apply(table) {
+                        Ok(mut table) => {
+                            table.from_disk = true;
+                            tracing::warn!(version, path = %path.display(), "serving the saved routing table until a control plane answers");
+                            Some(Applied { version, table })
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "the saved routing table is unusable; waiting for a push");
+                            None
+                        }
+                    }
+                }
+                Ok(None) => None,
+                Err(error) => {
+                    tracing::warn!(%error, "could not read the saved routing table; waiting for a push");
+                    None
+                }
+            };
+            (builder, initial)
+        }
+        None => (EdgeTableBuilder::default(), None),
+    };
+    let (subscription, discovery_task) =
+        discovery::subscribe_from(discovery_config, builder, initial, cancel.child_token());
     let log = if config.access_log {
         AccessLog::stdout()
     } else {
@@ -164,7 +192,11 @@ async fn follow_subscription(
     cancel: CancellationToken,
 ) {
     loop {
-        let version = tables.borrow_and_update().as_ref().map_or(0, |t| t.version);
+        let (version, stale) = tables
+            .borrow_and_update()
+            .as_ref()
+            .map_or((0, false), |t| (t.version, t.table.from_disk));
+        metrics.table_stale.set(i64::from(stale));
         metrics
             .table_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));

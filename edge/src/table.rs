@@ -351,6 +351,9 @@ pub struct EdgeTable {
     pub access: Access,
     /// Edges of the regions this one spills over to, in failover order.
     pub failover: Vec<PeerEdge>,
+    /// Read from the saved file at start, not pushed by a control plane
+    /// since: possibly stale.
+    pub from_disk: bool,
 }
 
 /// Another region's edge, reached when this region cannot serve a model.
@@ -378,12 +381,36 @@ type ReplicaState = (Arc<AtomicUsize>, Arc<Health>, Arc<LoadSample>);
 pub struct EdgeTableBuilder {
     counters: HashMap<String, ReplicaState>,
     prefixes: HashMap<String, Arc<PrefixIndex>>,
+    store: Option<crate::table_store::TableStore>,
+}
+
+impl EdgeTableBuilder {
+    /// A builder that saves every table it accepts to `store`.
+    pub fn saving_to(store: crate::table_store::TableStore) -> Self {
+        Self {
+            store: Some(store),
+            ..Self::default()
+        }
+    }
 }
 
 impl ApplyTable for EdgeTableBuilder {
     type Table = EdgeTable;
 
     fn apply(&mut self, table: RoutingTable) -> Result<EdgeTable, String> {
+        let saved = self.store.as_ref().map(|_| table.clone());
+        let built = self.build(table)?;
+        if let (Some(store), Some(table)) = (&self.store, saved)
+            && let Err(error) = store.save(&table)
+        {
+            tracing::warn!(%error, "could not save the routing table to disk");
+        }
+        Ok(built)
+    }
+}
+
+impl EdgeTableBuilder {
+    fn build(&mut self, table: RoutingTable) -> Result<EdgeTable, String> {
         let mut upstreams_by_pool: HashMap<&str, Vec<Arc<Upstream>>> = HashMap::new();
         let mut counters = HashMap::new();
         for endpoint in &table.endpoints {
@@ -488,6 +515,7 @@ impl ApplyTable for EdgeTableBuilder {
             region: table.region,
             access,
             failover,
+            from_disk: false,
         })
     }
 }

@@ -102,7 +102,19 @@ pub fn subscribe<A: ApplyTable>(
     applier: A,
     cancel: CancellationToken,
 ) -> (Subscription<A::Table>, JoinHandle<()>) {
-    let (tables_tx, tables) = watch::channel(None);
+    subscribe_from(config, applier, None, cancel)
+}
+
+/// Like `subscribe`, starting from `initial` (e.g. the last table saved to
+/// disk) until the first push replaces it; the first push is accepted
+/// whatever its version, since the control plane's state is the truth.
+pub fn subscribe_from<A: ApplyTable>(
+    config: DiscoveryConfig,
+    applier: A,
+    initial: Option<Applied<A::Table>>,
+    cancel: CancellationToken,
+) -> (Subscription<A::Table>, JoinHandle<()>) {
+    let (tables_tx, tables) = watch::channel(initial.map(Arc::new));
     let (connected_tx, connected) = watch::channel(false);
     let task = tokio::spawn(run(config, applier, tables_tx, connected_tx, cancel));
     (Subscription { tables, connected }, task)

@@ -7,6 +7,7 @@ pub mod api_key;
 pub mod backoff;
 pub mod control_plane;
 pub mod discovery;
+pub mod fs;
 pub mod http;
 pub mod metrics;
 pub mod quota;
