@@ -19,6 +19,14 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: SocketAddr,
 
+    /// Name of this replica in leader election (defaults to the host name).
+    #[arg(long, env = "INFERMESH_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Seconds a crashed leader keeps leadership before another replica takes over.
+    #[arg(long, env = "INFERMESH_LEADER_TTL_SECONDS", default_value_t = 5)]
+    pub leader_ttl_seconds: u32,
+
     /// etcd endpoints, comma-separated.
     #[arg(
         long,
@@ -141,6 +149,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         self.transport()?;
         self.etcd_tls()?;
+        if !(2..=60).contains(&self.leader_ttl_seconds) {
+            return Err(format!(
+                "--leader-ttl-seconds: {} is outside 2..=60",
+                self.leader_ttl_seconds
+            ));
+        }
         if self.webhook_listen.is_some()
             && (self.webhook_tls_cert.is_none() || self.webhook_tls_key.is_none())
         {
@@ -187,6 +201,14 @@ impl Config {
             (None, Some(_)) => Err("--etcd-cert needs --etcd-ca".into()),
             (None, None) => Ok(None),
         }
+    }
+
+    /// This replica's name in leader election.
+    pub fn node_id(&self) -> String {
+        self.node_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| format!("control-plane-{}", std::process::id()))
     }
 
     /// The transport the flags ask for.

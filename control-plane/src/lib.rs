@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod leader;
 pub mod metrics;
 pub mod quota;
 pub mod registry;

@@ -24,8 +24,7 @@ pub struct ControlPlaneMetrics {
     table_version: IntGauge,
     push_latency: HistogramVec,
     etcd: HistogramVec,
-    /// 1 on the replica that runs the singletons (share-out of rate limits,
-    /// key-use flushes); one replica today, so always this one.
+    /// 1 on the replica that won leader election.
     pub leader: IntGauge,
     load_reports: IntCounter,
     pool_serving: IntGaugeVec,

@@ -53,7 +53,6 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     let authorizer = Arc::new(Authorizer::new(tls.is_some(), admin_tokens));
     let registry = infermesh_runtime::metrics::registry(&[]);
     let metrics = Arc::new(ControlPlaneMetrics::register(&registry)?);
-    metrics.leader.set(1);
     let (_, metrics_task) =
         infermesh_runtime::metrics::spawn(config.metrics_listen, registry, cancel.clone())
             .await
@@ -77,6 +76,13 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     .with_metrics(metrics.clone());
     tracing::info!("connected to etcd");
     let (snapshots, watcher) = snapshot::spawn_watcher(store.clone(), cancel.clone());
+    let (_leading, election) = crate::leader::spawn(
+        store.clone(),
+        config.node_id(),
+        i64::from(config.leader_ttl_seconds),
+        metrics.clone(),
+        cancel.clone(),
+    );
     let snapshot_gauges = tokio::spawn(follow_snapshots(
         snapshots.clone(),
         metrics.clone(),
@@ -199,7 +205,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     readiness.abort();
     let _ = quota_task.await;
     let _ = watcher.await;
-    let _ = tokio::join!(snapshot_gauges, metrics_task);
+    let _ = tokio::join!(snapshot_gauges, metrics_task, election);
     if let Some(webhook) = webhook {
         let _ = webhook.await;
     }

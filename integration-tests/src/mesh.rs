@@ -135,40 +135,13 @@ impl Mesh {
 
     /// (Re)starts the control plane on its address and waits for SERVING.
     pub async fn start_control_plane(&mut self) {
-        let args = [
-            "--listen",
-            &self.control_plane_address,
-            "--etcd-endpoints",
-            &self.etcd.url,
-            "--etcd-prefix",
-            "/infermesh-test/",
-            "--endpoint-lease-ttl-seconds",
-            &LEASE_TTL_SECONDS.to_string(),
-            "--report-interval-ms",
-            "200",
-            "--metrics-listen",
-            self.control_plane_metrics_url
-                .trim_start_matches("http://")
-                .trim_end_matches("/metrics"),
-            "--tls-cert",
-            &path_str(&self.pki.server.cert),
-            "--tls-key",
-            &path_str(&self.pki.server.key),
-            "--tls-client-ca",
-            &path_str(&self.pki.ca_cert),
-            "--admin-tokens-file",
-            &path_str(&self.dir.path().join("pki/admin-tokens")),
-        ]
-        .map(String::from)
-        .to_vec();
-        let args = [args, self.control_plane_extra.clone()].concat();
-        let process = Process::spawn(
-            "control-plane",
-            &path("infermesh-control-plane"),
-            &args,
-            self.dir.path(),
-            &self.env_pairs(),
-        );
+        let metrics = self
+            .control_plane_metrics_url
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .to_string();
+        let process =
+            self.spawn_control_plane("control-plane", &self.control_plane_address, &metrics);
         self.control_plane = Some(process);
         let admin = self.admin.clone();
         wait::until("control plane to serve", Duration::from_secs(20), || {
@@ -182,6 +155,45 @@ impl Mesh {
             }
         })
         .await;
+    }
+
+    /// Another control-plane replica on the same etcd, serving gRPC at
+    /// `address` and metrics at `metrics` (host:port); not waited for.
+    pub fn spawn_control_plane(&self, name: &str, address: &str, metrics: &str) -> Process {
+        let args = [
+            "--listen",
+            address,
+            "--node-id",
+            name,
+            "--etcd-endpoints",
+            &self.etcd.url,
+            "--etcd-prefix",
+            "/infermesh-test/",
+            "--endpoint-lease-ttl-seconds",
+            &LEASE_TTL_SECONDS.to_string(),
+            "--report-interval-ms",
+            "200",
+            "--metrics-listen",
+            metrics,
+            "--tls-cert",
+            &path_str(&self.pki.server.cert),
+            "--tls-key",
+            &path_str(&self.pki.server.key),
+            "--tls-client-ca",
+            &path_str(&self.pki.ca_cert),
+            "--admin-tokens-file",
+            &path_str(&self.dir.path().join("pki/admin-tokens")),
+        ]
+        .map(String::from)
+        .to_vec();
+        let args = [args, self.control_plane_extra.clone()].concat();
+        Process::spawn(
+            name,
+            &path("infermesh-control-plane"),
+            &args,
+            self.dir.path(),
+            &self.env_pairs(),
+        )
     }
 
     /// Kills the control plane (SIGKILL).

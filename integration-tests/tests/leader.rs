@@ -1,0 +1,55 @@
+//! Leader election across control-plane replicas on one etcd: exactly one
+//! leads, and when it is killed another takes over within the lease TTL.
+
+use std::time::{Duration, Instant};
+
+use infermesh_integration_tests::binaries::free_port;
+use infermesh_integration_tests::mesh::Mesh;
+use infermesh_integration_tests::wait;
+
+/// The leader gauge of the control plane whose metrics are at `url`, if it answers.
+async fn leading(mesh: &Mesh, url: &str) -> Option<bool> {
+    let text = mesh.http.get(url).await.ok()?.text();
+    text.lines()
+        .find(|l| l.starts_with("infermesh_control_plane_leader "))
+        .map(|l| l.ends_with(" 1"))
+}
+
+#[tokio::test]
+async fn one_replica_leads_and_another_takes_over_within_the_lease_ttl() {
+    let mut mesh = Mesh::start().await;
+    let second_metrics = format!("127.0.0.1:{}", free_port());
+    let mut second = mesh.spawn_control_plane(
+        "control-plane-b",
+        &format!("127.0.0.1:{}", free_port()),
+        &second_metrics,
+    );
+    let first_url = mesh.control_plane_metrics_url.clone();
+    let second_url = format!("http://{second_metrics}/metrics");
+
+    let (first_leads, second_leads) =
+        wait::until("exactly one leader", Duration::from_secs(20), || async {
+            let a = leading(&mesh, &first_url).await?;
+            let b = leading(&mesh, &second_url).await?;
+            (a != b).then_some((a, b))
+        })
+        .await;
+    assert!(first_leads ^ second_leads);
+
+    // Kill the leader (no resignation): the other one leads within the TTL.
+    let killed = Instant::now();
+    let survivor = if first_leads {
+        mesh.kill_control_plane().await;
+        second_url.clone()
+    } else {
+        second.kill().await;
+        first_url.clone()
+    };
+    wait::until("the survivor to lead", Duration::from_secs(20), || async {
+        leading(&mesh, &survivor).await.filter(|l| *l).map(|_| ())
+    })
+    .await;
+    let took = killed.elapsed();
+    eprintln!("new leader after {took:?}");
+    assert!(took < Duration::from_secs(8), "leader TTL is 5 s: {took:?}");
+}
