@@ -8,6 +8,7 @@ pub mod config;
 pub mod leader;
 pub mod metrics;
 pub mod quota;
+pub mod reclaim;
 pub mod registry;
 pub mod server;
 pub mod snapshot;

@@ -76,6 +76,13 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     .with_metrics(metrics.clone());
     tracing::info!("connected to etcd");
     let (snapshots, watcher) = snapshot::spawn_watcher(store.clone(), cancel.clone());
+    let reclaim = tokio::spawn(crate::reclaim::hold_existing_leases(
+        store.clone(),
+        Duration::from_millis(u64::from(config.report_interval_ms)).max(Duration::from_millis(500)),
+        Duration::from_secs(u64::from(config.endpoint_lease_ttl_seconds))
+            .max(Duration::from_secs(10)),
+        cancel.clone(),
+    ));
     let (_leading, election) = crate::leader::spawn(
         store.clone(),
         config.node_id(),
@@ -205,7 +212,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     readiness.abort();
     let _ = quota_task.await;
     let _ = watcher.await;
-    let _ = tokio::join!(snapshot_gauges, metrics_task, election);
+    let _ = tokio::join!(snapshot_gauges, metrics_task, election, reclaim);
     if let Some(webhook) = webhook {
         let _ = webhook.await;
     }

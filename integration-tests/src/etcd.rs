@@ -13,14 +13,14 @@ use crate::wait;
 pub struct Etcd {
     /// Client URL, e.g. `http://127.0.0.1:23790`.
     pub url: String,
-    _process: Process,
+    process: Option<Process>,
+    args: Vec<String>,
+    dir: std::path::PathBuf,
 }
 
 impl Etcd {
     /// Starts etcd with its data under `dir` and waits until it is healthy.
     pub async fn start(dir: &Path) -> Self {
-        let etcd = which("etcd")
-            .expect("etcd not found: install Debian's etcd-server (the test command does)");
         let client = free_port();
         let peer = free_port();
         let url = format!("http://127.0.0.1:{client}");
@@ -43,10 +43,25 @@ impl Etcd {
             "--log-level",
             "warn",
         ]
-        .map(String::from);
-        let process = Process::spawn("etcd", &etcd, &args, dir, &[]);
+        .map(String::from)
+        .to_vec();
+        let mut etcd = Self {
+            url,
+            process: None,
+            args,
+            dir: dir.to_path_buf(),
+        };
+        etcd.restart().await;
+        etcd
+    }
+
+    /// Starts it again with the same data and ports (after `kill`); waits until healthy.
+    pub async fn restart(&mut self) {
+        let binary = which("etcd")
+            .expect("etcd not found: install Debian's etcd-server (the test command does)");
+        self.process = Some(Process::spawn("etcd", &binary, &self.args, &self.dir, &[]));
         let http = Http::new();
-        let health = format!("{url}/health");
+        let health = format!("{}/health", self.url);
         wait::until("etcd to be healthy", Duration::from_secs(20), || {
             let http = http.clone();
             let health = health.clone();
@@ -56,9 +71,12 @@ impl Etcd {
             }
         })
         .await;
-        Self {
-            url,
-            _process: process,
+    }
+
+    /// Kills it (SIGKILL), as a crash would; its data stays.
+    pub async fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill().await;
         }
     }
 }
