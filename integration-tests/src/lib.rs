@@ -8,6 +8,7 @@ pub mod binaries;
 pub mod client;
 pub mod etcd;
 pub mod grpcurl;
+pub mod load;
 pub mod mesh;
 pub mod otlp;
 pub mod pki;

@@ -4,10 +4,9 @@
 //! come back, the system converges again (sidecars re-registered, edges
 //! subscribed) within a bounded time.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use infermesh_integration_tests::load::SteadyLoad;
 use infermesh_integration_tests::mesh::Mesh;
 use infermesh_integration_tests::wait;
 use serde_json::json;
@@ -42,39 +41,19 @@ async fn a_minute_without_etcd_and_control_plane_fails_no_request() {
     )
     .await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut clients = Vec::new();
-    for _ in 0..3 {
-        let (http, url, body) = (mesh.http.clone(), url.clone(), body.clone());
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        clients.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match http.post_json(&url, &body).await {
-                    Ok(reply) if reply.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("failed: {:?}", other.map(|r| (r.status, r.text())));
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    let load = SteadyLoad::start(&mesh.http, &url, &body, 3);
+    load.wait_for(10, Duration::from_secs(20)).await;
 
     mesh.kill_control_plane().await;
     mesh.etcd.kill().await;
     let down = Instant::now();
-    let served_before = ok.load(Ordering::Relaxed);
+    let served_before = load.ok();
     while down.elapsed() < outage() {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        assert_eq!(
-            failed.load(Ordering::Relaxed),
-            0,
-            "a request failed during the outage"
-        );
+        assert_eq!(load.failed(), 0, "a request failed during the outage");
     }
     assert!(
-        ok.load(Ordering::Relaxed) > served_before + 10,
+        load.ok() > served_before + 10,
         "traffic kept flowing during the outage"
     );
 
@@ -95,17 +74,9 @@ async fn a_minute_without_etcd_and_control_plane_fails_no_request() {
     .await;
     let converged = back.elapsed();
     // Keep the load on a little longer: the reconnections must not fail requests either.
-    let after = ok.load(Ordering::Relaxed);
-    wait::until("traffic after the return", Duration::from_secs(30), || {
-        let ok = ok.clone();
-        async move { (ok.load(Ordering::Relaxed) > after + 20).then_some(()) }
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.await.unwrap();
-    }
+    load.wait_for(20, Duration::from_secs(30)).await;
+    let (_, failed) = load.stop().await;
     eprintln!("converged {converged:?} after etcd and the control plane returned");
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed");
+    assert_eq!(failed, 0, "requests failed");
     assert!(converged < Duration::from_secs(20), "{converged:?}");
 }

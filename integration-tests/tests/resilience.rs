@@ -3,10 +3,9 @@
 //! client), and a replica that hangs is ejected so traffic moves to the
 //! healthy one within a bounded time.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use infermesh_integration_tests::load::SteadyLoad;
 use infermesh_integration_tests::mesh::Mesh;
 use infermesh_integration_tests::wait;
 use serde_json::json;
@@ -26,61 +25,20 @@ async fn killing_a_replica_under_steady_load_fails_no_request() {
     let body = json!({"model": "llama", "messages": [{"role": "user", "content": "steady"}], "max_tokens": 8});
     mesh.wait_until_served(&url, &body).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (http, url, body) = (mesh.http.clone(), url.clone(), body.clone());
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        clients.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match http.post_json(&url, &body).await {
-                    Ok(reply) if reply.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    Ok(reply) => {
-                        eprintln!("failed: {} {}", reply.status, reply.text());
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                    Err(error) => {
-                        eprintln!("failed: {error}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
-    wait::until("traffic to flow", Duration::from_secs(20), || {
-        let ok = ok.clone();
-        async move { (ok.load(Ordering::Relaxed) >= 20).then_some(()) }
-    })
-    .await;
+    let load = SteadyLoad::start(&mesh.http, &url, &body, 4);
+    load.wait_for(20, Duration::from_secs(20)).await;
     victim.sidecar.kill().await;
     victim.engine.kill().await;
-    let killed_at = ok.load(Ordering::Relaxed);
     // Keep the load on through the lease expiry and the push that removes it.
-    wait::until(
-        "traffic to go on after the kill",
-        Duration::from_secs(20),
-        || {
-            let ok = ok.clone();
-            async move { (ok.load(Ordering::Relaxed) >= killed_at + 60).then_some(()) }
-        },
-    )
-    .await;
+    load.wait_for(60, Duration::from_secs(20)).await;
     wait::until(
         "the dead replica to leave the table",
         Duration::from_secs(20),
         || async { (mesh.endpoint_ids("llama-eu").await == ["llama-0"]).then_some(()) },
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed during the kill"
-    );
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0, "requests failed during the kill");
     let metrics = mesh.http.get(&edge.metrics_url).await.unwrap().text();
     assert!(
         metrics
