@@ -4,8 +4,11 @@
 use std::time::{Duration, Instant};
 
 use infermesh_integration_tests::binaries::free_port;
+use infermesh_integration_tests::grpcurl::Grpcurl;
 use infermesh_integration_tests::mesh::Mesh;
 use infermesh_integration_tests::wait;
+use infermesh_runtime::tls::PeerRole;
+use serde_json::json;
 
 /// The leader gauge of the control plane whose metrics are at `url`, if it answers.
 async fn leading(mesh: &Mesh, url: &str) -> Option<bool> {
@@ -19,11 +22,12 @@ async fn leading(mesh: &Mesh, url: &str) -> Option<bool> {
 async fn one_replica_leads_and_another_takes_over_within_the_lease_ttl() {
     let mut mesh = Mesh::start().await;
     let second_metrics = format!("127.0.0.1:{}", free_port());
-    let mut second = mesh.spawn_control_plane(
-        "control-plane-b",
-        &format!("127.0.0.1:{}", free_port()),
-        &second_metrics,
-    );
+    let second_address = format!("127.0.0.1:{}", free_port());
+    let mut second = mesh.spawn_control_plane("control-plane-b", &second_address, &second_metrics);
+    // An edge that knows both replicas.
+    let edge = mesh
+        .start_edge("eu-west", &["--control-plane", &second_address])
+        .await;
     let first_url = mesh.control_plane_metrics_url.clone();
     let second_url = format!("http://{second_metrics}/metrics");
 
@@ -52,4 +56,48 @@ async fn one_replica_leads_and_another_takes_over_within_the_lease_ttl() {
     let took = killed.elapsed();
     eprintln!("new leader after {took:?}");
     assert!(took < Duration::from_secs(8), "leader TTL is 5 s: {took:?}");
+
+    // Admin writes go to the survivor, and the edge (moved to it if its
+    // replica was the one killed) receives them.
+    let survivor_address = if first_leads {
+        second_address.clone()
+    } else {
+        mesh.control_plane_address.clone()
+    };
+    let admin = Grpcurl::tls(&survivor_address, &mesh.pki.ca_cert)
+        .with_identity(mesh.pki.client(PeerRole::Admin, "integration-tests"));
+    wait::until(
+        "the survivor to take admin writes",
+        Duration::from_secs(20),
+        || async {
+            admin
+                .admin("CreateModel", json!({"model": {"name": "after-failover"}}))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    admin
+        .admin("CreateRegion", json!({"region": {"name": "eu-west"}}))
+        .await
+        .expect("create region");
+    admin
+        .admin(
+            "CreatePool",
+            json!({"pool": {"name": "after-eu", "model": "after-failover", "region": "eu-west",
+                "engine": "VLLM", "min_replicas": 1, "max_replicas": 1}}),
+        )
+        .await
+        .expect("create pool");
+    wait::until(
+        "the edge to list the new model",
+        Duration::from_secs(20),
+        || async {
+            mesh.edge_models(&edge)
+                .await
+                .contains(&"after-failover".to_string())
+                .then_some(())
+        },
+    )
+    .await;
 }
