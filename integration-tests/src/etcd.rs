@@ -89,3 +89,108 @@ pub fn which(name: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+/// A multi-member etcd cluster on loopback, members killable one by one.
+pub struct EtcdCluster {
+    /// Client URLs of the members, in member order.
+    pub urls: Vec<String>,
+    members: Vec<Option<Process>>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members with data under `dir`; waits until each is healthy.
+    pub async fn start(dir: &Path, size: usize) -> Self {
+        let etcd = which("etcd")
+            .expect("etcd not found: install Debian's etcd-server (the test command does)");
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        let mut urls = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let args = [
+                "--name",
+                &format!("m{i}"),
+                "--data-dir",
+                &dir.join(format!("m{i}")).to_string_lossy(),
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "infermesh-test",
+                "--log-level",
+                "warn",
+            ]
+            .map(String::from);
+            members.push(Some(Process::spawn(
+                &format!("etcd-m{i}"),
+                &etcd,
+                &args,
+                dir,
+                &[],
+            )));
+            urls.push(url);
+        }
+        let http = Http::new();
+        for url in &urls {
+            let health = format!("{url}/health");
+            wait::until("etcd member to be healthy", Duration::from_secs(30), || {
+                let (http, health) = (http.clone(), health.clone());
+                async move {
+                    let r = http.get(&health).await.ok()?;
+                    (r.status == 200 && r.text().contains("true")).then_some(())
+                }
+            })
+            .await;
+        }
+        Self { urls, members }
+    }
+
+    /// The member that leads now (by etcd's maintenance status), if one answers.
+    pub async fn leader(&self) -> Option<usize> {
+        let http = Http::new();
+        for (i, url) in self.urls.iter().enumerate() {
+            if self.members[i].is_none() {
+                continue;
+            }
+            let Ok(reply) = http
+                .post_json(
+                    &format!("{url}/v3/maintenance/status"),
+                    &serde_json::json!({}),
+                )
+                .await
+            else {
+                continue;
+            };
+            let status = reply.json();
+            if status["header"]["member_id"].is_string()
+                && status["header"]["member_id"] == status["leader"]
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(mut process) = self.members[i].take() {
+            process.kill().await;
+        }
+    }
+}

@@ -80,6 +80,9 @@ pub struct Mesh {
     pub env: Vec<(String, String)>,
     /// Extra control-plane flags, used from its next (re)start.
     pub control_plane_extra: Vec<String>,
+    /// etcd endpoints the control plane uses from its next (re)start instead
+    /// of `etcd` (comma-separated), e.g. a multi-member cluster.
+    pub etcd_endpoints: Option<String>,
     /// Where logs and etcd data live; removed on drop, after the processes
     /// above (fields drop in order) have printed their logs.
     pub dir: TempDir,
@@ -108,6 +111,7 @@ impl Mesh {
             api_key: String::new(),
             env: Vec::new(),
             control_plane_extra: Vec::new(),
+            etcd_endpoints: None,
         };
         mesh.start_control_plane().await;
         let secret = mesh.create_key("tests", json!({})).await;
@@ -166,7 +170,7 @@ impl Mesh {
             "--node-id",
             name,
             "--etcd-endpoints",
-            &self.etcd.url,
+            self.etcd_endpoints.as_deref().unwrap_or(&self.etcd.url),
             "--etcd-prefix",
             "/infermesh-test/",
             "--endpoint-lease-ttl-seconds",

@@ -1,11 +1,13 @@
-//! Static stability under a control-plane outage: etcd and the control
-//! plane are both stopped for a minute under steady load, and the edges and
-//! sidecars keep serving every request from the tables they hold; when both
-//! come back, the system converges again (sidecars re-registered, edges
-//! subscribed) within a bounded time.
+//! Faults under load: etcd and the control plane both stopped for a minute
+//! (edges and sidecars keep serving every request from the tables they hold,
+//! and the system converges again within a bounded time when they return),
+//! and a 3-member etcd cluster losing its leader under admin writes and
+//! traffic (no acknowledged write lost, pushes go on).
 
 use std::time::{Duration, Instant};
 
+use infermesh_integration_tests::client::Http;
+use infermesh_integration_tests::etcd::EtcdCluster;
 use infermesh_integration_tests::load::SteadyLoad;
 use infermesh_integration_tests::mesh::Mesh;
 use infermesh_integration_tests::wait;
@@ -79,4 +81,76 @@ async fn a_minute_without_etcd_and_control_plane_fails_no_request() {
     eprintln!("converged {converged:?} after etcd and the control plane returned");
     assert_eq!(failed, 0, "requests failed");
     assert!(converged < Duration::from_secs(20), "{converged:?}");
+}
+
+#[tokio::test]
+async fn losing_the_etcd_leader_under_writes_and_traffic_loses_no_acknowledged_write() {
+    let mut mesh = Mesh::start().await;
+    let cluster_dir = mesh.dir.path().join("etcd-cluster");
+    std::fs::create_dir_all(&cluster_dir).unwrap();
+    let mut cluster = EtcdCluster::start(&cluster_dir, 3).await;
+    mesh.etcd_endpoints = Some(cluster.urls.join(","));
+    mesh.kill_control_plane().await;
+    mesh.start_control_plane().await;
+    mesh.http = Http::with_key(&mesh.create_key("tests", json!({})).await);
+
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let _replica = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let body =
+        json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    mesh.wait_until_served(&url, &body).await;
+    let load = SteadyLoad::start(&mesh.http, &url, &body, 2);
+
+    // Admin writes before, during and after the loss of the etcd leader.
+    let mut acknowledged = Vec::new();
+    let mut killed = None;
+    for i in 0..30 {
+        if i == 10 {
+            let leader = wait::until("an etcd leader", Duration::from_secs(20), || {
+                cluster.leader()
+            })
+            .await;
+            cluster.kill(leader).await;
+            killed = Some(leader);
+        }
+        let name = format!("written-{i}");
+        let pool = json!({"pool": {"name": format!("{name}-eu"), "model": name, "region": "eu-west",
+            "engine": "VLLM", "min_replicas": 1, "max_replicas": 1}});
+        if mesh
+            .admin("CreateModel", json!({"model": {"name": name}}))
+            .await
+            .is_ok()
+            && mesh.admin("CreatePool", pool).await.is_ok()
+        {
+            acknowledged.push(name);
+        }
+    }
+    assert!(killed.is_some());
+    assert!(
+        acknowledged.len() >= 20,
+        "writes went on after the leader died: {acknowledged:?}"
+    );
+
+    // Every acknowledged write is there, and pushes still reach the edge.
+    let listed = mesh
+        .admin("ListModels", json!({}))
+        .await
+        .unwrap()
+        .to_string();
+    for name in &acknowledged {
+        assert!(listed.contains(&format!("\"{name}\"")), "{name} was lost");
+    }
+    let last = acknowledged.last().unwrap().clone();
+    wait::until(
+        "the edge to list the last write",
+        Duration::from_secs(20),
+        || async { mesh.edge_models(&edge).await.contains(&last).then_some(()) },
+    )
+    .await;
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0, "requests failed while etcd lost its leader");
 }

@@ -196,6 +196,24 @@ enum End {
 }
 
 impl Session {
+    /// A new keep-alive stream for the lease (on whichever etcd member
+    /// answers), tried for a third of the TTL; `None` when none could be opened.
+    async fn reopen_keep_alive(
+        &self,
+    ) -> Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> {
+        let deadline = tokio::time::Instant::now() + self.ttl / 3;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok((mut keeper, responses)) = self.store.keep_alive(self.lease).await
+                && keeper.keep_alive().await.is_ok()
+            {
+                tracing::info!(endpoint = %self.endpoint.id, "lease keep-alive reopened");
+                return Some((keeper, responses));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+
     async fn run(
         mut self,
         mut inbound: Streaming<LoadReportRequest>,
@@ -210,14 +228,24 @@ impl Session {
                 _ = self.tx.closed() => break End::SidecarGone,
                 _ = tick.tick() => {
                     if let Err(e) = keeper.keep_alive().await {
-                        break End::LeaseLost(e.to_string());
+                        // The etcd member the stream went to may be down: reopen it elsewhere.
+                        match self.reopen_keep_alive().await {
+                            Some((k, r)) => (keeper, keep_alive_responses) = (k, r),
+                            None => break End::LeaseLost(e.to_string()),
+                        }
                     }
                 }
                 response = keep_alive_responses.next() => match response {
                     Some(Ok(r)) if r.ttl() > 0 => {}
                     Some(Ok(_)) => break End::LeaseLost("lease expired".into()),
-                    Some(Err(e)) => break End::LeaseLost(e.to_string()),
-                    None => break End::LeaseLost("keep-alive stream ended".into()),
+                    Some(Err(e)) => match self.reopen_keep_alive().await {
+                        Some((k, r)) => (keeper, keep_alive_responses) = (k, r),
+                        None => break End::LeaseLost(e.to_string()),
+                    },
+                    None => match self.reopen_keep_alive().await {
+                        Some((k, r)) => (keeper, keep_alive_responses) = (k, r),
+                        None => break End::LeaseLost("keep-alive stream ended".into()),
+                    },
                 },
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {

@@ -11,9 +11,10 @@ use super::{ObjectKind, Store, StoreError};
 impl Store {
     /// A new lease of `ttl_seconds`.
     pub async fn grant_lease(&self, ttl_seconds: i64) -> Result<i64, StoreError> {
-        let mut client = self.client();
         Ok(self
-            .timed("lease_grant", client.lease_grant(ttl_seconds, None))
+            .call("lease_grant", |mut client| async move {
+                client.lease_grant(ttl_seconds, None).await
+            })
             .await?
             .id())
     }
@@ -28,22 +29,27 @@ impl Store {
 
     /// Ends a lease now, deleting the keys still bound to it.
     pub async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
-        let mut client = self.client();
-        self.timed("lease_revoke", client.lease_revoke(lease))
-            .await?;
+        self.call("lease_revoke", |mut client| async move {
+            client.lease_revoke(lease).await
+        })
+        .await?;
         Ok(())
     }
 
     /// Writes an endpoint bound to `lease` (re-binding it if it had another).
     pub async fn put_endpoint(&self, endpoint: &Endpoint, lease: i64) -> Result<(), StoreError> {
         let key = self.keys().object(ObjectKind::Endpoint, &endpoint.id);
-        let mut client = self.client();
-        let put = client.put(
-            key,
-            endpoint.encode_to_vec(),
-            Some(PutOptions::new().with_lease(lease)),
-        );
-        let resp = self.timed("put", put).await?;
+        let value = endpoint.encode_to_vec();
+        let resp = self
+            .call("put", |mut client| {
+                let (key, value) = (key.clone(), value.clone());
+                async move {
+                    client
+                        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                        .await
+                }
+            })
+            .await?;
         if let Some(header) = resp.header() {
             self.committed(header.revision());
         }

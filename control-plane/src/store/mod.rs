@@ -75,6 +75,32 @@ impl Store {
         }
     }
 
+    /// Runs the request `make` builds, timed under `op`, again on a fresh
+    /// call when it failed to reach etcd (a member down: the client's next
+    /// call may go to a live one); at most 4 tries over about 1.5 s.
+    pub(crate) async fn call<T, Fut>(
+        &self,
+        op: &str,
+        mut make: impl FnMut(Client) -> Fut,
+    ) -> Result<T, etcd_client::Error>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut delay = Duration::from_millis(100);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.timed(op, make(self.client())).await {
+                Err(error) if tries < 4 && unreachable(&error) => {
+                    tracing::debug!(op, %error, "etcd call failed to reach a member; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Notes a write committed at `revision`.
     pub(crate) fn committed(&self, revision: i64) {
         if let Some(metrics) = &self.metrics {
@@ -94,20 +120,28 @@ impl Store {
 
     /// One key's current value, if any.
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let key = key.to_string();
         let mut resp = self
-            .timed("get", self.client.clone().get(key, None))
+            .call("get", |mut client| {
+                let key = key.clone();
+                async move { client.get(key, None).await }
+            })
             .await?;
         Ok(resp.take_kvs().into_iter().next())
     }
 
     /// Every key under `prefix`, with the store revision the read saw.
     pub async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
-        let mut client = self.client();
+        let prefix = prefix.to_string();
         let mut resp = self
-            .timed(
-                "range",
-                client.get(prefix, Some(GetOptions::new().with_prefix())),
-            )
+            .call("range", |mut client| {
+                let prefix = prefix.clone();
+                async move {
+                    client
+                        .get(prefix, Some(GetOptions::new().with_prefix()))
+                        .await
+                }
+            })
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         Ok((resp.take_kvs(), revision))
@@ -119,9 +153,13 @@ impl Store {
         compares: Vec<Compare>,
         ops: Vec<TxnOp>,
     ) -> Result<Option<i64>, StoreError> {
-        let mut client = self.client();
+        // A transaction is guarded by revisions, so sending it again after a
+        // failure to reach etcd cannot apply it twice.
         let resp = self
-            .timed("txn", client.txn(Txn::new().when(compares).and_then(ops)))
+            .call("txn", |mut client| {
+                let txn = Txn::new().when(compares.clone()).and_then(ops.clone());
+                async move { client.txn(txn).await }
+            })
             .await?;
         if resp.succeeded() {
             let revision = resp.header().map_or(0, |h| h.revision());
@@ -130,6 +168,18 @@ impl Store {
         } else {
             Ok(None)
         }
+    }
+}
+
+/// Whether `error` means the call did not reach a working etcd member.
+fn unreachable(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown
+        ),
+        _ => false,
     }
 }
 
