@@ -1,5 +1,6 @@
 //! Steady load for fault tests: a few clients sending the same request in a
-//! loop, counting answers that were 200 and those that were not.
+//! loop, counting answers that were 200 (and, for streams, ran to `[DONE]`)
+//! and those that were not.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,10 +26,16 @@ impl SteadyLoad {
             .map(|_| {
                 let (http, url, body) = (http.clone(), url.to_string(), body.clone());
                 let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                // A streamed answer counts only when it ran to its end.
+                let streamed = body["stream"] == true;
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
                         match http.post_json(&url, &body).await {
-                            Ok(reply) if reply.status == 200 => {
+                            Ok(reply)
+                                if reply.status == 200
+                                    && (!streamed
+                                        || reply.text().ends_with("data: [DONE]\n\n")) =>
+                            {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
                             other => {

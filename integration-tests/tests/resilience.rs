@@ -293,3 +293,54 @@ fn uuid_like() -> u128 {
         .unwrap()
         .as_nanos()
 }
+
+#[tokio::test]
+async fn a_rolling_restart_of_every_replica_under_streaming_load_fails_no_request() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push(
+            mesh.start_replica(&format!("llama-{i}"), "llama-eu", "llama", "eu-west", &[])
+                .await,
+        );
+    }
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let body = json!({"model": "llama", "stream": true, "max_tokens": 12,
+        "messages": [{"role": "user", "content": "keep streaming"}]});
+    wait::until(
+        "three replicas routable",
+        Duration::from_secs(20),
+        || async { (mesh.endpoint_ids("llama-eu").await.len() == 3).then_some(()) },
+    )
+    .await;
+    mesh.wait_until_served(&url, &body).await;
+    let load = SteadyLoad::start(&mesh.http, &url, &body, 4);
+    load.wait_for(10, Duration::from_secs(20)).await;
+
+    // One replica at a time: the sidecar drains on SIGTERM (streams in
+    // flight finish), then the engine goes, then both come back.
+    for replica in &mut replicas {
+        let id = replica.id.clone();
+        assert_eq!(
+            replica.sidecar.terminate().await,
+            Some(0),
+            "{id}'s sidecar drained and exited"
+        );
+        replica.engine.kill().await;
+        *replica = mesh
+            .start_replica(&id, "llama-eu", "llama", "eu-west", &[])
+            .await;
+        wait::until(
+            "the restarted replica back in the table",
+            Duration::from_secs(20),
+            || async { (mesh.endpoint_ids("llama-eu").await.len() == 3).then_some(()) },
+        )
+        .await;
+        load.wait_for(5, Duration::from_secs(20)).await;
+    }
+    let (ok, failed) = load.stop().await;
+    assert!(ok > 20, "{ok}");
+    assert_eq!(failed, 0, "requests failed during the rolling restart");
+}
