@@ -83,6 +83,20 @@ impl Process {
         }
     }
 
+    /// Its resident memory now, bytes (Linux /proc).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
         self.child
