@@ -52,6 +52,7 @@ pub struct Discovery {
     quotas: Arc<QuotaBook>,
     auth: Arc<Authorizer>,
     metrics: Arc<ControlPlaneMetrics>,
+    edge_tables: Arc<EdgeTables>,
     cancel: CancellationToken,
 }
 
@@ -71,6 +72,7 @@ impl Discovery {
             quotas,
             auth,
             metrics,
+            edge_tables: Arc::default(),
             cancel,
         }
     }
@@ -124,6 +126,7 @@ impl DiscoveryService for Discovery {
             subscribers: self.subscribers.clone(),
             quotas: self.quotas.clone(),
             metrics: self.metrics.clone(),
+            edge_tables: self.edge_tables.clone(),
             tx,
         };
         tokio::spawn(session.run(inbound, self.cancel.clone()));
@@ -138,7 +141,35 @@ struct Session {
     subscribers: Arc<SubscriberBook>,
     quotas: Arc<QuotaBook>,
     metrics: Arc<ControlPlaneMetrics>,
+    edge_tables: Arc<EdgeTables>,
     tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
+}
+
+/// Edge tables by region for the latest snapshot, with their content
+/// encoding, built on first demand and shared by every edge session.
+#[derive(Default)]
+pub struct EdgeTables {
+    built: std::sync::Mutex<(i64, std::collections::HashMap<String, SharedTable>)>,
+}
+
+type SharedTable = (Arc<RoutingTable>, Arc<Vec<u8>>);
+
+impl EdgeTables {
+    fn get(&self, snapshot: &Snapshot, region: &str) -> SharedTable {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        if built.0 != snapshot.revision {
+            *built = (snapshot.revision, std::collections::HashMap::new());
+        }
+        built
+            .1
+            .entry(region.to_string())
+            .or_insert_with(|| {
+                let table = tables::build(snapshot, SubscriberRole::Edge, region, "");
+                let body = Arc::new(content(&table));
+                (Arc::new(table), body)
+            })
+            .clone()
+    }
 }
 
 /// The table's content without its version, to tell real changes from revision bumps elsewhere.
@@ -166,7 +197,7 @@ impl Session {
             },
         );
         let mut held = self.hello.version_held;
-        let mut last_content: Option<Vec<u8>> = None;
+        let mut last_content: Option<Arc<Vec<u8>>> = None;
         // Only edges take part in rate limiting; a sidecar's receiver stays empty.
         let (quota_session, mut grants) = match self.role {
             SubscriberRole::Edge => {
@@ -178,12 +209,20 @@ impl Session {
         loop {
             let snapshot = self.snapshots.borrow_and_update().clone();
             if snapshot.is_synced() {
-                let table = tables::build(&snapshot, self.role, &self.hello.region, &node);
-                let body = content(&table);
+                let (table, body) = match self.role {
+                    // Every edge of a region gets the same table: built and
+                    // encoded once per snapshot, shared by their sessions.
+                    SubscriberRole::Edge => self.edge_tables.get(&snapshot, &self.hello.region),
+                    _ => {
+                        let table = tables::build(&snapshot, self.role, &self.hello.region, &node);
+                        let body = Arc::new(content(&table));
+                        (Arc::new(table), body)
+                    }
+                };
                 if table.version > held && last_content.as_ref() != Some(&body) {
                     let version = table.version;
                     let response = SubscribeResponse {
-                        table: Some(table),
+                        table: Some((*table).clone()),
                         quotas: None,
                     };
                     if self.tx.send(Ok(response)).await.is_err() {
