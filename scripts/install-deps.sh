@@ -20,6 +20,9 @@ command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || packages+=(etcd-client)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
 command -v python3 >/dev/null 2>&1 || packages+=(python3 python3-pip)
+# scripts/check-helm.sh makes a virtual environment; Debian splits venv out.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || packages+=(python3-venv)
+command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 if ((${#packages[@]})); then

@@ -237,7 +237,7 @@ impl Gateway {
                 .flatten()
                 .map(|prompt| crate::prefix::block_keys(&prompt)),
             session: (route.policy == Policy::SessionAffinity)
-                .then(|| session_of(&parts.headers, &body))
+                .then(|| session_of(&parts.headers, &fields))
                 .flatten(),
         };
         let mut route_reason;
@@ -413,20 +413,13 @@ pub const ROUTE_HEADER: &str = "x-infermesh-route";
 pub const SESSION_HEADER: &str = "x-infermesh-session";
 
 /// The session of a request: its session header, else the body's `user`.
-fn session_of(headers: &http::HeaderMap, body: &[u8]) -> Option<String> {
-    if let Some(session) = headers
+fn session_of(headers: &http::HeaderMap, fields: &openai::RoutingFields) -> Option<String> {
+    headers
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|s| !s.is_empty())
-    {
-        return Some(session.to_string());
-    }
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    value
-        .get("user")
-        .and_then(|u| u.as_str())
-        .filter(|u| !u.is_empty())
         .map(String::from)
+        .or_else(|| fields.user.clone())
 }
 
 /// Names the fallback model that served the request.

@@ -47,6 +47,8 @@ pub struct RoutingFields {
     pub prompt_tokens_estimate: u64,
     /// `max_tokens` or `max_completion_tokens`, if sent.
     pub max_tokens: Option<u64>,
+    /// The OpenAI `user` field, when a non-empty string (session affinity).
+    pub user: Option<String>,
 }
 
 /// Largest `max_tokens` accepted: far above any context window, so only
@@ -67,6 +69,8 @@ struct Wire {
     max_completion_tokens: Option<serde_json::Value>,
     #[serde(default)]
     messages: Option<serde_json::Value>,
+    #[serde(default)]
+    user: Option<serde_json::Value>,
     #[serde(default)]
     prompt: Option<serde_json::Value>,
     #[serde(default)]
@@ -321,6 +325,10 @@ pub fn routing_fields(endpoint: Endpoint, body: &Bytes) -> Result<RoutingFields,
         include_usage,
         prompt_tokens_estimate: prompt_bytes.div_ceil(4),
         max_tokens,
+        user: match wire.user {
+            Some(serde_json::Value::String(user)) if !user.is_empty() => Some(user),
+            _ => None,
+        },
     })
 }
 
@@ -428,6 +436,7 @@ mod tests {
                 include_usage: true,
                 prompt_tokens_estimate: 8,
                 max_tokens: Some(9),
+                user: None,
             }
         );
         assert!(!parse(r#"{"model":"m","prompt":"x"}"#).unwrap().stream);

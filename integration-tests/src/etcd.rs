@@ -25,26 +25,13 @@ impl Etcd {
         let peer = free_port();
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let args = [
-            "--name",
+        let args = member_args(
             "test",
-            "--data-dir",
-            &dir.join("etcd-data").to_string_lossy(),
-            "--listen-client-urls",
+            &dir.join("etcd-data"),
             &url,
-            "--advertise-client-urls",
-            &url,
-            "--listen-peer-urls",
             &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-            "--initial-cluster",
             &format!("test={peer_url}"),
-            "--log-level",
-            "warn",
-        ]
-        .map(String::from)
-        .to_vec();
+        );
         let mut etcd = Self {
             url,
             process: None,
@@ -81,6 +68,30 @@ impl Etcd {
     }
 }
 
+/// The flags of one etcd member on loopback.
+fn member_args(name: &str, data: &Path, url: &str, peer_url: &str, initial: &str) -> Vec<String> {
+    [
+        "--name",
+        name,
+        "--data-dir",
+        &data.to_string_lossy(),
+        "--listen-client-urls",
+        url,
+        "--advertise-client-urls",
+        url,
+        "--listen-peer-urls",
+        peer_url,
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster",
+        initial,
+        "--log-level",
+        "warn",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Finds `name` on `$PATH`.
 pub fn which(name: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
@@ -114,29 +125,22 @@ impl EtcdCluster {
         for (i, (client, peer)) in ports.iter().enumerate() {
             let url = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let args = [
-                "--name",
+            let mut args = member_args(
                 &format!("m{i}"),
-                "--data-dir",
-                &dir.join(format!("m{i}")).to_string_lossy(),
-                "--listen-client-urls",
+                &dir.join(format!("m{i}")),
                 &url,
-                "--advertise-client-urls",
-                &url,
-                "--listen-peer-urls",
                 &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
                 &initial,
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                "infermesh-test",
-                "--log-level",
-                "warn",
-            ]
-            .map(String::from);
+            );
+            args.extend(
+                [
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    "infermesh-test",
+                ]
+                .map(String::from),
+            );
             members.push(Some(Process::spawn(
                 &format!("etcd-m{i}"),
                 &etcd,

@@ -296,6 +296,7 @@ mod tests {
             include_usage: false,
             prompt_tokens_estimate: 1,
             max_tokens: None,
+            user: None,
         }
     }
 
