@@ -4,6 +4,7 @@
 //! talk HTTP to the edge. Every process is killed when its handle drops,
 //! also when a test fails, and its log is printed then.
 
+pub mod bench;
 pub mod binaries;
 pub mod client;
 pub mod etcd;

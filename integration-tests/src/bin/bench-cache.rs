@@ -11,23 +11,10 @@
 use std::time::{Duration, Instant};
 
 use http::Method;
+use infermesh_integration_tests::bench::{arg_u64, percentile};
 use infermesh_integration_tests::client::Http;
 use infermesh_integration_tests::mesh::Mesh;
 use serde_json::json;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
 
 async fn post(http: &Http, url: &str, body: String) -> (Duration, String) {
     let started = Instant::now();
@@ -59,9 +46,9 @@ fn body(prompt: &str) -> String {
 
 #[tokio::main]
 async fn main() {
-    let requests = arg("--requests", 200) as usize;
-    let concurrency = arg("--concurrency", 32) as usize;
-    let seconds = arg("--seconds", 5);
+    let requests = arg_u64("--requests", 200) as usize;
+    let concurrency = arg_u64("--concurrency", 32) as usize;
+    let seconds = arg_u64("--seconds", 5);
 
     let mesh = Mesh::start().await;
     mesh.admin(

@@ -10,19 +10,11 @@
 
 use std::time::{Duration, Instant};
 
+use infermesh_integration_tests::bench::arg_u64;
 use infermesh_integration_tests::load::SteadyLoad;
 use infermesh_integration_tests::mesh::Mesh;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
@@ -30,7 +22,7 @@ fn mib(bytes: u64) -> String {
 
 #[tokio::main]
 async fn main() {
-    let connections = arg("--connections", 10_000) as usize;
+    let connections = arg_u64("--connections", 10_000) as usize;
     let mesh = Mesh::start().await;
     mesh.register("eu-west", "llama", "llama-eu").await;
     let replica = mesh

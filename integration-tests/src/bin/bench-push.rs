@@ -15,6 +15,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use infermesh_integration_tests::bench::{arg, percentile};
 use infermesh_integration_tests::mesh::Mesh;
 use infermesh_integration_tests::wait;
 use infermesh_proto::v1::admin_service_client::AdminServiceClient;
@@ -26,15 +27,6 @@ use infermesh_proto::v1::{
 use infermesh_runtime::control_plane::ControlPlaneClient;
 use infermesh_runtime::tls::{PeerRole, client_config};
 use tokio_stream::wrappers::ReceiverStream;
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
 
 /// (version, when it arrived) per subscriber.
 type Seen = Arc<Vec<Mutex<Vec<(u64, Instant)>>>>;
@@ -77,10 +69,6 @@ async fn subscribe(client: ControlPlaneClient, address: String, index: usize, se
             return;
         }
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::main]

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use http::{Method, Request};
 use http_body_util::BodyExt;
+use infermesh_integration_tests::bench::arg_u64;
 use infermesh_integration_tests::binaries::free_port;
 use infermesh_integration_tests::mesh::{Mesh, Replica};
 use infermesh_integration_tests::process::Process;
@@ -46,15 +47,6 @@ const ENGINE_FLAGS: &[&str] = &[
     "--kv-cache-blocks",
     "400",
 ];
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One request of the workload: which session, which turn, and its body.
 #[derive(Clone)]
@@ -337,7 +329,7 @@ async fn table_version(mesh: &Mesh, edge: &infermesh_integration_tests::mesh::Ed
 
 #[tokio::main]
 async fn main() {
-    let seconds = arg("--seconds", 15);
+    let seconds = arg_u64("--seconds", 15);
     let mesh = Mesh::start().await;
     mesh.admin(
         "CreateModel",
