@@ -126,6 +126,38 @@ pub struct Config {
     /// How often sidecars report load, milliseconds.
     #[arg(long, env = "INFERMESH_REPORT_INTERVAL_MS", default_value_t = 1000)]
     pub report_interval_ms: u32,
+
+    /// How often replicas exchange the loads their sidecars report (through
+    /// etcd), milliseconds.
+    #[arg(
+        long,
+        env = "INFERMESH_LOAD_EXCHANGE_INTERVAL_MS",
+        default_value_t = 2000
+    )]
+    pub load_exchange_interval_ms: u32,
+
+    /// How often the leading replica makes autoscaling decisions, milliseconds.
+    #[arg(long, env = "INFERMESH_AUTOSCALE_INTERVAL_MS", default_value_t = 5000)]
+    pub autoscale_interval_ms: u32,
+
+    /// What carries out autoscaling decisions besides the metric and the
+    /// admin API: `none`, or `kubernetes` (sets each pool's scale_target
+    /// through the scale subresource with the pod's service account).
+    #[arg(long, env = "INFERMESH_SCALE_ACTUATOR", default_value = "none")]
+    pub scale_actuator: String,
+
+    /// Kubernetes API URL for the actuator; defaults to the in-cluster
+    /// https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT.
+    #[arg(long, env = "INFERMESH_KUBERNETES_API")]
+    pub kubernetes_api: Option<String>,
+
+    /// Service-account token file for the actuator; defaults to the mounted one.
+    #[arg(long, env = "INFERMESH_KUBERNETES_TOKEN_FILE")]
+    pub kubernetes_token_file: Option<PathBuf>,
+
+    /// CA bundle of the Kubernetes API server; defaults to the mounted one.
+    #[arg(long, env = "INFERMESH_KUBERNETES_CA")]
+    pub kubernetes_ca: Option<PathBuf>,
 }
 
 /// How the gRPC server is reached.
@@ -184,7 +216,38 @@ impl Config {
                 self.report_interval_ms
             ));
         }
+        if !(100..=60_000).contains(&self.load_exchange_interval_ms) {
+            return Err(format!(
+                "--load-exchange-interval-ms: {} is outside 100..=60000",
+                self.load_exchange_interval_ms
+            ));
+        }
+        if !(100..=300_000).contains(&self.autoscale_interval_ms) {
+            return Err(format!(
+                "--autoscale-interval-ms: {} is outside 100..=300000",
+                self.autoscale_interval_ms
+            ));
+        }
+        if !matches!(self.scale_actuator.as_str(), "none" | "kubernetes") {
+            return Err(format!(
+                "--scale-actuator: {:?} must be none or kubernetes",
+                self.scale_actuator
+            ));
+        }
         Ok(())
+    }
+
+    /// The Kubernetes actuator, when --scale-actuator=kubernetes.
+    pub fn actuator(&self) -> Result<Option<crate::autoscale::kube::ScaleClient>, String> {
+        if self.scale_actuator != "kubernetes" {
+            return Ok(None);
+        }
+        let config = crate::autoscale::kube::KubeConfig::in_cluster(
+            self.kubernetes_api.clone(),
+            self.kubernetes_token_file.clone(),
+            self.kubernetes_ca.clone(),
+        )?;
+        crate::autoscale::kube::ScaleClient::new(&config).map(Some)
     }
 
     /// TLS to etcd, when --etcd-ca is given; files are read and checked now.

@@ -4,8 +4,10 @@
 
 pub mod api;
 pub mod auth;
+pub mod autoscale;
 pub mod config;
 pub mod leader;
+pub mod loads;
 pub mod metrics;
 pub mod quota;
 pub mod reclaim;

@@ -28,6 +28,10 @@ pub struct ControlPlaneMetrics {
     pub leader: IntGauge,
     load_reports: IntCounter,
     pool_serving: IntGaugeVec,
+    /// Leader only: the autoscaler's desired replicas per pool.
+    pub pool_desired: IntGaugeVec,
+    /// Leader only: the fewest replicas per pool now (floors included).
+    pub pool_floor: IntGaugeVec,
     /// Recent writes: (etcd revision, when it committed), oldest first.
     writes: Mutex<VecDeque<(i64, Instant)>>,
 }
@@ -86,6 +90,20 @@ impl ControlPlaneMetrics {
                 ),
                 &["region", "pool", "model"],
             )?,
+            pool_desired: IntGaugeVec::new(
+                Opts::new(
+                    "infermesh_pool_desired_replicas",
+                    "Replicas the autoscaler wants for each pool; exported by the leading replica only, for HPA or KEDA.",
+                ),
+                &["region", "pool", "model"],
+            )?,
+            pool_floor: IntGaugeVec::new(
+                Opts::new(
+                    "infermesh_pool_floor_replicas",
+                    "Fewest replicas of each pool now (min_replicas or the open time window's floor); leading replica only.",
+                ),
+                &["region", "pool", "model"],
+            )?,
             writes: Mutex::new(VecDeque::with_capacity(WRITES_KEPT)),
         };
         registry.register(Box::new(metrics.subscribers.clone()))?;
@@ -95,6 +113,8 @@ impl ControlPlaneMetrics {
         registry.register(Box::new(metrics.leader.clone()))?;
         registry.register(Box::new(metrics.load_reports.clone()))?;
         registry.register(Box::new(metrics.pool_serving.clone()))?;
+        registry.register(Box::new(metrics.pool_desired.clone()))?;
+        registry.register(Box::new(metrics.pool_floor.clone()))?;
         Ok(metrics)
     }
 

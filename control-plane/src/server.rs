@@ -83,7 +83,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             .max(Duration::from_secs(10)),
         cancel.clone(),
     ));
-    let (_leading, election) = crate::leader::spawn(
+    let actuator = config.actuator().map_err(anyhow::Error::msg)?.map(Arc::new);
+    let (leading, election) = crate::leader::spawn(
         store.clone(),
         config.node_id(),
         i64::from(config.leader_ttl_seconds),
@@ -95,7 +96,24 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         metrics.clone(),
         cancel.clone(),
     ));
-    let loads = Arc::new(dashmap::DashMap::new());
+    let loads = Arc::new(crate::loads::LoadView::default());
+    let exchange = tokio::spawn(crate::loads::exchange(
+        store.clone(),
+        config.node_id(),
+        loads.clone(),
+        Duration::from_millis(u64::from(config.load_exchange_interval_ms)),
+        cancel.clone(),
+    ));
+    let autoscaler = crate::autoscale::Autoscaler {
+        store: store.clone(),
+        snapshots: snapshots.clone(),
+        loads: loads.clone(),
+        metrics: metrics.clone(),
+        node: config.node_id(),
+        interval: Duration::from_millis(u64::from(config.autoscale_interval_ms)),
+        actuator,
+    };
+    let autoscaling = tokio::spawn(autoscaler.run(leading, cancel.clone()));
     let subscribers = Arc::new(dashmap::DashMap::new());
 
     let admin = Admin::new(
@@ -115,6 +133,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         quotas,
         authorizer.clone(),
         metrics.clone(),
+        Arc::new(crate::autoscale::DemandBook::new(store.clone())),
         cancel.clone(),
     );
     let settings = LeaseSettings {
@@ -123,7 +142,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     };
     let load_reports = LoadReports::new(
         store,
-        loads,
+        loads.local().clone(),
         settings,
         authorizer.clone(),
         metrics.clone(),
@@ -212,7 +231,14 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     readiness.abort();
     let _ = quota_task.await;
     let _ = watcher.await;
-    let _ = tokio::join!(snapshot_gauges, metrics_task, election, reclaim);
+    let _ = tokio::join!(
+        snapshot_gauges,
+        metrics_task,
+        election,
+        reclaim,
+        exchange,
+        autoscaling
+    );
     if let Some(webhook) = webhook {
         let _ = webhook.await;
     }

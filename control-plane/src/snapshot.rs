@@ -60,7 +60,7 @@ impl Snapshot {
             Some((ObjectKind::Endpoint, _)) => upsert(&mut self.endpoints, kv),
             Some((ObjectKind::Tenant, _)) => upsert(&mut self.tenants, kv),
             Some((ObjectKind::ApiKey, _)) => upsert(&mut self.api_keys, kv),
-            Some((ObjectKind::Name | ObjectKind::KeyUse, _)) | None => {}
+            Some(_) | None => {}
         }
     }
 
@@ -73,7 +73,7 @@ impl Snapshot {
             Some((ObjectKind::Endpoint, id)) => drop(self.endpoints.remove(id)),
             Some((ObjectKind::Tenant, name)) => drop(self.tenants.remove(name)),
             Some((ObjectKind::ApiKey, id)) => drop(self.api_keys.remove(id)),
-            Some((ObjectKind::Name | ObjectKind::KeyUse, _)) | None => {}
+            Some(_) | None => {}
         }
     }
 }
@@ -139,7 +139,16 @@ async fn follow(
             ))
             .into());
         }
-        if response.events().is_empty() {
+        // Key use, load digests, scaling decisions and the leader's key change
+        // often and are in no table: skip the rebuild they would cause.
+        let relevant = response.events().iter().any(|event| {
+            event
+                .kv()
+                .and_then(|kv| kv.key_str().ok())
+                .and_then(|key| keys.parse(key))
+                .is_some_and(|(kind, _)| kind.in_tables())
+        });
+        if !relevant {
             continue;
         }
         for event in response.events() {

@@ -30,6 +30,18 @@ pub enum ApiError {
     /// The model exists but no replica in this region is serving.
     #[error("no healthy replica of model `{0}` is available in this region")]
     NoHealthyReplica(String),
+    /// The model's pool had scaled to zero and no replica came up in time.
+    #[error(
+        "model {model:?} has no replica: pool {pool:?} is scaling up from zero and no replica became ready within {after:?}; retry later"
+    )]
+    ColdStartTimeout {
+        /// Model asked for.
+        model: String,
+        /// Pool scaling up.
+        pool: String,
+        /// How long the request waited.
+        after: std::time::Duration,
+    },
     /// The replica did not answer in time.
     #[error("replica {endpoint} did not answer within {after:?}")]
     UpstreamTimeout {
@@ -106,7 +118,9 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::NoHealthyReplica(_) | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoHealthyReplica(_)
+            | ApiError::NotReady
+            | ApiError::ColdStartTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -132,6 +146,7 @@ impl ApiError {
                 ("invalid_request_error", Some("method_not_allowed"))
             }
             ApiError::NoHealthyReplica(_) => ("server_error", Some("no_healthy_replica")),
+            ApiError::ColdStartTimeout { .. } => ("server_error", Some("cold_start_timeout")),
             ApiError::NotReady => ("server_error", Some("not_ready")),
             ApiError::UpstreamTimeout { .. } => ("server_error", Some("upstream_timeout")),
             ApiError::UpstreamFailed { .. } => ("server_error", Some("upstream_failed")),

@@ -6,13 +6,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use infermesh_runtime::discovery::Applied;
+use infermesh_runtime::discovery::{Applied, DemandBoard};
 use infermesh_runtime::http::{Body, full};
 use serde_json::json;
 use tokio::sync::watch;
@@ -28,7 +28,7 @@ use crate::health::{EjectionPolicy, RetryBudget};
 use crate::metrics::Observer;
 use crate::openai;
 use crate::quota::Limiter;
-use crate::table::{EdgeTable, ModelRoute, Policy, RouteHints, Upstream};
+use crate::table::{ColdStart, EdgeTable, ModelRoute, Policy, RouteHints, Upstream};
 use crate::usage::{Finish, UsageTap};
 
 /// The table the request path reads: `None` until the first push.
@@ -43,6 +43,7 @@ pub struct Gateway {
     observer: Observer,
     cache: Option<Arc<ResponseCache>>,
     resilience: Resilience,
+    demand: Arc<DemandBoard>,
 }
 
 /// Retries and ejection settings.
@@ -74,6 +75,48 @@ impl Gateway {
             observer,
             cache,
             resilience,
+            demand: Arc::default(),
+        }
+    }
+
+    /// Signals pools that have scaled to zero through `demand`.
+    pub fn with_demand(mut self, demand: Arc<DemandBoard>) -> Self {
+        self.demand = demand;
+        self
+    }
+
+    /// Waits, signalling demand, until a table gives `model` a replica or
+    /// the pool's cold-start timeout passes.
+    async fn wait_for_replica(
+        &self,
+        model: &str,
+        cold: &ColdStart,
+    ) -> Result<(Arc<Applied<EdgeTable>>, Arc<ModelRoute>), ApiError> {
+        let deadline = Instant::now() + cold.timeout;
+        let mut tables = self.tables.clone();
+        tracing::info!(%model, pool = %cold.pool, timeout = ?cold.timeout, "holding a request while the pool scales up from zero");
+        loop {
+            self.demand.signal(&cold.pool);
+            if let Some(table) = tables.borrow_and_update().clone()
+                && let Some(route) = table.table.route(model)
+                && !route.upstreams.is_empty()
+            {
+                let route = route.clone();
+                return Ok((table, route));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ApiError::ColdStartTimeout {
+                    model: model.to_string(),
+                    pool: cold.pool.clone(),
+                    after: cold.timeout,
+                });
+            }
+            // Demand records live for seconds: renew them while waiting.
+            let wake = (deadline - now).min(Duration::from_secs(2));
+            if let Ok(Err(_)) = tokio::time::timeout(wake, tables.changed()).await {
+                return Err(ApiError::NotReady);
+            }
         }
     }
 
@@ -157,9 +200,15 @@ impl Gateway {
                 model: fields.model.clone(),
             });
         }
-        let mut route = route;
+        let mut route = route.clone();
+        let mut table = table;
         let mut fallback = None;
         if route.upstreams.is_empty() {
+            // A pool that scaled to zero comes back for this request, even
+            // when another region or a fallback serves it meanwhile.
+            if let Some(cold) = &route.cold_start {
+                self.demand.signal(&cold.pool);
+            }
             // Nothing serves the model here: its region's failover edges
             // first (once: a forwarded request is never forwarded again),
             // then the model's fallbacks served here.
@@ -181,7 +230,9 @@ impl Gateway {
             {
                 tracing::debug!(model = %route.model, fallback = %other.model, "serving with a fallback model");
                 fallback = Some(other.model.clone());
-                route = other;
+                route = other.clone();
+            } else if let Some(cold) = route.cold_start.clone() {
+                (table, route) = self.wait_for_replica(&route.model.clone(), &cold).await?;
             }
         }
         record.served_model = Some(route.model.clone());
@@ -303,7 +354,7 @@ impl Gateway {
                     } else {
                         upstream.health.success();
                         upstream.health.observe_latency(sent.elapsed());
-                        self.eject_if_slow(route, &upstream);
+                        self.eject_if_slow(&route, &upstream);
                     }
                     // The sidecar says its engine is unreachable or not ready.
                     matches!(
@@ -318,7 +369,7 @@ impl Gateway {
             };
             if retryable
                 && let Some((next, reason)) =
-                    self.next_attempt(route, &mut tried, &upstream, &hints)
+                    self.next_attempt(&route, &mut tried, &upstream, &hints)
             {
                 route_reason = reason;
                 tracing::debug!(from = %upstream.id, to = %next.id, "retrying on another replica");

@@ -36,6 +36,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         .client()
         .map_err(anyhow::Error::msg)?;
     let limiter = Arc::new(Limiter::new(config.default_completion_reserve));
+    let demand = Arc::new(infermesh_runtime::discovery::DemandBoard::default());
     let discovery_config = DiscoveryConfig {
         control_planes: config.control_plane.clone(),
         client: control_plane,
@@ -48,6 +49,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         backoff: Backoff::default(),
         quota: Some(limiter.clone()),
         usage_interval: Duration::from_millis(config.usage_report_interval_ms),
+        demand: Some(demand.clone()),
     };
     let (builder, initial) = match &config.table_cache {
         Some(path) => {
@@ -115,7 +117,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                 max: Duration::from_secs(300),
             },
         },
-    );
+    )
+    .with_demand(demand);
     let auth = AuthLayer::new(subscription.tables.clone(), config.allow_anonymous);
     if config.allow_anonymous {
         tracing::warn!("--allow-anonymous: requests without an API key are served without limits");

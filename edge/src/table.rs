@@ -154,8 +154,22 @@ pub struct ModelRoute {
     pub receipts: bool,
     /// The model's own deadlines, if it sets any.
     pub timeouts: Option<infermesh_proto::v1::ModelTimeouts>,
+    /// A pool of this region that scales to zero: requests wait for it.
+    pub cold_start: Option<ColdStart>,
     next: AtomicUsize,
 }
+
+/// A pool that may have no replica because it scaled to zero.
+#[derive(Debug, Clone)]
+pub struct ColdStart {
+    /// Pool name, sent to the control plane as demand.
+    pub pool: String,
+    /// How long a request waits for a replica.
+    pub timeout: std::time::Duration,
+}
+
+/// How long a request waits for a pool to scale up when the pool sets none.
+pub const DEFAULT_COLD_START: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// How far past the least busy replica's in-flight count the prefix holder
 /// may be and still get the request.
@@ -481,6 +495,17 @@ impl EdgeTableBuilder {
                         .cloned()
                 })
                 .collect();
+            let cold_start = table
+                .pools
+                .iter()
+                .find(|p| p.model == model.name && p.scale_to_zero_idle_seconds > 0)
+                .map(|p| ColdStart {
+                    pool: p.name.clone(),
+                    timeout: match p.cold_start_timeout_seconds {
+                        0 => DEFAULT_COLD_START,
+                        s => std::time::Duration::from_secs(u64::from(s)),
+                    },
+                });
             let route = Arc::new(ModelRoute {
                 model: model.name.clone(),
                 policy,
@@ -490,6 +515,7 @@ impl EdgeTableBuilder {
                 prefixes: self.prefixes.get(&model.name).cloned().unwrap_or_default(),
                 receipts: model.route_receipts,
                 timeouts: model.timeouts,
+                cold_start,
                 next: AtomicUsize::new(0),
             });
             for name in std::iter::once(&model.name).chain(&model.aliases) {

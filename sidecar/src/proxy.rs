@@ -33,6 +33,7 @@ pub struct EngineProxy {
     engine: Arc<Uri>,
     readiness: Readiness,
     metrics: Option<SidecarMetrics>,
+    requests: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EngineProxy {
@@ -43,7 +44,15 @@ impl EngineProxy {
             engine: Arc::new(engine),
             readiness,
             metrics: None,
+            requests: Arc::default(),
         }
+    }
+
+    /// Counts every proxied request in `requests` (reported as
+    /// `Load.requests_total`, how the autoscaler tells an idle pool).
+    pub fn counting(mut self, requests: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.requests = requests;
+        self
     }
 
     /// Counts proxied requests in `metrics`.
@@ -53,6 +62,8 @@ impl EngineProxy {
     }
 
     async fn forward(self, request: Request<Incoming>) -> Response<Body> {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = match format!("{}{}", self.engine.to_string().trim_end_matches('/'), path)

@@ -49,13 +49,15 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
     };
 
     let (loads_tx, loads) = watch::channel(Load::default());
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let scraper = Scraper::new(
         client.clone(),
         config.engine,
         &config.engine_url,
         Duration::from_millis(config.scrape_timeout_ms),
     )?
-    .with_telemetry(gpu, metrics.clone());
+    .with_telemetry(gpu, metrics.clone())
+    .counting(requests.clone());
     let scrape_task =
         tokio::spawn(scraper.run(config.scrape_interval(), loads_tx, background.clone()));
 
@@ -97,6 +99,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
             backoff: Backoff::default(),
             quota: None,
             usage_interval: Duration::from_millis(200),
+            demand: None,
         },
         AssignmentReader {
             endpoint_id: endpoint_id.clone(),
@@ -112,7 +115,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
             draining: draining.clone(),
         },
     )
-    .with_metrics(metrics);
+    .with_metrics(metrics)
+    .counting(requests);
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, advertise = %address, endpoint = %endpoint_id, engine = %config.engine_url, "sidecar serving");
     let serving = CancellationToken::new();

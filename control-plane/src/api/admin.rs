@@ -13,18 +13,20 @@ use infermesh_proto::v1::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::loads::LoadView;
 use crate::registry::{Registry, RegistryError, redacted};
 use crate::snapshot::Snapshot;
+use crate::store::{ObjectKind, decode};
 use crate::tables;
 
-/// Latest load per endpoint id, as sidecars report it.
+/// Latest load per endpoint id, as sidecars report it to this replica.
 pub type LoadBook = DashMap<String, Load>;
 
 /// The admin service.
 pub struct Admin {
     pub(super) registry: Registry,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    loads: Arc<LoadBook>,
+    loads: Arc<LoadView>,
 }
 
 impl Admin {
@@ -32,7 +34,7 @@ impl Admin {
     pub fn new(
         registry: Registry,
         snapshots: watch::Receiver<Arc<Snapshot>>,
-        loads: Arc<LoadBook>,
+        loads: Arc<LoadView>,
     ) -> Self {
         Self {
             registry,
@@ -230,11 +232,53 @@ impl AdminService for Admin {
             .filter(|e| r.model.is_empty() || e.model == r.model)
             .filter(|e| r.pool.is_empty() || e.pool == r.pool)
             .map(|e| Endpoint {
-                load: self.loads.get(&e.id).map(|l| *l),
+                load: self.loads.get(&e.id),
                 ..e.clone()
             })
             .collect();
         Ok(Response::new(ListEndpointsResponse { endpoints }))
+    }
+
+    async fn get_pool_scaling(
+        &self,
+        r: Request<pb::GetPoolScalingRequest>,
+    ) -> Result<Response<pb::PoolScaling>, Status> {
+        let r = r.into_inner();
+        named(&r.pool, "pool")?;
+        let snapshot = self.snapshot()?;
+        if !snapshot.pools.contains_key(&r.pool) {
+            return Err(Status::not_found(format!("pool {:?} not found", r.pool)));
+        }
+        let store = self.registry.store();
+        let key = store.keys().object(ObjectKind::Scaling, &r.pool);
+        let kv = store.get(&key).await.map_err(RegistryError::from)?;
+        let kv = kv.ok_or_else(|| {
+            Status::unavailable(format!(
+                "pool {:?}: the autoscaler has not decided yet (is a control-plane replica leading?); retry",
+                r.pool
+            ))
+        })?;
+        Ok(Response::new(decode(&kv).map_err(RegistryError::from)?))
+    }
+
+    async fn list_pool_scaling(
+        &self,
+        _: Request<pb::ListPoolScalingRequest>,
+    ) -> Result<Response<pb::ListPoolScalingResponse>, Status> {
+        let snapshot = self.snapshot()?;
+        let store = self.registry.store();
+        let (kvs, _) = store
+            .get_prefix(&store.keys().dir(ObjectKind::Scaling))
+            .await
+            .map_err(RegistryError::from)?;
+        let mut pools = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            let record: pb::PoolScaling = decode(kv).map_err(RegistryError::from)?;
+            if snapshot.pools.contains_key(&record.pool) {
+                pools.push(record);
+            }
+        }
+        Ok(Response::new(pb::ListPoolScalingResponse { pools }))
     }
 
     async fn get_routing_table(

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::first_message;
 use crate::auth::Authorizer;
+use crate::autoscale::DemandBook;
 use crate::metrics::ControlPlaneMetrics;
 use crate::quota::{QuotaBook, SessionId};
 use crate::registry::validate;
@@ -53,6 +54,7 @@ pub struct Discovery {
     auth: Arc<Authorizer>,
     metrics: Arc<ControlPlaneMetrics>,
     edge_tables: Arc<EdgeTables>,
+    demand: Arc<DemandBook>,
     cancel: CancellationToken,
 }
 
@@ -64,6 +66,7 @@ impl Discovery {
         quotas: Arc<QuotaBook>,
         auth: Arc<Authorizer>,
         metrics: Arc<ControlPlaneMetrics>,
+        demand: Arc<DemandBook>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -73,6 +76,7 @@ impl Discovery {
             auth,
             metrics,
             edge_tables: Arc::default(),
+            demand,
             cancel,
         }
     }
@@ -127,6 +131,7 @@ impl DiscoveryService for Discovery {
             quotas: self.quotas.clone(),
             metrics: self.metrics.clone(),
             edge_tables: self.edge_tables.clone(),
+            demand: self.demand.clone(),
             tx,
         };
         tokio::spawn(session.run(inbound, self.cancel.clone()));
@@ -142,6 +147,7 @@ struct Session {
     quotas: Arc<QuotaBook>,
     metrics: Arc<ControlPlaneMetrics>,
     edge_tables: Arc<EdgeTables>,
+    demand: Arc<DemandBook>,
     tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
 }
 
@@ -273,6 +279,16 @@ impl Session {
             }
             return;
         }
+        if let Some(subscribe_request::Kind::Demand(demand)) = message.kind {
+            if self.role == SubscriberRole::Edge {
+                let snapshot = self.snapshots.borrow().clone();
+                self.demand
+                    .note(&snapshot, &self.hello.region, demand.pools);
+            } else {
+                tracing::debug!(%node, "ignoring demand from a non-edge subscriber");
+            }
+            return;
+        }
         let Some(mut state) = self.subscribers.get_mut(node) else {
             return;
         };
@@ -287,7 +303,12 @@ impl Session {
                 tracing::warn!(%node, version = nack.version, reason = %nack.reason, "subscriber refused a routing table");
                 state.nacked = Some((nack.version, nack.reason));
             }
-            Some(subscribe_request::Kind::Hello(_) | subscribe_request::Kind::Usage(_)) | None => {
+            Some(
+                subscribe_request::Kind::Hello(_)
+                | subscribe_request::Kind::Usage(_)
+                | subscribe_request::Kind::Demand(_),
+            )
+            | None => {
                 tracing::debug!(%node, "ignoring a repeated hello");
             }
         }

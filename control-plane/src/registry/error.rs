@@ -100,6 +100,9 @@ impl From<RegistryError> for tonic::Status {
                 tracing::warn!(error = %e, "etcd request failed");
                 tonic::Status::unavailable(format!("registry store unavailable: {e}"))
             }
+            RegistryError::Store(StoreError::Lease(e)) => {
+                tonic::Status::unavailable(format!("registry store unavailable: {e}"))
+            }
             RegistryError::Store(e @ StoreError::Decode { .. }) => {
                 tracing::error!(error = %e, "corrupt registry value");
                 tonic::Status::internal(e.to_string())

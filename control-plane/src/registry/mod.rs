@@ -39,6 +39,11 @@ impl Registry {
         Self { store }
     }
 
+    /// The store the registry writes to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     fn key(&self, kind: ObjectKind, name: &str) -> String {
         self.store.keys().object(kind, name)
     }

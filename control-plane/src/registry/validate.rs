@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use infermesh_proto::v1::{EngineKind, Model, Pool, Region, RoutingPolicy};
+use infermesh_proto::v1::{DayOfWeek, EngineKind, Model, Pool, Region, RoutingPolicy};
 
 use super::RegistryError;
 
@@ -225,6 +225,99 @@ pub fn pool(p: &Pool) -> Result<(), RegistryError> {
         fraction("pool.scaling_targets.kv_cache_usage", t.kv_cache_usage)?;
         fraction("pool.scaling_targets.gpu_utilization", t.gpu_utilization)?;
     }
+    pool_scaling(p)
+}
+
+/// Floors, time zone, behaviour, scale to zero and the scale target.
+fn pool_scaling(p: &Pool) -> Result<(), RegistryError> {
+    use crate::autoscale::floors;
+    floors::time_zone(&p.time_zone).map_err(|e| RegistryError::invalid("pool.time_zone", e))?;
+    if p.floors.len() > 32 {
+        return Err(RegistryError::invalid(
+            "pool.floors",
+            format!("at most 32 windows, got {}", p.floors.len()),
+        ));
+    }
+    for (i, w) in p.floors.iter().enumerate() {
+        floors::parse_time(&w.start)
+            .map_err(|e| RegistryError::invalid(format!("pool.floors[{i}].start"), e))?;
+        floors::parse_time(&w.end)
+            .map_err(|e| RegistryError::invalid(format!("pool.floors[{i}].end"), e))?;
+        if let Some(day) = w
+            .days
+            .iter()
+            .find(|d| !matches!(DayOfWeek::try_from(**d), Ok(d) if d != DayOfWeek::Unspecified))
+        {
+            return Err(RegistryError::invalid(
+                format!("pool.floors[{i}].days"),
+                format!("{day} is not a day (MONDAY to SUNDAY)"),
+            ));
+        }
+        if w.min_replicas > p.max_replicas {
+            return Err(RegistryError::invalid(
+                format!("pool.floors[{i}].min_replicas"),
+                format!(
+                    "{} is more than pool.max_replicas {}",
+                    w.min_replicas, p.max_replicas
+                ),
+            ));
+        }
+    }
+    if let Some(b) = &p.behavior {
+        for (field, value) in [
+            (
+                "pool.behavior.scale_up_stabilization_seconds",
+                b.scale_up_stabilization_seconds,
+            ),
+            (
+                "pool.behavior.scale_down_stabilization_seconds",
+                b.scale_down_stabilization_seconds,
+            ),
+        ] {
+            if value.is_some_and(|v| v > 3600) {
+                return Err(RegistryError::invalid(
+                    field,
+                    format!("{} is more than 3600", value.unwrap_or_default()),
+                ));
+            }
+        }
+    }
+    if p.scale_to_zero_idle_seconds > 7 * 24 * 3600 {
+        return Err(RegistryError::invalid(
+            "pool.scale_to_zero_idle_seconds",
+            "must be at most 604800 (a week)",
+        ));
+    }
+    if p.cold_start_timeout_seconds > 900 {
+        return Err(RegistryError::invalid(
+            "pool.cold_start_timeout_seconds",
+            format!("{} is more than 900", p.cold_start_timeout_seconds),
+        ));
+    }
+    if let Some(t) = &p.scale_target {
+        dns_label("pool.scale_target.namespace", &t.namespace)?;
+        if t.name.is_empty()
+            || t.name.len() > 253
+            || !t
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(RegistryError::invalid(
+                "pool.scale_target.name",
+                format!(
+                    "{:?} must be a Kubernetes object name (lowercase letters, digits, '-', '.')",
+                    t.name
+                ),
+            ));
+        }
+        if !matches!(t.kind.as_str(), "" | "Deployment" | "StatefulSet") {
+            return Err(RegistryError::invalid(
+                "pool.scale_target.kind",
+                format!("{:?} must be Deployment or StatefulSet", t.kind),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -342,6 +435,92 @@ mod tests {
             field_of(pool(&p)),
             "pool.scaling_targets.waiting_per_replica"
         );
+    }
+
+    #[test]
+    fn autoscaling_settings_are_checked_field_by_field() {
+        use infermesh_proto::v1::{ReplicaFloor, ScaleTarget, ScalingBehavior};
+        let window = |start: &str, end: &str, min: u32| ReplicaFloor {
+            start: start.into(),
+            end: end.into(),
+            days: vec![DayOfWeek::Monday as i32],
+            min_replicas: min,
+        };
+        let mut p = good_pool();
+        p.time_zone = "Europe/Paris".into();
+        p.floors = vec![window("00:00", "08:00", 1), window("22:00", "02:00", 4)];
+        p.behavior = Some(ScalingBehavior {
+            scale_up_stabilization_seconds: Some(0),
+            scale_down_stabilization_seconds: Some(600),
+        });
+        p.scale_to_zero_idle_seconds = 900;
+        p.scale_target = Some(ScaleTarget {
+            namespace: "gpu".into(),
+            kind: "Deployment".into(),
+            name: "llama-8b".into(),
+        });
+        assert!(pool(&p).is_ok(), "{:?}", pool(&p));
+        type Change = Box<dyn Fn(&mut Pool)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|p| p.time_zone = "Moon/Base".into()),
+                "pool.time_zone",
+            ),
+            (
+                Box::new(|p| p.floors[1].start = "25:00".into()),
+                "pool.floors[1].start",
+            ),
+            (
+                Box::new(|p| p.floors[0].end = "8am".into()),
+                "pool.floors[0].end",
+            ),
+            (
+                Box::new(|p| p.floors[0].days = vec![9]),
+                "pool.floors[0].days",
+            ),
+            (
+                Box::new(|p| p.floors[0].days = vec![0]),
+                "pool.floors[0].days",
+            ),
+            (
+                Box::new(|p| p.floors[1].min_replicas = 5),
+                "pool.floors[1].min_replicas",
+            ),
+            (
+                Box::new(|p| {
+                    p.behavior = Some(ScalingBehavior {
+                        scale_up_stabilization_seconds: Some(7200),
+                        scale_down_stabilization_seconds: None,
+                    })
+                }),
+                "pool.behavior.scale_up_stabilization_seconds",
+            ),
+            (
+                Box::new(|p| p.cold_start_timeout_seconds = 901),
+                "pool.cold_start_timeout_seconds",
+            ),
+            (
+                Box::new(|p| p.scale_to_zero_idle_seconds = 700_000),
+                "pool.scale_to_zero_idle_seconds",
+            ),
+            (
+                Box::new(|p| p.scale_target.as_mut().unwrap().kind = "DaemonSet".into()),
+                "pool.scale_target.kind",
+            ),
+            (
+                Box::new(|p| p.scale_target.as_mut().unwrap().name = "Llama".into()),
+                "pool.scale_target.name",
+            ),
+            (
+                Box::new(|p| p.scale_target.as_mut().unwrap().namespace = String::new()),
+                "pool.scale_target.namespace",
+            ),
+        ];
+        for (change, field) in cases {
+            let mut bad = p.clone();
+            change(&mut bad);
+            assert_eq!(field_of(pool(&bad)), field);
+        }
     }
 
     #[test]

@@ -27,6 +27,21 @@ impl Store {
         Ok(self.client().lease_keep_alive(lease).await?)
     }
 
+    /// Renews a lease once; an error when it has expired or etcd cannot be reached.
+    pub async fn renew_lease(&self, lease: i64) -> Result<(), StoreError> {
+        let (mut keeper, mut responses) = self.keep_alive(lease).await?;
+        keeper.keep_alive().await?;
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), responses.message())
+            .await
+            .map_err(|_| {
+                StoreError::Lease(format!("lease {lease}: no keep-alive answer within 5 s"))
+            })??;
+        match answer {
+            Some(response) if response.ttl() > 0 => Ok(()),
+            _ => Err(StoreError::Lease(format!("lease {lease} has expired"))),
+        }
+    }
+
     /// Ends a lease now, deleting the keys still bound to it.
     pub async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
         self.call("lease_revoke", |mut client| async move {
@@ -53,6 +68,37 @@ impl Store {
         if let Some(header) = resp.header() {
             self.committed(header.revision());
         }
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Writes a value that is in no routing table (a load digest, a
+    /// decision), bound to `lease` when given; not counted as a registry write.
+    pub async fn put_aux(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.call("put", |mut client| {
+            let (key, value) = (key.clone(), value.clone());
+            let options = lease.map(|l| PutOptions::new().with_lease(l));
+            async move { client.put(key, value, options).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes one key that is in no routing table.
+    pub async fn delete_aux(&self, key: &str) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.call("delete", |mut client| {
+            let key = key.clone();
+            async move { client.delete(key, None).await }
+        })
+        .await?;
         Ok(())
     }
 }

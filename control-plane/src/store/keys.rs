@@ -7,6 +7,10 @@
 //! - `tenants/<name>`, `apikeys/<id>`
 //! - `keyuse/<id>` → when a key was last used (Unix ms, decimal); kept apart
 //!   from the key so that recording use never changes a routing table.
+//! - `loads/<node>` → the loads one control-plane replica holds, under that
+//!   replica's lease; `scaling/<pool>` → the autoscaler's last decision;
+//!   `demand/<pool>` → an edge holds requests for the pool, under a short
+//!   lease. None of these is part of a routing table.
 
 /// The kinds of object stored under the prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +31,12 @@ pub enum ObjectKind {
     ApiKey,
     /// When an API key was last used.
     KeyUse,
+    /// One control-plane replica's loads.
+    LoadDigest,
+    /// An autoscaling decision.
+    Scaling,
+    /// Requests held for a pool with no replica.
+    Demand,
 }
 
 impl ObjectKind {
@@ -40,6 +50,9 @@ impl ObjectKind {
             ObjectKind::Tenant => "tenants/",
             ObjectKind::ApiKey => "apikeys/",
             ObjectKind::KeyUse => "keyuse/",
+            ObjectKind::LoadDigest => "loads/",
+            ObjectKind::Scaling => "scaling/",
+            ObjectKind::Demand => "demand/",
         }
     }
 
@@ -54,10 +67,25 @@ impl ObjectKind {
             ObjectKind::Tenant => "tenant",
             ObjectKind::ApiKey => "API key",
             ObjectKind::KeyUse => "key use record",
+            ObjectKind::LoadDigest => "load digest",
+            ObjectKind::Scaling => "scaling decision",
+            ObjectKind::Demand => "demand record",
         }
     }
 
-    const ALL: [ObjectKind; 8] = [
+    /// Whether routing tables are built from objects of this kind.
+    pub fn in_tables(self) -> bool {
+        !matches!(
+            self,
+            ObjectKind::Name
+                | ObjectKind::KeyUse
+                | ObjectKind::LoadDigest
+                | ObjectKind::Scaling
+                | ObjectKind::Demand
+        )
+    }
+
+    const ALL: [ObjectKind; 11] = [
         ObjectKind::Model,
         ObjectKind::Pool,
         ObjectKind::Region,
@@ -66,6 +94,9 @@ impl ObjectKind {
         ObjectKind::Tenant,
         ObjectKind::ApiKey,
         ObjectKind::KeyUse,
+        ObjectKind::LoadDigest,
+        ObjectKind::Scaling,
+        ObjectKind::Demand,
     ];
 }
 

@@ -28,6 +28,9 @@ pub enum StoreError {
         /// What prost said.
         source: prost::DecodeError,
     },
+    /// A lease could not be kept.
+    #[error("etcd: {0}")]
+    Lease(String),
 }
 
 /// A connection to etcd scoped to one key prefix.

@@ -79,6 +79,33 @@ pub struct DiscoveryConfig {
     pub quota: Option<Arc<dyn QuotaExchange>>,
     /// How often usage is reported.
     pub usage_interval: Duration,
+    /// Edges: pools requests are held for, sent as `Demand`.
+    pub demand: Option<Arc<DemandBoard>>,
+}
+
+/// Pools an edge holds requests for because they have no replica (scaled
+/// to zero); the stream sends them to the control plane as soon as they
+/// are signalled, which wakes the autoscaler for them.
+#[derive(Debug, Default)]
+pub struct DemandBoard {
+    pools: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    signalled: tokio::sync::Notify,
+}
+
+impl DemandBoard {
+    /// A request waits for `pool`.
+    pub fn signal(&self, pool: &str) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if pools.insert(pool.to_string()) {
+            self.signalled.notify_one();
+        }
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.pools.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for dyn QuotaExchange {
@@ -222,6 +249,13 @@ impl<A: ApplyTable> Session<'_, A> {
                     Some(response) => response,
                     None => return Ok(()),
                 },
+                _ = async { config.demand.as_ref()?.signalled.notified().await; Some(()) }, if config.demand.is_some() => {
+                    let pools = config.demand.as_ref().map(|d| d.take()).unwrap_or_default();
+                    if !pools.is_empty() {
+                        send(tx, subscribe_request::Kind::Demand(infermesh_proto::v1::Demand { pools })).await?;
+                    }
+                    continue;
+                }
                 _ = usage_tick.tick(), if config.quota.is_some() => {
                     if let Some(report) = config.quota.as_ref().and_then(|q| q.usage()) {
                         send(tx, subscribe_request::Kind::Usage(report)).await?;

@@ -65,7 +65,12 @@ impl DiscoveryService for FakeControlPlane {
                     },
                     Some(subscribe_request::Kind::Ack(a)) => Seen::Ack(a.version),
                     Some(subscribe_request::Kind::Nack(n)) => Seen::Nack(n.version, n.reason),
-                    Some(subscribe_request::Kind::Usage(_)) | None => continue,
+                    Some(
+                        subscribe_request::Kind::Usage(_) | subscribe_request::Kind::Demand(_),
+                    )
+                    | None => {
+                        continue;
+                    }
                 };
                 let is_answer = !matches!(event, Seen::Hello { .. });
                 seen.lock().unwrap().push(event);
@@ -145,6 +150,7 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
         backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
         quota: None,
         usage_interval: Duration::from_millis(200),
+        demand: None,
     };
     let cancel = CancellationToken::new();
     let (subscription, task) = discovery::subscribe(config, RegionTables, cancel.clone());

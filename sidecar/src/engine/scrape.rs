@@ -30,6 +30,7 @@ pub struct Scraper {
     hit_rate: f64,
     gpu: GpuTelemetry,
     metrics: Option<SidecarMetrics>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Why a scrape failed.
@@ -67,6 +68,7 @@ impl Scraper {
             timeout,
             previous_counters: None,
             hit_rate: 0.0,
+            requests: Default::default(),
         })
     }
 
@@ -92,6 +94,12 @@ impl Scraper {
         tokio::time::timeout(self.timeout, fetch)
             .await
             .map_err(|_| ScrapeError::Timeout(self.timeout))?
+    }
+
+    /// Reports the proxy's request count from `requests`.
+    pub fn counting(mut self, requests: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.requests = requests;
+        self
     }
 
     /// Also reads GPU figures from `gpu`, and publishes every scrape to `metrics`.
@@ -138,6 +146,7 @@ impl Scraper {
             observed_at_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64),
+            requests_total: self.requests.load(std::sync::atomic::Ordering::Relaxed),
         };
         if let Some(metrics) = &self.metrics {
             metrics.engine(&load);

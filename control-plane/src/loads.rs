@@ -1,0 +1,176 @@
+//! Every replica's view of every replica's load. A sidecar streams its
+//! load to one control-plane replica; each replica writes what it holds
+//! to `loads/<node>` under its own lease at a coarse interval and reads
+//! the others', so that admin reads and the leader's autoscaler see the
+//! whole fleet whichever replica the sidecars chose. A replica that dies
+//! takes its digest with it when its lease expires.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use infermesh_proto::v1::{Load, LoadDigest};
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::admin::LoadBook;
+use crate::store::{ObjectKind, Store, StoreError, decode};
+
+/// Loads reported here and loads other replicas reported.
+#[derive(Default)]
+pub struct LoadView {
+    local: Arc<LoadBook>,
+    peers: RwLock<HashMap<String, Load>>,
+}
+
+impl LoadView {
+    /// The loads of sidecars streaming to this replica, written by the
+    /// load-report service.
+    pub fn local(&self) -> &Arc<LoadBook> {
+        &self.local
+    }
+
+    /// The latest load of an endpoint, wherever it reports.
+    pub fn get(&self, endpoint: &str) -> Option<Load> {
+        let local = self.local.get(endpoint).map(|l| *l);
+        let peer = self
+            .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(endpoint)
+            .copied();
+        match (local, peer) {
+            (Some(a), Some(b)) => Some(if b.observed_at_unix_ms > a.observed_at_unix_ms {
+                b
+            } else {
+                a
+            }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Replaces the loads read from other replicas.
+    fn set_peers(&self, peers: HashMap<String, Load>) {
+        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = peers;
+    }
+
+    fn digest(&self, node: &str) -> LoadDigest {
+        LoadDigest {
+            node: node.to_string(),
+            loads: self
+                .local
+                .iter()
+                .map(|e| (e.key().clone(), *e.value()))
+                .collect(),
+        }
+    }
+}
+
+/// Writes this replica's digest and reads the others' every `interval`
+/// until cancelled; etcd failures are logged and retried next round.
+pub async fn exchange(
+    store: Store,
+    node: String,
+    view: Arc<LoadView>,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    let key = store.keys().object(ObjectKind::LoadDigest, &node);
+    let dir = store.keys().dir(ObjectKind::LoadDigest);
+    // The digest outlives three missed rounds, then leaves with the lease.
+    let ttl = (interval.as_secs() as i64 * 3).max(5);
+    let mut lease: Option<i64> = None;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(error) = round(&store, &node, &key, &dir, ttl, &mut lease, &view).await {
+            tracing::warn!(%error, "load exchange round failed; trying again next round");
+        }
+    }
+    if let Some(lease) = lease {
+        let _ = store.revoke_lease(lease).await;
+    }
+}
+
+async fn round(
+    store: &Store,
+    node: &str,
+    key: &str,
+    dir: &str,
+    ttl: i64,
+    lease: &mut Option<i64>,
+    view: &LoadView,
+) -> Result<(), StoreError> {
+    let id = match *lease {
+        Some(id) if store.renew_lease(id).await.is_ok() => id,
+        _ => {
+            let id = store.grant_lease(ttl).await?;
+            *lease = Some(id);
+            id
+        }
+    };
+    store
+        .put_aux(key, view.digest(node).encode_to_vec(), Some(id))
+        .await?;
+    let (kvs, _) = store.get_prefix(dir).await?;
+    let mut peers = HashMap::new();
+    for kv in &kvs {
+        if kv.key_str().ok() == Some(key) {
+            continue;
+        }
+        match decode::<LoadDigest>(kv) {
+            Ok(digest) => {
+                for (endpoint, load) in digest.loads {
+                    let newer = peers
+                        .get(&endpoint)
+                        .is_none_or(|l: &Load| load.observed_at_unix_ms > l.observed_at_unix_ms);
+                    if newer {
+                        peers.insert(endpoint, load);
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "skipping an undecodable load digest"),
+        }
+    }
+    view.set_peers(peers);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(at: i64, waiting: u32) -> Load {
+        Load {
+            observed_at_unix_ms: at,
+            waiting,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_newest_report_wins_wherever_it_came_from() {
+        let view = LoadView::default();
+        view.local().insert("a".into(), load(100, 1));
+        view.local().insert("b".into(), load(100, 2));
+        view.set_peers(HashMap::from([
+            ("b".to_string(), load(200, 7)),
+            ("c".to_string(), load(50, 3)),
+        ]));
+        assert_eq!(view.get("a").unwrap().waiting, 1);
+        assert_eq!(
+            view.get("b").unwrap().waiting,
+            7,
+            "the peer's report is newer"
+        );
+        assert_eq!(view.get("c").unwrap().waiting, 3);
+        assert!(view.get("d").is_none());
+        let digest = view.digest("cp-0");
+        assert_eq!(digest.node, "cp-0");
+        assert_eq!(digest.loads.len(), 2, "only what this replica holds");
+    }
+}
