@@ -9,6 +9,7 @@ pub mod binaries;
 pub mod client;
 pub mod etcd;
 pub mod grpcurl;
+pub mod kube;
 pub mod load;
 pub mod mesh;
 pub mod otlp;

@@ -91,6 +91,11 @@ pub struct Mesh {
 impl Mesh {
     /// Starts etcd and a control plane and waits until the control plane reports SERVING.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// As `start`, with extra control-plane flags from the first start on.
+    pub async fn start_with(control_plane_extra: &[String]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let etcd = Etcd::start(dir.path()).await;
         let address = format!("127.0.0.1:{}", free_port());
@@ -110,7 +115,7 @@ impl Mesh {
             http: Http::new(),
             api_key: String::new(),
             env: Vec::new(),
-            control_plane_extra: Vec::new(),
+            control_plane_extra: control_plane_extra.to_vec(),
             etcd_endpoints: None,
         };
         mesh.start_control_plane().await;
@@ -198,6 +203,14 @@ impl Mesh {
             self.dir.path(),
             &self.env_pairs(),
         )
+    }
+
+    /// The leader gauge of the control plane whose metrics are at `url`, if it answers.
+    pub async fn leading(&self, url: &str) -> Option<bool> {
+        let text = self.http.get(url).await.ok()?.text();
+        text.lines()
+            .find(|l| l.starts_with("infermesh_control_plane_leader "))
+            .map(|l| l.ends_with(" 1"))
     }
 
     /// Kills the control plane (SIGKILL).

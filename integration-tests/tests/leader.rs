@@ -10,14 +10,6 @@ use infermesh_integration_tests::wait;
 use infermesh_runtime::tls::PeerRole;
 use serde_json::json;
 
-/// The leader gauge of the control plane whose metrics are at `url`, if it answers.
-async fn leading(mesh: &Mesh, url: &str) -> Option<bool> {
-    let text = mesh.http.get(url).await.ok()?.text();
-    text.lines()
-        .find(|l| l.starts_with("infermesh_control_plane_leader "))
-        .map(|l| l.ends_with(" 1"))
-}
-
 #[tokio::test]
 async fn one_replica_leads_and_another_takes_over_within_the_lease_ttl() {
     let mut mesh = Mesh::start().await;
@@ -33,8 +25,8 @@ async fn one_replica_leads_and_another_takes_over_within_the_lease_ttl() {
 
     let (first_leads, second_leads) =
         wait::until("exactly one leader", Duration::from_secs(20), || async {
-            let a = leading(&mesh, &first_url).await?;
-            let b = leading(&mesh, &second_url).await?;
+            let a = mesh.leading(&first_url).await?;
+            let b = mesh.leading(&second_url).await?;
             (a != b).then_some((a, b))
         })
         .await;
@@ -50,7 +42,7 @@ async fn one_replica_leads_and_another_takes_over_within_the_lease_ttl() {
         first_url.clone()
     };
     wait::until("the survivor to lead", Duration::from_secs(20), || async {
-        leading(&mesh, &survivor).await.filter(|l| *l).map(|_| ())
+        mesh.leading(&survivor).await.filter(|l| *l).map(|_| ())
     })
     .await;
     let took = killed.elapsed();
