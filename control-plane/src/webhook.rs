@@ -3,8 +3,9 @@
 //! pods labelled `infermesh.io/inject: "true"`; the answer adds the
 //! `infermesh-sidecar` container (ports, environment from the pod's
 //! `infermesh.io/*` annotations, probes, resources, a locked-down security
-//! context) and, with TLS to the control plane, the volume holding its
-//! client certificate. A pod that already has the sidecar is left as it is;
+//! context, a preStop hook) and, with TLS to the control plane, the volume
+//! holding its client certificate; every other container gets a preStop
+//! hook that waits for the sidecar's drain. A pod that already has the sidecar is left as it is;
 //! a labelled pod without the annotations the sidecar needs is refused with
 //! a message naming them. Served over HTTPS (`POST /mutate`).
 
@@ -236,6 +237,26 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, S
             None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
         }
     }
+    // Every container's preStop waits for the sidecar's drain, so that the
+    // engine gets SIGTERM only once its last request has finished; a
+    // container's own preStop hook is left as it is.
+    let hook = json!({"httpGet": {"path": "/prestop", "port": injection.proxy_port}});
+    for (i, c) in containers.iter().enumerate() {
+        match c.get("lifecycle") {
+            None => ops.push(json!({
+                "op": "add",
+                "path": format!("/spec/containers/{i}/lifecycle"),
+                "value": {"preStop": hook},
+            })),
+            Some(lifecycle) if lifecycle.get("preStop").is_none() => ops.push(json!({
+                "op": "add",
+                "path": format!("/spec/containers/{i}/lifecycle/preStop"),
+                "value": hook,
+            })),
+            Some(_) => {}
+        }
+    }
+    container["lifecycle"] = json!({"preStop": hook});
     ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": container}));
     ops.push(json!({
         "op": "add",
@@ -383,11 +404,15 @@ mod tests {
             paths,
             [
                 "/spec/volumes",
+                "/spec/containers/0/lifecycle",
                 "/spec/containers/-",
                 "/metadata/annotations/infermesh.io~1injected"
             ]
         );
-        let container = &ops[1]["value"];
+        let hook = json!({"preStop": {"httpGet": {"path": "/prestop", "port": 8081}}});
+        assert_eq!(ops[1]["value"], hook, "the engine waits for the drain");
+        let container = &ops[2]["value"];
+        assert_eq!(container["lifecycle"], hook);
         let env = container["env"].to_string();
         for expected in [
             "meta-llama/Llama-3.1-8B-Instruct",
@@ -397,6 +422,28 @@ mod tests {
         ] {
             assert!(env.contains(expected), "{expected} missing from {env}");
         }
+    }
+
+    #[test]
+    fn a_container_keeps_its_own_pre_stop_hook() {
+        let mut own = pod();
+        own["spec"]["containers"][0]["lifecycle"] =
+            json!({"preStop": {"exec": {"command": ["/bin/flush"]}}});
+        let mut partial = pod();
+        partial["spec"]["containers"][0]["lifecycle"] =
+            json!({"postStart": {"exec": {"command": ["/bin/warm"]}}});
+        let own_ops = patch(&own, &injection(false)).unwrap().unwrap();
+        assert!(own_ops.iter().all(|o| {
+            !o["path"]
+                .as_str()
+                .unwrap()
+                .starts_with("/spec/containers/0")
+        }));
+        let partial_ops = patch(&partial, &injection(false)).unwrap().unwrap();
+        assert_eq!(
+            partial_ops[0]["path"],
+            "/spec/containers/0/lifecycle/preStop"
+        );
     }
 
     #[test]

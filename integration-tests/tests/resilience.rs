@@ -344,3 +344,69 @@ async fn a_rolling_restart_of_every_replica_under_streaming_load_fails_no_reques
     assert!(ok > 20, "{ok}");
     assert_eq!(failed, 0, "requests failed during the rolling restart");
 }
+
+#[tokio::test]
+async fn pod_shutdown_through_pre_stop_hooks_stops_the_engine_after_its_last_stream() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let engine_flags = ["--decode-ms-per-token", "30"];
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        replicas.push(
+            mesh.start_replica(
+                &format!("llama-{i}"),
+                "llama-eu",
+                "llama",
+                "eu-west",
+                &engine_flags,
+            )
+            .await,
+        );
+    }
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let body = json!({"model": "llama", "stream": true, "max_tokens": 20,
+        "messages": [{"role": "user", "content": "keep streaming"}]});
+    wait::until("two replicas routable", Duration::from_secs(20), || async {
+        (mesh.endpoint_ids("llama-eu").await.len() == 2).then_some(())
+    })
+    .await;
+    mesh.wait_until_served(&url, &body).await;
+    let load = SteadyLoad::start(&mesh.http, &url, &body, 4);
+    load.wait_for(10, Duration::from_secs(20)).await;
+
+    // As the kubelet deletes a pod: every container's preStop hook (the
+    // injected ones call the sidecar's /prestop), then each container gets
+    // its signal when its own hook returns. The engine is killed outright,
+    // so any request still on it would fail.
+    for replica in &mut replicas {
+        let id = replica.id.clone();
+        let hook = format!("{}/prestop", replica.sidecar_url);
+        let (engine_hook, sidecar_hook) = tokio::join!(mesh.http.get(&hook), mesh.http.get(&hook));
+        for answered in [engine_hook, sidecar_hook] {
+            let answered = answered.expect("preStop hook answered");
+            assert_eq!(answered.status, 200);
+            assert_eq!(answered.json()["status"], "drained", "{}", answered.text());
+            assert_eq!(answered.json()["in_flight"], 0);
+        }
+        replica.engine.kill().await;
+        assert_eq!(
+            replica.sidecar.terminate().await,
+            Some(0),
+            "{id}'s sidecar exited"
+        );
+        *replica = mesh
+            .start_replica(&id, "llama-eu", "llama", "eu-west", &engine_flags)
+            .await;
+        wait::until(
+            "the new pod in the table",
+            Duration::from_secs(20),
+            || async { (mesh.endpoint_ids("llama-eu").await.len() == 2).then_some(()) },
+        )
+        .await;
+        load.wait_for(5, Duration::from_secs(20)).await;
+    }
+    let (ok, failed) = load.stop().await;
+    assert!(ok > 20, "{ok}");
+    assert_eq!(failed, 0, "requests failed while pods were deleted");
+}

@@ -5,6 +5,7 @@
 
 pub mod assignment;
 pub mod config;
+pub mod drain;
 pub mod engine;
 pub mod gpu;
 pub mod metrics;

@@ -1,6 +1,7 @@
 //! The inbound proxy: every request not meant for the sidecar itself goes
 //! to the engine on localhost, bodies streamed both ways (SSE stays
-//! chunk-by-chunk). The sidecar answers `/livez` and `/readyz` itself.
+//! chunk-by-chunk). The sidecar answers `/livez`, `/readyz` and the pod's
+//! preStop hooks (`/prestop`, see `drain`) itself.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,6 +25,12 @@ pub struct Readiness {
     pub loads: watch::Receiver<infermesh_proto::v1::Load>,
     /// True once the pod is stopping.
     pub draining: watch::Receiver<bool>,
+    /// Requests being proxied, for the drain.
+    pub in_flight: crate::drain::InFlight,
+    /// The preStop hooks' hand-shake.
+    pub pre_stop: crate::drain::PreStop,
+    /// Longest a preStop hook waits for the drain.
+    pub pre_stop_limit: std::time::Duration,
 }
 
 /// See the module docs.
@@ -62,6 +69,7 @@ impl EngineProxy {
     }
 
     async fn forward(self, request: Request<Incoming>) -> Response<Body> {
+        let in_flight = self.readiness.in_flight.enter();
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (mut parts, body) = request.into_parts();
@@ -103,7 +111,7 @@ impl EngineProxy {
                     parts.headers.insert(LOAD_HEADER, value);
                 }
                 // The span ends with the body, streams included.
-                let body = Guarded::new(streamed(body), span).boxed();
+                let body = Guarded::new(streamed(body), (span, in_flight)).boxed();
                 Response::from_parts(parts, body)
             }
             Err(e) => {
@@ -171,6 +179,20 @@ impl tower::Service<Request<Incoming>> for EngineProxy {
             Ok(match request.uri().path() {
                 "/livez" => json_response(StatusCode::OK, json!({"status": "alive"})),
                 "/readyz" => proxy.readyz(),
+                "/prestop" => {
+                    let readiness = &proxy.readiness;
+                    tracing::info!("preStop hook: draining before the pod's containers stop");
+                    let drained = readiness.pre_stop.run_hook(readiness.pre_stop_limit).await;
+                    let status = if drained {
+                        "drained"
+                    } else {
+                        "drain still running at the hook's limit"
+                    };
+                    json_response(
+                        StatusCode::OK,
+                        json!({"status": status, "in_flight": readiness.in_flight.count()}),
+                    )
+                }
                 _ => {
                     let started = std::time::Instant::now();
                     let metrics = proxy.metrics.clone();

@@ -1,6 +1,8 @@
-//! Starts the sidecar and owns its shutdown sequence: on SIGTERM (or a
-//! drain directive) report draining, wait until edges see it (bounded),
-//! close the listener, let in-flight requests finish, exit.
+//! Starts the sidecar and owns its shutdown sequence: on SIGTERM, a drain
+//! directive or a preStop hook, report draining, wait until edges see it
+//! (bounded), let in-flight requests finish (bounded), answer the preStop
+//! hooks, then close the listener and exit (after SIGTERM, when a hook
+//! started it).
 
 use std::time::Duration;
 
@@ -107,12 +109,19 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
         background.clone(),
     );
 
+    let in_flight = crate::drain::InFlight::default();
+    let pre_stop = crate::drain::PreStop::default();
     let proxy = EngineProxy::new(
         client,
         config.engine_url.clone(),
         Readiness {
             loads,
             draining: draining.clone(),
+            in_flight: in_flight.clone(),
+            pre_stop: pre_stop.clone(),
+            pre_stop_limit: Duration::from_secs(
+                config.drain_wait_seconds + config.shutdown_grace_seconds,
+            ),
         },
     )
     .with_metrics(metrics)
@@ -131,6 +140,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
     tokio::select! {
         _ = stop.cancelled() => tracing::info!("stopping: draining this replica"),
         _ = report_status.drain_requested.cancelled() => tracing::info!("drain requested by the control plane"),
+        _ = pre_stop.requested.cancelled() => tracing::info!("preStop hook: draining this replica"),
     }
     draining_tx.send_replace(true);
     let mut tables = assignment.tables.clone();
@@ -147,6 +157,20 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
             ?drain_wait,
             "edges not confirmed to have stopped sending; closing anyway"
         );
+    }
+    if tokio::time::timeout(grace, in_flight.idle()).await.is_err() {
+        tracing::warn!(
+            in_flight = in_flight.count(),
+            ?grace,
+            "requests still in flight after the grace period"
+        );
+    }
+    pre_stop.drained.cancel();
+    if pre_stop.requested.is_cancelled() {
+        // Drained for a preStop hook: the other containers stop now; keep
+        // answering probes until Kubernetes signals this one.
+        tracing::info!("drained; waiting for SIGTERM");
+        stop.cancelled().await;
     }
     serving.cancel();
     let _ = server.await;
