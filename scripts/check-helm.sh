@@ -386,6 +386,8 @@ refusals = [
     ("HPA with minReplicas > maxReplicas", set_path(vllm, "edge.autoscaling.minReplicas", 20), "must be at least 1 and at most maxReplicas"),
     ("webhook port = metrics port", set_path(vllm, "webhook.port", 9090), "webhook.port"),
     ("a namespace name with capitals", set_path(vllm, "rbac.scaleNamespaces", ["Inference"]), "is not a namespace name"),
+    ("an unknown scale actuator", set_path(vllm, "controlPlane.autoscaler.actuator", "keda"), "must be none or kubernetes"),
+    ("a 50 ms autoscaling interval", set_path(vllm, "controlPlane.autoscaler.intervalMs", 50), "outside 100-300000"),
 ]
 for case, values, message in refusals:
     try:

@@ -106,7 +106,7 @@ start control-plane "$bin/infermesh-control-plane" --listen "$cp_addr" \
   --metrics-listen "127.0.0.1:$CP_METRICS_PORT" \
   --etcd-endpoints "http://127.0.0.1:$ETCD_PORT" \
   --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem" --tls-client-ca "$pki/ca.pem" \
-  --admin-tokens-file "$pki/admin-tokens"
+  --admin-tokens-file "$pki/admin-tokens" --autoscale-interval-ms 1000
 wait_for "control plane" sh -c "'$grpcurl' -cacert '$pki/ca.pem' '$cp_addr' grpc.health.v1.Health/Check | grep -q SERVING"
 
 echo "registering regions, models and pools through grpcurl"
@@ -114,7 +114,9 @@ admin CreateRegion '{"region":{"name":"eu-west","zones":["eu-west-1a","eu-west-1
 admin CreateRegion '{"region":{"name":"us-east","zones":["us-east-1a"],"failover":["eu-west"],"edge_address":"127.0.0.1:'"$EDGE_US_PORT"'"}}'
 admin CreateModel '{"model":{"name":"meta-llama/Llama-3.1-8B-Instruct","aliases":["llama-8b"],"routing_policy":"LEAST_OUTSTANDING","cache_policy":{"enabled":true,"ttl_seconds":600},"description":"Llama 3.1 8B on vLLM"}}'
 admin CreateModel '{"model":{"name":"Qwen/Qwen2.5-7B-Instruct","aliases":["qwen-7b"],"routing_policy":"ROUND_ROBIN","description":"Qwen 2.5 7B on SGLang"}}'
-admin CreatePool '{"pool":{"name":"llama-8b-eu-west","model":"meta-llama/Llama-3.1-8B-Instruct","region":"eu-west","engine":"VLLM","min_replicas":1,"max_replicas":8}}'
+# Autoscaled: 2 waiting requests per replica at most; at night (00:00-08:00
+# Paris time) at least 1 replica, otherwise at least 2.
+admin CreatePool '{"pool":{"name":"llama-8b-eu-west","model":"meta-llama/Llama-3.1-8B-Instruct","region":"eu-west","engine":"VLLM","min_replicas":2,"max_replicas":8,"scaling_targets":{"waiting_per_replica":2,"kv_cache_usage":0.8},"time_zone":"Europe/Paris","floors":[{"start":"00:00","end":"08:00","min_replicas":1}]}}'
 admin CreatePool '{"pool":{"name":"llama-8b-us-east","model":"meta-llama/Llama-3.1-8B-Instruct","region":"us-east","engine":"VLLM","min_replicas":1,"max_replicas":8}}'
 admin CreatePool '{"pool":{"name":"qwen-7b-eu-west","model":"Qwen/Qwen2.5-7B-Instruct","region":"eu-west","engine":"SGLANG","min_replicas":1,"max_replicas":4}}'
 admin CreatePool '{"pool":{"name":"qwen-7b-us-east","model":"Qwen/Qwen2.5-7B-Instruct","region":"us-east","engine":"SGLANG","min_replicas":1,"max_replicas":4}}'
@@ -169,6 +171,11 @@ echo
 echo "== endpoints registered with the control plane =="
 "$grpcurl" "${tls[@]}" "$cp_addr" infermesh.v1.AdminService/ListEndpoints \
   | grep -E '"id"|"state"' | paste - - | sed 's/^ *//'
+echo
+echo "== the autoscaler's decision for llama-8b-eu-west =="
+scaling() { "$grpcurl" "${tls[@]}" -d '{"pool":"llama-8b-eu-west"}' "$cp_addr" infermesh.v1.AdminService/GetPoolScaling; }
+wait_for "an autoscaling decision" scaling
+scaling | grep -E '"(currentReplicas|desiredReplicas|floorReplicas|reason)"' | sed 's/^ *//'
 echo
 echo "== a streamed chat completion through the eu-west edge (HTTPS, h2) =="
 curl -sN --http2 --cacert "$pki/ca.pem" -H 'content-type: application/json' -H "authorization: Bearer $KEY" \
