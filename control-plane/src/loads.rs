@@ -14,6 +14,8 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::admin::LoadBook;
+use etcd_client::KeyValue;
+
 use crate::store::{ObjectKind, Store, StoreError, decode};
 
 /// Loads reported here and loads other replicas reported.
@@ -66,6 +68,55 @@ impl LoadView {
     }
 }
 
+/// One replica's record under `<dir><node>`, kept under the replica's own
+/// lease, and a read of every other replica's record in the same directory.
+pub struct Peers {
+    store: Store,
+    key: String,
+    dir: String,
+    ttl: i64,
+    lease: Option<i64>,
+}
+
+impl Peers {
+    /// Records of `kind`, this replica's named `node`; each outlives three
+    /// missed rounds of `interval`, then leaves with the lease.
+    pub fn new(store: Store, kind: ObjectKind, node: &str, interval: Duration) -> Self {
+        Self {
+            key: store.keys().object(kind, node),
+            dir: store.keys().dir(kind),
+            ttl: (interval.as_secs() as i64 * 3).max(5),
+            lease: None,
+            store,
+        }
+    }
+
+    /// Writes this replica's record; the other replicas' records.
+    pub async fn exchange(&mut self, record: Vec<u8>) -> Result<Vec<KeyValue>, StoreError> {
+        let id = match self.lease {
+            Some(id) if self.store.renew_lease(id).await.is_ok() => id,
+            _ => {
+                let id = self.store.grant_lease(self.ttl).await?;
+                self.lease = Some(id);
+                id
+            }
+        };
+        self.store.put_aux(&self.key, record, Some(id)).await?;
+        let (kvs, _) = self.store.get_prefix(&self.dir).await?;
+        Ok(kvs
+            .into_iter()
+            .filter(|kv| kv.key_str().ok() != Some(self.key.as_str()))
+            .collect())
+    }
+
+    /// Removes this replica's record now.
+    pub async fn leave(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let _ = self.store.revoke_lease(lease).await;
+        }
+    }
+}
+
 /// Writes this replica's digest and reads the others' every `interval`
 /// until cancelled; etcd failures are logged and retried next round.
 pub async fn exchange(
@@ -75,11 +126,7 @@ pub async fn exchange(
     interval: Duration,
     cancel: CancellationToken,
 ) {
-    let key = store.keys().object(ObjectKind::LoadDigest, &node);
-    let dir = store.keys().dir(ObjectKind::LoadDigest);
-    // The digest outlives three missed rounds, then leaves with the lease.
-    let ttl = (interval.as_secs() as i64 * 3).max(5);
-    let mut lease: Option<i64> = None;
+    let mut peers = Peers::new(store, ObjectKind::LoadDigest, &node, interval);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -87,41 +134,20 @@ pub async fn exchange(
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
-        if let Err(error) = round(&store, &node, &key, &dir, ttl, &mut lease, &view).await {
-            tracing::warn!(%error, "load exchange round failed; trying again next round");
+        match peers.exchange(view.digest(&node).encode_to_vec()).await {
+            Ok(kvs) => view.set_peers(merge(&kvs)),
+            Err(error) => {
+                tracing::warn!(%error, "load exchange round failed; trying again next round")
+            }
         }
     }
-    if let Some(lease) = lease {
-        let _ = store.revoke_lease(lease).await;
-    }
+    peers.leave().await;
 }
 
-async fn round(
-    store: &Store,
-    node: &str,
-    key: &str,
-    dir: &str,
-    ttl: i64,
-    lease: &mut Option<i64>,
-    view: &LoadView,
-) -> Result<(), StoreError> {
-    let id = match *lease {
-        Some(id) if store.renew_lease(id).await.is_ok() => id,
-        _ => {
-            let id = store.grant_lease(ttl).await?;
-            *lease = Some(id);
-            id
-        }
-    };
-    store
-        .put_aux(key, view.digest(node).encode_to_vec(), Some(id))
-        .await?;
-    let (kvs, _) = store.get_prefix(dir).await?;
+/// The newest load of every endpoint in other replicas' digests.
+fn merge(kvs: &[KeyValue]) -> HashMap<String, Load> {
     let mut peers = HashMap::new();
-    for kv in &kvs {
-        if kv.key_str().ok() == Some(key) {
-            continue;
-        }
+    for kv in kvs {
         match decode::<LoadDigest>(kv) {
             Ok(digest) => {
                 for (endpoint, load) in digest.loads {
@@ -136,8 +162,7 @@ async fn round(
             Err(error) => tracing::warn!(%error, "skipping an undecodable load digest"),
         }
     }
-    view.set_peers(peers);
-    Ok(())
+    peers
 }
 
 #[cfg(test)]

@@ -127,6 +127,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             .clone()
             .run(Registry::new(store.clone()), cancel.clone()),
     );
+    let quota_exchange = tokio::spawn(quotas.clone().exchange(
+        store.clone(),
+        config.node_id(),
+        cancel.clone(),
+    ));
     let discovery = Discovery::new(
         snapshots.clone(),
         subscribers,
@@ -237,7 +242,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         election,
         reclaim,
         exchange,
-        autoscaling
+        autoscaling,
+        quota_exchange
     );
     if let Some(webhook) = webhook {
         let _ = webhook.await;

@@ -1,12 +1,13 @@
 //! API keys and rate limits through the real processes: keys made and
 //! revoked with grpcurl, checked at every edge, and one key's request limit
-//! held across three edges under uneven load.
+//! held across three edges under uneven load, and across edges connected
+//! to different control-plane replicas.
 
 use std::time::{Duration, Instant};
 
 use http::Method;
 use infermesh_integration_tests::client::{Http, Reply};
-use infermesh_integration_tests::mesh::{Edge, Mesh};
+use infermesh_integration_tests::mesh::{Edge, Mesh, Replica};
 use infermesh_integration_tests::wait;
 use serde_json::{Value, json};
 
@@ -166,49 +167,19 @@ async fn revoked_key_is_refused_at_every_edge_within_one_push() {
     assert_eq!(shown["revoked"], true);
 }
 
-#[tokio::test]
-async fn request_limit_holds_across_three_edges_under_uneven_load() {
-    const LIMIT: u64 = 60;
-    let mesh = Mesh::start().await;
-    mesh.register("eu-west", "llama", "llama-eu").await;
-    let _r = mesh
-        .start_replica(
-            "llama-0",
-            "llama-eu",
-            "llama",
-            "eu-west",
-            &["--decode-ms-per-token", "0"],
-        )
-        .await;
-    let edges = [
-        mesh.start_edge("eu-west", &[]).await,
-        mesh.start_edge("eu-west", &[]).await,
-        mesh.start_edge("eu-west", &[]).await,
-    ];
-    for edge in &edges {
-        until_served(&mesh.http, edge, "llama").await;
-    }
-    let secret = mesh
-        .create_key("acme", json!({"limits": {"requests_per_minute": LIMIT}}))
-        .await;
-    let http = Http::with_key(&secret);
-    // The key is known everywhere before the load starts.
-    for edge in &edges {
-        wait::until("key pushed", DEADLINE, || async {
-            (post(&http, edge, &json!({"model": "llama"}), &[])
-                .await
-                .status
-                == 400)
-                .then_some(())
-        })
-        .await;
-    }
-    // Twice the limit, 70/20/10 over the three edges, paced over about 6 s.
-    let pattern = [0, 0, 0, 0, 0, 0, 0, 1, 1, 2];
+/// Sends twice `limit` requests, one every 50 ms, to `edges` in the order
+/// `pattern` repeats; asserts the admitted total is the limit plus the
+/// refill over the run (within 10% of the limit); admitted per edge.
+async fn offer_twice_the_limit(
+    http: &Http,
+    edges: &[Edge],
+    pattern: &[usize],
+    limit: u64,
+) -> Vec<u64> {
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut calls = Vec::new();
-    for i in 0..(2 * LIMIT as usize) {
+    for i in 0..(2 * limit as usize) {
         tick.tick().await;
         let edge = edges[pattern[i % pattern.len()]].url.clone();
         let http = http.clone();
@@ -225,7 +196,7 @@ async fn request_limit_holds_across_three_edges_under_uneven_load() {
             reply.status
         }));
     }
-    let mut admitted = [0u64; 3];
+    let mut admitted = vec![0u64; edges.len()];
     let mut refused = 0;
     for (i, call) in calls.into_iter().enumerate() {
         match call.await.unwrap() {
@@ -237,14 +208,100 @@ async fn request_limit_holds_across_three_edges_under_uneven_load() {
     let elapsed = started.elapsed().as_secs_f64();
     let total: u64 = admitted.iter().sum();
     // The bucket starts full and refills continuously over the minute.
-    let expected = LIMIT as f64 * (1.0 + elapsed / 60.0);
+    let expected = limit as f64 * (1.0 + elapsed / 60.0);
     eprintln!(
-        "admitted {total} ({admitted:?} at 70/20/10), refused {refused}, in {elapsed:.1}s; expected {expected:.1}"
+        "admitted {total} ({admitted:?}), refused {refused}, in {elapsed:.1}s; expected {expected:.1}"
     );
     assert!(
-        (total as f64 - expected).abs() <= 0.1 * LIMIT as f64,
-        "admitted {total}, expected {expected:.1} ± 10% of {LIMIT} ({admitted:?})"
+        (total as f64 - expected).abs() <= 0.1 * limit as f64,
+        "admitted {total}, expected {expected:.1} ± 10% of {limit} ({admitted:?})"
     );
+    admitted
+}
+
+/// Registers llama in eu-west with one replica that answers at once.
+async fn one_fast_replica(mesh: &Mesh) -> Replica {
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    mesh.start_replica(
+        "llama-0",
+        "llama-eu",
+        "llama",
+        "eu-west",
+        &["--decode-ms-per-token", "0"],
+    )
+    .await
+}
+
+/// A key limited to `limit` requests per minute, known to every edge.
+async fn limited_key(mesh: &Mesh, edges: &[Edge], limit: u64) -> Http {
+    let secret = mesh
+        .create_key("acme", json!({"limits": {"requests_per_minute": limit}}))
+        .await;
+    let http = Http::with_key(&secret);
+    key_known(&http, edges).await;
+    http
+}
+
+/// Waits until every edge knows the key `http` sends.
+async fn key_known(http: &Http, edges: &[Edge]) {
+    for edge in edges {
+        wait::until("key pushed", DEADLINE, || async {
+            (post(http, edge, &json!({"model": "llama"}), &[])
+                .await
+                .status
+                == 400)
+                .then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn request_limit_holds_across_control_plane_replicas() {
+    const LIMIT: u64 = 60;
+    let mut mesh = Mesh::start().await;
+    let _r = one_fast_replica(&mesh).await;
+    // A second replica; each edge streams to its own replica.
+    let second = format!(
+        "127.0.0.1:{}",
+        infermesh_integration_tests::binaries::free_port()
+    );
+    let second_metrics = format!(
+        "127.0.0.1:{}",
+        infermesh_integration_tests::binaries::free_port()
+    );
+    let _cp = mesh.spawn_control_plane("control-plane-b", &second, &second_metrics);
+    let first = mesh.start_edge("eu-west", &[]).await;
+    let original = std::mem::replace(&mut mesh.control_plane_address, second);
+    let other = mesh.start_edge("eu-west", &[]).await;
+    mesh.control_plane_address = original;
+    let edges = [first, other];
+    for edge in &edges {
+        until_served(&mesh.http, edge, "llama").await;
+    }
+    let http = limited_key(&mesh, &edges, LIMIT).await;
+    // 70/30 over edges on different control-plane replicas.
+    offer_twice_the_limit(&http, &edges, &[0, 0, 0, 0, 0, 0, 0, 1, 1, 1], LIMIT).await;
+}
+
+#[tokio::test]
+async fn request_limit_holds_across_three_edges_under_uneven_load() {
+    const LIMIT: u64 = 60;
+    let mesh = Mesh::start().await;
+    let _r = one_fast_replica(&mesh).await;
+    let edges = [
+        mesh.start_edge("eu-west", &[]).await,
+        mesh.start_edge("eu-west", &[]).await,
+        mesh.start_edge("eu-west", &[]).await,
+    ];
+    for edge in &edges {
+        until_served(&mesh.http, edge, "llama").await;
+    }
+    // The key is known everywhere before the load starts.
+    let http = limited_key(&mesh, &edges, LIMIT).await;
+    // Twice the limit, 70/20/10 over the three edges, paced over about 6 s.
+    let admitted =
+        offer_twice_the_limit(&http, &edges, &[0, 0, 0, 0, 0, 0, 0, 1, 1, 2], LIMIT).await;
     assert!(
         admitted[0] > LIMIT / 3 + 5,
         "the busy edge got more than a third: {admitted:?}"

@@ -42,14 +42,21 @@ struct EdgeCounters {
     demand_rate: f64,
 }
 
-/// One quota's global bucket and its edges.
+/// One quota's global bucket and its edges. With several control-plane
+/// replicas the bucket holds this replica's part of the limit (`scale`).
 #[derive(Debug)]
 struct QuotaState {
+    /// The limit per window, all replicas together.
+    global: f64,
+    /// This replica's part of it, in (0, 1].
+    scale: f64,
+    /// Capacity of this replica's bucket: global x scale.
     limit: f64,
     refill_per_sec: f64,
     level: f64,
     updated: Instant,
     last_demand: Instant,
+    window: Duration,
     edges: HashMap<SessionId, EdgeCounters>,
 }
 
@@ -57,13 +64,26 @@ impl QuotaState {
     fn new(limit: u64, window: Duration, now: Instant) -> Self {
         let limit = limit as f64;
         Self {
+            global: limit,
+            scale: 1.0,
             limit,
             refill_per_sec: limit / window.as_secs_f64(),
             level: limit,
             updated: now,
             last_demand: now,
+            window,
             edges: HashMap::new(),
         }
+    }
+
+    /// Moves the ceiling to `global x scale`, keeping what was used.
+    fn resize(&mut self, global: f64, scale: f64, window: Duration) {
+        let used = self.limit - self.level;
+        self.global = global;
+        self.scale = scale;
+        self.limit = global * scale;
+        self.refill_per_sec = self.limit / window.as_secs_f64();
+        self.level = (self.limit - used).min(self.limit);
     }
 
     fn refill(&mut self, now: Instant) {
@@ -104,12 +124,10 @@ impl Ledger {
             units: limit,
             window,
         } = limit;
-        if (state.limit - limit as f64).abs() > f64::EPSILON {
+        state.window = window;
+        if (state.global - limit as f64).abs() > f64::EPSILON {
             // The operator changed the limit: keep what was used, move the ceiling.
-            let used = state.limit - state.level;
-            state.limit = limit as f64;
-            state.refill_per_sec = state.limit / window.as_secs_f64();
-            state.level = (state.limit - used).min(state.limit);
+            state.resize(limit as f64, state.scale, window);
         }
         state.refill(now);
         let edge = state.edges.entry(session).or_default();
@@ -120,6 +138,25 @@ impl Ledger {
         }
         edge.demand = edge.demand.max(demand);
         state.level -= delta as f64;
+    }
+
+    /// Sets this replica's part of each quota's limit; `part(quota)` is in
+    /// (0, 1]. Used units stay charged when a part shrinks.
+    pub fn set_parts(&mut self, mut part: impl FnMut(&str) -> f64) {
+        for (quota, state) in &mut self.quotas {
+            let scale = part(quota).clamp(1e-3, 1.0);
+            if (scale - state.scale).abs() > 1e-9 {
+                state.resize(state.global, scale, state.window);
+            }
+        }
+    }
+
+    /// The smoothed demand rate of this replica's edges, per quota.
+    pub fn demand_rates(&self) -> HashMap<String, f64> {
+        self.quotas
+            .iter()
+            .map(|(q, s)| (q.clone(), s.edges.values().map(|e| e.demand_rate).sum()))
+            .collect()
     }
 
     /// Forgets an edge stream; what it consumed stays charged.
@@ -182,7 +219,7 @@ impl Ledger {
                         quota: quota.clone(),
                         allowance: (available * share).floor() as i64,
                         consumed_seen,
-                        limit: state.limit as i64,
+                        limit: state.global as i64,
                         global_remaining: available.floor() as i64,
                         reset_ms: state.reset_ms(),
                         share,

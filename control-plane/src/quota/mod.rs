@@ -4,6 +4,11 @@
 //! edges by their demand and pushes the grants back on the same streams.
 //! The bookkeeping is in `ledger`; this module owns the sessions, the
 //! tick, and recording when keys were last used.
+//!
+//! With several control-plane replicas, each shares out only its part of a
+//! limit: replicas publish their edges' demand per quota to etcd every
+//! second (`exchange`) and take parts in proportion to demand (by edge
+//! count while nobody asks), so the limit holds across replicas too.
 
 mod ledger;
 
@@ -12,16 +17,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use infermesh_proto::v1::{QuotaGrants, UsageReport};
+use infermesh_proto::v1::{QuotaDigest, QuotaGrants, UsageReport};
 use infermesh_runtime::quota::{QuotaId, Scope};
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use ledger::SessionId;
 use ledger::{Ledger, Limit};
 
+use crate::loads::Peers;
 use crate::registry::Registry;
 use crate::snapshot::Snapshot;
+use crate::store::{ObjectKind, Store, decode};
 
 /// How often the control plane shares quotas out.
 pub const SHARE_OUT_INTERVAL: Duration = Duration::from_millis(250);
@@ -42,6 +50,69 @@ pub struct QuotaBook {
     sessions: Mutex<HashMap<SessionId, Session>>,
     used_keys: Mutex<HashSet<String>>,
     next_session: AtomicU64,
+    parts: Mutex<Parts>,
+}
+
+/// This replica's part of every limit, from the last exchange.
+#[derive(Debug, Clone)]
+struct Parts {
+    /// By quota id, for quotas someone asked for.
+    by_quota: HashMap<String, f64>,
+    /// For any other quota: this replica's share of all edges.
+    default: f64,
+    /// Edges connected to every replica.
+    edges: u32,
+}
+
+impl Default for Parts {
+    fn default() -> Self {
+        Self {
+            by_quota: HashMap::new(),
+            default: 1.0,
+            edges: 0,
+        }
+    }
+}
+
+/// How often replicas exchange quota demand.
+pub const EXCHANGE_INTERVAL: Duration = Duration::from_secs(1);
+/// Fraction of the mean replica demand every replica with edges gets on top of its own.
+const REPLICA_FLOOR: f64 = 0.05;
+
+/// This replica's parts from its digest and the other replicas'.
+fn parts(mine: &QuotaDigest, others: &[QuotaDigest]) -> Parts {
+    let replicas: Vec<&QuotaDigest> = std::iter::once(mine)
+        .chain(others.iter())
+        .filter(|d| d.edges > 0)
+        .collect();
+    let edges: u32 = replicas.iter().map(|d| d.edges).sum();
+    if mine.edges == 0 {
+        return Parts {
+            edges,
+            ..Parts::default()
+        };
+    }
+    let default = f64::from(mine.edges) / f64::from(edges.max(1));
+    let quotas: HashSet<&String> = replicas.iter().flat_map(|d| d.demand.keys()).collect();
+    let by_quota = quotas
+        .into_iter()
+        .map(|quota| {
+            let rate = |d: &QuotaDigest| d.demand.get(quota).copied().unwrap_or(0.0).max(0.0);
+            let total: f64 = replicas.iter().map(|d| rate(d)).sum();
+            let part = if total <= 0.0 {
+                default
+            } else {
+                let floor = REPLICA_FLOOR * total / replicas.len() as f64;
+                (rate(mine) + floor) / (total + floor * replicas.len() as f64)
+            };
+            (quota.clone(), part)
+        })
+        .collect();
+    Parts {
+        by_quota,
+        default,
+        edges,
+    }
 }
 
 /// The limit of `quota` per its window, if one is set now.
@@ -67,6 +138,7 @@ impl QuotaBook {
             sessions: Mutex::default(),
             used_keys: Mutex::default(),
             next_session: AtomicU64::new(1),
+            parts: Mutex::default(),
         }
     }
 
@@ -140,12 +212,19 @@ impl QuotaBook {
         let snapshot = self.snapshots.borrow().clone();
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         let ids: Vec<SessionId> = sessions.keys().copied().collect();
+        let parts = self
+            .parts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let mut grants = {
             let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
             ledger.retain(|q| q.parse().ok().and_then(|q| limit_of(&snapshot, &q)));
+            ledger.set_parts(|q| parts.by_quota.get(q).copied().unwrap_or(parts.default));
             ledger.share_out(&ids, elapsed, IDLE_AFTER, Instant::now())
         };
-        let edges = ids.len() as u32;
+        // Edges size their cold-start share by every replica's edges.
+        let edges = (ids.len() as u32).max(parts.edges);
         for (id, session) in sessions.iter_mut() {
             session.sequence += 1;
             let message = QuotaGrants {
@@ -177,6 +256,46 @@ impl QuotaBook {
         }
     }
 
+    /// Publishes this replica's quota demand and takes its part of every
+    /// limit from all replicas' demand, every `EXCHANGE_INTERVAL` until
+    /// cancelled. While etcd cannot be reached the last parts stay.
+    pub async fn exchange(self: Arc<Self>, store: Store, node: String, cancel: CancellationToken) {
+        let mut peers = Peers::new(store, ObjectKind::QuotaDigest, &node, EXCHANGE_INTERVAL);
+        let mut tick = tokio::time::interval(EXCHANGE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let mine = QuotaDigest {
+                node: node.clone(),
+                edges: self
+                    .sessions
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .len() as u32,
+                demand: self
+                    .ledger
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .demand_rates(),
+            };
+            match peers.exchange(mine.encode_to_vec()).await {
+                Ok(kvs) => {
+                    let others: Vec<QuotaDigest> =
+                        kvs.iter().filter_map(|kv| decode(kv).ok()).collect();
+                    *self.parts.lock().unwrap_or_else(PoisonError::into_inner) =
+                        parts(&mine, &others);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "quota exchange round failed; keeping the last parts")
+                }
+            }
+        }
+        peers.leave().await;
+    }
+
     /// Shares out quotas every tick and records key use until cancelled.
     pub async fn run(self: Arc<Self>, registry: Registry, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(SHARE_OUT_INTERVAL);
@@ -196,5 +315,48 @@ impl QuotaBook {
             }
         }
         self.flush_key_use(&registry).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(node: &str, edges: u32, demand: &[(&str, f64)]) -> QuotaDigest {
+        QuotaDigest {
+            node: node.into(),
+            edges,
+            demand: demand.iter().map(|(q, r)| (q.to_string(), *r)).collect(),
+        }
+    }
+
+    #[test]
+    fn parts_follow_demand_and_sum_to_one() {
+        let a = digest("a", 1, &[("key/k/rpm", 7.0)]);
+        let b = digest("b", 2, &[("key/k/rpm", 3.0), ("tenant/t/tpm", 0.0)]);
+        let pa = parts(&a, std::slice::from_ref(&b));
+        let pb = parts(&b, std::slice::from_ref(&a));
+        let q = "key/k/rpm";
+        assert!((pa.by_quota[q] + pb.by_quota[q] - 1.0).abs() < 1e-9);
+        assert!(
+            pa.by_quota[q] > 0.65 && pa.by_quota[q] < 0.7,
+            "{:?}",
+            pa.by_quota
+        );
+        // Nobody asks for the tenant quota: parts by edge count.
+        assert!((pa.by_quota["tenant/t/tpm"] - 1.0 / 3.0).abs() < 1e-9);
+        assert!((pb.default - 2.0 / 3.0).abs() < 1e-9);
+        assert_eq!((pa.edges, pb.edges), (3, 3));
+    }
+
+    #[test]
+    fn replicas_without_edges_take_no_part() {
+        let a = digest("a", 2, &[("key/k/rpm", 1.0)]);
+        let idle = digest("idle", 0, &[]);
+        let pa = parts(&a, std::slice::from_ref(&idle));
+        assert_eq!(pa.by_quota["key/k/rpm"], 1.0);
+        assert_eq!(pa.default, 1.0);
+        let pi = parts(&idle, &[a]);
+        assert_eq!(pi.edges, 2);
     }
 }

@@ -10,7 +10,8 @@
 //! - `loads/<node>` → the loads one control-plane replica holds, under that
 //!   replica's lease; `scaling/<pool>` → the autoscaler's last decision;
 //!   `demand/<pool>` → an edge holds requests for the pool, under a short
-//!   lease. None of these is part of a routing table.
+//!   lease; `quotas/<node>` → what one replica's edges ask of each quota,
+//!   under that replica's lease. None of these is part of a routing table.
 
 /// The kinds of object stored under the prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +38,8 @@ pub enum ObjectKind {
     Scaling,
     /// Requests held for a pool with no replica.
     Demand,
+    /// One control-plane replica's quota demand.
+    QuotaDigest,
 }
 
 impl ObjectKind {
@@ -53,6 +56,7 @@ impl ObjectKind {
             ObjectKind::LoadDigest => "loads/",
             ObjectKind::Scaling => "scaling/",
             ObjectKind::Demand => "demand/",
+            ObjectKind::QuotaDigest => "quotas/",
         }
     }
 
@@ -70,6 +74,7 @@ impl ObjectKind {
             ObjectKind::LoadDigest => "load digest",
             ObjectKind::Scaling => "scaling decision",
             ObjectKind::Demand => "demand record",
+            ObjectKind::QuotaDigest => "quota digest",
         }
     }
 
@@ -82,10 +87,11 @@ impl ObjectKind {
                 | ObjectKind::LoadDigest
                 | ObjectKind::Scaling
                 | ObjectKind::Demand
+                | ObjectKind::QuotaDigest
         )
     }
 
-    const ALL: [ObjectKind; 11] = [
+    const ALL: [ObjectKind; 12] = [
         ObjectKind::Model,
         ObjectKind::Pool,
         ObjectKind::Region,
@@ -97,6 +103,7 @@ impl ObjectKind {
         ObjectKind::LoadDigest,
         ObjectKind::Scaling,
         ObjectKind::Demand,
+        ObjectKind::QuotaDigest,
     ];
 }
 
