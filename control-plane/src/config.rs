@@ -140,6 +140,11 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_AUTOSCALE_INTERVAL_MS", default_value_t = 5000)]
     pub autoscale_interval_ms: u32,
 
+    /// How often the leading replica removes orphaned records (a deleted
+    /// key's last-use time, a deleted pool's decision), seconds.
+    #[arg(long, env = "INFERMESH_GC_INTERVAL_SECONDS", default_value_t = 60)]
+    pub gc_interval_seconds: u32,
+
     /// What carries out autoscaling decisions besides the metric and the
     /// admin API: `none`, or `kubernetes` (sets each pool's scale_target
     /// through the scale subresource with the pod's service account).
@@ -226,6 +231,12 @@ impl Config {
             return Err(format!(
                 "--autoscale-interval-ms: {} is outside 100..=300000",
                 self.autoscale_interval_ms
+            ));
+        }
+        if !(1..=3600).contains(&self.gc_interval_seconds) {
+            return Err(format!(
+                "--gc-interval-seconds: {} is outside 1..=3600",
+                self.gc_interval_seconds
             ));
         }
         if !matches!(self.scale_actuator.as_str(), "none" | "kubernetes") {

@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod autoscale;
 pub mod config;
+pub mod gc;
 pub mod leader;
 pub mod loads;
 pub mod metrics;

@@ -113,6 +113,13 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         interval: Duration::from_millis(u64::from(config.autoscale_interval_ms)),
         actuator,
     };
+    let collector = tokio::spawn(crate::gc::run(
+        store.clone(),
+        snapshots.clone(),
+        leading.clone(),
+        Duration::from_secs(u64::from(config.gc_interval_seconds)),
+        cancel.clone(),
+    ));
     let autoscaling = tokio::spawn(autoscaler.run(leading, cancel.clone()));
     let subscribers = Arc::new(dashmap::DashMap::new());
 
@@ -243,7 +250,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         reclaim,
         exchange,
         autoscaling,
-        quota_exchange
+        quota_exchange,
+        collector
     );
     if let Some(webhook) = webhook {
         let _ = webhook.await;

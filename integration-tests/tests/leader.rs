@@ -93,3 +93,57 @@ async fn one_replica_leads_and_another_takes_over_within_the_lease_ttl() {
     )
     .await;
 }
+
+/// Runs etcdctl against the mesh's etcd; its stdout.
+async fn etcdctl(mesh: &Mesh, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("etcdctl")
+        .arg("--endpoints")
+        .arg(&mesh.etcd.url)
+        .args(args)
+        .env("ETCDCTL_API", "3")
+        .output()
+        .await
+        .expect("etcdctl runs");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_leader_removes_records_whose_object_is_gone() {
+    let mesh = Mesh::start_with(&["--gc-interval-seconds".into(), "1".into()]).await;
+    let keys = mesh
+        .admin("ListApiKeys", json!({}))
+        .await
+        .expect("list keys");
+    let live = keys["keys"][0]["id"]
+        .as_str()
+        .expect("the mesh's key")
+        .to_string();
+    let root = "/infermesh-test/";
+    etcdctl(
+        &mesh,
+        &["put", &format!("{root}keyuse/{live}"), "1700000000000"],
+    )
+    .await;
+    etcdctl(
+        &mesh,
+        &["put", &format!("{root}keyuse/deleted-key"), "1700000000000"],
+    )
+    .await;
+    etcdctl(&mesh, &["put", &format!("{root}scaling/deleted-pool"), ""]).await;
+    wait::until("orphans removed", Duration::from_secs(20), || async {
+        let left = etcdctl(&mesh, &["get", "--prefix", "--keys-only", root]).await;
+        (!left.contains("deleted-key") && !left.contains("deleted-pool")).then_some(())
+    })
+    .await;
+    let left = etcdctl(
+        &mesh,
+        &["get", "--keys-only", &format!("{root}keyuse/{live}")],
+    )
+    .await;
+    assert!(left.contains(&live), "a live key's record stays: {left:?}");
+}
