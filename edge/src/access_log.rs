@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 
 /// Everything logged about one request.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -80,7 +78,7 @@ impl AccessRecord {
 /// Where access lines go.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: Option<mpsc::Sender<String>>,
+    tx: Option<std::sync::mpsc::SyncSender<String>>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -92,6 +90,9 @@ impl std::fmt::Debug for AccessLog {
     }
 }
 
+/// How often the writer thread takes queued lines.
+const WRITE_EVERY: Duration = Duration::from_millis(5);
+
 impl AccessLog {
     /// A log that writes nothing.
     pub fn disabled() -> Self {
@@ -101,19 +102,42 @@ impl AccessLog {
         }
     }
 
-    /// A log writing to stdout from a task that ends when every sender is gone.
+    /// A log writing to stdout from a thread of its own that ends when
+    /// every sender is gone. The thread takes what is queued every few
+    /// milliseconds, so a request never wakes it or waits for the write.
     pub fn stdout() -> Self {
-        let (tx, mut rx) = mpsc::channel::<String>(8192);
-        tokio::spawn(async move {
-            let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
-            while let Some(line) = rx.recv().await {
-                let _ = out.write_all(line.as_bytes()).await;
-                while let Ok(line) = rx.try_recv() {
-                    let _ = out.write_all(line.as_bytes()).await;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(8192);
+        let spawned = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                use std::io::Write as _;
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+                loop {
+                    let mut wrote = false;
+                    loop {
+                        match rx.try_recv() {
+                            Ok(line) => {
+                                let _ = out.write_all(line.as_bytes());
+                                wrote = true;
+                            }
+                            Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                                let _ = out.flush();
+                                return;
+                            }
+                        }
+                    }
+                    if wrote {
+                        let _ = out.flush();
+                    }
+                    std::thread::sleep(WRITE_EVERY);
                 }
-                let _ = out.flush().await;
-            }
-        });
+            });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "access log thread not started; access lines are not written");
+            return Self::disabled();
+        }
         Self {
             tx: Some(tx),
             dropped: Arc::default(),

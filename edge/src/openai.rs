@@ -6,7 +6,6 @@
 
 use bytes::Bytes;
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 
 use crate::error::ApiError;
 
@@ -75,8 +74,6 @@ struct Wire {
     prompt: Option<serde_json::Value>,
     #[serde(default)]
     input: Option<serde_json::Value>,
-    #[serde(flatten)]
-    _rest: std::collections::HashMap<String, IgnoredAny>,
 }
 
 /// Checks the `Content-Type` of an inference request: JSON, or none at all.
@@ -230,6 +227,13 @@ pub fn routing_fields(endpoint: Endpoint, body: &Bytes) -> Result<RoutingFields,
     if body.is_empty() {
         return Err(ApiError::InvalidRequest {
             message: "request body is empty; expected a JSON object".into(),
+            param: None,
+        });
+    }
+    // Derived deserializers also take a JSON array (fields by position).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::InvalidRequest {
+            message: "request body is not a valid JSON object".into(),
             param: None,
         });
     }

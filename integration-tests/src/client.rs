@@ -39,6 +39,8 @@ pub struct Streamed {
     pub status: u16,
     /// Headers.
     pub headers: HeaderMap,
+    /// Time from sending the request to the response headers.
+    pub headers_after: Duration,
     /// Frames in arrival order with their offset from the response headers.
     pub frames: Vec<(Duration, Bytes)>,
 }
@@ -167,9 +169,11 @@ impl Http {
             .authorize(Request::post(url), &[])
             .header("content-type", "application/json")
             .body(full(body.to_string()))?;
+        let sent = Instant::now();
         let fetch = async {
             let response = self.client.request(request).await?;
             let start = Instant::now();
+            let headers_after = start - sent;
             let (parts, mut body) = response.into_parts();
             let mut frames = Vec::new();
             while let Some(frame) = body.frame().await {
@@ -180,6 +184,7 @@ impl Http {
             anyhow::Ok(Streamed {
                 status: parts.status.as_u16(),
                 headers: parts.headers,
+                headers_after,
                 frames,
             })
         };

@@ -198,11 +198,15 @@ impl Engine {
         let decode = Duration::from_millis(self.config.decode_ms_per_token);
         for i in 0..max_tokens {
             let delay = if i == 0 { prefill } else { decode };
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = out.closed() => {
-                    c.finished_abort.fetch_add(1, Ordering::Relaxed);
-                    return;
+            // No delay means none: a zero sleep still waits for the timer's
+            // next millisecond tick.
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = out.closed() => {
+                        c.finished_abort.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
                 }
             }
             if i == 0 {

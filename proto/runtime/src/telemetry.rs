@@ -62,16 +62,27 @@ pub fn init(default_filter: &str, service: &str) -> Telemetry {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = std::env::var("INFERMESH_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    // Log lines carry their spans' fields only when debugging: formatting
+    // every request's span fields for lines that are never written costs
+    // more than anything else the request path does.
+    let verbose = filter
+        .max_level_hint()
+        .is_some_and(|level| level >= tracing_subscriber::filter::LevelFilter::DEBUG);
+    let spans_too = tracing_subscriber::filter::filter_fn(move |meta| meta.is_event() || verbose);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = if json {
         tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
             .with_filter(filter)
+            .with_filter(spans_too)
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
             .with_writer(std::io::stderr)
             .with_filter(filter)
+            .with_filter(spans_too)
             .boxed()
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
