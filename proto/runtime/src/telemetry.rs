@@ -104,8 +104,12 @@ pub fn init(default_filter: &str, service: &str) -> Telemetry {
                 meta.is_span() && meta.target().starts_with("infermesh")
             }))
     });
+    // Without trace export or debug logs nobody reads a span: none is made.
+    let no_spans = (traces.is_none() && !verbose)
+        .then(|| tracing_subscriber::filter::filter_fn(|meta| meta.is_event()));
     // A second init (tests that start several servers in one process) is harmless.
     let _ = tracing_subscriber::registry()
+        .with(no_spans)
         .with(logs)
         .with(traces)
         .try_init();
