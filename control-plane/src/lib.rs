@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod quota;
 pub mod reclaim;
 pub mod registry;
+pub mod replica_lease;
 pub mod server;
 pub mod snapshot;
 pub mod store;

@@ -152,8 +152,14 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         ttl_seconds: config.endpoint_lease_ttl_seconds,
         report_interval: config.report_interval(),
     };
+    let (replica_lease, lease_task) = crate::replica_lease::spawn(
+        store.clone(),
+        i64::from(config.endpoint_lease_ttl_seconds.max(1)),
+        cancel.clone(),
+    );
     let load_reports = LoadReports::new(
         store,
+        replica_lease,
         loads.local().clone(),
         settings,
         authorizer.clone(),
@@ -251,7 +257,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         exchange,
         autoscaling,
         quota_exchange,
-        collector
+        collector,
+        lease_task
     );
     if let Some(webhook) = webhook {
         let _ = webhook.await;

@@ -80,6 +80,8 @@ pub struct Mesh {
     pub env: Vec<(String, String)>,
     /// Extra control-plane flags, used from its next (re)start.
     pub control_plane_extra: Vec<String>,
+    /// Endpoint lease TTL of the control plane from its next (re)start.
+    pub lease_ttl_seconds: u32,
     /// etcd endpoints the control plane uses from its next (re)start instead
     /// of `etcd` (comma-separated), e.g. a multi-member cluster.
     pub etcd_endpoints: Option<String>,
@@ -116,6 +118,7 @@ impl Mesh {
             api_key: String::new(),
             env: Vec::new(),
             control_plane_extra: control_plane_extra.to_vec(),
+            lease_ttl_seconds: LEASE_TTL_SECONDS,
             etcd_endpoints: None,
         };
         mesh.start_control_plane().await;
@@ -179,7 +182,7 @@ impl Mesh {
             "--etcd-prefix",
             "/infermesh-test/",
             "--endpoint-lease-ttl-seconds",
-            &LEASE_TTL_SECONDS.to_string(),
+            &self.lease_ttl_seconds.to_string(),
             "--report-interval-ms",
             "200",
             "--metrics-listen",

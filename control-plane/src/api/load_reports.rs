@@ -1,20 +1,20 @@
 //! LoadReportService: a sidecar's registration and load. The endpoint key
-//! lives under an etcd lease this stream keeps alive; when the stream ends
-//! the lease is revoked and the endpoint leaves every table at once. When
-//! the control plane itself stops, leases are left to expire, so a rolling
-//! restart does not pull every replica out of the tables.
+//! is bound to this control-plane replica's lease (`replica_lease`); when
+//! the stream ends the key is deleted and the endpoint leaves every table
+//! at once. When the control plane itself stops, keys are left to expire
+//! with its lease, so a rolling restart does not pull every replica out of
+//! the tables: sidecars re-register with another replica first.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use infermesh_proto::v1::{
     Endpoint, EndpointState, EngineKind, Load, LoadReportRequest, LoadReportResponse, Register,
     Registered, load_report_request, load_report_response,
     load_report_service_server::LoadReportService,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -39,6 +39,7 @@ pub struct LeaseSettings {
 /// The load-report service.
 pub struct LoadReports {
     store: Store,
+    lease: watch::Receiver<Option<i64>>,
     loads: Arc<LoadBook>,
     settings: LeaseSettings,
     auth: Arc<Authorizer>,
@@ -50,6 +51,7 @@ impl LoadReports {
     /// A load-report service writing endpoints to `store`.
     pub fn new(
         store: Store,
+        lease: watch::Receiver<Option<i64>>,
         loads: Arc<LoadBook>,
         settings: LeaseSettings,
         auth: Arc<Authorizer>,
@@ -58,6 +60,7 @@ impl LoadReports {
     ) -> Self {
         Self {
             store,
+            lease,
             loads,
             settings,
             auth,
@@ -138,18 +141,22 @@ impl LoadReportService for LoadReports {
         };
         let endpoint = endpoint_from(register)?;
         let ttl = i64::from(self.settings.ttl_seconds.max(1));
-        let lease = self
-            .store
-            .grant_lease(ttl)
-            .await
-            .map_err(RegistryError::from)?;
+        let mut leases = self.lease.clone();
+        let lease = match tokio::time::timeout(
+            Duration::from_secs(5),
+            leases.wait_for(|l| l.is_some()),
+        )
+        .await
+        {
+            Ok(Ok(lease)) => lease.unwrap_or_default(),
+            _ => {
+                return Err(Status::unavailable(
+                    "this control-plane replica holds no etcd lease (is etcd reachable?); retry",
+                ));
+            }
+        };
         self.store
             .put_endpoint(&endpoint, lease)
-            .await
-            .map_err(RegistryError::from)?;
-        let (keeper, keep_alive_responses) = self
-            .store
-            .keep_alive(lease)
             .await
             .map_err(RegistryError::from)?;
         tracing::info!(endpoint = %endpoint.id, pool = %endpoint.pool, address = %endpoint.address, lease, "endpoint registered");
@@ -167,10 +174,9 @@ impl LoadReportService for LoadReports {
             metrics: self.metrics.clone(),
             endpoint,
             lease,
-            ttl: Duration::from_secs(ttl as u64),
             tx,
         };
-        tokio::spawn(session.run(inbound, keeper, keep_alive_responses, self.cancel.clone()));
+        tokio::spawn(session.run(inbound, leases, self.cancel.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -181,7 +187,6 @@ struct Session {
     metrics: Arc<ControlPlaneMetrics>,
     endpoint: Endpoint,
     lease: i64,
-    ttl: Duration,
     tx: mpsc::Sender<Result<LoadReportResponse, Status>>,
 }
 
@@ -196,57 +201,24 @@ enum End {
 }
 
 impl Session {
-    /// A new keep-alive stream for the lease (on whichever etcd member
-    /// answers), tried for a third of the TTL; `None` when none could be opened.
-    async fn reopen_keep_alive(
-        &self,
-    ) -> Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> {
-        let deadline = tokio::time::Instant::now() + self.ttl / 3;
-        while tokio::time::Instant::now() < deadline {
-            if let Ok((mut keeper, responses)) = self.store.keep_alive(self.lease).await
-                && keeper.keep_alive().await.is_ok()
-            {
-                tracing::info!(endpoint = %self.endpoint.id, "lease keep-alive reopened");
-                return Some((keeper, responses));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        None
-    }
-
     async fn run(
         mut self,
         mut inbound: Streaming<LoadReportRequest>,
-        mut keeper: etcd_client::LeaseKeeper,
-        mut keep_alive_responses: etcd_client::LeaseKeepAliveStream,
+        mut leases: watch::Receiver<Option<i64>>,
         cancel: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(self.ttl / 3);
         let end = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break End::Shutdown,
                 _ = self.tx.closed() => break End::SidecarGone,
-                _ = tick.tick() => {
-                    if let Err(e) = keeper.keep_alive().await {
-                        // The etcd member the stream went to may be down: reopen it elsewhere.
-                        match self.reopen_keep_alive().await {
-                            Some((k, r)) => (keeper, keep_alive_responses) = (k, r),
-                            None => break End::LeaseLost(e.to_string()),
-                        }
+                changed = leases.changed() => {
+                    if changed.is_err() {
+                        break End::Shutdown;
+                    }
+                    if *leases.borrow_and_update() != Some(self.lease) {
+                        break End::LeaseLost("the control-plane replica's lease was lost".into());
                     }
                 }
-                response = keep_alive_responses.next() => match response {
-                    Some(Ok(r)) if r.ttl() > 0 => {}
-                    Some(Ok(_)) => break End::LeaseLost("lease expired".into()),
-                    Some(Err(e)) => match self.reopen_keep_alive().await {
-                        Some((k, r)) => (keeper, keep_alive_responses) = (k, r),
-                        None => break End::LeaseLost(e.to_string()),
-                    },
-                    None => match self.reopen_keep_alive().await {
-                        Some((k, r)) => (keeper, keep_alive_responses) = (k, r),
-                        None => break End::LeaseLost("keep-alive stream ended".into()),
-                    },
-                },
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
                         if let Err(e) = self.handle(message).await {
@@ -265,8 +237,10 @@ impl Session {
             End::SidecarGone => {
                 tracing::info!(endpoint = %id, "sidecar stream ended; removing endpoint");
                 self.loads.remove(id);
-                if let Err(error) = self.store.revoke_lease(self.lease).await {
-                    tracing::warn!(endpoint = %id, %error, "lease revoke failed; endpoint expires with its lease");
+                // Only while the key is still this replica's: the sidecar
+                // may have re-registered with another replica meanwhile.
+                if let Err(error) = self.store.delete_endpoint(id, self.lease).await {
+                    tracing::warn!(endpoint = %id, %error, "endpoint not deleted; it expires with this replica's lease");
                 }
             }
             End::LeaseLost(reason) => {

@@ -51,6 +51,29 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes an endpoint if its key is still bound to `lease`; whether it was.
+    pub async fn delete_endpoint(&self, id: &str, lease: i64) -> Result<bool, StoreError> {
+        let key = self.keys().object(ObjectKind::Endpoint, id);
+        let resp = self
+            .call("txn", |mut client| {
+                let txn = etcd_client::Txn::new()
+                    .when(vec![etcd_client::Compare::lease(
+                        key.clone(),
+                        etcd_client::CompareOp::Equal,
+                        lease,
+                    )])
+                    .and_then(vec![etcd_client::TxnOp::delete(key.clone(), None)]);
+                async move { client.txn(txn).await }
+            })
+            .await?;
+        if resp.succeeded()
+            && let Some(header) = resp.header()
+        {
+            self.committed(header.revision());
+        }
+        Ok(resp.succeeded())
+    }
+
     /// Writes an endpoint bound to `lease` (re-binding it if it had another).
     pub async fn put_endpoint(&self, endpoint: &Endpoint, lease: i64) -> Result<(), StoreError> {
         let key = self.keys().object(ObjectKind::Endpoint, &endpoint.id);
