@@ -38,7 +38,10 @@ impl Store {
             })??;
         match answer {
             Some(response) if response.ttl() > 0 => Ok(()),
-            _ => Err(StoreError::Lease(format!("lease {lease} has expired"))),
+            Some(_) => Err(StoreError::Lease(format!("lease {lease} has expired"))),
+            None => Err(StoreError::Lease(format!(
+                "lease {lease}: the keep-alive stream closed without an answer"
+            ))),
         }
     }
 

@@ -26,14 +26,24 @@ use infermesh_runtime::tls::{PeerRole, client_config};
 use rand::Rng;
 use tokio_stream::wrappers::ReceiverStream;
 
-/// One simulated sidecar: registers, then reports every `interval` until aborted.
+/// One simulated sidecar: registers (again after any failure, with
+/// backoff, as a real sidecar does), then reports every `interval` until aborted.
 async fn sidecar(client: ControlPlaneClient, address: String, id: String, interval: Duration) {
-    let Ok(channel) = client.connect(&address, Duration::from_secs(60)).await else {
+    let mut backoff = infermesh_runtime::backoff::Backoff::default();
+    loop {
+        report(&client, &address, &id, interval).await;
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// One registration and its reports, until the stream fails.
+async fn report(client: &ControlPlaneClient, address: &str, id: &str, interval: Duration) {
+    let Ok(channel) = client.connect(address, Duration::from_secs(60)).await else {
         return;
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let register = Register {
-        endpoint_id: id,
+        endpoint_id: id.to_string(),
         pool: "llama-eu".into(),
         model: "llama".into(),
         region: "eu-west".into(),
@@ -137,16 +147,19 @@ async fn main() {
     println!("|---|---|---|---|---|---|");
     for (round, &n) in sizes.iter().enumerate() {
         let started = Instant::now();
-        let tasks: Vec<_> = (0..n)
-            .map(|i| {
-                tokio::spawn(sidecar(
-                    client.clone(),
-                    mesh.control_plane_address.clone(),
-                    format!("ingest-{round}-{i}"),
-                    Duration::from_secs(1),
-                ))
-            })
-            .collect();
+        let mut tasks = Vec::with_capacity(n);
+        for i in 0..n {
+            tasks.push(tokio::spawn(sidecar(
+                client.clone(),
+                mesh.control_plane_address.clone(),
+                format!("ingest-{round}-{i}"),
+                Duration::from_secs(1),
+            )));
+            // Pods come up over time, not in one instant.
+            if i % 200 == 199 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         wait::until(
             "every endpoint registered",
             Duration::from_secs(600),
