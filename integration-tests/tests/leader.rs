@@ -147,3 +147,53 @@ async fn the_leader_removes_records_whose_object_is_gone() {
     .await;
     assert!(left.contains(&live), "a live key's record stays: {left:?}");
 }
+
+#[tokio::test]
+async fn endpoints_register_again_when_the_replica_lease_is_lost() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let _replica = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    wait::until(
+        "the endpoint registered",
+        Duration::from_secs(20),
+        || async { (mesh.endpoint_ids("llama-eu").await.len() == 1).then_some(()) },
+    )
+    .await;
+    // Revoke the lease the endpoint is bound to, as an expiry would end it.
+    let leases = etcdctl(&mesh, &["lease", "list"]).await;
+    let mut revoked = false;
+    for lease in leases
+        .lines()
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
+        let held = etcdctl(&mesh, &["lease", "timetolive", lease, "--keys"]).await;
+        if held.contains("/endpoints/llama-0") {
+            etcdctl(&mesh, &["lease", "revoke", lease]).await;
+            revoked = true;
+        }
+    }
+    assert!(revoked, "no lease holds the endpoint: {leases}");
+    // The replica notices, takes a new lease, and the sidecar registers again.
+    wait::until("the endpoint back", Duration::from_secs(30), || async {
+        let left = etcdctl(
+            &mesh,
+            &[
+                "get",
+                "--prefix",
+                "--keys-only",
+                "/infermesh-test/endpoints/",
+            ],
+        )
+        .await;
+        left.contains("llama-0").then_some(())
+    })
+    .await;
+    wait::until("the endpoint listed", Duration::from_secs(20), || async {
+        (mesh.endpoint_ids("llama-eu").await.len() == 1).then_some(())
+    })
+    .await;
+}

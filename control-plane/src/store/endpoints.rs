@@ -29,16 +29,30 @@ impl Store {
 
     /// Renews a lease once; an error when it has expired or etcd cannot be reached.
     pub async fn renew_lease(&self, lease: i64) -> Result<(), StoreError> {
-        let (mut keeper, mut responses) = self.keep_alive(lease).await?;
-        keeper.keep_alive().await?;
+        let expired = || StoreError::Lease(format!("lease {lease} has expired"));
+        // A lease etcd no longer has: NOT_FOUND, or the client's own
+        // "lease not found" when the keep-alive answers a TTL of 0.
+        let gone = |error: etcd_client::Error| match &error {
+            etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound => {
+                expired()
+            }
+            etcd_client::Error::LeaseKeepAliveError(message) if message.contains("not found") => {
+                expired()
+            }
+            _ => StoreError::from(error),
+        };
+        let (mut keeper, mut responses) =
+            self.client().lease_keep_alive(lease).await.map_err(gone)?;
+        keeper.keep_alive().await.map_err(gone)?;
         let answer = tokio::time::timeout(std::time::Duration::from_secs(5), responses.message())
             .await
             .map_err(|_| {
                 StoreError::Lease(format!("lease {lease}: no keep-alive answer within 5 s"))
-            })??;
+            })?
+            .map_err(gone)?;
         match answer {
             Some(response) if response.ttl() > 0 => Ok(()),
-            Some(_) => Err(StoreError::Lease(format!("lease {lease} has expired"))),
+            Some(_) => Err(expired()),
             None => Err(StoreError::Lease(format!(
                 "lease {lease}: the keep-alive stream closed without an answer"
             ))),
