@@ -54,26 +54,50 @@ pub fn spawn(
     (rx, task)
 }
 
-/// Renews `lease` every third of its TTL until etcd says it has expired;
-/// why it was lost. A renewal that fails or is slow (etcd down or
-/// overloaded) is retried: only etcd's own word ends the lease, so a slow
-/// etcd never makes every endpoint register again at once.
+/// Renews `lease` every sixth of its TTL on one keep-alive stream (opened
+/// again when it fails) until etcd says it has expired; why it was lost. A
+/// renewal that fails or is slow (etcd down or overloaded) is retried: only
+/// etcd's own word ends the lease, so a slow etcd never makes every
+/// endpoint register again at once.
 async fn hold(store: &Store, lease: i64, ttl_seconds: i64) -> String {
     let ttl = Duration::from_secs(ttl_seconds.max(1) as u64);
-    let mut tick = tokio::time::interval(ttl / 3);
+    let mut tick = tokio::time::interval(ttl / 6);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stream = None;
     loop {
         tick.tick().await;
-        loop {
-            match store.renew_lease(lease).await {
-                Ok(()) => break,
-                Err(crate::store::StoreError::Lease(reason)) if reason.contains("expired") => {
-                    return reason;
-                }
+        if stream.is_none() {
+            match store.client().lease_keep_alive(lease).await {
+                Ok(opened) => stream = Some(opened),
                 Err(error) => {
-                    tracing::debug!(lease, %error, "replica lease renewal failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tracing::debug!(lease, %error, "replica lease keep-alive not opened; retrying");
+                    continue;
                 }
+            }
+        }
+        let Some((keeper, responses)) = stream.as_mut() else {
+            continue;
+        };
+        let renewed = async {
+            keeper.keep_alive().await?;
+            responses.message().await
+        };
+        match tokio::time::timeout(ttl, renewed).await {
+            Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
+            Ok(Ok(Some(_))) => return format!("lease {lease} has expired"),
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(message)))
+                if message.contains("not found") =>
+            {
+                return format!("lease {lease} has expired ({message})");
+            }
+            Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                if status.code() == tonic::Code::NotFound =>
+            {
+                return format!("lease {lease} has expired ({})", status.message());
+            }
+            other => {
+                tracing::debug!(lease, outcome = ?other.map(|r| r.map(|_| ())), "replica lease renewal failed; reopening");
+                stream = None;
             }
         }
     }

@@ -75,6 +75,15 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     })??
     .with_metrics(metrics.clone());
     tracing::info!("connected to etcd");
+    // Leases are kept alive on a connection of their own, so that renewals
+    // never queue behind a burst of registrations on the shared one.
+    let lease_store = Store::connect(
+        &config.etcd_endpoints,
+        &config.etcd_prefix,
+        config.etcd_tls().map_err(anyhow::Error::msg)?,
+    )
+    .await?
+    .with_metrics(metrics.clone());
     let (snapshots, watcher) = snapshot::spawn_watcher(store.clone(), cancel.clone());
     let reclaim = tokio::spawn(crate::reclaim::hold_existing_leases(
         store.clone(),
@@ -85,7 +94,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     ));
     let actuator = config.actuator().map_err(anyhow::Error::msg)?.map(Arc::new);
     let (leading, election) = crate::leader::spawn(
-        store.clone(),
+        lease_store.clone(),
         config.node_id(),
         i64::from(config.leader_ttl_seconds),
         metrics.clone(),
@@ -153,7 +162,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         report_interval: config.report_interval(),
     };
     let (replica_lease, lease_task) = crate::replica_lease::spawn(
-        store.clone(),
+        lease_store,
         i64::from(config.endpoint_lease_ttl_seconds.max(1)),
         cancel.clone(),
     );
