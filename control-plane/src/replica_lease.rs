@@ -6,9 +6,10 @@
 //! dies leave with its lease, unless their sidecars have re-registered with
 //! another replica first, which rebinds them to that replica's lease.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -23,8 +24,10 @@ pub fn spawn(
     store: Store,
     ttl_seconds: i64,
     cancel: CancellationToken,
-) -> (watch::Receiver<Option<i64>>, JoinHandle<()>) {
+) -> (ReplicaLease, JoinHandle<()>) {
     let (tx, rx) = watch::channel(None);
+    let missing = Arc::new(Notify::new());
+    let reported = missing.clone();
     let task = tokio::spawn(async move {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
@@ -40,6 +43,7 @@ pub fn spawn(
                     let reason = tokio::select! {
                         _ = cancel.cancelled() => return,
                         reason = hold(&store, id, ttl_seconds) => reason,
+                        _ = reported.notified() => format!("etcd refused a write under lease {id}: not found"),
                     };
                     tracing::warn!(lease = id, %reason, "replica lease lost; its endpoints register again");
                     tx.send_replace(None);
@@ -51,7 +55,41 @@ pub fn spawn(
             }
         }
     });
-    (rx, task)
+    (
+        ReplicaLease {
+            current: rx,
+            missing,
+        },
+        task,
+    )
+}
+
+/// The replica lease's id as it changes, and a way to report it missing.
+#[derive(Clone)]
+pub struct ReplicaLease {
+    /// The lease now; `None` while there is none.
+    pub current: watch::Receiver<Option<i64>>,
+    missing: Arc<Notify>,
+}
+
+impl ReplicaLease {
+    /// A write bound to `lease` was refused because etcd no longer has it:
+    /// take a new lease now rather than at the next renewal.
+    pub fn report_missing(&self, lease: i64) {
+        if *self.current.borrow() == Some(lease) {
+            self.missing.notify_one();
+        }
+    }
+}
+
+/// Whether `error` is etcd saying the lease a write was bound to is gone.
+pub fn lease_missing(error: &crate::store::StoreError) -> bool {
+    match error {
+        crate::store::StoreError::Etcd(etcd_client::Error::GRpcStatus(status)) => {
+            status.code() == tonic::Code::NotFound && status.message().contains("lease")
+        }
+        _ => false,
+    }
 }
 
 /// Renews `lease` every sixth of its TTL on one keep-alive stream (opened
@@ -67,10 +105,17 @@ async fn hold(store: &Store, lease: i64, ttl_seconds: i64) -> String {
     loop {
         tick.tick().await;
         if stream.is_none() {
-            match store.client().lease_keep_alive(lease).await {
-                Ok(opened) => stream = Some(opened),
-                Err(error) => {
+            match tokio::time::timeout(ttl, store.client().lease_keep_alive(lease)).await {
+                Ok(Ok(opened)) => stream = Some(opened),
+                Ok(Err(error)) => {
                     tracing::debug!(lease, %error, "replica lease keep-alive not opened; retrying");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        lease,
+                        "replica lease keep-alive not opened in time; retrying"
+                    );
                     continue;
                 }
             }

@@ -24,6 +24,7 @@ use super::{first_message, now_unix_ms};
 use crate::auth::Authorizer;
 use crate::metrics::ControlPlaneMetrics;
 use crate::registry::{RegistryError, validate};
+use crate::replica_lease::ReplicaLease;
 use crate::store::Store;
 use infermesh_runtime::tls::peer_identity;
 
@@ -39,7 +40,7 @@ pub struct LeaseSettings {
 /// The load-report service.
 pub struct LoadReports {
     store: Store,
-    lease: watch::Receiver<Option<i64>>,
+    lease: ReplicaLease,
     loads: Arc<LoadBook>,
     settings: LeaseSettings,
     auth: Arc<Authorizer>,
@@ -51,7 +52,7 @@ impl LoadReports {
     /// A load-report service writing endpoints to `store`.
     pub fn new(
         store: Store,
-        lease: watch::Receiver<Option<i64>>,
+        lease: ReplicaLease,
         loads: Arc<LoadBook>,
         settings: LeaseSettings,
         auth: Arc<Authorizer>,
@@ -141,7 +142,7 @@ impl LoadReportService for LoadReports {
         };
         let endpoint = endpoint_from(register)?;
         let ttl = i64::from(self.settings.ttl_seconds.max(1));
-        let mut leases = self.lease.clone();
+        let mut leases = self.lease.current.clone();
         let lease = match tokio::time::timeout(
             Duration::from_secs(5),
             leases.wait_for(|l| l.is_some()),
@@ -155,10 +156,12 @@ impl LoadReportService for LoadReports {
                 ));
             }
         };
-        self.store
-            .put_endpoint(&endpoint, lease)
-            .await
-            .map_err(RegistryError::from)?;
+        if let Err(error) = self.store.put_endpoint(&endpoint, lease).await {
+            if crate::replica_lease::lease_missing(&error) {
+                self.lease.report_missing(lease);
+            }
+            return Err(RegistryError::from(error).into());
+        }
         tracing::info!(endpoint = %endpoint.id, pool = %endpoint.pool, address = %endpoint.address, lease, "endpoint registered");
         let (tx, rx) = mpsc::channel(4);
         let registered = LoadReportResponse {
