@@ -230,6 +230,14 @@ pub fn routing_fields(endpoint: Endpoint, body: &Bytes) -> Result<RoutingFields,
             param: None,
         });
     }
+    // JSON text is UTF-8 (RFC 8259); fields the parse skips are not checked
+    // otherwise, and the rewrites before forwarding need the whole body.
+    if std::str::from_utf8(body).is_err() {
+        return Err(ApiError::InvalidRequest {
+            message: "request body is not valid UTF-8".into(),
+            param: None,
+        });
+    }
     // Derived deserializers also take a JSON array (fields by position).
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::InvalidRequest {
@@ -451,6 +459,13 @@ mod tests {
         assert_eq!(param_of(parse("")), None);
         assert_eq!(param_of(parse("{not json")), None);
         assert_eq!(param_of(parse("[1,2]")), None);
+        assert_eq!(
+            param_of(routing_fields(
+                Endpoint::Completions,
+                &Bytes::from_static(b"{\"model\":\"m\",\"prompt\":\"x\",\"k\xff\":1}")
+            )),
+            None
+        );
         assert_eq!(param_of(parse(r#"{"messages":[]}"#)), Some("model"));
         assert_eq!(param_of(parse(r#"{"model":""}"#)), Some("model"));
         assert_eq!(param_of(parse(r#"{"model":42}"#)), Some("model"));
