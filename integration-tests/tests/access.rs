@@ -169,12 +169,13 @@ async fn revoked_key_is_refused_at_every_edge_within_one_push() {
 
 /// Sends twice `limit` requests, one every 50 ms, to `edges` in the order
 /// `pattern` repeats; asserts the admitted total is the limit plus the
-/// refill over the run (within 10% of the limit); admitted per edge.
+/// refill over the run (within `tolerance` of the limit); admitted per edge.
 async fn offer_twice_the_limit(
     http: &Http,
     edges: &[Edge],
     pattern: &[usize],
     limit: u64,
+    tolerance: f64,
 ) -> Vec<u64> {
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -213,8 +214,8 @@ async fn offer_twice_the_limit(
         "admitted {total} ({admitted:?}), refused {refused}, in {elapsed:.1}s; expected {expected:.1}"
     );
     assert!(
-        (total as f64 - expected).abs() <= 0.1 * limit as f64,
-        "admitted {total}, expected {expected:.1} ± 10% of {limit} ({admitted:?})"
+        (total as f64 - expected).abs() <= tolerance * limit as f64,
+        "admitted {total}, expected {expected:.1} ± {tolerance} of {limit} ({admitted:?})"
     );
     admitted
 }
@@ -280,8 +281,10 @@ async fn request_limit_holds_across_control_plane_replicas() {
         until_served(&mesh.http, edge, "llama").await;
     }
     let http = limited_key(&mesh, &edges, LIMIT).await;
-    // 70/30 over edges on different control-plane replicas.
-    offer_twice_the_limit(&http, &edges, &[0, 0, 0, 0, 0, 0, 0, 1, 1, 1], LIMIT).await;
+    // 70/30 over edges on different control-plane replicas. Replicas move
+    // their parts of the limit once a second, after the demand: 15%, where
+    // a limit enforced per replica would admit about half as much again.
+    offer_twice_the_limit(&http, &edges, &[0, 0, 0, 0, 0, 0, 0, 1, 1, 1], LIMIT, 0.15).await;
 }
 
 #[tokio::test]
@@ -301,7 +304,7 @@ async fn request_limit_holds_across_three_edges_under_uneven_load() {
     let http = limited_key(&mesh, &edges, LIMIT).await;
     // Twice the limit, 70/20/10 over the three edges, paced over about 6 s.
     let admitted =
-        offer_twice_the_limit(&http, &edges, &[0, 0, 0, 0, 0, 0, 0, 1, 1, 2], LIMIT).await;
+        offer_twice_the_limit(&http, &edges, &[0, 0, 0, 0, 0, 0, 0, 1, 1, 2], LIMIT, 0.1).await;
     assert!(
         admitted[0] > LIMIT / 3 + 5,
         "the busy edge got more than a third: {admitted:?}"
