@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 
 use crate::error::ApiError;
 
@@ -74,6 +75,10 @@ struct Wire {
     prompt: Option<serde_json::Value>,
     #[serde(default)]
     input: Option<serde_json::Value>,
+    // Every other field is read too, so that a body the rewrites before
+    // forwarding cannot parse (a number out of range) is refused here.
+    #[serde(flatten)]
+    _rest: std::collections::HashMap<String, IgnoredAny>,
 }
 
 /// Checks the `Content-Type` of an inference request: JSON, or none at all.
