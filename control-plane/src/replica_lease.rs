@@ -85,8 +85,8 @@ impl ReplicaLease {
 /// Whether `error` is etcd saying the lease a write was bound to is gone.
 pub fn lease_missing(error: &crate::store::StoreError) -> bool {
     match error {
-        crate::store::StoreError::Etcd(etcd_client::Error::GRpcStatus(status)) => {
-            status.code() == tonic::Code::NotFound && status.message().contains("lease")
+        crate::store::StoreError::Etcd(error @ etcd_client::Error::GRpcStatus(status)) => {
+            crate::store::lease_gone(error) && status.message().contains("lease")
         }
         _ => false,
     }
@@ -130,15 +130,8 @@ async fn hold(store: &Store, lease: i64, ttl_seconds: i64) -> String {
         match tokio::time::timeout(ttl, renewed).await {
             Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
             Ok(Ok(Some(_))) => return format!("lease {lease} has expired"),
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(message)))
-                if message.contains("not found") =>
-            {
-                return format!("lease {lease} has expired ({message})");
-            }
-            Ok(Err(etcd_client::Error::GRpcStatus(status)))
-                if status.code() == tonic::Code::NotFound =>
-            {
-                return format!("lease {lease} has expired ({})", status.message());
+            Ok(Err(error)) if crate::store::lease_gone(&error) => {
+                return format!("lease {lease} has expired ({error})");
             }
             other => {
                 tracing::debug!(lease, outcome = ?other.map(|r| r.map(|_| ())), "replica lease renewal failed; reopening");

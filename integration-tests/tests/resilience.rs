@@ -294,6 +294,28 @@ fn uuid_like() -> u128 {
         .as_nanos()
 }
 
+/// Starts replica `id` of llama-eu again, waits until the pool has
+/// `replicas` endpoints and `load` has succeeded 5 more times.
+async fn restart(
+    mesh: &Mesh,
+    id: &str,
+    engine_flags: &[&str],
+    replicas: usize,
+    load: &SteadyLoad,
+) -> infermesh_integration_tests::mesh::Replica {
+    let replica = mesh
+        .start_replica(id, "llama-eu", "llama", "eu-west", engine_flags)
+        .await;
+    wait::until(
+        "the restarted replica back in the table",
+        Duration::from_secs(20),
+        || async { (mesh.endpoint_ids("llama-eu").await.len() == replicas).then_some(()) },
+    )
+    .await;
+    load.wait_for(5, Duration::from_secs(20)).await;
+    replica
+}
+
 #[tokio::test]
 async fn a_rolling_restart_of_every_replica_under_streaming_load_fails_no_request() {
     let mesh = Mesh::start().await;
@@ -329,16 +351,7 @@ async fn a_rolling_restart_of_every_replica_under_streaming_load_fails_no_reques
             "{id}'s sidecar drained and exited"
         );
         replica.engine.kill().await;
-        *replica = mesh
-            .start_replica(&id, "llama-eu", "llama", "eu-west", &[])
-            .await;
-        wait::until(
-            "the restarted replica back in the table",
-            Duration::from_secs(20),
-            || async { (mesh.endpoint_ids("llama-eu").await.len() == 3).then_some(()) },
-        )
-        .await;
-        load.wait_for(5, Duration::from_secs(20)).await;
+        *replica = restart(&mesh, &id, &[], 3, &load).await;
     }
     let (ok, failed) = load.stop().await;
     assert!(ok > 20, "{ok}");
@@ -395,16 +408,7 @@ async fn pod_shutdown_through_pre_stop_hooks_stops_the_engine_after_its_last_str
             Some(0),
             "{id}'s sidecar exited"
         );
-        *replica = mesh
-            .start_replica(&id, "llama-eu", "llama", "eu-west", &engine_flags)
-            .await;
-        wait::until(
-            "the new pod in the table",
-            Duration::from_secs(20),
-            || async { (mesh.endpoint_ids("llama-eu").await.len() == 2).then_some(()) },
-        )
-        .await;
-        load.wait_for(5, Duration::from_secs(20)).await;
+        *replica = restart(&mesh, &id, &engine_flags, 2, &load).await;
     }
     let (ok, failed) = load.stop().await;
     assert!(ok > 20, "{ok}");

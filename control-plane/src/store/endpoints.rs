@@ -8,6 +8,16 @@ use prost::Message;
 
 use super::{ObjectKind, Store, StoreError};
 
+/// Whether `error` says the lease it concerns no longer exists: NOT_FOUND,
+/// or the client's own "lease not found" when a keep-alive answers TTL 0.
+pub fn lease_gone(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::NotFound,
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
+        _ => false,
+    }
+}
+
 impl Store {
     /// A new lease of `ttl_seconds`.
     pub async fn grant_lease(&self, ttl_seconds: i64) -> Result<i64, StoreError> {
@@ -30,16 +40,12 @@ impl Store {
     /// Renews a lease once; an error when it has expired or etcd cannot be reached.
     pub async fn renew_lease(&self, lease: i64) -> Result<(), StoreError> {
         let expired = || StoreError::Lease(format!("lease {lease} has expired"));
-        // A lease etcd no longer has: NOT_FOUND, or the client's own
-        // "lease not found" when the keep-alive answers a TTL of 0.
-        let gone = |error: etcd_client::Error| match &error {
-            etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound => {
+        let gone = |error: etcd_client::Error| {
+            if lease_gone(&error) {
                 expired()
+            } else {
+                StoreError::from(error)
             }
-            etcd_client::Error::LeaseKeepAliveError(message) if message.contains("not found") => {
-                expired()
-            }
-            _ => StoreError::from(error),
         };
         let (mut keeper, mut responses) =
             self.client().lease_keep_alive(lease).await.map_err(gone)?;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::metrics::ControlPlaneMetrics;
+pub use endpoints::lease_gone;
 use etcd_client::{Client, Compare, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp};
 pub use keys::{Keys, ObjectKind, prefix_end};
 
