@@ -18,7 +18,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use infermesh_runtime::http::RequestBody;
 use infermesh_runtime::http::{Body, ServeOptions, full};
 use infermesh_runtime::tls::{self, ClientAuth, server::HTTP_ALPN};
 use serde_json::{Value, json};
@@ -300,7 +300,7 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("--webhook-listen {}: {e}", server.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "sidecar-injection webhook serving on /mutate");
     let injection = Arc::new(server.injection);
-    let service = tower::service_fn(move |request: Request<Incoming>| {
+    let service = tower::service_fn(move |request: Request<RequestBody>| {
         let injection = injection.clone();
         async move { Ok::<_, Infallible>(handle(request, &injection).await) }
     });
@@ -314,7 +314,7 @@ pub async fn start(
     }))
 }
 
-async fn handle(request: Request<Incoming>, injection: &Injection) -> Response<Body> {
+async fn handle(request: Request<RequestBody>, injection: &Injection) -> Response<Body> {
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => {
             reply(StatusCode::OK, Bytes::from_static(b"ok\n"), "text/plain")

@@ -5,8 +5,8 @@
 use std::convert::Infallible;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use infermesh_runtime::http::Body;
+use infermesh_runtime::http::RequestBody;
 use tower::ServiceBuilder;
 
 use crate::gateway::Gateway;
@@ -20,7 +20,7 @@ pub fn build(
     auth: AuthLayer,
     max_body_bytes: usize,
 ) -> impl tower::Service<
-    Request<Incoming>,
+    Request<RequestBody>,
     Response = Response<Body>,
     Error = Infallible,
     Future = impl Send + 'static,

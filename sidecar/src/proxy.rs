@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use futures_util::future::BoxFuture;
 use http::{Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use infermesh_runtime::http::RequestBody;
 use infermesh_runtime::http::{Body, Guarded, UpstreamClient, full, streamed, strip_hop_by_hop};
 use serde_json::json;
 use tokio::sync::watch;
@@ -68,7 +68,7 @@ impl EngineProxy {
         self
     }
 
-    async fn forward(self, request: Request<Incoming>) -> Response<Body> {
+    async fn forward(self, request: Request<RequestBody>) -> Response<Body> {
         let in_flight = self.readiness.in_flight.enter();
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -164,7 +164,7 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
     )
 }
 
-impl tower::Service<Request<Incoming>> for EngineProxy {
+impl tower::Service<Request<RequestBody>> for EngineProxy {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
@@ -173,7 +173,7 @@ impl tower::Service<Request<Incoming>> for EngineProxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<RequestBody>) -> Self::Future {
         let proxy = self.clone();
         Box::pin(async move {
             Ok(match request.uri().path() {

@@ -6,8 +6,8 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use crate::http::RequestBody;
 use http::{Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -59,7 +59,7 @@ pub fn render(registry: &Registry) -> String {
 
 /// Serves `GET /metrics` from `registry` on `listener` until `cancel` fires.
 pub async fn serve(listener: TcpListener, registry: Registry, cancel: CancellationToken) {
-    let service = tower::service_fn(move |request: Request<Incoming>| {
+    let service = tower::service_fn(move |request: Request<RequestBody>| {
         let registry = registry.clone();
         async move { Ok::<_, Infallible>(respond(&registry, &request)) }
     });

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
+
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use infermesh_runtime::http::{ServeOptions, full, serve};
+use infermesh_runtime::http::{RequestBody, ServeOptions, full, serve};
 use infermesh_runtime::tls::pki::{IssuedCert, LocalCa};
 use infermesh_runtime::tls::server::{
     ALPN_H2, ALPN_HTTP1, CertWatcher, HTTP_ALPN, ReloadingCertResolver,
@@ -120,7 +120,7 @@ async fn start_https(pki: &Pki, client_auth: ClientAuth) -> Https {
     let acceptor = tls.acceptor();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = tower::service_fn(|request: http::Request<Incoming>| async move {
+    let service = tower::service_fn(|request: http::Request<RequestBody>| async move {
         let who = request.extensions().get::<PeerIdentity>();
         let who = who.map_or("anonymous".into(), PeerIdentity::uri);
         let body = full(format!("{:?} {who}", request.version()));
