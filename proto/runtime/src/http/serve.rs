@@ -250,9 +250,7 @@ async fn serve_plaintext<S>(
         let connection = settings
             .auto
             .serve_connection(TokioIo::new(stream), service);
-        // Boxed, like every hyper connection here, so that a resting
-        // connection's task is no bigger than what resting needs.
-        Box::pin(drive(connection, peer, &drain)).await;
+        drive(connection, peer, &drain).await;
         return;
     }
     let mut read_ahead = Bytes::new();
@@ -260,15 +258,8 @@ async fn serve_plaintext<S>(
         activity.calls.store(0, Ordering::Relaxed);
         let io = TokioIo::new(Resting::new(read_ahead, stream, activity.clone()));
         let mut connection = Box::new(settings.http1.serve_connection(io, service));
-        if !until_idle(
-            &mut *connection,
-            &activity,
-            settings.rest_after,
-            peer,
-            &drain,
-        )
-        .await
-        {
+        let resting = Some((&*activity, settings.rest_after));
+        if !until_idle(Pin::new(&mut *connection), resting, peer, &drain).await {
             return;
         }
         let parts = connection.into_parts();
@@ -364,20 +355,19 @@ async fn rest(
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Drives a hyper HTTP/1.1 connection until it ends (false) or rests
-/// (true): every request it took is answered, the answer is written out,
-/// nothing is being read for a handler, hyper waits for the next request's
-/// bytes, and has waited for `rest_after`. A drain asks it to finish what it
-/// serves and close.
+/// Drives a hyper connection until it ends (false) or, given `rest`, until
+/// it can rest (true): every request it took is answered, the answer is
+/// written out, nothing is being read for a handler, hyper waits for the
+/// next request's bytes, and has waited for the rest delay. A drain asks it
+/// to finish what it serves and close.
 async fn until_idle<C>(
-    connection: &mut C,
-    activity: &Activity,
-    rest_after: Duration,
+    mut connection: Pin<&mut C>,
+    rest: Option<(&Activity, Duration)>,
     peer: SocketAddr,
     drain: &CancellationToken,
 ) -> bool
 where
-    C: GracefulConnection + Unpin,
+    C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
     let mut drained = std::pin::pin!(drain.cancelled());
@@ -386,54 +376,45 @@ where
     let mut idle_after = 0;
     poll_fn(|cx| {
         if !draining && drained.as_mut().poll(cx).is_ready() {
-            Pin::new(&mut *connection).graceful_shutdown();
+            connection.as_mut().graceful_shutdown();
             draining = true;
         }
-        match Pin::new(&mut *connection).poll(cx) {
+        match connection.as_mut().poll(cx) {
             Poll::Ready(Ok(())) => Poll::Ready(false),
             Poll::Ready(Err(error)) => {
                 tracing::debug!(%peer, %error, "connection ended with an error");
                 Poll::Ready(false)
             }
-            Poll::Pending if !draining && activity.idle() => {
-                // Idle since the last request finished: (re)arm the linger
-                // timer once per request, rest when it fires.
-                let calls = activity.calls.load(Ordering::Relaxed);
-                let deadline = tokio::time::Instant::now() + rest_after;
-                let timer =
-                    linger.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if idle_after != calls {
-                    timer.as_mut().reset(deadline);
-                    idle_after = calls;
+            Poll::Pending => match rest {
+                Some((activity, rest_after)) if !draining && activity.idle() => {
+                    // Idle since the last request finished: (re)arm the
+                    // timer once per request, rest when it fires.
+                    let calls = activity.calls.load(Ordering::Relaxed);
+                    let deadline = tokio::time::Instant::now() + rest_after;
+                    let timer =
+                        linger.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if idle_after != calls {
+                        timer.as_mut().reset(deadline);
+                        idle_after = calls;
+                    }
+                    timer.as_mut().poll(cx).map(|()| true)
                 }
-                timer.as_mut().poll(cx).map(|()| true)
-            }
-            Poll::Pending => Poll::Pending,
+                _ => Poll::Pending,
+            },
         }
     })
     .await
 }
 
-/// Runs a connection to its end, draining it gracefully when asked.
+/// Runs a connection to its end, draining it gracefully when asked (boxed,
+/// so that the task of a connection that rests is no bigger than resting
+/// needs).
 async fn drive<C>(connection: C, peer: SocketAddr, drain: &CancellationToken)
 where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
-    let mut connection = std::pin::pin!(connection);
-    let mut drained = std::pin::pin!(drain.cancelled());
-    let mut draining = false;
-    let ended = poll_fn(|cx| {
-        if !draining && drained.as_mut().poll(cx).is_ready() {
-            connection.as_mut().graceful_shutdown();
-            draining = true;
-        }
-        connection.as_mut().poll(cx)
-    })
-    .await;
-    if let Err(error) = ended {
-        tracing::debug!(%peer, %error, "connection ended with an error");
-    }
+    until_idle(Box::pin(connection).as_mut(), None, peer, drain).await;
 }
 
 /// What one connection is doing, as far as putting it to rest goes.
