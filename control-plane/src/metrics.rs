@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use infermesh_proto::v1::{EndpointState, SubscriberRole};
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::snapshot::Snapshot;
 use infermesh_runtime::metrics::CONTROL_SECONDS;
@@ -27,6 +29,9 @@ pub struct ControlPlaneMetrics {
     /// 1 on the replica that won leader election.
     pub leader: IntGauge,
     load_reports: IntCounter,
+    /// Tables pushed and their encoded bytes: (count, bytes) for full
+    /// tables, then for changes.
+    pushes: [(IntCounter, IntCounter); 2],
     pool_serving: IntGaugeVec,
     /// Leader only: the autoscaler's desired replicas per pool.
     pub pool_desired: IntGaugeVec,
@@ -34,6 +39,15 @@ pub struct ControlPlaneMetrics {
     pub pool_floor: IntGaugeVec,
     /// Recent writes: (etcd revision, when it committed), oldest first.
     writes: Mutex<VecDeque<(i64, Instant)>>,
+}
+
+/// How a table went out.
+#[derive(Debug, Clone, Copy)]
+pub enum PushKind {
+    /// The whole table.
+    Full = 0,
+    /// What changed since the table the stream sent last.
+    Delta = 1,
 }
 
 fn role_label(role: SubscriberRole) -> &'static str {
@@ -47,7 +61,30 @@ fn role_label(role: SubscriberRole) -> &'static str {
 impl ControlPlaneMetrics {
     /// Creates the metrics and registers them with `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let pushes = IntCounterVec::new(
+            Opts::new(
+                "infermesh_control_plane_table_pushes_total",
+                "Routing tables pushed to subscribers, whole (kind=full) or as the change from the previous one (kind=delta).",
+            ),
+            &["kind"],
+        )?;
+        let pushed_bytes = IntCounterVec::new(
+            Opts::new(
+                "infermesh_control_plane_table_push_bytes_total",
+                "Encoded bytes of the routing tables pushed, by kind (full or delta).",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(pushes.clone()))?;
+        registry.register(Box::new(pushed_bytes.clone()))?;
+        let by_kind = |kind: &str| {
+            (
+                pushes.with_label_values(&[kind]),
+                pushed_bytes.with_label_values(&[kind]),
+            )
+        };
         let metrics = Self {
+            pushes: [by_kind("full"), by_kind("delta")],
             subscribers: IntGaugeVec::new(
                 Opts::new(
                     "infermesh_control_plane_subscribers",
@@ -165,6 +202,13 @@ impl ControlPlaneMetrics {
             .with_label_values(&[role_label(role), region]);
         gauge.inc();
         SubscriberGuard(gauge)
+    }
+
+    /// A table of `bytes` went out to one subscriber.
+    pub fn pushed(&self, kind: PushKind, bytes: usize) {
+        let (count, total) = &self.pushes[kind as usize];
+        count.inc();
+        total.inc_by(bytes as u64);
     }
 
     /// One load report arrived.

@@ -224,4 +224,28 @@ async fn every_process_exports_metrics_promtool_accepts_and_they_follow_the_traf
         }
     })
     .await;
+    // The edge held a table before the write, so the write reached it as a
+    // change; the first table of each stream went out whole.
+    let text = get(mesh.control_plane_metrics_url.clone()).await;
+    let pushed = |kind: &str| {
+        let count = value(
+            &text,
+            &format!(r#"infermesh_control_plane_table_pushes_total{{kind="{kind}"}}"#),
+        );
+        let bytes = value(
+            &text,
+            &format!(r#"infermesh_control_plane_table_push_bytes_total{{kind="{kind}"}}"#),
+        );
+        (count.unwrap_or(0.0), bytes.unwrap_or(0.0))
+    };
+    let (full, full_bytes) = pushed("full");
+    let (deltas, delta_bytes) = pushed("delta");
+    assert!(
+        full >= 2.0 && full_bytes > 0.0,
+        "{full} whole tables, {full_bytes} bytes"
+    );
+    assert!(
+        deltas >= 1.0 && delta_bytes > 0.0,
+        "{deltas} changes, {delta_bytes} bytes"
+    );
 }

@@ -1,6 +1,8 @@
 //! DiscoveryService: one stream per subscriber. Sends the table for the
-//! subscriber's role and region whenever the watched snapshot changes it,
-//! skips pushes whose content did not change, and records ACKs and NACKs.
+//! subscriber's role and region whenever the watched snapshot changes it
+//! (after the first table, only what changed, to subscribers that apply
+//! changes), skips pushes whose content did not change, and records ACKs
+//! and NACKs.
 //! It never pushes from an unsynced snapshot: an empty table would make
 //! every edge drop its routes.
 
@@ -8,10 +10,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use std::collections::HashMap;
+
 use infermesh_proto::v1::{
-    Hello, RoutingTable, SubscribeRequest, SubscribeResponse, SubscriberRole,
+    Hello, RoutingTable, SubscribeRequest, SubscribeResponse, SubscriberRole, TableDelta,
     discovery_service_server::DiscoveryService, subscribe_request,
 };
+use infermesh_runtime::table_delta;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,7 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::first_message;
 use crate::auth::Authorizer;
 use crate::autoscale::DemandBook;
-use crate::metrics::ControlPlaneMetrics;
+use crate::metrics::{ControlPlaneMetrics, PushKind};
 use crate::quota::{QuotaBook, SessionId};
 use crate::registry::validate;
 use crate::snapshot::Snapshot;
@@ -152,22 +157,38 @@ struct Session {
 }
 
 /// Edge tables by region for the latest snapshot, with their content
-/// encoding, built on first demand and shared by every edge session.
+/// encoding, built on first demand and shared by every edge session; and
+/// the changes to them from earlier tables, each made once for all the
+/// sessions that sent the same earlier table.
 #[derive(Default)]
 pub struct EdgeTables {
-    built: std::sync::Mutex<(i64, std::collections::HashMap<String, SharedTable>)>,
+    built: std::sync::Mutex<Built>,
+}
+
+#[derive(Default)]
+struct Built {
+    revision: i64,
+    tables: HashMap<String, SharedTable>,
+    /// By region and the version the change starts from.
+    deltas: HashMap<(String, u64), SharedDelta>,
 }
 
 type SharedTable = (Arc<RoutingTable>, Arc<Vec<u8>>);
 
+/// A change with its encoded size.
+type SharedDelta = (Arc<TableDelta>, usize);
+
 impl EdgeTables {
     fn get(&self, snapshot: &Snapshot, region: &str) -> SharedTable {
         let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
-        if built.0 != snapshot.revision {
-            *built = (snapshot.revision, std::collections::HashMap::new());
+        if built.revision != snapshot.revision {
+            *built = Built {
+                revision: snapshot.revision,
+                ..Built::default()
+            };
         }
         built
-            .1
+            .tables
             .entry(region.to_string())
             .or_insert_with(|| {
                 let table = tables::build(snapshot, SubscriberRole::Edge, region, "");
@@ -176,6 +197,30 @@ impl EdgeTables {
             })
             .clone()
     }
+
+    /// The change from `from` to `to`, the region's current table.
+    fn delta(&self, region: &str, from: &RoutingTable, to: &RoutingTable) -> SharedDelta {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        let current = built
+            .tables
+            .get(region)
+            .is_some_and(|(table, _)| table.version == to.version);
+        if !current {
+            // The snapshot moved on meanwhile: nobody else needs this one.
+            return delta(from, to);
+        }
+        built
+            .deltas
+            .entry((region.to_string(), from.version))
+            .or_insert_with(|| delta(from, to))
+            .clone()
+    }
+}
+
+fn delta(from: &RoutingTable, to: &RoutingTable) -> SharedDelta {
+    let delta = table_delta::diff(from, to);
+    let size = delta.encoded_len();
+    (Arc::new(delta), size)
 }
 
 /// The table's content without its version, to tell real changes from revision bumps elsewhere.
@@ -204,6 +249,7 @@ impl Session {
         );
         let mut held = self.hello.version_held;
         let mut last_content: Option<Arc<Vec<u8>>> = None;
+        let mut last_sent: Option<Arc<RoutingTable>> = None;
         // Only edges take part in rate limiting; a sidecar's receiver stays empty.
         let (quota_session, mut grants) = match self.role {
             SubscriberRole::Edge => {
@@ -227,15 +273,13 @@ impl Session {
                 };
                 if table.version > held && last_content.as_ref() != Some(&body) {
                     let version = table.version;
-                    let response = SubscribeResponse {
-                        table: Some((*table).clone()),
-                        quotas: None,
-                    };
+                    let response = self.table_message(&table, body.len(), last_sent.as_deref());
                     if self.tx.send(Ok(response)).await.is_err() {
                         break;
                     }
                     held = version;
                     last_content = Some(body);
+                    last_sent = Some(table);
                     if let Some(mut state) = self.subscribers.get_mut(&node) {
                         state.sent = version;
                     }
@@ -248,7 +292,7 @@ impl Session {
                 Some(quotas) = grants.recv() => {
                     // Grants only make sense against a table the edge holds.
                     if held > 0 {
-                        let response = SubscribeResponse { table: None, quotas: Some(quotas) };
+                        let response = SubscribeResponse { quotas: Some(quotas), ..Default::default() };
                         if self.tx.send(Ok(response)).await.is_err() {
                             break;
                         }
@@ -269,6 +313,35 @@ impl Session {
         }
         self.subscribers.remove(&node);
         tracing::info!(%node, "subscriber disconnected");
+    }
+
+    /// `table` whole, or what changed since `previous` (the table this
+    /// stream sent last) when the subscriber applies changes and the change
+    /// is the smaller message. `size` is the table's encoded size.
+    fn table_message(
+        &self,
+        table: &Arc<RoutingTable>,
+        size: usize,
+        previous: Option<&RoutingTable>,
+    ) -> SubscribeResponse {
+        if let Some(previous) = previous.filter(|_| self.hello.accepts_deltas) {
+            let (delta, delta_size) = match self.role {
+                SubscriberRole::Edge => self.edge_tables.delta(&self.hello.region, previous, table),
+                _ => delta(previous, table),
+            };
+            if delta_size < size {
+                self.metrics.pushed(PushKind::Delta, delta_size);
+                return SubscribeResponse {
+                    delta: Some((*delta).clone()),
+                    ..Default::default()
+                };
+            }
+        }
+        self.metrics.pushed(PushKind::Full, size);
+        SubscribeResponse {
+            table: Some((**table).clone()),
+            ..Default::default()
+        }
     }
 
     fn record(&self, node: &str, quota_session: Option<SessionId>, message: SubscribeRequest) {

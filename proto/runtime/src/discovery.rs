@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::backoff::Backoff;
 use crate::control_plane::ControlPlaneClient;
+use crate::table_delta;
 use infermesh_proto::v1::{
     Ack, Hello, Nack, QuotaGrants, RoutingTable, SubscribeRequest, SubscriberRole, UsageReport,
     discovery_service_client::DiscoveryServiceClient, subscribe_request,
@@ -152,6 +153,8 @@ struct Session<'a, A: ApplyTable> {
     tables: &'a watch::Sender<Option<Arc<Applied<A::Table>>>>,
     held: u64,
     received_any: bool,
+    /// The table this stream sent last, which its deltas apply to.
+    last: Option<RoutingTable>,
 }
 
 async fn run<A: ApplyTable>(
@@ -177,6 +180,7 @@ async fn run<A: ApplyTable>(
             tables: &tables,
             held,
             received_any: false,
+            last: None,
         };
         let outcome = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -217,6 +221,7 @@ impl<A: ApplyTable> Session<'_, A> {
             region: config.identity.region.clone(),
             node_id: config.identity.node_id.clone(),
             version_held: self.held,
+            accepts_deltas: true,
         };
         send(&tx, subscribe_request::Kind::Hello(hello)).await?;
         let mut inbound = client
@@ -266,9 +271,20 @@ impl<A: ApplyTable> Session<'_, A> {
             if let (Some(grants), Some(quota)) = (response.quotas, &config.quota) {
                 quota.grants(grants);
             }
-            let Some(table) = response.table else {
-                continue;
+            let table = match (response.table, response.delta) {
+                (Some(table), _) => table,
+                (None, Some(delta)) => {
+                    // A change that does not fit what this stream sent
+                    // cannot be repaired here: a new stream starts from a
+                    // full table.
+                    let base = self.last.as_ref().ok_or_else(|| {
+                        tonic::Status::data_loss("a table change came before any table")
+                    })?;
+                    table_delta::apply(base, delta).map_err(tonic::Status::data_loss)?
+                }
+                (None, None) => continue,
             };
+            self.last = Some(table.clone());
             self.received_any = true;
             let version = table.version;
             if version <= self.held {

@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 pub mod quota;
 pub mod shutdown;
+pub mod table_delta;
 pub mod telemetry;
 pub mod time;
 pub mod tls;

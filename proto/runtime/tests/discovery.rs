@@ -1,7 +1,8 @@
 //! The discovery client against an in-process fake control plane: tables
 //! are applied and ACKed, a refused table is NACKed with its reason while
-//! the old one stays, and after the stream breaks the client comes back
-//! saying which version it holds.
+//! the old one stays, table changes are applied to the table the stream
+//! sent, a change that does not fit it breaks the stream, and after the
+//! stream breaks the client comes back saying which version it holds.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,8 @@ use std::time::Duration;
 
 use infermesh_proto::v1::discovery_service_server::{DiscoveryService, DiscoveryServiceServer};
 use infermesh_proto::v1::{
-    RoutingTable, SubscribeRequest, SubscribeResponse, SubscriberRole, subscribe_request,
+    Pool, RoutingTable, SubscribeRequest, SubscribeResponse, SubscriberRole, TableDelta,
+    subscribe_request,
 };
 use infermesh_runtime::backoff::Backoff;
 use infermesh_runtime::control_plane::ControlPlaneClient;
@@ -22,7 +24,10 @@ use tonic::{Request, Response, Status, Streaming};
 /// What the fake saw from the subscriber, in order.
 #[derive(Debug, Clone, PartialEq)]
 enum Seen {
-    Hello { version_held: u64 },
+    Hello {
+        version_held: u64,
+        accepts_deltas: bool,
+    },
     Ack(u64),
     Nack(u64, String),
 }
@@ -30,7 +35,7 @@ enum Seen {
 /// Each connection gets the next script of tables, then the stream ends
 /// once the subscriber answered all of them.
 struct FakeControlPlane {
-    scripts: Mutex<Vec<Vec<RoutingTable>>>,
+    scripts: Mutex<Vec<Vec<SubscribeResponse>>>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
@@ -62,6 +67,7 @@ impl DiscoveryService for FakeControlPlane {
                 let event = match message.kind {
                     Some(subscribe_request::Kind::Hello(h)) => Seen::Hello {
                         version_held: h.version_held,
+                        accepts_deltas: h.accepts_deltas,
                     },
                     Some(subscribe_request::Kind::Ack(a)) => Seen::Ack(a.version),
                     Some(subscribe_request::Kind::Nack(n)) => Seen::Nack(n.version, n.reason),
@@ -81,13 +87,8 @@ impl DiscoveryService for FakeControlPlane {
                         return;
                     }
                 }
-                if let Some(table) = script.next() {
-                    let _ = tx
-                        .send(Ok(SubscribeResponse {
-                            table: Some(table),
-                            quotas: None,
-                        }))
-                        .await;
+                if let Some(response) = script.next() {
+                    let _ = tx.send(Ok(response)).await;
                 }
             }
         });
@@ -95,8 +96,9 @@ impl DiscoveryService for FakeControlPlane {
     }
 }
 
-/// Accepts tables whose region is not "bad".
-struct RegionTables;
+/// Accepts tables whose region is not "bad"; holds "region:pool,pool".
+#[derive(Default)]
+struct RegionTables(Arc<Mutex<Vec<String>>>);
 
 impl ApplyTable for RegionTables {
     type Table = String;
@@ -104,14 +106,42 @@ impl ApplyTable for RegionTables {
         if table.region == "bad" {
             return Err("region \"bad\" is refused".into());
         }
-        Ok(table.region)
+        let pools: Vec<_> = table.pools.iter().map(|p| p.name.as_str()).collect();
+        let held = format!("{}:{}", table.region, pools.join(","));
+        self.0.lock().unwrap().push(held.clone());
+        Ok(held)
     }
 }
 
-fn table(version: u64, region: &str) -> RoutingTable {
-    RoutingTable {
-        version,
-        region: region.into(),
+fn table(version: u64, region: &str, pools: &[&str]) -> SubscribeResponse {
+    SubscribeResponse {
+        table: Some(RoutingTable {
+            version,
+            region: region.into(),
+            pools: pools
+                .iter()
+                .map(|name| Pool {
+                    name: name.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn delta(base_version: u64, version: u64, added: &str) -> SubscribeResponse {
+    SubscribeResponse {
+        delta: Some(TableDelta {
+            base_version,
+            version,
+            pools: vec![Pool {
+                name: added.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -121,8 +151,14 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
     let seen = Arc::new(Mutex::new(Vec::new()));
     let fake = FakeControlPlane {
         scripts: Mutex::new(vec![
-            vec![table(1, "eu"), table(2, "bad")],
-            vec![table(3, "eu-new")],
+            vec![table(1, "eu", &[]), table(2, "bad", &[])],
+            // The change from 9 does not fit version 4: the stream breaks.
+            vec![
+                table(3, "eu-new", &["a"]),
+                delta(3, 4, "b"),
+                delta(9, 10, "x"),
+            ],
+            vec![table(5, "eu-new", &["a", "b", "c"])],
         ]),
         seen: seen.clone(),
     };
@@ -153,26 +189,33 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
         demand: None,
     };
     let cancel = CancellationToken::new();
-    let (subscription, task) = discovery::subscribe(config, RegionTables, cancel.clone());
+    let applier = RegionTables::default();
+    let applied_tables = applier.0.clone();
+    let (subscription, task) = discovery::subscribe(config, applier, cancel.clone());
     let mut tables = subscription.tables.clone();
 
     let applied = tokio::time::timeout(
         Duration::from_secs(10),
-        tables.wait_for(|t| t.as_ref().is_some_and(|t| t.version == 3)),
+        tables.wait_for(|t| t.as_ref().is_some_and(|t| t.version == 5)),
     )
     .await
-    .expect("version 3 applied in time")
+    .expect("version 5 applied in time")
     .unwrap()
     .clone()
     .unwrap();
-    assert_eq!(applied.table, "eu-new");
+    assert_eq!(applied.table, "eu-new:a,b,c");
+    assert_eq!(
+        *applied_tables.lock().unwrap(),
+        ["eu:", "eu-new:a", "eu-new:a,b", "eu-new:a,b,c"],
+        "the change to version 4 applied to version 3, the one from 9 never"
+    );
 
     // The table is published before its ACK leaves; wait for the fake to record it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !seen.lock().unwrap().contains(&Seen::Ack(3)) {
+    while !seen.lock().unwrap().contains(&Seen::Ack(5)) {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "ACK of version 3 never arrived"
+            "ACK of version 5 never arrived"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -180,11 +223,14 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
     assert_eq!(
         seen,
         vec![
-            Seen::Hello { version_held: 0 },
+            hello(0),
             Seen::Ack(1),
             Seen::Nack(2, "region \"bad\" is refused".into()),
-            Seen::Hello { version_held: 1 },
+            hello(1),
             Seen::Ack(3),
+            Seen::Ack(4),
+            hello(4),
+            Seen::Ack(5),
         ],
         "the refused version 2 was never held"
     );
@@ -192,4 +238,11 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
     task.await.unwrap();
     stop.cancel();
     server.await.unwrap().unwrap();
+}
+
+fn hello(version_held: u64) -> Seen {
+    Seen::Hello {
+        version_held,
+        accepts_deltas: true,
+    }
 }
