@@ -64,6 +64,7 @@ async fn main() {
     let (served, failed) = load.stop().await;
 
     // Edge with many idle keep-alive connections, each after one request.
+    let edge_loaded = edge.process.rss_bytes().expect("edge RSS");
     let address = edge.url.trim_start_matches("http://").to_string();
     let mut held = Vec::with_capacity(connections);
     for _ in 0..connections {
@@ -95,8 +96,13 @@ async fn main() {
     );
     println!("| edge | idle | {} | |", mib(edge_idle));
     println!(
-        "| edge | {} idle client connections held | {} | < 64 |",
+        "| edge | after the streaming load, before the connections | {} | |",
+        mib(edge_loaded)
+    );
+    println!(
+        "| edge | {} idle client connections held ({:.1} KiB each over the line above) | {} | < 64 |",
         held.len(),
+        edge_connections.saturating_sub(edge_loaded) as f64 / 1024.0 / held.len().max(1) as f64,
         mib(edge_connections)
     );
 }

@@ -160,11 +160,13 @@ pub async fn serve<S>(
     S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>
         + Clone
         + Send
-        + Unpin
+        + Sync
         + 'static,
     S::Future: Send + 'static,
 {
     let settings = Arc::new(Settings::new(&options));
+    // One copy per listener: connections share it and clone it per request.
+    let service = Arc::new(service);
     let grace = options.grace;
     match options.tls {
         None => {
@@ -229,19 +231,19 @@ impl Settings {
 async fn serve_plaintext<S>(
     mut stream: TcpStream,
     peer: SocketAddr,
-    service: S,
+    service: Arc<S>,
     settings: &Settings,
     drain: CancellationToken,
 ) where
     S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>
         + Clone
         + Send
-        + Unpin
+        + Sync
         + 'static,
     S::Future: Send + 'static,
 {
     let activity = Arc::new(Activity::default());
-    let mut service = Tracked::new(service, activity.clone());
+    let mut service = Tracked::new(service, activity.clone(), None);
     let mut head = [0u8; H2_PREFACE.len()];
     let Some(n) = rest(&stream, &mut head, settings.header_read_timeout, &drain).await else {
         return;
@@ -279,14 +281,14 @@ async fn serve_tls<S>(
     stream: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
-    service: S,
+    service: Arc<S>,
     settings: &Settings,
     drain: CancellationToken,
 ) where
     S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>
         + Clone
         + Send
-        + Unpin
+        + Sync
         + 'static,
     S::Future: Send + 'static,
 {
@@ -309,13 +311,7 @@ async fn serve_tls<S>(
     let (_, session) = stream.get_ref();
     let h2 = session.alpn_protocol() == Some(ALPN_H2);
     let identity = PeerIdentity::from_presented(session.peer_certificates());
-    let service = service.map_request(move |mut request: Request<RequestBody>| {
-        if let Some(identity) = &identity {
-            request.extensions_mut().insert(identity.clone());
-        }
-        request
-    });
-    let service = Tracked::new(service, Arc::new(Activity::default()));
+    let service = Tracked::new(service, Arc::new(Activity::default()), identity);
     let io = TokioIo::new(FirstByteDeadline::new(stream, handshake_timeout));
     // h2 over TLS is chosen by ALPN (RFC 9113 §3.2), so anything else is
     // HTTP/1.1, whose header deadline starts at once.
@@ -464,15 +460,21 @@ impl Drop for Busy {
 }
 
 /// The service hyper calls: the listener's service, with every request's
-/// handler, body and response counted as work on the connection.
+/// handler, body and response counted as work on the connection, and the
+/// client's TLS identity, if any, in every request's extensions.
 struct Tracked<S> {
-    inner: S,
+    inner: Arc<S>,
     activity: Arc<Activity>,
+    identity: Option<PeerIdentity>,
 }
 
 impl<S> Tracked<S> {
-    fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+    fn new(inner: Arc<S>, activity: Arc<Activity>, identity: Option<PeerIdentity>) -> Self {
+        Self {
+            inner,
+            activity,
+            identity,
+        }
     }
 }
 
@@ -487,12 +489,15 @@ where
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.activity.calls.fetch_add(1, Ordering::Relaxed);
         let answering = self.activity.enter();
-        let request = request.map(|inner| RequestBody {
+        let mut request = request.map(|inner| RequestBody {
             inner,
             open: Some(self.activity.enter()),
         });
+        if let Some(identity) = &self.identity {
+            request.extensions_mut().insert(identity.clone());
+        }
         TrackedCall {
-            call: self.inner.clone().oneshot(request),
+            call: S::clone(&self.inner).oneshot(request),
             answering: Some(answering),
         }
     }
