@@ -73,6 +73,12 @@ pub struct Config {
     )]
     pub header_read_timeout_ms: u64,
 
+    /// Time an idle plaintext HTTP/1.1 keep-alive connection keeps its
+    /// buffers after a request, milliseconds; then it waits for the next
+    /// request holding only its socket (0: at once, as nginx does).
+    #[arg(long, env = "INFERMESH_IDLE_CONNECTION_REST_MS", default_value_t = 0)]
+    pub idle_connection_rest_ms: u64,
+
     /// Largest request head (request line and headers), bytes; larger gets 431.
     #[arg(long, env = "INFERMESH_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,

@@ -129,7 +129,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
         max_header_bytes: config.max_header_bytes,
         tls: None,
-        rest_after: ServeOptions::REST_AFTER,
+        rest_after: Duration::from_millis(config.idle_connection_rest_ms),
     };
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {

@@ -311,6 +311,11 @@ async fn main() {
         }
     }
     let edge = mesh.start_edge("direct", &[]).await;
+    // The same edge, its idle connections keeping hyper's buffers for 60 s
+    // instead of resting after every request: what resting costs.
+    let keeping_edge = mesh
+        .start_edge("direct", &["--idle-connection-rest-ms", "60000"])
+        .await;
     let full_edge = mesh.start_edge("full", &[]).await;
     let routes = [
         (free_port(), port_of(&fast_engine)),
@@ -376,6 +381,12 @@ async fn main() {
         name: "infermesh edge",
         fast: (edge_url.clone(), "sim"),
         stream: (edge_url, "sim-stream"),
+    });
+    let keeping_url = format!("{}/v1/chat/completions", keeping_edge.url);
+    paths.push(Path {
+        name: "infermesh edge, buffers kept 60 s",
+        fast: (keeping_url.clone(), "sim"),
+        stream: (keeping_url, "sim-stream"),
     });
     let full_url = format!("{}/v1/chat/completions", full_edge.url);
     paths.push(Path {
