@@ -75,8 +75,13 @@ pub struct Config {
 
     /// Time an idle plaintext HTTP/1.1 keep-alive connection keeps its
     /// buffers after a request, milliseconds; then it waits for the next
-    /// request holding only its socket (0: at once, as nginx does).
-    #[arg(long, env = "INFERMESH_IDLE_CONNECTION_REST_MS", default_value_t = 0)]
+    /// request holding only its socket. At most 128 idle connections keep
+    /// them at a time, any more rest at once (0: all rest at once).
+    #[arg(
+        long,
+        env = "INFERMESH_IDLE_CONNECTION_REST_MS",
+        default_value_t = 1000
+    )]
     pub idle_connection_rest_ms: u64,
 
     /// Largest request head (request line and headers), bytes; larger gets 431.

@@ -130,6 +130,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         max_header_bytes: config.max_header_bytes,
         tls: None,
         rest_after: Duration::from_millis(config.idle_connection_rest_ms),
+        max_lingering: ServeOptions::MAX_LINGERING,
     };
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {

@@ -56,8 +56,12 @@ pub struct ServeOptions {
     pub tls: Option<TlsAcceptor>,
     /// How long an idle plaintext HTTP/1.1 connection keeps hyper's
     /// buffers before it rests on the bare socket: a client that sends its
-    /// next request sooner pays nothing for resting.
+    /// next request sooner pays nothing for resting. At most
+    /// `max_lingering` idle connections wait like this at a time; others
+    /// rest at once.
     pub rest_after: Duration,
+    /// Most idle connections that keep their buffers for `rest_after`.
+    pub max_lingering: usize,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -68,6 +72,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("max_header_bytes", &self.max_header_bytes)
             .field("tls", &self.tls.is_some())
             .field("rest_after", &self.rest_after)
+            .field("max_lingering", &self.max_lingering)
             .finish()
     }
 }
@@ -76,12 +81,16 @@ impl ServeOptions {
     /// Smallest `max_header_bytes` accepted (hyper's lower bound on its read buffer).
     pub const MIN_HEADER_BYTES: usize = 8192;
 
-    /// Idle time before a connection rests, unless set otherwise: none, as
-    /// nginx frees a keep-alive connection's buffers after every request.
-    pub const REST_AFTER: Duration = Duration::ZERO;
+    /// Idle time before a connection rests, unless set otherwise.
+    pub const REST_AFTER: Duration = Duration::from_secs(1);
+
+    /// Idle connections that may keep their buffers at once, unless set
+    /// otherwise: about 2.5 MiB of buffers.
+    pub const MAX_LINGERING: usize = 128;
 
     /// Plaintext with the given grace period, a 30 s header deadline, a
-    /// 64 KiB head limit and connections resting as soon as they idle.
+    /// 64 KiB head limit and up to 128 idle connections resting after 1 s
+    /// (any more at once).
     pub fn plaintext(grace: Duration) -> Self {
         Self {
             grace,
@@ -89,6 +98,7 @@ impl ServeOptions {
             max_header_bytes: 64 * 1024,
             tls: None,
             rest_after: Self::REST_AFTER,
+            max_lingering: Self::MAX_LINGERING,
         }
     }
 }
@@ -193,6 +203,7 @@ struct Settings {
     http1: http1::Builder,
     header_read_timeout: Duration,
     rest_after: Duration,
+    lingering: Slots,
 }
 
 impl Settings {
@@ -221,6 +232,7 @@ impl Settings {
             http1,
             header_read_timeout: options.header_read_timeout,
             rest_after: options.rest_after,
+            lingering: Slots::new(options.max_lingering),
         }
     }
 }
@@ -261,7 +273,11 @@ async fn serve_plaintext<S>(
         activity.calls.store(0, Ordering::Relaxed);
         let io = TokioIo::new(Resting::new(read_ahead, stream, activity.clone()));
         let mut connection = Box::new(settings.http1.serve_connection(io, service));
-        let resting = Some((&*activity, settings.rest_after));
+        let resting = Some(Rest {
+            activity: &activity,
+            after: settings.rest_after,
+            lingering: &settings.lingering,
+        });
         if !until_idle(Pin::new(&mut *connection), resting, peer, &drain).await {
             return;
         }
@@ -361,7 +377,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// to finish what it serves and close.
 async fn until_idle<C>(
     mut connection: Pin<&mut C>,
-    rest: Option<(&Activity, Duration)>,
+    rest: Option<Rest<'_>>,
     peer: SocketAddr,
     drain: &CancellationToken,
 ) -> bool
@@ -372,6 +388,7 @@ where
     let mut drained = std::pin::pin!(drain.cancelled());
     let mut draining = false;
     let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut slot: Option<Slot<'_>> = None;
     let mut idle_after = 0;
     poll_fn(|cx| {
         if !draining && drained.as_mut().poll(cx).is_ready() {
@@ -384,15 +401,18 @@ where
                 tracing::debug!(%peer, %error, "connection ended with an error");
                 Poll::Ready(false)
             }
-            Poll::Pending => match rest {
-                Some((activity, rest_after)) if !draining && activity.idle() => {
-                    if rest_after.is_zero() {
+            Poll::Pending => match &rest {
+                Some(rest) if !draining && rest.activity.idle() => {
+                    if slot.is_none() {
+                        slot = rest.lingering.take();
+                    }
+                    if rest.after.is_zero() || slot.is_none() {
                         return Poll::Ready(true);
                     }
                     // Idle since the last request finished: (re)arm the
                     // timer once per request, rest when it fires.
-                    let calls = activity.calls.load(Ordering::Relaxed);
-                    let deadline = tokio::time::Instant::now() + rest_after;
+                    let calls = rest.activity.calls.load(Ordering::Relaxed);
+                    let deadline = tokio::time::Instant::now() + rest.after;
                     let timer =
                         linger.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                     if idle_after != calls {
@@ -401,11 +421,56 @@ where
                     }
                     timer.as_mut().poll(cx).map(|()| true)
                 }
-                _ => Poll::Pending,
+                _ => {
+                    // Busy again: the slot is for idle connections.
+                    slot = None;
+                    Poll::Pending
+                }
             },
         }
     })
     .await
+}
+
+/// How a connection rests: what it is doing, how long it may idle with
+/// its buffers, and the slots for doing so.
+struct Rest<'a> {
+    activity: &'a Activity,
+    after: Duration,
+    lingering: &'a Slots,
+}
+
+/// A bounded count of idle connections keeping their buffers.
+struct Slots {
+    taken: AtomicUsize,
+    max: usize,
+}
+
+impl Slots {
+    fn new(max: usize) -> Self {
+        Self {
+            taken: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn take(&self) -> Option<Slot<'_>> {
+        let taken = self.taken.fetch_add(1, Ordering::AcqRel);
+        if taken >= self.max {
+            self.taken.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(self))
+    }
+}
+
+/// One idle connection's place among those keeping their buffers.
+struct Slot<'a>(&'a Slots);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.taken.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Runs a connection to its end, draining it gracefully when asked (boxed,
@@ -760,7 +825,7 @@ mod tests {
     /// answers without reading the body.
     async fn echo_server(
         header_read_timeout: Duration,
-        rest_after: Duration,
+        (rest_after, max_lingering): (Duration, usize),
         release: Arc<tokio::sync::Notify>,
     ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -791,6 +856,7 @@ mod tests {
         let options = ServeOptions {
             header_read_timeout,
             rest_after,
+            max_lingering,
             ..ServeOptions::plaintext(Duration::from_secs(5))
         };
         let task = tokio::spawn(serve(listener, service, cancel.clone(), options));
@@ -901,8 +967,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_unread_body_is_never_taken_for_the_next_request() {
-        let (addr, cancel, task) =
-            echo_server(Duration::from_secs(5), Duration::ZERO, Arc::default()).await;
+        let (addr, cancel, task) = echo_server(
+            Duration::from_secs(5),
+            (Duration::ZERO, 128),
+            Arc::default(),
+        )
+        .await;
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let mut pending = Vec::new();
         // The body of /early arrives after its answer: hyper must drain it
@@ -930,9 +1000,9 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_is_closed_after_the_header_deadline() {
         // It rests after 50 ms, then waits out the deadline on the socket.
-        let rest_after = Duration::from_millis(50);
+        let rest = (Duration::from_millis(50), 128);
         let (addr, cancel, task) =
-            echo_server(Duration::from_millis(300), rest_after, Arc::default()).await;
+            echo_server(Duration::from_millis(300), rest, Arc::default()).await;
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let mut pending = Vec::new();
         stream
@@ -960,8 +1030,12 @@ mod tests {
     #[tokio::test]
     async fn a_drain_closes_resting_connections_and_finishes_busy_ones() {
         let release = Arc::new(tokio::sync::Notify::new());
-        let (addr, cancel, task) =
-            echo_server(Duration::from_secs(30), Duration::ZERO, release.clone()).await;
+        let (addr, cancel, task) = echo_server(
+            Duration::from_secs(30),
+            (Duration::ZERO, 128),
+            release.clone(),
+        )
+        .await;
         let mut resting = TcpStream::connect(addr).await.unwrap();
         let mut resting_pending = Vec::new();
         resting
