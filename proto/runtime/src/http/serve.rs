@@ -906,16 +906,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_keep_alive_connection_serves_requests_across_rests() {
-        // Resting after every request, and after 20 ms idle (the timer is
-        // armed after each request and mostly outrun by the next one).
-        for rest_after in [Duration::ZERO, Duration::from_millis(20)] {
-            serves_requests_across_rests(rest_after).await;
+        // Resting after every request; after 20 ms idle (the timer is armed
+        // after each request and mostly outrun by the next one); and with
+        // no slot to idle in, at once again.
+        for rest in [
+            (Duration::ZERO, 128),
+            (Duration::from_millis(20), 128),
+            (Duration::from_secs(60), 0),
+        ] {
+            serves_requests_across_rests(rest).await;
         }
     }
 
-    async fn serves_requests_across_rests(rest_after: Duration) {
-        let (addr, cancel, task) =
-            echo_server(Duration::from_secs(5), rest_after, Arc::default()).await;
+    async fn serves_requests_across_rests(rest: (Duration, usize)) {
+        let (addr, cancel, task) = echo_server(Duration::from_secs(5), rest, Arc::default()).await;
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let mut pending = Vec::new();
         for i in 0..50 {
