@@ -75,7 +75,7 @@ pub struct Config {
 
     /// Time an idle plaintext HTTP/1.1 keep-alive connection keeps its
     /// buffers after a request, milliseconds; then it waits for the next
-    /// request holding only its socket. At most 128 idle connections keep
+    /// request holding only its socket. At most 32 idle connections keep
     /// them at a time, any more rest at once (0: all rest at once).
     #[arg(
         long,

@@ -312,7 +312,7 @@ async fn main() {
     }
     let edge = mesh.start_edge("direct", &[]).await;
     // The same edge, every connection resting as soon as it idles (instead
-    // of after 1 s for up to 128 of them): what resting costs.
+    // of after 1 s for up to 32 of them): what resting costs.
     let resting_edge = mesh
         .start_edge("direct", &["--idle-connection-rest-ms", "0"])
         .await;

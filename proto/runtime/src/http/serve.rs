@@ -85,11 +85,11 @@ impl ServeOptions {
     pub const REST_AFTER: Duration = Duration::from_secs(1);
 
     /// Idle connections that may keep their buffers at once, unless set
-    /// otherwise: about 2.5 MiB of buffers.
-    pub const MAX_LINGERING: usize = 128;
+    /// otherwise: well under 1 MiB of buffers.
+    pub const MAX_LINGERING: usize = 32;
 
     /// Plaintext with the given grace period, a 30 s header deadline, a
-    /// 64 KiB head limit and up to 128 idle connections resting after 1 s
+    /// 64 KiB head limit and up to 32 idle connections resting after 1 s
     /// (any more at once).
     pub fn plaintext(grace: Duration) -> Self {
         Self {
