@@ -42,6 +42,11 @@ impl Etcd {
         etcd
     }
 
+    /// Process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(Process::pid)
+    }
+
     /// Starts it again with the same data and ports (after `kill`); waits until healthy.
     pub async fn restart(&mut self) {
         let binary = which("etcd")

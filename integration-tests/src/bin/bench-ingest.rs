@@ -97,7 +97,7 @@ async fn report(client: &ControlPlaneClient, address: &str, id: &str, interval: 
     }
 }
 
-/// utime + stime of `pid`, in clock ticks.
+/// utime + stime of `pid` (all its threads), in clock ticks.
 fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
@@ -141,10 +141,12 @@ async fn main() {
         async move { http.get(&url).await.map(|r| r.text()).unwrap_or_default() }
     };
 
+    let etcd_pid = mesh.etcd.pid().expect("etcd pid");
+    let own_pid = std::process::id();
     println!(
-        "| sidecars | registered in s | reports/s | control-plane CPU (cores) | control-plane RSS MiB | target |"
+        "| sidecars | registered in s | reports/s | control-plane CPU (cores) | control-plane RSS MiB | etcd CPU (cores) | benchmark process CPU (cores) | target |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (round, &n) in sizes.iter().enumerate() {
         let started = Instant::now();
         let mut tasks = Vec::with_capacity(n);
@@ -173,6 +175,7 @@ async fn main() {
         let registered = started.elapsed();
         // Let the ramp-up's writes settle, then measure a window.
         tokio::time::sleep(Duration::from_secs(5)).await;
+        let others_before = (cpu_ticks(etcd_pid), cpu_ticks(own_pid));
         let before = (
             cpu_ticks(pid),
             metric(
@@ -182,6 +185,7 @@ async fn main() {
             Instant::now(),
         );
         tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let others_after = (cpu_ticks(etcd_pid), cpu_ticks(own_pid));
         let after = (
             cpu_ticks(pid),
             metric(
@@ -191,10 +195,13 @@ async fn main() {
             Instant::now(),
         );
         let window = (after.2 - before.2).as_secs_f64();
-        let cores = match (before.0, after.0) {
-            (Some(a), Some(b)) => (b - a) as f64 / ticks_per_second / window,
+        let cores = |before: Option<u64>, after: Option<u64>| match (before, after) {
+            (Some(a), Some(b)) => b.saturating_sub(a) as f64 / ticks_per_second / window,
             _ => f64::NAN,
         };
+        let etcd_cores = cores(others_before.0, others_after.0);
+        let own_cores = cores(others_before.1, others_after.1);
+        let cores = cores(before.0, after.0);
         let reports = (after.1 - before.1) / window;
         let rss = mesh
             .control_plane
@@ -207,7 +214,7 @@ async fn main() {
             ""
         };
         println!(
-            "| {n} | {:.1} | {reports:.0} | {cores:.2} | {rss:.1} | {target} |",
+            "| {n} | {:.1} | {reports:.0} | {cores:.2} | {rss:.1} | {etcd_cores:.2} | {own_cores:.2} | {target} |",
             registered.as_secs_f64()
         );
         for task in tasks {

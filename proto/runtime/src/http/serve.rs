@@ -20,6 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -44,10 +45,11 @@ use crate::tls::server::ALPN_H2;
 pub struct ServeOptions {
     /// Time open connections get to finish once shutdown starts.
     pub grace: Duration,
-    /// A client must finish its TLS handshake, and each HTTP/1.1 request's
-    /// headers, within this time or the connection is closed (slowloris).
-    /// An idle keep-alive connection is closed when no request starts
-    /// within this time.
+    /// A client must send its first byte (TLS: finish its handshake), and
+    /// then each HTTP/1.1 request's headers, within this time each, or the
+    /// connection is closed (slowloris). An idle keep-alive connection is
+    /// closed when no request starts within this time of going idle (or of
+    /// resting).
     pub header_read_timeout: Duration,
     /// Largest request head (HTTP/1.1 request line and headers, h2 header
     /// list) accepted; HTTP/1.1 requests over it get 431.
@@ -391,6 +393,9 @@ where
     let mut slot: Option<Slot<'_>> = None;
     let mut idle_after = 0;
     poll_fn(|cx| {
+        if let Some(rest) = &rest {
+            rest.activity.waker.register(cx.waker());
+        }
         if !draining && drained.as_mut().poll(cx).is_ready() {
             connection.as_mut().graceful_shutdown();
             draining = true;
@@ -498,6 +503,9 @@ struct Activity {
     /// A request body was dropped before its end: the current hyper
     /// connection serves to its end instead of resting.
     unread_body: AtomicBool,
+    /// The connection's task, woken when the last unit of work ends
+    /// elsewhere (a request body read to its end by another task).
+    waker: AtomicWaker,
 }
 
 impl Activity {
@@ -520,7 +528,9 @@ struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+        if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.waker.wake();
+        }
     }
 }
 
