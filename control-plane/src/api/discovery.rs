@@ -6,12 +6,11 @@
 //! It never pushes from an unsynced snapshot: an empty table would make
 //! every edge drop its routes.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use std::collections::HashMap;
-
 use infermesh_proto::v1::{
     Hello, RoutingTable, SubscribeRequest, SubscribeResponse, SubscriberRole, TableDelta,
     discovery_service_server::DiscoveryService, subscribe_request,
@@ -248,8 +247,8 @@ impl Session {
             },
         );
         let mut held = self.hello.version_held;
-        let mut last_content: Option<Arc<Vec<u8>>> = None;
-        let mut last_sent: Option<Arc<RoutingTable>> = None;
+        // The table this stream sent last, with its content encoding.
+        let mut last_sent: Option<SharedTable> = None;
         // Only edges take part in rate limiting; a sidecar's receiver stays empty.
         let (quota_session, mut grants) = match self.role {
             SubscriberRole::Edge => {
@@ -271,15 +270,16 @@ impl Session {
                         (Arc::new(table), body)
                     }
                 };
-                if table.version > held && last_content.as_ref() != Some(&body) {
+                let unchanged = last_sent.as_ref().is_some_and(|(_, sent)| *sent == body);
+                if table.version > held && !unchanged {
                     let version = table.version;
-                    let response = self.table_message(&table, body.len(), last_sent.as_deref());
+                    let previous = last_sent.as_ref().map(|(sent, _)| &**sent);
+                    let response = self.table_message(&table, body.len(), previous);
                     if self.tx.send(Ok(response)).await.is_err() {
                         break;
                     }
                     held = version;
-                    last_content = Some(body);
-                    last_sent = Some(table);
+                    last_sent = Some((table, body));
                     if let Some(mut state) = self.subscribers.get_mut(&node) {
                         state.sent = version;
                     }

@@ -2,28 +2,28 @@
 //! with its key's mod_revision, which is what update guards compare against.
 
 use infermesh_proto::v1::{ApiKey, Endpoint, Model, Pool, Region, Tenant};
+use infermesh_runtime::table_delta::Keyed;
 
 use super::{ObjectKind, Store, StoreError, decode};
 
-/// A registry object stored as one key.
-pub trait Object: prost::Message + Default + Clone + 'static {
+/// A registry object stored as one key, named by its `Keyed` key.
+pub trait Object: Keyed + prost::Message + Default + Clone + 'static {
     /// Which directory it lives in.
     const KIND: ObjectKind;
     /// Its unique name (the last key segment).
-    fn name(&self) -> &str;
+    fn name(&self) -> &str {
+        self.key()
+    }
     /// The revision it carries.
     fn revision(&self) -> i64;
     /// Stamps the revision read from etcd.
     fn set_revision(&mut self, revision: i64);
 }
 
-macro_rules! named_object {
+macro_rules! revisioned_object {
     ($ty:ty, $kind:expr) => {
         impl Object for $ty {
             const KIND: ObjectKind = $kind;
-            fn name(&self) -> &str {
-                &self.name
-            }
             fn revision(&self) -> i64 {
                 self.revision
             }
@@ -34,31 +34,15 @@ macro_rules! named_object {
     };
 }
 
-named_object!(Model, ObjectKind::Model);
-named_object!(Pool, ObjectKind::Pool);
-named_object!(Region, ObjectKind::Region);
-named_object!(Tenant, ObjectKind::Tenant);
-
-impl Object for ApiKey {
-    const KIND: ObjectKind = ObjectKind::ApiKey;
-    // A key is stored under its id; its `name` field is only a label.
-    #[allow(clippy::misnamed_getters)]
-    fn name(&self) -> &str {
-        &self.id
-    }
-    fn revision(&self) -> i64 {
-        self.revision
-    }
-    fn set_revision(&mut self, revision: i64) {
-        self.revision = revision;
-    }
-}
+revisioned_object!(Model, ObjectKind::Model);
+revisioned_object!(Pool, ObjectKind::Pool);
+revisioned_object!(Region, ObjectKind::Region);
+revisioned_object!(Tenant, ObjectKind::Tenant);
+// A key is stored under its id; its `name` field is only a label.
+revisioned_object!(ApiKey, ObjectKind::ApiKey);
 
 impl Object for Endpoint {
     const KIND: ObjectKind = ObjectKind::Endpoint;
-    fn name(&self) -> &str {
-        &self.id
-    }
     fn revision(&self) -> i64 {
         0
     }

@@ -6,16 +6,38 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use infermesh_proto::v1::{RoutingTable, TableDelta};
+use infermesh_proto::v1::{
+    ApiKey, Endpoint, Model, Pool, Region, RoutingTable, TableDelta, Tenant,
+};
+
+/// What identifies an object in a table and in the registry (the last
+/// segment of its etcd key): names, ids for endpoints and API keys.
+pub trait Keyed {
+    /// The object's key.
+    fn key(&self) -> &str;
+}
+
+macro_rules! keyed_by {
+    ($field:ident: $($ty:ty),+) => {
+        $(impl Keyed for $ty {
+            fn key(&self) -> &str {
+                &self.$field
+            }
+        })+
+    };
+}
+
+keyed_by!(name: Model, Pool, Region, Tenant);
+keyed_by!(id: Endpoint, ApiKey);
 
 /// The change from `old` to `new`, two tables of one subscriber.
 pub fn diff(old: &RoutingTable, new: &RoutingTable) -> TableDelta {
-    let (models, removed_models) = changes(&old.models, &new.models, |m| &m.name);
-    let (pools, removed_pools) = changes(&old.pools, &new.pools, |p| &p.name);
-    let (endpoints, removed_endpoints) = changes(&old.endpoints, &new.endpoints, |e| &e.id);
-    let (regions, removed_regions) = changes(&old.regions, &new.regions, |r| &r.name);
-    let (api_keys, removed_api_keys) = changes(&old.api_keys, &new.api_keys, |k| &k.id);
-    let (tenants, removed_tenants) = changes(&old.tenants, &new.tenants, |t| &t.name);
+    let (models, removed_models) = changes(&old.models, &new.models);
+    let (pools, removed_pools) = changes(&old.pools, &new.pools);
+    let (endpoints, removed_endpoints) = changes(&old.endpoints, &new.endpoints);
+    let (regions, removed_regions) = changes(&old.regions, &new.regions);
+    let (api_keys, removed_api_keys) = changes(&old.api_keys, &new.api_keys);
+    let (tenants, removed_tenants) = changes(&old.tenants, &new.tenants);
     TableDelta {
         base_version: old.version,
         version: new.version,
@@ -36,23 +58,19 @@ pub fn diff(old: &RoutingTable, new: &RoutingTable) -> TableDelta {
 
 /// Objects of `new` that `old` lacks or holds differently, and keys of
 /// `old` that `new` lacks.
-fn changes<T: Clone + PartialEq>(
-    old: &[T],
-    new: &[T],
-    key: impl Fn(&T) -> &String,
-) -> (Vec<T>, Vec<String>) {
-    let before: HashMap<&String, &T> = old.iter().map(|o| (key(o), o)).collect();
-    let after: HashSet<&String> = new.iter().map(&key).collect();
+fn changes<T: Keyed + Clone + PartialEq>(old: &[T], new: &[T]) -> (Vec<T>, Vec<String>) {
+    let before: HashMap<&str, &T> = old.iter().map(|o| (o.key(), o)).collect();
+    let after: HashSet<&str> = new.iter().map(T::key).collect();
     let changed = new
         .iter()
-        .filter(|n| before.get(key(n)) != Some(n))
+        .filter(|n| before.get(n.key()) != Some(n))
         .cloned()
         .collect();
     let removed = old
         .iter()
-        .map(&key)
+        .map(T::key)
         .filter(|k| !after.contains(k))
-        .cloned()
+        .map(str::to_string)
         .collect();
     (changed, removed)
 }
@@ -76,46 +94,25 @@ pub fn apply(base: &RoutingTable, delta: TableDelta) -> Result<RoutingTable, Str
         version: delta.version,
         region: base.region.clone(),
         role: base.role,
-        models: merge(&base.models, delta.models, &delta.removed_models, |m| {
-            &m.name
-        }),
-        pools: merge(&base.pools, delta.pools, &delta.removed_pools, |p| &p.name),
-        endpoints: merge(
-            &base.endpoints,
-            delta.endpoints,
-            &delta.removed_endpoints,
-            |e| &e.id,
-        ),
-        regions: merge(&base.regions, delta.regions, &delta.removed_regions, |r| {
-            &r.name
-        }),
-        api_keys: merge(
-            &base.api_keys,
-            delta.api_keys,
-            &delta.removed_api_keys,
-            |k| &k.id,
-        ),
-        tenants: merge(&base.tenants, delta.tenants, &delta.removed_tenants, |t| {
-            &t.name
-        }),
+        models: merge(&base.models, delta.models, &delta.removed_models),
+        pools: merge(&base.pools, delta.pools, &delta.removed_pools),
+        endpoints: merge(&base.endpoints, delta.endpoints, &delta.removed_endpoints),
+        regions: merge(&base.regions, delta.regions, &delta.removed_regions),
+        api_keys: merge(&base.api_keys, delta.api_keys, &delta.removed_api_keys),
+        tenants: merge(&base.tenants, delta.tenants, &delta.removed_tenants),
     })
 }
 
 /// `base` without the `removed` keys, with `changed` put in, ordered by key.
-fn merge<T: Clone>(
-    base: &[T],
-    changed: Vec<T>,
-    removed: &[String],
-    key: impl Fn(&T) -> &String,
-) -> Vec<T> {
-    let removed: HashSet<&String> = removed.iter().collect();
-    let mut by_key: BTreeMap<&String, &T> = base
+fn merge<T: Keyed + Clone>(base: &[T], changed: Vec<T>, removed: &[String]) -> Vec<T> {
+    let removed: HashSet<&str> = removed.iter().map(String::as_str).collect();
+    let mut by_key: BTreeMap<&str, &T> = base
         .iter()
-        .filter(|o| !removed.contains(key(o)))
-        .map(|o| (key(o), o))
+        .filter(|o| !removed.contains(o.key()))
+        .map(|o| (o.key(), o))
         .collect();
     for item in &changed {
-        by_key.insert(key(item), item);
+        by_key.insert(item.key(), item);
     }
     by_key.into_values().cloned().collect()
 }

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 mod serve;
 
-pub use serve::{RequestBody, ServeOptions, serve};
+pub use serve::{HttpService, RequestBody, ServeOptions, serve};
 
 /// Errors a body may yield.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -157,6 +157,34 @@ impl std::fmt::Debug for RequestBody {
     }
 }
 
+/// What `serve` serves: a cloneable tower service answering every request
+/// with a `Body`, shared across connections and tasks.
+pub trait HttpService:
+    tower::Service<
+        Request<RequestBody>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> HttpService for S where
+    S: tower::Service<
+            Request<RequestBody>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Serves `service` on `listener` (HTTP/1.1 and h2) until `cancel` fires,
 /// then stops accepting and gives open connections `options.grace` to
 /// finish. With `options.tls`, every connection is TLS: ALPN `h2` gets an
@@ -169,12 +197,7 @@ pub async fn serve<S>(
     cancel: CancellationToken,
     options: ServeOptions,
 ) where
-    S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: HttpService,
 {
     let settings = Arc::new(Settings::new(&options));
     // One copy per listener: connections share it and clone it per request.
@@ -249,12 +272,7 @@ async fn serve_plaintext<S>(
     settings: &Settings,
     drain: CancellationToken,
 ) where
-    S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: HttpService,
 {
     let activity = Arc::new(Activity::default());
     let mut service = Tracked::new(service, activity.clone(), None);
@@ -272,7 +290,6 @@ async fn serve_plaintext<S>(
     }
     let mut read_ahead = Bytes::new();
     loop {
-        activity.calls.store(0, Ordering::Relaxed);
         let io = TokioIo::new(Resting::new(read_ahead, stream, activity.clone()));
         let mut connection = Box::new(settings.http1.serve_connection(io, service));
         let resting = Some(Rest {
@@ -303,12 +320,7 @@ async fn serve_tls<S>(
     settings: &Settings,
     drain: CancellationToken,
 ) where
-    S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: HttpService,
 {
     let handshake_timeout = settings.header_read_timeout;
     let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
@@ -553,10 +565,7 @@ impl<S> Tracked<S> {
     }
 }
 
-impl<S> hyper::service::Service<Request<Incoming>> for Tracked<S>
-where
-    S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible> + Clone,
-{
+impl<S: HttpService> hyper::service::Service<Request<Incoming>> for Tracked<S> {
     type Response = Response<Guarded<Body, Busy>>;
     type Error = Infallible;
     type Future = TrackedCall<S>;
@@ -588,10 +597,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<S> std::future::Future for TrackedCall<S>
-where
-    S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>,
-{
+impl<S: HttpService> std::future::Future for TrackedCall<S> {
     type Output = Result<Response<Guarded<Body, Busy>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -615,7 +621,9 @@ struct Resting {
 }
 
 impl Resting {
+    /// Starts a hyper connection's spell: nothing served, read or written yet.
     fn new(read_ahead: Bytes, stream: TcpStream, activity: Arc<Activity>) -> Self {
+        activity.calls.store(0, Ordering::Relaxed);
         activity.read_waiting.store(false, Ordering::Relaxed);
         activity.write_blocked.store(false, Ordering::Relaxed);
         activity.unread_body.store(false, Ordering::Relaxed);
