@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use infermesh_runtime::discovery::{Applied, DemandBoard};
+use infermesh_runtime::discovery::{Applied, DemandBoard, SyncState};
 use infermesh_runtime::http::{Body, full};
 use serde_json::json;
 use tokio::sync::watch;
@@ -44,6 +44,7 @@ pub struct Gateway {
     cache: Option<Arc<ResponseCache>>,
     resilience: Resilience,
     demand: Arc<DemandBoard>,
+    sync: Arc<SyncState>,
 }
 
 /// Retries and ejection settings.
@@ -76,7 +77,14 @@ impl Gateway {
             cache,
             resilience,
             demand: Arc::default(),
+            sync: Arc::default(),
         }
+    }
+
+    /// Reports the table's lag behind the control plane from `sync` on `/readyz`.
+    pub fn with_sync(mut self, sync: Arc<SyncState>) -> Self {
+        self.sync = sync;
+        self
     }
 
     /// Signals pools that have scaled to zero through `demand`.
@@ -149,10 +157,18 @@ impl Gateway {
 
     fn readyz(&self) -> Response<Body> {
         match self.table() {
+            // Lag does not make the edge unready: it still serves with the
+            // table it has, and taking every edge of a region out because a
+            // control plane pushed something unusable would turn a bad
+            // object into an outage. The lag is reported and alerted on.
             Some(table) => json_response(
                 StatusCode::OK,
                 json!({"status": "ready", "table_version": table.version, "region": table.table.region,
-                       "stale": table.table.from_disk}),
+                       "stale": table.table.from_disk,
+                       "offered_version": self.sync.offered_version(),
+                       "lag_seconds": self.sync.lag().as_secs_f64(),
+                       "skipped_objects": table.table.skipped.len(),
+                       "refused_tables": self.sync.refusals()}),
             ),
             None => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::access_log::{AccessLog, AccessRecord};
@@ -38,6 +39,12 @@ pub struct EdgeMetrics {
     pub control_plane_connected: IntGauge,
     /// 1 while the table in use is the one saved to disk, not yet replaced by a push.
     pub table_stale: IntGauge,
+    /// Objects of the table in use that were left out, by kind.
+    pub table_skipped: IntGaugeVec,
+    /// Pushed tables refused since start.
+    pub table_refusals: IntCounter,
+    /// How long a newer version than the one in use has been offered.
+    pub table_lag: Gauge,
 }
 
 fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
@@ -140,6 +147,21 @@ impl EdgeMetrics {
                 "infermesh_edge_control_plane_connected",
                 "1 while the routing-table stream to a control plane is open.",
             )?,
+            table_skipped: IntGaugeVec::new(
+                Opts::new(
+                    "infermesh_edge_routing_table_objects_skipped",
+                    "Objects of the routing table in use that the edge left out because it could not use them, by kind.",
+                ),
+                &["kind"],
+            )?,
+            table_refusals: IntCounter::new(
+                "infermesh_edge_routing_table_refusals_total",
+                "Pushed routing tables this edge refused (NACKed), keeping the one it had.",
+            )?,
+            table_lag: Gauge::new(
+                "infermesh_edge_routing_table_lag_seconds",
+                "Seconds since a control plane offered a newer routing table than the one in use (0 when current).",
+            )?,
         };
         registry.register(Box::new(metrics.requests.clone()))?;
         registry.register(Box::new(metrics.duration.clone()))?;
@@ -157,6 +179,9 @@ impl EdgeMetrics {
         registry.register(Box::new(metrics.table_version.clone()))?;
         registry.register(Box::new(metrics.control_plane_connected.clone()))?;
         registry.register(Box::new(metrics.table_stale.clone()))?;
+        registry.register(Box::new(metrics.table_skipped.clone()))?;
+        registry.register(Box::new(metrics.table_refusals.clone()))?;
+        registry.register(Box::new(metrics.table_lag.clone()))?;
         Ok(metrics)
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use infermesh_proto::v1::SubscriberRole;
 use infermesh_runtime::backoff::Backoff;
-use infermesh_runtime::discovery::{self, DiscoveryConfig, Identity};
+use infermesh_runtime::discovery::{self, DiscoveryConfig, Identity, Subscription};
 use infermesh_runtime::http::ServeOptions;
 use infermesh_runtime::tls::{self, ClientAuth, server::HTTP_ALPN};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ use crate::layers::auth::AuthLayer;
 use crate::metrics::{EdgeMetrics, Observer};
 use crate::quota::Limiter;
 use crate::stack;
-use crate::table::EdgeTableBuilder;
+use crate::table::{EdgeTable, EdgeTableBuilder, ObjectKind};
 use crate::table_store::TableStore;
 use infermesh_runtime::discovery::{Applied, ApplyTable};
 
@@ -97,8 +97,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     .await
     .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", config.metrics_listen))?;
     let gauges = tokio::spawn(follow_subscription(
-        subscription.tables.clone(),
-        subscription.connected.clone(),
+        Subscription {
+            tables: subscription.tables.clone(),
+            connected: subscription.connected.clone(),
+            sync: subscription.sync.clone(),
+        },
         metrics.clone(),
         cancel.child_token(),
     ));
@@ -118,7 +121,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             },
         },
     )
-    .with_demand(demand);
+    .with_demand(demand)
+    .with_sync(subscription.sync.clone());
     let auth = AuthLayer::new(subscription.tables.clone(), config.allow_anonymous);
     if config.allow_anonymous {
         tracing::warn!("--allow-anonymous: requests without an API key are served without limits");
@@ -189,29 +193,55 @@ fn response_cache(
     Ok(Some(ResponseCache::new(store, settings, registry)?))
 }
 
-/// Keeps the table-version and connection gauges current.
+/// Keeps the table-version, connection, skip and lag gauges current; the
+/// lag grows while nothing changes, so it is also read every second.
 async fn follow_subscription(
-    mut tables: crate::gateway::Tables,
-    mut connected: tokio::sync::watch::Receiver<bool>,
+    subscription: Subscription<EdgeTable>,
     metrics: Arc<EdgeMetrics>,
     cancel: CancellationToken,
 ) {
+    let Subscription {
+        mut tables,
+        mut connected,
+        sync,
+    } = subscription;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refusals = 0;
     loop {
-        let (version, stale) = tables
-            .borrow_and_update()
-            .as_ref()
-            .map_or((0, false), |t| (t.version, t.table.from_disk));
-        metrics.table_stale.set(i64::from(stale));
-        metrics
-            .table_version
-            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        {
+            let current = tables.borrow_and_update();
+            let (version, stale) = current
+                .as_ref()
+                .map_or((0, false), |t| (t.version, t.table.from_disk));
+            metrics.table_stale.set(i64::from(stale));
+            metrics
+                .table_version
+                .set(i64::try_from(version).unwrap_or(i64::MAX));
+            for kind in ObjectKind::ALL {
+                let count = current.as_ref().map_or(0, |t| {
+                    t.table.skipped.iter().filter(|s| s.kind == kind).count()
+                });
+                metrics
+                    .table_skipped
+                    .with_label_values(&[kind.as_str()])
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
         metrics
             .control_plane_connected
             .set(i64::from(*connected.borrow_and_update()));
+        let now_refused = sync.refusals();
+        metrics
+            .table_refusals
+            .inc_by(now_refused.saturating_sub(refusals));
+        refusals = now_refused;
+        metrics.table_lag.set(sync.lag().as_secs_f64());
         tokio::select! {
             _ = cancel.cancelled() => return,
             changed = tables.changed() => if changed.is_err() { return },
             changed = connected.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
         }
     }
 }

@@ -77,23 +77,13 @@ pub fn endpoint_id(field: &str, id: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
-/// Checks a `host:port` address (IPv6 hosts in brackets).
+/// Checks a `host:port` address (IPv6 hosts in brackets, no scheme) with
+/// the function edges read addresses with, so what is written here every
+/// edge can use.
 pub fn host_port(field: &str, address: &str) -> Result<(), RegistryError> {
-    let bad = || {
-        RegistryError::invalid(
-            field,
-            format!("{address:?} is not host:port with a port in 1..=65535"),
-        )
-    };
-    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let host_ok = !host.is_empty()
-        && !host.contains(char::is_whitespace)
-        && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
-    if port == 0 || !host_ok {
-        return Err(bad());
-    }
-    Ok(())
+    infermesh_runtime::address::host_port(address)
+        .map(|_| ())
+        .map_err(|e| RegistryError::invalid(field, e.to_string()))
 }
 
 fn unique<'a>(
@@ -351,13 +341,7 @@ pub fn region(r: &Region) -> Result<(), RegistryError> {
     }
     unique("region.failover", &r.failover)?;
     if !r.edge_address.is_empty() {
-        let address = r
-            .edge_address
-            .strip_prefix("https://")
-            .or_else(|| r.edge_address.strip_prefix("http://"))
-            .unwrap_or(&r.edge_address)
-            .trim_end_matches('/');
-        host_port("region.edge_address", address)?;
+        host_port("region.edge_address", &r.edge_address)?;
     }
     Ok(())
 }
@@ -400,7 +384,7 @@ mod tests {
             name: "eu-west".into(),
             zones: vec!["eu-west-1a".into()],
             failover: vec!["us-east".into()],
-            edge_address: "https://edge.eu.example.com:443".into(),
+            edge_address: "edge.eu.example.com:443".into(),
             revision: 0,
         })
         .unwrap();
@@ -615,13 +599,16 @@ mod tests {
             })),
             "region.zones[0]"
         );
-        assert_eq!(
-            field_of(region(&Region {
-                edge_address: "no-port".into(),
-                ..base
-            })),
-            "region.edge_address"
-        );
+        for bad in ["no-port", "https://edge.example.com:443"] {
+            assert_eq!(
+                field_of(region(&Region {
+                    edge_address: bad.into(),
+                    ..base.clone()
+                })),
+                "region.edge_address",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

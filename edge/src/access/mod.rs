@@ -11,6 +11,8 @@ use infermesh_proto::v1::{RateLimits, RoutingTable};
 use infermesh_runtime::api_key;
 
 use crate::error::ApiError;
+use crate::table::ObjectKind;
+use crate::table::build::SkipLog;
 
 /// One usable key.
 #[derive(Debug)]
@@ -58,18 +60,24 @@ const DECOY_HASH: [u8; 32] = [0u8; 32];
 
 impl Access {
     /// Reads keys and tenants from a table; `canonical` maps a model name or
-    /// alias to its canonical name, for allowed-model lists.
-    pub fn from_table(
+    /// alias to its canonical name, for allowed-model lists. A malformed key
+    /// is left out (noted in `skips`); an id that appears twice is left out
+    /// in every copy, since which copy is current cannot be told.
+    pub(crate) fn from_table(
         table: &RoutingTable,
         canonical: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, String> {
+        skips: &mut SkipLog,
+    ) -> Self {
         let mut keys = HashMap::with_capacity(table.api_keys.len());
+        let mut twice = HashSet::new();
         for key in &table.api_keys {
             if !api_key::is_valid_id(&key.id) {
-                return Err(format!("api key id {:?} is malformed", key.id));
+                skips.skip(ObjectKind::ApiKey, &key.id, "malformed key id");
+                continue;
             }
             if key.secret_sha256.len() != 32 {
-                return Err(format!("api key {:?} has no SHA-256 hash", key.id));
+                skips.skip(ObjectKind::ApiKey, &key.id, "no SHA-256 hash");
+                continue;
             }
             let allowed = (!key.allowed_models.is_empty()).then(|| {
                 key.allowed_models
@@ -87,15 +95,19 @@ impl Access {
                 expires_at_unix_ms: key.expires_at_unix_ms,
             };
             if keys.insert(key.id.clone(), Arc::new(entry)).is_some() {
-                return Err(format!("api key {:?} appears twice", key.id));
+                twice.insert(key.id.clone());
             }
+        }
+        for id in twice {
+            keys.remove(&id);
+            skips.skip(ObjectKind::ApiKey, &id, "appears twice");
         }
         let tenants = table
             .tenants
             .iter()
             .map(|t| (t.name.clone(), t.limits.unwrap_or_default()))
             .collect();
-        Ok(Self { keys, tenants })
+        Self { keys, tenants }
     }
 
     /// Number of usable keys.
@@ -218,7 +230,7 @@ mod tests {
     #[test]
     fn a_valid_key_is_accepted_by_bearer_or_x_api_key_with_its_tenant_limits() {
         let (k, secret) = key(&[], 0);
-        let access = Access::from_table(&table(vec![k]), |_| None).unwrap();
+        let access = Access::from_table(&table(vec![k]), |_| None, &mut SkipLog::default());
         let p = access.authenticate(&bearer(&secret), 1).unwrap();
         assert_eq!(p.key.tenant, "acme");
         assert_eq!(p.tenant_limits.unwrap().requests_per_minute, 7);
@@ -231,7 +243,7 @@ mod tests {
     fn missing_wrong_and_expired_keys_are_refused_without_echoing_the_secret() {
         let (k, secret) = key(&[], 1000);
         let id = k.id.clone();
-        let access = Access::from_table(&table(vec![k]), |_| None).unwrap();
+        let access = Access::from_table(&table(vec![k]), |_| None, &mut SkipLog::default());
         assert!(refusal(access.authenticate(&HeaderMap::new(), 1)).contains("didn't provide"));
         let mut wrong = secret.clone();
         wrong.pop();
@@ -253,21 +265,13 @@ mod tests {
     #[test]
     fn allowed_models_are_matched_by_canonical_name_so_aliases_count() {
         let (k, secret) = key(&["llama"], 0);
-        let access = Access::from_table(&table(vec![k]), |name| {
-            (name == "llama" || name == "llama-alias").then(|| "llama-3".to_string())
-        })
-        .unwrap();
+        let access = Access::from_table(
+            &table(vec![k]),
+            |name| (name == "llama" || name == "llama-alias").then(|| "llama-3".to_string()),
+            &mut SkipLog::default(),
+        );
         let p = access.authenticate(&bearer(&secret), 1).unwrap();
         assert!(p.key.allows("llama-3"));
         assert!(!p.key.allows("qwen"));
-    }
-
-    #[test]
-    fn tables_with_malformed_keys_are_refused() {
-        let (mut k, _) = key(&[], 0);
-        k.secret_sha256.truncate(5);
-        assert!(Access::from_table(&table(vec![k]), |_| None).is_err());
-        let (k, _) = key(&[], 0);
-        assert!(Access::from_table(&table(vec![k.clone(), k]), |_| None).is_err());
     }
 }

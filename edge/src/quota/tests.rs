@@ -30,7 +30,11 @@ fn principal(key_limits: RateLimits, tenant_limits: Option<RateLimits>) -> Princ
             .collect(),
         ..Default::default()
     };
-    let access = Access::from_table(&table, |_| None).unwrap();
+    let access = Access::from_table(
+        &table,
+        |_| None,
+        &mut crate::table::build::SkipLog::default(),
+    );
     let mut headers = HeaderMap::new();
     headers.insert("x-api-key", made.secret.parse().unwrap());
     access.authenticate(&headers, 1).unwrap()

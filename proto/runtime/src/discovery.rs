@@ -122,6 +122,80 @@ pub struct Subscription<T> {
     pub tables: watch::Receiver<Option<Arc<Applied<T>>>>,
     /// Whether a stream to a control plane is open now.
     pub connected: watch::Receiver<bool>,
+    /// How the applied table compares with what the control plane offered.
+    pub sync: Arc<SyncState>,
+}
+
+/// How far the applied table is behind the control plane's: the newest
+/// version offered, how long a newer version than the applied one has been
+/// waiting, and the refusals. A subscriber that refuses every push (or
+/// never gets one applied) shows a growing lag even though it serves.
+#[derive(Debug, Default)]
+pub struct SyncState {
+    inner: std::sync::Mutex<SyncInner>,
+}
+
+#[derive(Debug, Default)]
+struct SyncInner {
+    offered: u64,
+    applied: u64,
+    behind_since: Option<tokio::time::Instant>,
+    refusals: u64,
+    last_refusal: Option<(u64, String)>,
+}
+
+impl SyncState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The control plane offered `version`.
+    fn offered(&self, version: u64) {
+        let mut inner = self.lock();
+        inner.offered = inner.offered.max(version);
+        if inner.offered > inner.applied && inner.behind_since.is_none() {
+            inner.behind_since = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// `version` is now the applied table.
+    fn applied(&self, version: u64) {
+        let mut inner = self.lock();
+        inner.applied = version;
+        if inner.applied >= inner.offered {
+            inner.behind_since = None;
+        }
+    }
+
+    /// `version` was refused for `reason`.
+    fn refused(&self, version: u64, reason: &str) {
+        let mut inner = self.lock();
+        inner.refusals += 1;
+        inner.last_refusal = Some((version, reason.to_string()));
+    }
+
+    /// How long a version newer than the applied one has been offered
+    /// and not applied; zero when the applied table is the newest offered.
+    pub fn lag(&self) -> Duration {
+        self.lock()
+            .behind_since
+            .map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
+    /// The newest version any control plane offered.
+    pub fn offered_version(&self) -> u64 {
+        self.lock().offered
+    }
+
+    /// How many pushed tables were refused since start.
+    pub fn refusals(&self) -> u64 {
+        self.lock().refusals
+    }
+
+    /// The last refused version and why.
+    pub fn last_refusal(&self) -> Option<(u64, String)> {
+        self.lock().last_refusal.clone()
+    }
 }
 
 /// Starts the subscription task; it stops when `cancel` fires.
@@ -144,13 +218,29 @@ pub fn subscribe_from<A: ApplyTable>(
 ) -> (Subscription<A::Table>, JoinHandle<()>) {
     let (tables_tx, tables) = watch::channel(initial.map(Arc::new));
     let (connected_tx, connected) = watch::channel(false);
-    let task = tokio::spawn(run(config, applier, tables_tx, connected_tx, cancel));
-    (Subscription { tables, connected }, task)
+    let sync = Arc::new(SyncState::default());
+    let task = tokio::spawn(run(
+        config,
+        applier,
+        tables_tx,
+        connected_tx,
+        sync.clone(),
+        cancel,
+    ));
+    (
+        Subscription {
+            tables,
+            connected,
+            sync,
+        },
+        task,
+    )
 }
 
 struct Session<'a, A: ApplyTable> {
     applier: &'a mut A,
     tables: &'a watch::Sender<Option<Arc<Applied<A::Table>>>>,
+    sync: &'a SyncState,
     held: u64,
     received_any: bool,
     /// The table this stream sent last, which its deltas apply to.
@@ -162,6 +252,7 @@ async fn run<A: ApplyTable>(
     mut applier: A,
     tables: watch::Sender<Option<Arc<Applied<A::Table>>>>,
     connected: watch::Sender<bool>,
+    sync: Arc<SyncState>,
     cancel: CancellationToken,
 ) {
     if config.control_planes.is_empty() {
@@ -178,6 +269,7 @@ async fn run<A: ApplyTable>(
         let mut session = Session {
             applier: &mut applier,
             tables: &tables,
+            sync: &sync,
             held,
             received_any: false,
             last: None,
@@ -287,6 +379,7 @@ impl<A: ApplyTable> Session<'_, A> {
             self.last = Some(table.clone());
             self.received_any = true;
             let version = table.version;
+            self.sync.offered(version);
             if version <= self.held {
                 send(tx, subscribe_request::Kind::Ack(Ack { version })).await?;
                 continue;
@@ -294,6 +387,7 @@ impl<A: ApplyTable> Session<'_, A> {
             match self.applier.apply(table) {
                 Ok(applied) => {
                     self.held = version;
+                    self.sync.applied(version);
                     self.tables.send_replace(Some(Arc::new(Applied {
                         version,
                         table: applied,
@@ -302,6 +396,7 @@ impl<A: ApplyTable> Session<'_, A> {
                     send(tx, subscribe_request::Kind::Ack(Ack { version })).await?;
                 }
                 Err(reason) => {
+                    self.sync.refused(version, &reason);
                     tracing::warn!(version, %reason, "routing table refused; keeping version {}", self.held);
                     send(tx, subscribe_request::Kind::Nack(Nack { version, reason })).await?;
                 }

@@ -2,6 +2,7 @@
 //! to routing tables, backoff with jitter, telemetry set-up and shutdown
 //! signals. Nothing process-specific belongs here.
 
+pub mod address;
 pub mod admin_token;
 pub mod api_key;
 pub mod backoff;

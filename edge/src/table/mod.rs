@@ -1,8 +1,7 @@
 //! The edge's routing table: what a pushed `RoutingTable` means to the
-//! request path, validated once when it arrives. A table that cannot be
-//! used (bad address, a name claimed twice) is refused whole and the edge
-//! keeps routing with the one it has. In-flight counters carry over from
-//! one table to the next so a push does not reset load figures.
+//! request path (routes by model name, the replicas' live counters, the
+//! balancing policies). Building it from a push, and leaving out objects
+//! that cannot be used, is `build`'s job.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -10,13 +9,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 
 use http::uri::Authority;
-use infermesh_proto::v1::{EndpointState, RoutingPolicy, RoutingTable};
-use infermesh_runtime::discovery::ApplyTable;
 use rand::Rng;
 
 use crate::access::Access;
 use crate::health::Health;
 use crate::prefix::PrefixIndex;
+
+pub(crate) mod build;
+
+pub use build::{EdgeTableBuilder, ObjectKind, Skipped};
 
 /// How a model's replica is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,6 +369,8 @@ pub struct EdgeTable {
     /// Read from the saved file at start, not pushed by a control plane
     /// since: possibly stale.
     pub from_disk: bool,
+    /// Objects of the pushed table that were left out, and why.
+    pub skipped: Vec<Skipped>,
 }
 
 /// Another region's edge, reached when this region cannot serve a model.
@@ -386,198 +389,11 @@ impl EdgeTable {
     }
 }
 
-/// What the edge knows of one replica beyond the table: requests in
-/// flight, passive health, latest load; kept by endpoint id across pushes.
-type ReplicaState = (Arc<AtomicUsize>, Arc<Health>, Arc<LoadSample>);
-
-/// Builds `EdgeTable`s from pushed tables, keeping in-flight counters by endpoint id.
-#[derive(Default)]
-pub struct EdgeTableBuilder {
-    counters: HashMap<String, ReplicaState>,
-    prefixes: HashMap<String, Arc<PrefixIndex>>,
-    store: Option<crate::table_store::TableStore>,
-}
-
-impl EdgeTableBuilder {
-    /// A builder that saves every table it accepts to `store`.
-    pub fn saving_to(store: crate::table_store::TableStore) -> Self {
-        Self {
-            store: Some(store),
-            ..Self::default()
-        }
-    }
-}
-
-impl ApplyTable for EdgeTableBuilder {
-    type Table = EdgeTable;
-
-    fn apply(&mut self, table: RoutingTable) -> Result<EdgeTable, String> {
-        let saved = self.store.as_ref().map(|_| table.clone());
-        let built = self.build(table)?;
-        if let (Some(store), Some(table)) = (&self.store, saved)
-            && let Err(error) = store.save(&table)
-        {
-            tracing::warn!(%error, "could not save the routing table to disk");
-        }
-        Ok(built)
-    }
-}
-
-impl EdgeTableBuilder {
-    fn build(&mut self, table: RoutingTable) -> Result<EdgeTable, String> {
-        let mut upstreams_by_pool: HashMap<&str, Vec<Arc<Upstream>>> = HashMap::new();
-        let mut counters = HashMap::new();
-        for endpoint in &table.endpoints {
-            let authority: Authority = endpoint.address.parse().map_err(|e| {
-                format!(
-                    "endpoint {:?}: address {:?}: {e}",
-                    endpoint.id, endpoint.address
-                )
-            })?;
-            if authority.port_u16().is_none() {
-                return Err(format!(
-                    "endpoint {:?}: address {:?} has no port",
-                    endpoint.id, endpoint.address
-                ));
-            }
-            let (in_flight, health, load) =
-                self.counters.get(&endpoint.id).cloned().unwrap_or_default();
-            counters.insert(
-                endpoint.id.clone(),
-                (in_flight.clone(), health.clone(), load.clone()),
-            );
-            let serving = matches!(
-                EndpointState::try_from(endpoint.state),
-                Ok(EndpointState::Serving | EndpointState::Unspecified)
-            );
-            if serving {
-                upstreams_by_pool
-                    .entry(endpoint.pool.as_str())
-                    .or_default()
-                    .push(Arc::new(Upstream {
-                        id: endpoint.id.clone(),
-                        pool: endpoint.pool.clone(),
-                        authority,
-                        in_flight,
-                        health,
-                        load,
-                        fingerprint: endpoint.fingerprint.clone(),
-                    }));
-            }
-        }
-        let mut routes = HashMap::new();
-        let mut models = Vec::with_capacity(table.models.len());
-        for model in &table.models {
-            let policy = match RoutingPolicy::try_from(model.routing_policy) {
-                Ok(RoutingPolicy::RoundRobin) => Policy::RoundRobin,
-                Ok(RoutingPolicy::PrefixAffinity) => Policy::PrefixAffinity,
-                Ok(RoutingPolicy::LeastLoad) => Policy::LeastLoad,
-                Ok(RoutingPolicy::SessionAffinity) => Policy::SessionAffinity,
-                Ok(RoutingPolicy::LeastOutstanding | RoutingPolicy::Unspecified) => {
-                    Policy::LeastOutstanding
-                }
-                Err(_) => {
-                    return Err(format!(
-                        "model {:?}: unknown routing policy {}",
-                        model.name, model.routing_policy
-                    ));
-                }
-            };
-            let upstreams = table
-                .pools
-                .iter()
-                .filter(|p| p.model == model.name)
-                .flat_map(|p| {
-                    upstreams_by_pool
-                        .get(p.name.as_str())
-                        .into_iter()
-                        .flatten()
-                        .cloned()
-                })
-                .collect();
-            let cold_start = table
-                .pools
-                .iter()
-                .find(|p| p.model == model.name && p.scale_to_zero_idle_seconds > 0)
-                .map(|p| ColdStart {
-                    pool: p.name.clone(),
-                    timeout: match p.cold_start_timeout_seconds {
-                        0 => DEFAULT_COLD_START,
-                        s => std::time::Duration::from_secs(u64::from(s)),
-                    },
-                });
-            let route = Arc::new(ModelRoute {
-                model: model.name.clone(),
-                policy,
-                upstreams,
-                cache: model.cache_policy,
-                fallbacks: model.fallbacks.clone(),
-                prefixes: self.prefixes.get(&model.name).cloned().unwrap_or_default(),
-                receipts: model.route_receipts,
-                timeouts: model.timeouts,
-                cold_start,
-                next: AtomicUsize::new(0),
-            });
-            for name in std::iter::once(&model.name).chain(&model.aliases) {
-                if routes.insert(name.clone(), route.clone()).is_some() {
-                    return Err(format!("model name or alias {name:?} appears twice"));
-                }
-            }
-            models.push(ListedModel {
-                name: model.name.clone(),
-                aliases: model.aliases.clone(),
-            });
-        }
-        let access = Access::from_table(&table, |name| routes.get(name).map(|r| r.model.clone()))?;
-        self.counters = counters;
-        let failover = failover_edges(&table)?;
-        self.prefixes = routes
-            .values()
-            .map(|r| (r.model.clone(), r.prefixes.clone()))
-            .collect();
-        Ok(EdgeTable {
-            routes,
-            models,
-            region: table.region,
-            access,
-            failover,
-            from_disk: false,
-        })
-    }
-}
-
-/// The local region's failover order, as edges to forward to; regions
-/// without an edge address are skipped.
-fn failover_edges(table: &RoutingTable) -> Result<Vec<PeerEdge>, String> {
-    let Some(local) = table.regions.iter().find(|r| r.name == table.region) else {
-        return Ok(Vec::new());
-    };
-    let mut peers = Vec::new();
-    for name in local.failover.iter().filter(|n| **n != table.region) {
-        let Some(region) = table.regions.iter().find(|r| &r.name == name) else {
-            continue;
-        };
-        if region.edge_address.is_empty() {
-            continue;
-        }
-        let authority: Authority = region.edge_address.parse().map_err(|e| {
-            format!(
-                "region {:?}: edge address {:?}: {e}",
-                region.name, region.edge_address
-            )
-        })?;
-        peers.push(PeerEdge {
-            region: region.name.clone(),
-            authority,
-        });
-    }
-    Ok(peers)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use infermesh_proto::v1::{Endpoint, Model, Pool};
+    use infermesh_proto::v1::{Endpoint, EndpointState, Model, Pool, RoutingPolicy, RoutingTable};
+    use infermesh_runtime::discovery::ApplyTable;
 
     fn table(endpoints: &[(&str, &str, EndpointState)]) -> RoutingTable {
         RoutingTable {
@@ -623,18 +439,6 @@ mod tests {
         let ids: Vec<_> = route.upstreams.iter().map(|u| u.id.as_str()).collect();
         assert_eq!(ids, ["a"], "draining and unhealthy replicas get nothing");
         assert!(t.route("unknown").is_none());
-    }
-
-    #[test]
-    fn a_bad_address_refuses_the_whole_table() {
-        let err = EdgeTableBuilder::default()
-            .apply(table(&[("a", "not an address", EndpointState::Serving)]))
-            .unwrap_err();
-        assert!(err.contains("endpoint \"a\""), "{err}");
-        let err = EdgeTableBuilder::default()
-            .apply(table(&[("a", "host-without-port", EndpointState::Serving)]))
-            .unwrap_err();
-        assert!(err.contains("no port"), "{err}");
     }
 
     #[test]
