@@ -88,6 +88,12 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
 
+    /// A request's whole body must arrive within this time of its head
+    /// (e.g. `30s`, `500ms`); a slower upload gets 408 and its connection
+    /// is closed.
+    #[arg(long, env = "INFERMESH_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_timeout: std::time::Duration,
+
     /// Largest request body accepted, bytes.
     #[arg(long, env = "INFERMESH_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -240,6 +246,9 @@ impl Config {
                 self.max_header_bytes,
                 ServeOptions::MIN_HEADER_BYTES
             ));
+        }
+        if self.body_timeout.is_zero() {
+            return Err("--body-timeout: must be positive".into());
         }
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes: must be positive".into());

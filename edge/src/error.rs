@@ -24,6 +24,12 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The body did not arrive whole within the body deadline.
+    #[error("the request body did not arrive within {after:?}")]
+    BodyTimeout {
+        /// The deadline.
+        after: Duration,
+    },
     /// No model of that name or alias.
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
@@ -116,6 +122,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NoHealthyReplica(_)
@@ -140,6 +147,7 @@ impl ApiError {
                 ("invalid_request_error", Some("unsupported_media_type"))
             }
             ApiError::BodyTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            ApiError::BodyTimeout { .. } => ("invalid_request_error", Some("request_timeout")),
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             ApiError::NotFound(_) => ("invalid_request_error", Some("not_found")),
             ApiError::MethodNotAllowed { .. } => {
@@ -183,6 +191,13 @@ impl ApiError {
         );
         if let ApiError::RateLimited { headers, .. } = &self {
             response.headers_mut().extend((**headers).clone());
+        }
+        if matches!(self, ApiError::BodyTimeout { .. }) {
+            // The rest of the body may still be on its way: the connection
+            // cannot carry another request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
         }
         if matches!(self, ApiError::Unauthorized(_)) {
             response.headers_mut().insert(

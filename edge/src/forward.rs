@@ -58,6 +58,21 @@ pub fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
     copy
 }
 
+/// Headers that carry the client's own credentials. The edge has checked
+/// them; a replica has no use for them, and sending them on would hand
+/// every tenant's API key to whatever sits at a replica's address.
+const CLIENT_CREDENTIALS: [&str; 3] = ["authorization", "x-api-key", "proxy-authorization"];
+
+/// The request head as a replica gets it: `parts` without the client's
+/// credentials.
+pub fn replica_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut head = copy_parts(parts);
+    for name in CLIENT_CREDENTIALS {
+        head.headers.remove(name);
+    }
+    head
+}
+
 /// The deadlines of one request to a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadlines {

@@ -352,12 +352,13 @@ impl Gateway {
         let deadlines = self.forwarder.deadlines(route.timeouts.as_ref());
         let mut upstream = upstream;
         let mut tried: Vec<String> = Vec::new();
+        let head = crate::forward::replica_head(&parts);
         let (mut response, fingerprint) = loop {
             record.endpoint = Some(upstream.id.clone());
             let sent = Instant::now();
             let forwarded = self
                 .forwarder
-                .forward(&parts, body.clone(), upstream.clone(), &deadlines)
+                .forward(&head, body.clone(), upstream.clone(), &deadlines)
                 .await;
             if let Some(metrics) = metrics {
                 metrics.upstream(&route.model, &upstream.id, sent.elapsed());

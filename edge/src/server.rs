@@ -135,6 +135,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         tls: None,
         rest_after: Duration::from_millis(config.idle_connection_rest_ms),
         max_lingering: ServeOptions::MAX_LINGERING,
+        body_timeout: config.body_timeout,
     };
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {

@@ -372,3 +372,134 @@ async fn oversized_heads_get_431_and_slow_heads_are_cut_off_while_others_are_ser
     let livez = mesh.http.get(&format!("{}/livez", edge.url)).await.unwrap();
     assert_eq!(livez.status, 200, "the edge keeps serving");
 }
+
+/// Sends `head` and then one body byte every 100 ms (never all of it);
+/// returns what the edge answered and when the connection was closed.
+async fn trickle_body(address: &str, head: &str) -> (String, Duration) {
+    let mut slow = TcpStream::connect(address).await.unwrap();
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    while started.elapsed() < Duration::from_secs(20) {
+        let _ = slow.write_all(b" ").await;
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (
+                    String::from_utf8_lossy(&answer).into_owned(),
+                    started.elapsed(),
+                );
+            }
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    panic!(
+        "a trickled body was never cut off; got {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+#[tokio::test]
+async fn trickled_bodies_are_cut_at_the_body_deadline_and_probes_never_read_one() {
+    let mesh = Mesh::start().await;
+    let edge = mesh.start_edge("eu-west", &["--body-timeout", "1s"]).await;
+    let address = edge.url.trim_start_matches("http://").to_string();
+    let secret = mesh.create_key("acme", json!({})).await;
+    let keyed = infermesh_integration_tests::client::Http::with_key(&secret);
+    infermesh_integration_tests::wait::until("key known", Duration::from_secs(10), || async {
+        let models = keyed.get(&format!("{}/v1/models", edge.url)).await.ok()?;
+        (models.status == 200).then_some(())
+    })
+    .await;
+
+    // A probe with a body that never ends is answered at once, and its
+    // connection is closed rather than kept for the body.
+    let (answer, closed_after) = trickle_body(
+        &address,
+        "GET /readyz HTTP/1.1\r\nhost: edge\r\ncontent-length: 1000000\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(closed_after < Duration::from_secs(1), "{closed_after:?}");
+
+    // An inference request trickling its body is cut when the deadline
+    // passes, with a 408 in OpenAI's shape, while another client is served.
+    let other = tokio::spawn({
+        let url = format!("{}/livez", edge.url);
+        let http = mesh.http.clone();
+        async move {
+            let mut served = 0;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_millis(800) {
+                assert_eq!(http.get(&url).await.unwrap().status, 200);
+                served += 1;
+            }
+            served
+        }
+    });
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {secret}\r\n\
+         content-type: application/json\r\ncontent-length: 1000000\r\n\r\n{{"
+    );
+    let (answer, cut_after) = trickle_body(&address, &head).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("request_timeout"), "{answer:?}");
+    assert!(
+        cut_after >= Duration::from_millis(900) && cut_after < Duration::from_secs(5),
+        "cut after {cut_after:?} with a 1 s deadline"
+    );
+    assert!(
+        other.await.unwrap() > 0,
+        "another client was served meanwhile"
+    );
+}
+
+#[tokio::test]
+async fn the_clients_api_key_never_reaches_the_replica() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let replica = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let secret = mesh.create_key("acme", json!({})).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let body =
+        json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    for header in ["authorization", "x-api-key"] {
+        let value = if header == "authorization" {
+            format!("Bearer {secret}")
+        } else {
+            secret.clone()
+        };
+        let http = infermesh_integration_tests::client::Http::new();
+        let reply = infermesh_integration_tests::wait::until(
+            "served with the key",
+            Duration::from_secs(10),
+            || async {
+                let reply = http
+                    .send(
+                        http::Method::POST,
+                        &url,
+                        Some(body.to_string().into()),
+                        &[("content-type", "application/json"), (header, &value)],
+                    )
+                    .await
+                    .ok()?;
+                (reply.status == 200).then_some(reply)
+            },
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+        let heard = mesh.last_engine_request(&replica).await;
+        assert_eq!(
+            heard.headers["x-sim-credential-headers"], "",
+            "the engine received the client's {header} header"
+        );
+        assert!(
+            !String::from_utf8_lossy(&heard.body).contains(&secret),
+            "the key is not in the forwarded body"
+        );
+    }
+}

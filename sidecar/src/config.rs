@@ -112,6 +112,11 @@ pub struct Config {
     /// Time given to in-flight requests after the listener closes, seconds.
     #[arg(long, env = "INFERMESH_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+
+    /// A request's whole body must arrive within this time of its head
+    /// (e.g. `30s`); a slower upload is cut and its connection closed.
+    #[arg(long, env = "INFERMESH_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -147,6 +152,9 @@ impl Config {
     /// Checks values clap cannot, naming the flag.
     pub fn validate(&self) -> Result<(), String> {
         self.endpoint_id()?;
+        if self.body_timeout.is_zero() {
+            return Err("--body-timeout: must be positive".into());
+        }
         self.control_plane_tls.client()?;
         self.advertise_address()?;
         for (flag, value) in [

@@ -134,7 +134,10 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
         listener,
         proxy,
         serving.clone(),
-        ServeOptions::plaintext(grace),
+        ServeOptions {
+            body_timeout: config.body_timeout,
+            ..ServeOptions::plaintext(grace)
+        },
     ));
 
     tokio::select! {

@@ -1,6 +1,10 @@
 //! Reads the request body into memory up to a limit (routing needs the
 //! `model` field, so bodies are small JSON documents), answering 413 past
-//! it. Everything after this layer sees `Request<Bytes>`.
+//! it and 408 when it does not arrive within the listener's body deadline.
+//! Probes (`GET`/`HEAD` `/livez`, `/readyz`) are answered without reading
+//! any body: they skip authentication, so reading one would let anyone
+//! hold memory with no key. Everything after this layer sees
+//! `Request<Bytes>`.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -10,7 +14,7 @@ use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Body as HttpBody;
-use infermesh_runtime::http::Body;
+use infermesh_runtime::http::{Body, BodyError};
 use tower::{Layer, Service};
 
 use crate::error::ApiError;
@@ -71,6 +75,19 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let (parts, body) = request.into_parts();
+            if is_probe(&parts.method, parts.uri.path()) {
+                let unread = !body.is_end_stream();
+                drop(body);
+                let mut response = inner.call(Request::from_parts(parts, Bytes::new())).await?;
+                if unread {
+                    // The unread body must not be taken for the next request.
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                return Ok(response);
+            }
             if body.size_hint().lower() > limit as u64 {
                 return Ok(ApiError::BodyTooLarge { limit }.into_response());
             }
@@ -80,6 +97,9 @@ where
                     return Ok(ApiError::BodyTooLarge { limit }.into_response());
                 }
                 Err(error) => {
+                    if let Some(BodyError::TimedOut(after)) = error.downcast_ref::<BodyError>() {
+                        return Ok(ApiError::BodyTimeout { after: *after }.into_response());
+                    }
                     return Ok(ApiError::InvalidRequest {
                         message: format!("could not read the request body: {error}"),
                         param: None,
@@ -90,6 +110,12 @@ where
             inner.call(Request::from_parts(parts, bytes)).await
         })
     }
+}
+
+/// Kubernetes probes: answered from the edge's own state, never with a body.
+fn is_probe(method: &http::Method, path: &str) -> bool {
+    matches!(*method, http::Method::GET | http::Method::HEAD)
+        && matches!(path, "/livez" | "/readyz")
 }
 
 #[cfg(test)]
@@ -123,5 +149,60 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    type Frames =
+        futures_util::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, BodyError>>;
+    type Streamed = Request<http_body_util::StreamBody<Frames>>;
+
+    fn echo_path() -> impl Service<Streamed, Response = Response<Body>, Error = Infallible> {
+        BodyLimitLayer::new(8).layer(tower::service_fn(|r: Request<Bytes>| async move {
+            let seen = format!("{} {}", r.uri().path(), r.body().len());
+            Ok::<_, Infallible>(Response::new(infermesh_runtime::http::full(seen)))
+        }))
+    }
+
+    fn request(method: http::Method, path: &str, frames: Frames) -> Streamed {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(http_body_util::StreamBody::new(frames))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn probes_are_answered_without_waiting_for_a_body_that_never_ends() {
+        use futures_util::StreamExt;
+        let never = futures_util::stream::pending().boxed();
+        let response = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            echo_path().oneshot(request(http::Method::GET, "/readyz", never)),
+        )
+        .await
+        .expect("answered without reading the body")
+        .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[http::header::CONNECTION], "close");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"/readyz 0");
+    }
+
+    #[tokio::test]
+    async fn a_body_past_its_deadline_gets_408_and_closes_the_connection() {
+        use futures_util::StreamExt;
+        let frames = futures_util::stream::iter([
+            Ok(http_body::Frame::data(Bytes::from_static(b"{"))),
+            Err(BodyError::TimedOut(std::time::Duration::from_secs(3))),
+        ])
+        .boxed();
+        let response = echo_path()
+            .oneshot(request(http::Method::POST, "/v1/chat/completions", frames))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(response.headers()[http::header::CONNECTION], "close");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error["error"]["code"], "request_timeout");
     }
 }

@@ -58,7 +58,16 @@ pub struct Engine {
     pub healthy: AtomicBool,
     error_rate_ppm: AtomicU64,
     accepted: AtomicU64,
-    last_request: Mutex<(bytes::Bytes, Option<String>)>,
+    last_request: Mutex<(bytes::Bytes, Heard)>,
+}
+
+/// What the engine keeps of a request's headers.
+#[derive(Debug, Clone, Default)]
+pub struct Heard {
+    /// Its `traceparent`.
+    pub traceparent: Option<String>,
+    /// Comma-separated names of the credential headers it carried.
+    pub credentials: String,
 }
 
 /// What one generation produces, in order.
@@ -105,19 +114,19 @@ impl Engine {
             healthy: AtomicBool::new(!config.unhealthy),
             error_rate_ppm: AtomicU64::new((config.error_rate * 1e6) as u64),
             accepted: AtomicU64::new(0),
-            last_request: Mutex::new((bytes::Bytes::new(), None)),
+            last_request: Mutex::new((bytes::Bytes::new(), Heard::default())),
             config,
         })
     }
 
-    /// Keeps `body` and its `traceparent` header as the last inference request received.
-    pub fn remember_request(&self, body: &bytes::Bytes, traceparent: Option<String>) {
-        *self.last_request.lock().unwrap_or_else(|e| e.into_inner()) = (body.clone(), traceparent);
+    /// Keeps `body` and what was heard of its headers as the last inference request received.
+    pub fn remember_request(&self, body: &bytes::Bytes, heard: Heard) {
+        *self.last_request.lock().unwrap_or_else(|e| e.into_inner()) = (body.clone(), heard);
     }
 
-    /// The body of the last inference request, byte for byte, and its
-    /// `traceparent` header (`GET /sim/last-request`).
-    pub fn last_request(&self) -> (bytes::Bytes, Option<String>) {
+    /// The body of the last inference request, byte for byte, and what
+    /// was heard of its headers (`GET /sim/last-request`).
+    pub fn last_request(&self) -> (bytes::Bytes, Heard) {
         self.last_request
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::api::{self, ApiError, Kind};
-use crate::engine::{Engine, Event, Fate};
+use crate::engine::{Engine, Event, Fate, Heard};
 use crate::metrics;
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -129,14 +129,20 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
             (_, Err(e)) => error_response(&e),
         },
         (Method::GET, "/sim/last-request") => {
-            let (body, traceparent) = engine.last_request();
+            let (body, heard) = engine.last_request();
             let mut r = Response::new(full(body));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/octet-stream"),
             );
-            if let Some(value) = traceparent.and_then(|t| http::HeaderValue::from_str(&t).ok()) {
+            if let Some(value) = heard
+                .traceparent
+                .and_then(|t| http::HeaderValue::from_str(&t).ok())
+            {
                 r.headers_mut().insert("x-sim-traceparent", value);
+            }
+            if let Ok(value) = http::HeaderValue::from_str(&heard.credentials) {
+                r.headers_mut().insert("x-sim-credential-headers", value);
             }
             r
         }
@@ -188,12 +194,21 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
 }
 
 /// The W3C `traceparent` header a request carried, as vLLM reads it.
-fn traceparent(request: &Request<Incoming>) -> Option<String> {
-    request
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from)
+/// What the engine remembers of a request's headers: its traceparent, and
+/// the names (never the values) of credential headers that reached it.
+fn traceparent(request: &Request<Incoming>) -> Heard {
+    Heard {
+        traceparent: request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from),
+        credentials: ["authorization", "x-api-key", "proxy-authorization"]
+            .into_iter()
+            .filter(|name| request.headers().contains_key(*name))
+            .collect::<Vec<_>>()
+            .join(","),
+    }
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, ApiError> {

@@ -16,9 +16,11 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+mod request_body;
 mod serve;
 
-pub use serve::{HttpService, RequestBody, ServeOptions, serve};
+pub use request_body::{BodyError, RequestBody};
+pub use serve::{HttpService, ServeOptions, serve};
 
 /// Errors a body may yield.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

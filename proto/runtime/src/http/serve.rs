@@ -22,7 +22,6 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use http::{Request, Response};
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -36,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
-use super::{Body, Guarded};
+use super::{Body, Guarded, RequestBody};
 use crate::tls::PeerIdentity;
 use crate::tls::server::ALPN_H2;
 
@@ -64,6 +63,10 @@ pub struct ServeOptions {
     pub rest_after: Duration,
     /// Most idle connections that keep their buffers for `rest_after`.
     pub max_lingering: usize,
+    /// A request's body must arrive whole within this time of its head;
+    /// reading it past then fails with `BodyError::TimedOut` (a trickled
+    /// upload cannot hold a connection and its buffers forever).
+    pub body_timeout: Duration,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -75,6 +78,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("tls", &self.tls.is_some())
             .field("rest_after", &self.rest_after)
             .field("max_lingering", &self.max_lingering)
+            .field("body_timeout", &self.body_timeout)
             .finish()
     }
 }
@@ -90,9 +94,12 @@ impl ServeOptions {
     /// otherwise: well under 1 MiB of buffers.
     pub const MAX_LINGERING: usize = 32;
 
+    /// Time a request body gets to arrive, unless set otherwise.
+    pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
     /// Plaintext with the given grace period, a 30 s header deadline, a
-    /// 64 KiB head limit and up to 32 idle connections resting after 1 s
-    /// (any more at once).
+    /// 64 KiB head limit, a 30 s body deadline and up to 32 idle
+    /// connections resting after 1 s (any more at once).
     pub fn plaintext(grace: Duration) -> Self {
         Self {
             grace,
@@ -101,59 +108,8 @@ impl ServeOptions {
             tls: None,
             rest_after: Self::REST_AFTER,
             max_lingering: Self::MAX_LINGERING,
+            body_timeout: Self::BODY_TIMEOUT,
         }
-    }
-}
-
-/// The body of every request `serve` hands to its service: hyper's body,
-/// counted as open on its connection until it ends or is dropped, so the
-/// connection is never put to rest while a handler may still read from it.
-pub struct RequestBody {
-    inner: Incoming,
-    open: Option<Busy>,
-}
-
-impl Drop for RequestBody {
-    fn drop(&mut self) {
-        // hyper drains or closes a body its handler dropped unread, after
-        // the handler answered; until it has, the connection cannot rest.
-        if let Some(open) = &self.open
-            && !self.inner.is_end_stream()
-        {
-            open.0.unread_body.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-impl HttpBody for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
-            self.open.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl std::fmt::Debug for RequestBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestBody")
-            .field("open", &self.open.is_some())
-            .finish()
     }
 }
 
@@ -227,6 +183,7 @@ struct Settings {
     auto: auto::Builder<TokioExecutor>,
     http1: http1::Builder,
     header_read_timeout: Duration,
+    body_timeout: Duration,
     rest_after: Duration,
     lingering: Slots,
 }
@@ -256,6 +213,7 @@ impl Settings {
             auto,
             http1,
             header_read_timeout: options.header_read_timeout,
+            body_timeout: options.body_timeout,
             rest_after: options.rest_after,
             lingering: Slots::new(options.max_lingering),
         }
@@ -275,7 +233,7 @@ async fn serve_plaintext<S>(
     S: HttpService,
 {
     let activity = Arc::new(Activity::default());
-    let mut service = Tracked::new(service, activity.clone(), None);
+    let mut service = Tracked::new(service, activity.clone(), None, settings.body_timeout);
     let mut head = [0u8; H2_PREFACE.len()];
     let Some(n) = rest(&stream, &mut head, settings.header_read_timeout, &drain).await else {
         return;
@@ -341,7 +299,12 @@ async fn serve_tls<S>(
     let (_, session) = stream.get_ref();
     let h2 = session.alpn_protocol() == Some(ALPN_H2);
     let identity = PeerIdentity::from_presented(session.peer_certificates());
-    let service = Tracked::new(service, Arc::new(Activity::default()), identity);
+    let service = Tracked::new(
+        service,
+        Arc::new(Activity::default()),
+        identity,
+        settings.body_timeout,
+    );
     let io = TokioIo::new(FirstByteDeadline::new(stream, handshake_timeout));
     // h2 over TLS is chosen by ALPN (RFC 9113 §3.2), so anything else is
     // HTTP/1.1, whose header deadline starts at once.
@@ -536,7 +499,16 @@ impl Activity {
 }
 
 /// One unit of work open on a connection; done when dropped.
-struct Busy(Arc<Activity>);
+pub(super) struct Busy(Arc<Activity>);
+
+impl Busy {
+    /// The handler dropped its request body before the end: hyper drains
+    /// or closes it after the answer, and until then the connection
+    /// cannot rest.
+    pub(super) fn left_unread(&self) {
+        self.0.unread_body.store(true, Ordering::Relaxed);
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -553,14 +525,21 @@ struct Tracked<S> {
     inner: Arc<S>,
     activity: Arc<Activity>,
     identity: Option<PeerIdentity>,
+    body_timeout: Duration,
 }
 
 impl<S> Tracked<S> {
-    fn new(inner: Arc<S>, activity: Arc<Activity>, identity: Option<PeerIdentity>) -> Self {
+    fn new(
+        inner: Arc<S>,
+        activity: Arc<Activity>,
+        identity: Option<PeerIdentity>,
+        body_timeout: Duration,
+    ) -> Self {
         Self {
             inner,
             activity,
             identity,
+            body_timeout,
         }
     }
 }
@@ -573,10 +552,8 @@ impl<S: HttpService> hyper::service::Service<Request<Incoming>> for Tracked<S> {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.activity.calls.fetch_add(1, Ordering::Relaxed);
         let answering = self.activity.enter();
-        let mut request = request.map(|inner| RequestBody {
-            inner,
-            open: Some(self.activity.enter()),
-        });
+        let mut request =
+            request.map(|inner| RequestBody::new(inner, self.activity.enter(), self.body_timeout));
         if let Some(identity) = &self.identity {
             request.extensions_mut().insert(identity.clone());
         }
