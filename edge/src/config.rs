@@ -178,8 +178,9 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_CACHE_MEMORY_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub cache_memory_bytes: u64,
 
-    /// Redis URL of the shared cache (redis://host:port/db, rediss:// for TLS).
-    #[arg(long, env = "INFERMESH_CACHE_REDIS_URL")]
+    /// Redis URL of the shared cache (redis://host:port/db, rediss:// for
+    /// TLS; a password in it is never shown in help, logs or errors).
+    #[arg(long, env = "INFERMESH_CACHE_REDIS_URL", hide_env_values = true)]
     pub cache_redis_url: Option<String>,
 
     /// Deadline of one Redis call, milliseconds; a slower cache is skipped.

@@ -98,6 +98,30 @@ pub struct RedisStore {
     prefix: String,
 }
 
+/// `url` with any password in its user info replaced by `***`, for
+/// messages: a Redis URL may carry the server's password.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info
+                .split_once(':')
+                .map_or(user_info, |(user, _)| user);
+            let shown = if user_info.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_string()
+            };
+            format!("{scheme}://{shown}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
 impl RedisStore {
     /// A store at `url` whose calls give up after `timeout`; stops retrying
     /// the first connection when `cancel` fires.
@@ -106,7 +130,8 @@ impl RedisStore {
         timeout: Duration,
         cancel: CancellationToken,
     ) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis URL {url:?}: {e}"))?;
+        let client = redis::Client::open(url)
+            .map_err(|e| format!("redis URL {:?}: {e}", redacted_url(url)))?;
         let connection = Arc::new(ArcSwapOption::empty());
         let slot = connection.clone();
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -182,6 +207,31 @@ impl CacheStore for RedisStore {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn passwords_in_redis_urls_are_never_shown() {
+        for (url, shown) in [
+            ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+            (
+                "rediss://user:s3cret@cache:6380",
+                "rediss://user:***@cache:6380",
+            ),
+            ("redis://s3cret@cache:6379", "redis://***@cache:6379"),
+            ("redis://cache:6379/1", "redis://cache:6379/1"),
+            ("redis://:p@ss@word@cache:6379", "redis://:***@cache:6379"),
+        ] {
+            assert_eq!(redacted_url(url), shown);
+            assert!(!redacted_url(url).contains("s3cret"));
+        }
+        let Err(error) = RedisStore::connect(
+            "redis://:s3cret@cache:notaport",
+            Duration::from_millis(100),
+            CancellationToken::new(),
+        ) else {
+            panic!("a URL with a bad port is refused");
+        };
+        assert!(!error.contains("s3cret"), "{error}");
+    }
+
     use super::*;
 
     #[tokio::test]
