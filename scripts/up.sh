@@ -87,7 +87,10 @@ admin() {
 replicas=(llama-8b-eu-west-0 llama-8b-eu-west-1 qwen-7b-eu-west-0 llama-8b-us-east-0 qwen-7b-us-east-0)
 echo "making a local CA, certificates and an admin token in $pki"
 sidecar_flags=()
-for id in "${replicas[@]}"; do sidecar_flags+=(--sidecar "$id"); done
+# Each sidecar's certificate names its region, pool and endpoint: it may
+# register that endpoint only (pool = id without its index, region = the
+# pool's last two words).
+for id in "${replicas[@]}"; do pool="${id%-*}"; sidecar_flags+=(--sidecar "${pool#*-*-}/$pool/$id"); done
 "$bin/infermesh-certs" generate --out "$pki" --force --edge eu-west --edge us-east "${sidecar_flags[@]}" >/dev/null
 rm -f "$pki/admin-tokens"
 "$bin/infermesh-certs" admin-token --name local-admin --tokens-file "$pki/admin-tokens" >"$run/admin-token"

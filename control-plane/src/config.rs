@@ -88,6 +88,23 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_INSECURE_PLAINTEXT", default_value_t = false)]
     pub insecure_plaintext: bool,
 
+    /// Let sidecar certificates that name no endpoint
+    /// (`spiffe://infermesh/sidecar/<name>`, e.g. one certificate shared by
+    /// every pod) register any endpoint id, pool and region; only the
+    /// advertised address is then checked. Off: a sidecar registers only the
+    /// endpoint its certificate names.
+    #[arg(
+        long,
+        env = "INFERMESH_ALLOW_UNBOUND_SIDECARS",
+        default_value_t = false
+    )]
+    pub allow_unbound_sidecars: bool,
+
+    /// Registrations one sidecar identity may make per minute; more get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "INFERMESH_REGISTRATIONS_PER_MINUTE", default_value_t = 30)]
+    pub registrations_per_minute: u32,
+
     /// Address of the sidecar-injection webhook (HTTPS, POST /mutate);
     /// unset: no webhook.
     #[arg(long, env = "INFERMESH_WEBHOOK_LISTEN")]

@@ -29,6 +29,7 @@ pub struct ControlPlaneMetrics {
     /// 1 on the replica that won leader election.
     pub leader: IntGauge,
     load_reports: IntCounter,
+    registrations_refused: IntCounterVec,
     /// Tables pushed and their encoded bytes: (count, bytes) for full
     /// tables, then for changes.
     pushes: [(IntCounter, IntCounter); 2],
@@ -116,6 +117,13 @@ impl ControlPlaneMetrics {
                 "infermesh_control_plane_leader",
                 "1 on the control-plane replica that runs the singletons.",
             )?,
+            registrations_refused: IntCounterVec::new(
+                Opts::new(
+                    "infermesh_control_plane_registrations_refused_total",
+                    "Sidecar registrations refused before anything was written, by gRPC code (permission_denied: not the certificate's endpoint, pool, region or address; resource_exhausted: too many).",
+                ),
+                &["code"],
+            )?,
             load_reports: IntCounter::new(
                 "infermesh_control_plane_load_reports_total",
                 "Load reports received from sidecars.",
@@ -149,6 +157,7 @@ impl ControlPlaneMetrics {
         registry.register(Box::new(metrics.etcd.clone()))?;
         registry.register(Box::new(metrics.leader.clone()))?;
         registry.register(Box::new(metrics.load_reports.clone()))?;
+        registry.register(Box::new(metrics.registrations_refused.clone()))?;
         registry.register(Box::new(metrics.pool_serving.clone()))?;
         registry.register(Box::new(metrics.pool_desired.clone()))?;
         registry.register(Box::new(metrics.pool_floor.clone()))?;
@@ -209,6 +218,17 @@ impl ControlPlaneMetrics {
         let (count, total) = &self.pushes[kind as usize];
         count.inc();
         total.inc_by(bytes as u64);
+    }
+
+    /// A registration was refused with `code`.
+    pub fn registration_refused(&self, code: tonic::Code) {
+        let label = match code {
+            tonic::Code::PermissionDenied => "permission_denied",
+            tonic::Code::ResourceExhausted => "resource_exhausted",
+            tonic::Code::Unauthenticated => "unauthenticated",
+            _ => "other",
+        };
+        self.registrations_refused.with_label_values(&[label]).inc();
     }
 
     /// One load report arrived.

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::admin::Admin;
 use crate::api::discovery::Discovery;
 use crate::api::load_reports::{LeaseSettings, LoadReports};
-use crate::auth::Authorizer;
+use crate::auth::{Authorizer, RegistrationPolicy};
 use crate::config::{Config, Transport};
 use crate::metrics::ControlPlaneMetrics;
 use crate::quota::QuotaBook;
@@ -50,7 +50,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                 .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key/--tls-client-ca: {e}"))?,
         ),
     };
-    let authorizer = Arc::new(Authorizer::new(tls.is_some(), admin_tokens));
+    let authorizer = Arc::new(
+        Authorizer::new(tls.is_some(), admin_tokens).with_registrations(RegistrationPolicy::new(
+            config.allow_unbound_sidecars,
+            config.registrations_per_minute,
+        )),
+    );
     let registry = infermesh_runtime::metrics::registry(&[]);
     let metrics = Arc::new(ControlPlaneMetrics::register(&registry)?);
     let (_, metrics_task) =

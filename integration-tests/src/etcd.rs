@@ -42,6 +42,39 @@ impl Etcd {
         etcd
     }
 
+    /// Runs the real `etcdctl` against this server with `args` (and
+    /// `stdin` piped in, e.g. a binary value for `put`); panics with its
+    /// stderr when it fails; returns its stdout.
+    pub async fn ctl(&self, args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
+        use std::process::Stdio;
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new("etcdctl")
+            .arg("--endpoints")
+            .arg(&self.url)
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("etcdctl runs");
+        if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(bytes).await.expect("etcdctl stdin");
+        }
+        let out = child.wait_with_output().await.expect("etcdctl finishes");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
     /// Process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().and_then(Process::pid)

@@ -370,7 +370,8 @@ impl Mesh {
         ]
         .map(String::from)
         .to_vec();
-        args.extend(self.control_plane_tls(PeerRole::Sidecar, id));
+        let pair = self.pki.sidecar(region, pool, id);
+        args.extend(self.tls_flags(&pair));
         let process = Process::spawn(
             &format!("sidecar-{id}"),
             &path("infermesh-sidecar"),
@@ -398,6 +399,10 @@ impl Mesh {
     /// Flags that make an edge or sidecar reach the control plane over mTLS as `role`/`name`.
     pub fn control_plane_tls(&self, role: PeerRole, name: &str) -> Vec<String> {
         let pair = self.pki.client(role, name);
+        self.tls_flags(&pair)
+    }
+
+    fn tls_flags(&self, pair: &crate::pki::CertPair) -> Vec<String> {
         vec![
             "--control-plane-ca".into(),
             path_str(&self.pki.ca_cert),

@@ -83,6 +83,25 @@ impl TestPki {
         pair
     }
 
+    /// A sidecar certificate bound to endpoint `endpoint` of `pool` in `region`.
+    pub fn sidecar(&self, region: &str, pool: &str, endpoint: &str) -> CertPair {
+        let stem = format!("sidecar-{region}-{pool}-{endpoint}");
+        let pair = CertPair {
+            cert: self.dir.join(format!("{stem}.pem")),
+            key: self.dir.join(format!("{stem}-key.pem")),
+        };
+        let _issuing = self.issuing.lock().unwrap_or_else(|e| e.into_inner());
+        if !pair.cert.exists() {
+            let identity = PeerIdentity::sidecar(region, pool, endpoint).expect("valid identity");
+            self.ca
+                .issue_client(&identity)
+                .expect("issue client certificate")
+                .write(&pair.cert, &pair.key)
+                .expect("write client certificate");
+        }
+        pair
+    }
+
     /// A certificate from another CA, with the identity `role`/`name`.
     pub fn foreign_client(dir: &Path, role: PeerRole, name: &str) -> CertPair {
         let ca = LocalCa::generate().expect("generate CA");

@@ -5,7 +5,6 @@
 //! gauge and `/readyz` say so. The admin API refuses the same addresses
 //! with INVALID_ARGUMENT naming the field.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use infermesh_integration_tests::client::Http;
@@ -14,36 +13,11 @@ use infermesh_integration_tests::wait;
 use infermesh_proto::v1::{Endpoint, EndpointState, Region};
 use prost::Message;
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
 
 const PREFIX: &str = "/infermesh-test/";
 
 async fn etcdctl(mesh: &Mesh, args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
-    let mut child = tokio::process::Command::new("etcdctl")
-        .arg("--endpoints")
-        .arg(&mesh.etcd.url)
-        .args(args)
-        .env("ETCDCTL_API", "3")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("etcdctl runs");
-    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(bytes).await.expect("etcdctl stdin");
-    }
-    let out = child.wait_with_output().await.expect("etcdctl finishes");
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    mesh.etcd.ctl(args, stdin).await
 }
 
 /// Writes `value` at `key` (relative to the test prefix), bypassing the control plane.

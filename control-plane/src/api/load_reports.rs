@@ -127,6 +127,7 @@ impl LoadReportService for LoadReports {
         request: Request<Streaming<LoadReportRequest>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
         let peer = peer_identity(&request);
+        let remote = request.remote_addr().map(|a| a.ip());
         if let Err(status) = self.auth.reporter(peer.as_ref()) {
             tracing::warn!(peer = ?peer.as_ref().map(|p| p.uri()), reason = %status.message(), "load reporter refused");
             return Err(status);
@@ -140,6 +141,11 @@ impl LoadReportService for LoadReports {
                 ));
             }
         };
+        if let Err(status) = self.auth.registration(peer.as_ref(), &register, remote) {
+            tracing::warn!(peer = ?peer.as_ref().map(|p| p.uri()), endpoint = %register.endpoint_id, reason = %status.message(), "registration refused");
+            self.metrics.registration_refused(status.code());
+            return Err(status);
+        }
         let endpoint = endpoint_from(register)?;
         let ttl = i64::from(self.settings.ttl_seconds.max(1));
         let mut leases = self.lease.current.clone();

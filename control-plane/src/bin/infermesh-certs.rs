@@ -26,7 +26,7 @@ enum Command {
     ///
     /// Layout: ca.pem, ca-key.pem, server.pem, server-key.pem, admin.pem,
     /// admin-key.pem, edge-<region>.pem, edge-<region>-key.pem,
-    /// sidecar-<name>.pem, sidecar-<name>-key.pem. Keys are mode 0600.
+    /// sidecar-<endpoint>.pem, sidecar-<endpoint>-key.pem. Keys are mode 0600.
     Generate(Generate),
     /// Make an admin bearer token: print it once on stdout and append its
     /// hash to the tokens file the control plane reads (--admin-tokens-file).
@@ -58,8 +58,10 @@ struct Generate {
     #[arg(long = "edge", value_name = "REGION")]
     edges: Vec<String>,
 
-    /// Name to issue a sidecar client certificate for; repeatable.
-    #[arg(long = "sidecar", value_name = "NAME")]
+    /// Sidecar to issue a client certificate for, as REGION/POOL/ENDPOINT
+    /// (bound: it may register only that endpoint); repeatable. Files are
+    /// named after the endpoint.
+    #[arg(long = "sidecar", value_name = "REGION/POOL/ENDPOINT")]
     sidecars: Vec<String>,
 
     /// Replace an existing CA (and every certificate) in --out.

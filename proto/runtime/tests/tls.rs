@@ -335,7 +335,8 @@ async fn required_mtls_refuses_anonymous_clients_and_hands_handlers_the_edge_ide
             seen,
             PeerIdentity {
                 role: PeerRole::Edge,
-                name
+                name,
+                scope: None,
             }
         );
     }
@@ -430,7 +431,8 @@ async fn grpc_over_mtls_shows_the_service_who_called() {
         seen,
         PeerIdentity {
             role: PeerRole::Edge,
-            name
+            name,
+            scope: None,
         }
     );
 

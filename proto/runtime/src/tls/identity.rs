@@ -1,8 +1,18 @@
 //! Who is on the other end of a mutually authenticated connection: the
-//! SPIFFE-style URI SAN `spiffe://infermesh/<role>/<name>` carried in a
-//! client certificate, parsed into a `PeerIdentity`. This module only reads
-//! names; whether a peer is trusted is the TLS verifier's job, and what a
-//! role may do is decided by whoever reads the identity.
+//! SPIFFE-style URI SAN carried in a client certificate, parsed into a
+//! `PeerIdentity`:
+//!
+//! - `spiffe://infermesh/edge/<region>`
+//! - `spiffe://infermesh/sidecar/<region>/<pool>/<endpoint>`: a sidecar
+//!   bound to the one endpoint it may register;
+//! - `spiffe://infermesh/sidecar/<name>`: an unbound sidecar identity
+//!   (one certificate shared by many pods), which the control plane does
+//!   not let register unless told to;
+//! - `spiffe://infermesh/admin/<name>`.
+//!
+//! This module only reads names; whether a peer is trusted is the TLS
+//! verifier's job, and what a role may do is decided by whoever reads the
+//! identity.
 
 use std::fmt;
 use std::str::FromStr;
@@ -64,8 +74,20 @@ impl FromStr for PeerRole {
 pub struct PeerIdentity {
     /// What kind of process the peer is.
     pub role: PeerRole,
-    /// Which one of its kind: a region for edges, a replica name for sidecars.
+    /// Which one of its kind: a region for edges, an endpoint id (or, when
+    /// unbound, any name) for sidecars.
     pub name: String,
+    /// Bound sidecars: the region and pool their endpoint belongs to.
+    pub scope: Option<SidecarScope>,
+}
+
+/// Where a bound sidecar identity's endpoint lives.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SidecarScope {
+    /// Region of the endpoint.
+    pub region: String,
+    /// Pool of the endpoint.
+    pub pool: String,
 }
 
 /// Why a certificate or URI does not carry a usable infermesh identity.
@@ -124,7 +146,25 @@ impl PeerIdentity {
     pub fn new(role: PeerRole, name: impl Into<String>) -> Result<Self, IdentityError> {
         let name = name.into();
         validate_name(&name)?;
-        Ok(Self { role, name })
+        Ok(Self {
+            role,
+            name,
+            scope: None,
+        })
+    }
+
+    /// A sidecar identity bound to endpoint `endpoint` of `pool` in `region`.
+    pub fn sidecar(
+        region: impl Into<String>,
+        pool: impl Into<String>,
+        endpoint: impl Into<String>,
+    ) -> Result<Self, IdentityError> {
+        let (region, pool) = (region.into(), pool.into());
+        validate_name(&region)?;
+        validate_name(&pool)?;
+        let mut identity = Self::new(PeerRole::Sidecar, endpoint)?;
+        identity.scope = Some(SidecarScope { region, pool });
+        Ok(identity)
     }
 
     /// The identity of the peer whose end-entity certificate is `der`.
@@ -169,22 +209,30 @@ impl PeerIdentity {
         }
     }
 
-    /// The URI SAN that carries this identity: `spiffe://infermesh/<role>/<name>`.
+    /// The URI SAN that carries this identity.
     pub fn uri(&self) -> String {
-        format!("{SCHEME}{TRUST_DOMAIN}/{}/{}", self.role, self.name)
+        format!("{SCHEME}{TRUST_DOMAIN}/{self}")
     }
 }
 
 impl fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.role, self.name)
+        match &self.scope {
+            Some(scope) => write!(
+                f,
+                "{}/{}/{}/{}",
+                self.role, scope.region, scope.pool, self.name
+            ),
+            None => write!(f, "{}/{}", self.role, self.name),
+        }
     }
 }
 
 impl FromStr for PeerIdentity {
     type Err = IdentityError;
 
-    /// Parses `spiffe://infermesh/<role>/<name>`.
+    /// Parses `spiffe://infermesh/<role>/<name>` and
+    /// `spiffe://infermesh/sidecar/<region>/<pool>/<endpoint>`.
     fn from_str(uri: &str) -> Result<Self, Self::Err> {
         let malformed = || IdentityError::Malformed {
             uri: uri.to_owned(),
@@ -198,10 +246,16 @@ impl FromStr for PeerIdentity {
         }
         let (role, name) = path.split_once('/').ok_or_else(malformed)?;
         let role: PeerRole = role.parse()?;
-        if name.contains(['/', '?', '#']) {
+        if name.contains(['?', '#']) {
             return Err(malformed());
         }
-        Self::new(role, name)
+        match (role, name.split('/').collect::<Vec<_>>().as_slice()) {
+            (_, [name]) => Self::new(role, *name),
+            (PeerRole::Sidecar, [region, pool, endpoint]) => {
+                Self::sidecar(*region, *pool, *endpoint)
+            }
+            _ => Err(malformed()),
+        }
     }
 }
 
@@ -229,6 +283,13 @@ mod tests {
             let parsed: PeerIdentity = identity.uri().parse().unwrap();
             assert_eq!(parsed, identity);
         }
+        let bound = PeerIdentity::sidecar("eu-west", "llama-eu", "vllm-0").unwrap();
+        assert_eq!(
+            bound.uri(),
+            "spiffe://infermesh/sidecar/eu-west/llama-eu/vllm-0"
+        );
+        assert_eq!(bound.uri().parse::<PeerIdentity>().unwrap(), bound);
+        assert_eq!(bound.name, "vllm-0");
         assert_eq!(
             PeerIdentity::new(PeerRole::Edge, "eu-west-1")
                 .unwrap()
@@ -244,6 +305,10 @@ mod tests {
             ("spiffe://infermesh", "Malformed"),
             ("spiffe://infermesh/edge", "Malformed"),
             ("spiffe://infermesh/edge/a/b", "Malformed"),
+            ("spiffe://infermesh/edge/eu/pool/a", "Malformed"),
+            ("spiffe://infermesh/sidecar/eu/pool", "Malformed"),
+            ("spiffe://infermesh/sidecar/eu/pool/a/b", "Malformed"),
+            ("spiffe://infermesh/sidecar/eu//a", "EmptyName"),
             ("spiffe://example.org/edge/a", "WrongTrustDomain"),
             ("spiffe://infermesh/router/a", "UnknownRole"),
             ("spiffe://infermesh/edge/", "EmptyName"),

@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use super::{LocalCa, PkiError, files};
-use crate::tls::identity::{PeerIdentity, PeerRole};
+use crate::tls::identity::{PeerIdentity, PeerRole, TRUST_DOMAIN};
 
 /// The name in the admin client certificate's identity.
 pub const ADMIN_NAME: &str = "admin";
@@ -153,7 +153,8 @@ fn issue_all(
 fn identities(role: PeerRole, names: &[String]) -> Result<Vec<PeerIdentity>, PkiError> {
     let mut identities: Vec<PeerIdentity> = Vec::with_capacity(names.len());
     for name in names {
-        let identity = PeerIdentity::new(role, name.as_str())?;
+        // `name`, or for sidecars `region/pool/endpoint` (a bound identity).
+        let identity: PeerIdentity = format!("spiffe://{TRUST_DOMAIN}/{role}/{name}").parse()?;
         if !identities.contains(&identity) {
             identities.push(identity);
         }

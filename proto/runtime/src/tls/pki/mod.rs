@@ -180,7 +180,7 @@ impl LocalCa {
     /// A client certificate whose only URI SAN is `identity.uri()`.
     pub fn issue_client(&self, identity: &PeerIdentity) -> Result<IssuedCert, PkiError> {
         // Re-validate: the fields are public, so the identity may not have come from `new`.
-        let identity = PeerIdentity::new(identity.role, identity.name.clone())?;
+        let identity: PeerIdentity = identity.uri().parse()?;
         // A validated name is ASCII, so this cannot fail; still, no panic on the path.
         let uri = Ia5String::try_from(identity.uri()).map_err(|_| IdentityError::InvalidName {
             name: identity.name.clone(),

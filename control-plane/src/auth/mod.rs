@@ -10,8 +10,19 @@
 //!   matching a hash in the admin tokens file. Anything else is refused with
 //!   UNAUTHENTICATED; a certificate of another role with PERMISSION_DENIED.
 //!
+//! - Registrations: a sidecar may register only the endpoint its
+//!   certificate names, at its own address (`registration`).
+//!
 //! Health and reflection stay open: probes and `grpcurl describe` need them,
 //! and they reveal no data.
+
+mod registration;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use infermesh_proto::v1::Register;
+pub use registration::RegistrationPolicy;
 
 use infermesh_proto::v1::SubscriberRole;
 use infermesh_runtime::admin_token::TokenSet;
@@ -25,6 +36,8 @@ pub struct Authorizer {
     mtls: bool,
     /// Accepted admin bearer tokens.
     admin_tokens: TokenSet,
+    /// What sidecars may register.
+    registrations: Arc<RegistrationPolicy>,
 }
 
 /// Who made an admin call.
@@ -48,7 +61,17 @@ impl std::fmt::Display for AdminCaller {
 impl Authorizer {
     /// Checks certificates when `mtls`, accepts `admin_tokens` for admin calls.
     pub fn new(mtls: bool, admin_tokens: TokenSet) -> Self {
-        Self { mtls, admin_tokens }
+        Self {
+            mtls,
+            admin_tokens,
+            registrations: Arc::new(RegistrationPolicy::new(false, 30)),
+        }
+    }
+
+    /// Registrations follow `policy` (with certificates; plaintext has no identities).
+    pub fn with_registrations(mut self, policy: RegistrationPolicy) -> Self {
+        self.registrations = Arc::new(policy);
+        self
     }
 
     /// Whether subscriber identities are checked.
@@ -94,6 +117,24 @@ impl Authorizer {
     /// May the caller with `peer` report load as a sidecar?
     pub fn reporter(&self, peer: Option<&PeerIdentity>) -> Result<(), Status> {
         self.subscriber(peer, SubscriberRole::Sidecar, "")
+    }
+
+    /// May the caller with `peer`, connected from `remote`, make `register`?
+    pub fn registration(
+        &self,
+        peer: Option<&PeerIdentity>,
+        register: &Register,
+        remote: Option<IpAddr>,
+    ) -> Result<(), Status> {
+        if !self.mtls {
+            return Ok(());
+        }
+        let Some(peer) = peer else {
+            return Err(Status::unauthenticated(
+                "registering needs a sidecar client certificate",
+            ));
+        };
+        self.registrations.check(peer, register, remote)
     }
 
     /// Authenticates an admin call.
