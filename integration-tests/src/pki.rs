@@ -66,16 +66,20 @@ impl TestPki {
 
     /// The client certificate for `role`/`name`, issued on first use.
     pub fn client(&self, role: PeerRole, name: &str) -> CertPair {
-        let stem = format!("{role}-{name}");
+        let identity = PeerIdentity::new(role, name).expect("valid identity");
+        self.issued(&format!("{role}-{name}"), &identity)
+    }
+
+    /// The certificate for `identity` under `DIR/<stem>.pem`, issued on first use.
+    fn issued(&self, stem: &str, identity: &PeerIdentity) -> CertPair {
         let pair = CertPair {
             cert: self.dir.join(format!("{stem}.pem")),
             key: self.dir.join(format!("{stem}-key.pem")),
         };
         let _issuing = self.issuing.lock().unwrap_or_else(|e| e.into_inner());
         if !pair.cert.exists() {
-            let identity = PeerIdentity::new(role, name).expect("valid identity");
             self.ca
-                .issue_client(&identity)
+                .issue_client(identity)
                 .expect("issue client certificate")
                 .write(&pair.cert, &pair.key)
                 .expect("write client certificate");
@@ -85,21 +89,8 @@ impl TestPki {
 
     /// A sidecar certificate bound to endpoint `endpoint` of `pool` in `region`.
     pub fn sidecar(&self, region: &str, pool: &str, endpoint: &str) -> CertPair {
-        let stem = format!("sidecar-{region}-{pool}-{endpoint}");
-        let pair = CertPair {
-            cert: self.dir.join(format!("{stem}.pem")),
-            key: self.dir.join(format!("{stem}-key.pem")),
-        };
-        let _issuing = self.issuing.lock().unwrap_or_else(|e| e.into_inner());
-        if !pair.cert.exists() {
-            let identity = PeerIdentity::sidecar(region, pool, endpoint).expect("valid identity");
-            self.ca
-                .issue_client(&identity)
-                .expect("issue client certificate")
-                .write(&pair.cert, &pair.key)
-                .expect("write client certificate");
-        }
-        pair
+        let identity = PeerIdentity::sidecar(region, pool, endpoint).expect("valid identity");
+        self.issued(&format!("sidecar-{region}-{pool}-{endpoint}"), &identity)
     }
 
     /// A certificate from another CA, with the identity `role`/`name`.
