@@ -178,6 +178,10 @@ impl QuotaBook {
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
         let mut used = Vec::new();
         for usage in report.quotas {
+            if let Err(why) = plausible(&usage) {
+                tracing::warn!(quota = %usage.quota, consumed = usage.consumed, demand = usage.demand, why, "ignoring implausible usage from an edge");
+                continue;
+            }
             let Ok(quota) = usage.quota.parse::<QuotaId>() else {
                 tracing::debug!(quota = %usage.quota, "ignoring usage for a malformed quota id");
                 continue;
@@ -318,9 +322,46 @@ impl QuotaBook {
     }
 }
 
+/// Most units one edge can have used of one quota since its stream
+/// opened: far beyond any real traffic, low enough that one edge's report
+/// cannot swamp every other edge's share in the sums.
+const MOST_UNITS: u64 = 1 << 40;
+
+/// Whether an edge's counters can be real: cumulative counts are never
+/// negative and never astronomically large. An edge reporting otherwise is
+/// broken or hostile, and its report must not move every edge's grants.
+fn plausible(usage: &infermesh_proto::v1::QuotaUsage) -> Result<(), &'static str> {
+    if usage.consumed < 0 {
+        return Err("negative consumption");
+    }
+    if usage.consumed.unsigned_abs() > MOST_UNITS || usage.demand > MOST_UNITS {
+        return Err("more units than any edge can use");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn implausible_usage_is_refused_and_real_usage_kept() {
+        let usage = |consumed: i64, demand: u64| infermesh_proto::v1::QuotaUsage {
+            quota: "key/k/rpm".into(),
+            consumed,
+            demand,
+        };
+        assert!(plausible(&usage(0, 0)).is_ok());
+        assert!(plausible(&usage(60, 80)).is_ok());
+        assert!(plausible(&usage(900, 600)).is_ok(), "token corrections may exceed demand a little");
+        assert!(plausible(&usage(-1, 10)).is_err());
+        assert!(plausible(&usage(i64::MAX, u64::MAX)).is_err());
+        assert!(plausible(&usage(10, 1 << 41)).is_err());
+        assert!(
+            plausible(&usage(5_000, 256)).is_ok(),
+            "settled tokens may exceed the reservation asked for"
+        );
+    }
 
     fn digest(node: &str, edges: u32, demand: &[(&str, f64)]) -> QuotaDigest {
         QuotaDigest {
