@@ -46,6 +46,44 @@ Name of one region's edge Deployment and Service. Call with (dict "ctx" $ "regio
 {{- end }}
 
 {{/*
+Name of the Service that exposes only a component's metrics port: the name of
+its API Service plus -metrics, so that scrapers never need the API Service
+(and an edge Service of type LoadBalancer never publishes /metrics).
+Call with (dict "ctx" $ "suffix" "-control-plane") or "-edge-<region>".
+*/}}
+{{- define "infermesh.metricsServiceName" -}}
+{{- include "infermesh.componentName" (dict "ctx" .ctx "suffix" (printf "%s-metrics" .suffix)) }}
+{{- end }}
+
+{{/*
+A component's metrics Service: ClusterIP, port `metrics` only, labelled
+infermesh.io/metrics: "true" for the ServiceMonitors. Call with (dict "ctx" $
+"name" <Service name> "component" "edge" "region" "eu-west" "port" 9090);
+region is optional.
+*/}}
+{{- define "infermesh.metricsService" -}}
+{{- $labels := dict "ctx" .ctx "component" .component "region" .region -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ .name }}
+  namespace: {{ .ctx.Release.Namespace }}
+  labels:
+    {{- include "infermesh.labels" $labels | nindent 4 }}
+    infermesh.io/metrics: "true"
+spec:
+  type: ClusterIP
+  selector:
+    {{- include "infermesh.selectorLabels" $labels | nindent 4 }}
+  ports:
+    - name: metrics
+      port: {{ .port }}
+      targetPort: metrics
+      protocol: TCP
+      appProtocol: http
+{{- end }}
+
+{{/*
 Chart label value.
 */}}
 {{- define "infermesh.chart" -}}
