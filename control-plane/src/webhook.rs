@@ -32,6 +32,10 @@ pub const INJECT_LABEL: &str = "infermesh.io/inject";
 pub const PREFIX: &str = "infermesh.io/";
 const TLS_VOLUME: &str = "infermesh-control-plane-tls";
 const TLS_MOUNT: &str = "/etc/infermesh/control-plane-tls";
+/// The volume every container of the pod shares with the sidecar for the
+/// preStop hand-shake: the hook's unix socket and the `drained` marker.
+const RUN_VOLUME: &str = "infermesh-run";
+const RUN_MOUNT: &str = "/var/run/infermesh";
 const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
 
 /// What the injected container looks like.
@@ -211,6 +215,15 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, S
         },
     });
     let mut ops = Vec::new();
+    let mut volumes =
+        vec![json!({"name": RUN_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})];
+    let mut mounts = vec![json!({"name": RUN_VOLUME, "mountPath": RUN_MOUNT})];
+    if let Some(env) = container["env"].as_array_mut() {
+        env.push(value(
+            "INFERMESH_PRESTOP_SOCKET",
+            &format!("{RUN_MOUNT}/prestop.sock"),
+        ));
+    }
     if let Some(secret) = &injection.tls_secret {
         if let Some(env) = container["env"].as_array_mut() {
             for (name, file) in [
@@ -221,27 +234,50 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, S
                 env.push(value(name, &format!("{TLS_MOUNT}/{file}")));
             }
         }
-        container["volumeMounts"] =
-            json!([{"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": true}]);
-        let volume = json!({"name": TLS_VOLUME, "secret": {"secretName": secret}});
-        match pod.pointer("/spec/volumes").and_then(Value::as_array) {
-            Some(volumes) => {
-                if volumes
+        mounts.push(json!({"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": true}));
+        volumes.push(json!({"name": TLS_VOLUME, "secret": {"secretName": secret}}));
+    }
+    container["volumeMounts"] = Value::Array(mounts);
+    match pod.pointer("/spec/volumes").and_then(Value::as_array) {
+        Some(existing) => {
+            for volume in volumes {
+                let name = volume["name"].as_str().unwrap_or_default();
+                if existing
                     .iter()
-                    .any(|v| v.get("name").and_then(Value::as_str) == Some(TLS_VOLUME))
+                    .any(|v| v.get("name").and_then(Value::as_str) == Some(name))
                 {
-                    return Err(format!("the pod already has a volume named {TLS_VOLUME}"));
+                    return Err(format!("the pod already has a volume named {name}"));
                 }
                 ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
             }
-            None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
         }
+        None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes})),
     }
     // Every container's preStop waits for the sidecar's drain, so that the
     // engine gets SIGTERM only once its last request has finished; a
-    // container's own preStop hook is left as it is.
-    let hook = json!({"httpGet": {"path": "/prestop", "port": injection.proxy_port}});
+    // container's own preStop hook is left as it is. The hooks reach the
+    // sidecar through the shared volume, never over the network: the
+    // sidecar's port refuses /prestop. Containers other than the sidecar
+    // have no infermesh binary, so they wait for the `drained` marker (or
+    // for the socket to go, if the sidecar is gone).
+    let wait = format!(
+        "while [ -S {RUN_MOUNT}/prestop.sock ] && [ ! -e {RUN_MOUNT}/drained ]; do sleep 1; done"
+    );
+    let hook = json!({"exec": {"command": ["/bin/sh", "-c", wait]}});
     for (i, c) in containers.iter().enumerate() {
+        let mount = json!({"name": RUN_VOLUME, "mountPath": RUN_MOUNT, "readOnly": true});
+        match c.get("volumeMounts").and_then(Value::as_array) {
+            Some(_) => ops.push(json!({
+                "op": "add",
+                "path": format!("/spec/containers/{i}/volumeMounts/-"),
+                "value": mount,
+            })),
+            None => ops.push(json!({
+                "op": "add",
+                "path": format!("/spec/containers/{i}/volumeMounts"),
+                "value": [mount],
+            })),
+        }
         match c.get("lifecycle") {
             None => ops.push(json!({
                 "op": "add",
@@ -256,7 +292,10 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, S
             Some(_) => {}
         }
     }
-    container["lifecycle"] = json!({"preStop": hook});
+    let own_hook = json!({"exec": {"command": [
+        "infermesh-sidecar", "--prestop-hook", format!("{RUN_MOUNT}/prestop.sock"),
+    ]}});
+    container["lifecycle"] = json!({"preStop": own_hook});
     ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": container}));
     ops.push(json!({
         "op": "add",
@@ -404,15 +443,32 @@ mod tests {
             paths,
             [
                 "/spec/volumes",
+                "/spec/containers/0/volumeMounts",
                 "/spec/containers/0/lifecycle",
                 "/spec/containers/-",
                 "/metadata/annotations/infermesh.io~1injected"
             ]
         );
-        let hook = json!({"preStop": {"httpGet": {"path": "/prestop", "port": 8081}}});
-        assert_eq!(ops[1]["value"], hook, "the engine waits for the drain");
-        let container = &ops[2]["value"];
-        assert_eq!(container["lifecycle"], hook);
+        let engine_hook = ops[2]["value"]["preStop"]["exec"]["command"].to_string();
+        assert!(
+            engine_hook.contains("/var/run/infermesh/drained"),
+            "the engine waits for the drain: {engine_hook}"
+        );
+        assert!(
+            !engine_hook.contains("http"),
+            "no hook goes over the network"
+        );
+        let container = &ops[3]["value"];
+        assert_eq!(
+            container["lifecycle"]["preStop"]["exec"]["command"],
+            json!([
+                "infermesh-sidecar",
+                "--prestop-hook",
+                "/var/run/infermesh/prestop.sock"
+            ])
+        );
+        let volumes = ops[0]["value"].to_string();
+        assert!(volumes.contains("infermesh-run") && volumes.contains("infermesh-sidecar-tls"));
         let env = container["env"].to_string();
         for expected in [
             "meta-llama/Llama-3.1-8B-Instruct",
@@ -432,17 +488,26 @@ mod tests {
         let mut partial = pod();
         partial["spec"]["containers"][0]["lifecycle"] =
             json!({"postStart": {"exec": {"command": ["/bin/warm"]}}});
+        let paths = |ops: Vec<Value>| -> Vec<String> {
+            ops.iter()
+                .filter_map(|o| o["path"].as_str())
+                .filter(|p| p.starts_with("/spec/containers/0"))
+                .map(String::from)
+                .collect()
+        };
         let own_ops = patch(&own, &injection(false)).unwrap().unwrap();
-        assert!(own_ops.iter().all(|o| {
-            !o["path"]
-                .as_str()
-                .unwrap()
-                .starts_with("/spec/containers/0")
-        }));
+        assert_eq!(
+            paths(own_ops),
+            ["/spec/containers/0/volumeMounts"],
+            "only the shared volume is mounted; the hook is the container's own"
+        );
         let partial_ops = patch(&partial, &injection(false)).unwrap().unwrap();
         assert_eq!(
-            partial_ops[0]["path"],
-            "/spec/containers/0/lifecycle/preStop"
+            paths(partial_ops),
+            [
+                "/spec/containers/0/volumeMounts",
+                "/spec/containers/0/lifecycle/preStop"
+            ]
         );
     }
 

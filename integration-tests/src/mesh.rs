@@ -2,7 +2,7 @@
 //! replicas (a simulated engine with its sidecar), started and wired the
 //! way an operator would, with the admin API driven through grpcurl.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use infermesh_runtime::tls::PeerRole;
@@ -44,6 +44,8 @@ pub struct Replica {
     pub engine: Process,
     /// The sidecar process.
     pub sidecar: Process,
+    /// The unix socket of its preStop hook.
+    pub prestop_socket: PathBuf,
 }
 
 /// A sidecar process started on its own.
@@ -52,6 +54,8 @@ pub struct Sidecar {
     pub url: String,
     /// Its Prometheus endpoint.
     pub metrics_url: String,
+    /// The unix socket of its preStop hook.
+    pub prestop_socket: PathBuf,
     /// The process.
     pub process: Process,
 }
@@ -321,6 +325,7 @@ impl Mesh {
             sidecar_metrics_url: sidecar.metrics_url,
             sidecar_url: sidecar.url,
             sidecar: sidecar.process,
+            prestop_socket: sidecar.prestop_socket,
             engine,
         }
     }
@@ -372,6 +377,10 @@ impl Mesh {
         .to_vec();
         let pair = self.pki.sidecar(region, pool, id);
         args.extend(self.tls_flags(&pair));
+        let run_dir = self.dir.path().join(format!("run-{id}"));
+        std::fs::create_dir_all(&run_dir).expect("sidecar run directory");
+        let prestop_socket = run_dir.join("prestop.sock");
+        args.extend(["--prestop-socket".into(), path_str(&prestop_socket)]);
         let process = Process::spawn(
             &format!("sidecar-{id}"),
             &path("infermesh-sidecar"),
@@ -386,6 +395,7 @@ impl Mesh {
             url,
             metrics_url: format!("http://{metrics_listen}/metrics"),
             process,
+            prestop_socket,
         }
     }
 

@@ -388,20 +388,45 @@ async fn pod_shutdown_through_pre_stop_hooks_stops_the_engine_after_its_last_str
     let load = SteadyLoad::start(&mesh.http, &url, &body, 4);
     load.wait_for(10, Duration::from_secs(20)).await;
 
-    // As the kubelet deletes a pod: every container's preStop hook (the
-    // injected ones call the sidecar's /prestop), then each container gets
-    // its signal when its own hook returns. The engine is killed outright,
-    // so any request still on it would fail.
+    // As the kubelet deletes a pod: every container's preStop hook, as the
+    // webhook injects them (the sidecar's runs `infermesh-sidecar
+    // --prestop-hook` on the shared socket; the engine's waits for the
+    // `drained` marker beside it), then each container gets its signal
+    // when its own hook returns. The engine is killed outright, so any
+    // request still on it would fail.
     for replica in &mut replicas {
         let id = replica.id.clone();
-        let hook = format!("{}/prestop", replica.sidecar_url);
-        let (engine_hook, sidecar_hook) = tokio::join!(mesh.http.get(&hook), mesh.http.get(&hook));
-        for answered in [engine_hook, sidecar_hook] {
-            let answered = answered.expect("preStop hook answered");
-            assert_eq!(answered.status, 200);
-            assert_eq!(answered.json()["status"], "drained", "{}", answered.text());
-            assert_eq!(answered.json()["in_flight"], 0);
-        }
+        let socket = replica.prestop_socket.clone();
+        let marker = socket.with_file_name("drained");
+        let sidecar_hook = tokio::process::Command::new(
+            infermesh_integration_tests::binaries::path("infermesh-sidecar"),
+        )
+        .arg("--prestop-hook")
+        .arg(&socket)
+        .kill_on_drop(true)
+        .output();
+        let engine_hook = tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "while [ -S '{}' ] && [ ! -e '{}' ]; do sleep 0.1; done",
+                socket.display(),
+                marker.display()
+            ))
+            .kill_on_drop(true)
+            .output();
+        let (sidecar_hook, engine_hook) = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::join!(sidecar_hook, engine_hook)
+        })
+        .await
+        .expect("both preStop hooks return within 30 s");
+        let sidecar_hook = sidecar_hook.expect("sidecar hook ran");
+        assert!(sidecar_hook.status.success(), "{sidecar_hook:?}");
+        let answered: serde_json::Value =
+            serde_json::from_slice(&sidecar_hook.stdout).expect("the hook prints the answer");
+        assert_eq!(answered["status"], "drained", "{answered}");
+        assert_eq!(answered["in_flight"], 0);
+        assert!(engine_hook.expect("engine hook ran").status.success());
+        assert!(marker.exists(), "the engine's hook returned on the marker");
         replica.engine.kill().await;
         assert_eq!(
             replica.sidecar.terminate().await,

@@ -503,3 +503,47 @@ async fn the_clients_api_key_never_reaches_the_replica() {
         );
     }
 }
+
+#[tokio::test]
+async fn no_network_caller_can_drain_a_replica() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let replica = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let body =
+        json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    mesh.wait_until_served(&url, &body).await;
+
+    for method in [http::Method::GET, http::Method::POST] {
+        let refused = mesh
+            .http
+            .send(
+                method,
+                &format!("{}/prestop", replica.sidecar_url),
+                None,
+                &[("x-no-auth", "1")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(refused.status, 403, "{}", refused.text());
+        assert!(refused.text().contains("unix socket"), "{}", refused.text());
+    }
+    let ready = mesh
+        .http
+        .get(&format!("{}/readyz", replica.sidecar_url))
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status,
+        200,
+        "the replica is not draining: {}",
+        ready.text()
+    );
+    assert!(!replica.prestop_socket.with_file_name("drained").exists());
+    let served = mesh.http.post_json(&url, &body).await.unwrap();
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert_eq!(mesh.endpoint_ids("llama-eu").await, ["llama-0"]);
+}

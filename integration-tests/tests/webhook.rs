@@ -150,11 +150,22 @@ async fn the_webhook_injects_the_sidecar_once_into_labelled_pods_only() {
     ] {
         assert!(env.contains(expected), "{expected} missing from {env}");
     }
+    let volumes: Vec<&str> = injected["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
     assert_eq!(
-        injected["spec"]["volumes"].as_array().unwrap().len(),
-        2,
-        "shm and the certificate"
+        volumes.len(),
+        3,
+        "shm, the preStop hand-shake and the certificate: {volumes:?}"
     );
+    assert!(volumes.contains(&"infermesh-run"), "{volumes:?}");
+    for container in injected["spec"]["containers"].as_array().unwrap() {
+        let hook = container["lifecycle"]["preStop"].to_string();
+        assert!(hook.contains("exec") && !hook.contains("httpGet"), "{hook}");
+    }
     validate(mesh.dir.path(), &injected).await;
 
     // Again on the injected pod (a reinvocation): nothing changes.

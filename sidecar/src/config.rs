@@ -12,7 +12,11 @@ use crate::engine::EngineKind;
 
 /// infermesh sidecar: registers this pod's replica, proxies to its engine, reports load.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "infermesh-sidecar", version)]
+#[command(
+    name = "infermesh-sidecar",
+    version,
+    after_help = "As the pod's preStop hook: infermesh-sidecar --prestop-hook SOCKET asks the sidecar serving --prestop-socket SOCKET to drain and returns once it has."
+)]
 pub struct Config {
     /// Address of the inbound proxy edges send requests to.
     #[arg(long, env = "INFERMESH_LISTEN", default_value = "0.0.0.0:8081")]
@@ -112,6 +116,12 @@ pub struct Config {
     /// Time given to in-flight requests after the listener closes, seconds.
     #[arg(long, env = "INFERMESH_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+
+    /// Unix socket (in a volume the pod's containers share) where the
+    /// preStop hook asks for the drain; the `drained` marker is written
+    /// beside it. Unset: no hook. The network port never serves /prestop.
+    #[arg(long, env = "INFERMESH_PRESTOP_SOCKET")]
+    pub prestop_socket: Option<std::path::PathBuf>,
 
     /// A request's whole body must arrive within this time of its head
     /// (e.g. `30s`); a slower upload is cut and its connection closed.

@@ -1,6 +1,7 @@
 //! What the pod's preStop hooks wait on. Kubernetes runs every container's
-//! preStop hook before sending it SIGTERM; the injected hooks call the
-//! sidecar's `/prestop`, which starts the drain (as SIGTERM would) and
+//! preStop hook before sending it SIGTERM; the injected hooks reach the
+//! sidecar's `/prestop` on its unix socket (`prestop`), which starts the
+//! drain (as SIGTERM would) and
 //! answers only once edges have stopped sending and every proxied request,
 //! streams included, has finished. So the engine container is signalled
 //! only after its last request is done, and no request is cut.

@@ -9,6 +9,7 @@ pub mod drain;
 pub mod engine;
 pub mod gpu;
 pub mod metrics;
+pub mod prestop;
 pub mod proxy;
 pub mod report;
 pub mod server;

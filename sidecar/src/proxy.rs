@@ -1,7 +1,8 @@
 //! The inbound proxy: every request not meant for the sidecar itself goes
 //! to the engine on localhost, bodies streamed both ways (SSE stays
-//! chunk-by-chunk). The sidecar answers `/livez`, `/readyz` and the pod's
-//! preStop hooks (`/prestop`, see `drain`) itself.
+//! chunk-by-chunk). The sidecar answers `/livez` and `/readyz` itself, and
+//! refuses `/prestop`: the pod's preStop hooks reach it on a unix socket
+//! (`prestop`), never over the network.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,10 +28,6 @@ pub struct Readiness {
     pub draining: watch::Receiver<bool>,
     /// Requests being proxied, for the drain.
     pub in_flight: crate::drain::InFlight,
-    /// The preStop hooks' hand-shake.
-    pub pre_stop: crate::drain::PreStop,
-    /// Longest a preStop hook waits for the drain.
-    pub pre_stop_limit: std::time::Duration,
 }
 
 /// See the module docs.
@@ -179,20 +176,12 @@ impl tower::Service<Request<RequestBody>> for EngineProxy {
             Ok(match request.uri().path() {
                 "/livez" => json_response(StatusCode::OK, json!({"status": "alive"})),
                 "/readyz" => proxy.readyz(),
-                "/prestop" => {
-                    let readiness = &proxy.readiness;
-                    tracing::info!("preStop hook: draining before the pod's containers stop");
-                    let drained = readiness.pre_stop.run_hook(readiness.pre_stop_limit).await;
-                    let status = if drained {
-                        "drained"
-                    } else {
-                        "drain still running at the hook's limit"
-                    };
-                    json_response(
-                        StatusCode::OK,
-                        json!({"status": status, "in_flight": readiness.in_flight.count()}),
-                    )
-                }
+                // Draining is for the pod's own hooks, on the unix socket
+                // (`prestop`): a network caller must not take a replica out.
+                "/prestop" => json_response(
+                    StatusCode::FORBIDDEN,
+                    json!({"error": {"message": "the preStop hook is served on the sidecar's unix socket (--prestop-socket), not over the network", "type": "permission_error", "code": "prestop_not_on_network"}}),
+                ),
                 _ => {
                     let started = std::time::Instant::now();
                     let metrics = proxy.metrics.clone();

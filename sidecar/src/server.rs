@@ -118,14 +118,27 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
             loads,
             draining: draining.clone(),
             in_flight: in_flight.clone(),
-            pre_stop: pre_stop.clone(),
-            pre_stop_limit: Duration::from_secs(
-                config.drain_wait_seconds + config.shutdown_grace_seconds,
-            ),
         },
     )
     .with_metrics(metrics)
     .counting(requests);
+    let hook = match &config.prestop_socket {
+        Some(socket) => Some(
+            crate::prestop::serve(
+                socket,
+                crate::prestop::HookState {
+                    pre_stop: pre_stop.clone(),
+                    in_flight: in_flight.clone(),
+                    limit: Duration::from_secs(
+                        config.drain_wait_seconds + config.shutdown_grace_seconds,
+                    ),
+                },
+                background.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("--prestop-socket {}: {e}", socket.display()))?,
+        ),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, advertise = %address, endpoint = %endpoint_id, engine = %config.engine_url, "sidecar serving");
     let serving = CancellationToken::new();
@@ -185,6 +198,9 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
         metrics_task,
         age_task
     );
+    if let Some(hook) = hook {
+        let _ = hook.await;
+    }
     tracing::info!("sidecar stopped");
     Ok(())
 }

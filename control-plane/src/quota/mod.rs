@@ -353,7 +353,10 @@ mod tests {
         };
         assert!(plausible(&usage(0, 0)).is_ok());
         assert!(plausible(&usage(60, 80)).is_ok());
-        assert!(plausible(&usage(900, 600)).is_ok(), "token corrections may exceed demand a little");
+        assert!(
+            plausible(&usage(900, 600)).is_ok(),
+            "token corrections may exceed demand a little"
+        );
         assert!(plausible(&usage(-1, 10)).is_err());
         assert!(plausible(&usage(i64::MAX, u64::MAX)).is_err());
         assert!(plausible(&usage(10, 1 << 41)).is_err());

@@ -125,9 +125,13 @@ async fn main() {
     mesh.lease_ttl_seconds = arg_u64("--lease-ttl-seconds", 5) as u32;
     // Every simulated sidecar shares one certificate, so registrations
     // cannot be bound to an endpoint or limited per identity here.
-    mesh.control_plane_extra = ["--allow-unbound-sidecars", "--registrations-per-minute", "100000000"]
-        .map(String::from)
-        .to_vec();
+    mesh.control_plane_extra = [
+        "--allow-unbound-sidecars",
+        "--registrations-per-minute",
+        "100000000",
+    ]
+    .map(String::from)
+    .to_vec();
     mesh.kill_control_plane().await;
     mesh.start_control_plane().await;
     mesh.register("eu-west", "llama", "llama-eu").await;
