@@ -18,4 +18,5 @@ pub mod server;
 pub mod snapshot;
 pub mod store;
 pub mod tables;
+pub mod watch_stall;
 pub mod webhook;

@@ -29,6 +29,8 @@ pub struct ControlPlaneMetrics {
     /// 1 on the replica that won leader election.
     pub leader: IntGauge,
     load_reports: IntCounter,
+    watch_lag: prometheus::Gauge,
+    watch_resyncs: IntCounterVec,
     registrations_refused: IntCounterVec,
     /// Tables pushed and their encoded bytes: (count, bytes) for full
     /// tables, then for changes.
@@ -124,6 +126,17 @@ impl ControlPlaneMetrics {
                 ),
                 &["code"],
             )?,
+            watch_lag: prometheus::Gauge::new(
+                "infermesh_control_plane_watch_lag_seconds",
+                "Seconds the registry watch has been behind a revision etcd reported under the prefix (0 when current); a resync follows at 10 s.",
+            )?,
+            watch_resyncs: IntCounterVec::new(
+                Opts::new(
+                    "infermesh_control_plane_watch_resyncs_total",
+                    "Times the registry snapshot was reloaded from etcd, by reason (failed: the watch broke; stalled: it stopped delivering while etcd had newer writes).",
+                ),
+                &["reason"],
+            )?,
             load_reports: IntCounter::new(
                 "infermesh_control_plane_load_reports_total",
                 "Load reports received from sidecars.",
@@ -157,6 +170,8 @@ impl ControlPlaneMetrics {
         registry.register(Box::new(metrics.etcd.clone()))?;
         registry.register(Box::new(metrics.leader.clone()))?;
         registry.register(Box::new(metrics.load_reports.clone()))?;
+        registry.register(Box::new(metrics.watch_lag.clone()))?;
+        registry.register(Box::new(metrics.watch_resyncs.clone()))?;
         registry.register(Box::new(metrics.registrations_refused.clone()))?;
         registry.register(Box::new(metrics.pool_serving.clone()))?;
         registry.register(Box::new(metrics.pool_desired.clone()))?;
@@ -229,6 +244,16 @@ impl ControlPlaneMetrics {
             _ => "other",
         };
         self.registrations_refused.with_label_values(&[label]).inc();
+    }
+
+    /// The registry watch is `lag` behind etcd.
+    pub fn watch_lag(&self, lag: std::time::Duration) {
+        self.watch_lag.set(lag.as_secs_f64());
+    }
+
+    /// The registry snapshot was reloaded for `reason`.
+    pub fn watch_resynced(&self, reason: &str) {
+        self.watch_resyncs.with_label_values(&[reason]).inc();
     }
 
     /// One load report arrived.

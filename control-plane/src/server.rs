@@ -89,7 +89,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     )
     .await?
     .with_metrics(metrics.clone());
-    let (snapshots, watcher) = snapshot::spawn_watcher(store.clone(), cancel.clone());
+    let (snapshots, watcher) =
+        snapshot::spawn_watcher(store.clone(), metrics.clone(), cancel.clone());
     let reclaim = tokio::spawn(crate::reclaim::hold_existing_leases(
         store.clone(),
         Duration::from_millis(u64::from(config.report_interval_ms)).max(Duration::from_millis(500)),

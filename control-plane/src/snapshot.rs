@@ -5,6 +5,8 @@
 //! event shares every unchanged node with the previous one instead of
 //! copying thousands of endpoints.
 //! Revision 0 means "not synced yet": nothing may be pushed from it.
+//! A watch that falls behind etcd and stays behind is re-established from
+//! a fresh read (`watch_stall`).
 
 use std::sync::Arc;
 
@@ -17,8 +19,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::ControlPlaneMetrics;
 use crate::store::objects::{Object, stored};
 use crate::store::{Keys, ObjectKind, Store, StoreError};
+use crate::watch_stall::{StallDetector, Verdict};
+
+/// How often etcd's newest revision under the prefix is read.
+const STALL_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the watch may stay behind a revision etcd reported.
+pub const STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Everything under the prefix at one etcd revision.
 #[derive(Debug, Clone, Default)]
@@ -84,15 +93,24 @@ impl Snapshot {
 /// Starts the watcher; the receiver always holds the latest snapshot.
 pub fn spawn_watcher(
     store: Store,
+    metrics: Arc<ControlPlaneMetrics>,
     cancel: CancellationToken,
 ) -> (watch::Receiver<Arc<Snapshot>>, JoinHandle<()>) {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let task = tokio::spawn(async move {
         let mut backoff = Backoff::default();
         loop {
-            match follow(&store, &tx, &cancel, &mut backoff).await {
+            match follow(&store, &tx, &metrics, &cancel, &mut backoff).await {
                 Ok(()) => return,
-                Err(error) => tracing::warn!(%error, "registry watch lost; resyncing from etcd"),
+                Err(WatchEnd::Stalled { delivered, latest }) => {
+                    metrics.watch_resynced("stalled");
+                    tracing::warn!(delivered, latest, after = ?STALL_AFTER, "registry watch stalled behind etcd; resyncing from etcd");
+                    continue;
+                }
+                Err(WatchEnd::Failed(error)) => {
+                    metrics.watch_resynced("failed");
+                    tracing::warn!(%error, "registry watch lost; resyncing from etcd")
+                }
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -103,13 +121,63 @@ pub fn spawn_watcher(
     (rx, task)
 }
 
-/// Loads everything, then applies watch events until cancelled or the watch fails.
+/// Why a watch was given up.
+enum WatchEnd {
+    /// etcd or the stream failed.
+    Failed(StoreError),
+    /// The watch stayed behind what etcd reported for `STALL_AFTER`.
+    Stalled { delivered: i64, latest: i64 },
+}
+
+impl From<StoreError> for WatchEnd {
+    fn from(error: StoreError) -> Self {
+        WatchEnd::Failed(error)
+    }
+}
+
+impl From<etcd_client::Error> for WatchEnd {
+    fn from(error: etcd_client::Error) -> Self {
+        WatchEnd::Failed(error.into())
+    }
+}
+
+/// Reads etcd's newest revision under `prefix` every `STALL_CHECK`, bounded
+/// in time (an etcd that does not answer says nothing about the watch).
+fn spawn_latest_reader(
+    store: Store,
+    prefix: String,
+    cancel: CancellationToken,
+) -> (watch::Receiver<i64>, JoinHandle<()>) {
+    let (tx, rx) = watch::channel(0);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(STALL_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match tokio::time::timeout(STALL_CHECK, store.latest_under(&prefix)).await {
+                Ok(Ok(latest)) => {
+                    tx.send_replace(latest);
+                }
+                Ok(Err(error)) => tracing::debug!(%error, "could not read etcd's newest revision"),
+                Err(_) => tracing::debug!("etcd's newest revision not read in time"),
+            }
+        }
+    });
+    (rx, task)
+}
+
+/// Loads everything, then applies watch events until cancelled, the watch
+/// fails, or it stalls.
 async fn follow(
     store: &Store,
     tx: &watch::Sender<Arc<Snapshot>>,
+    metrics: &ControlPlaneMetrics,
     cancel: &CancellationToken,
     backoff: &mut Backoff,
-) -> Result<(), StoreError> {
+) -> Result<(), WatchEnd> {
     let keys = store.keys().clone();
     let (kvs, revision) = store.get_prefix(keys.root()).await?;
     let mut snapshot = Snapshot {
@@ -127,14 +195,37 @@ async fn follow(
     tracing::info!(revision, objects = kvs.len(), "registry snapshot loaded");
     tx.send_replace(Arc::new(snapshot.clone()));
     backoff.reset();
+    let reading = cancel.child_token();
+    let _stop_reading = reading.clone().drop_guard();
+    let (mut latest, _reader) =
+        spawn_latest_reader(store.clone(), keys.root().to_string(), reading);
+    let mut detector = StallDetector::new(STALL_AFTER, revision);
+    metrics.watch_lag(std::time::Duration::ZERO);
+    let mut reading = true;
     loop {
         let response = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
+            changed = latest.changed(), if reading => {
+                if changed.is_err() {
+                    reading = false;
+                    continue;
+                }
+                let newest = *latest.borrow_and_update();
+                let verdict = detector.observed(newest);
+                metrics.watch_lag(detector.lag());
+                if verdict == Verdict::Stalled {
+                    return Err(WatchEnd::Stalled { delivered: detector.delivered_revision(), latest: newest });
+                }
+                continue;
+            }
             next = stream.next() => match next {
                 Some(response) => response?,
                 None => return Err(etcd_client::Error::WatchError("watch stream ended".into()).into()),
             },
         };
+        if let Some(header) = response.header() {
+            detector.delivered(header.revision());
+        }
         if response.canceled() {
             return Err(etcd_client::Error::WatchError(format!(
                 "watch cancelled by etcd: {}",

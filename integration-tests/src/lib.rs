@@ -16,4 +16,5 @@ pub mod otlp;
 pub mod pki;
 pub mod process;
 pub mod redis;
+pub mod scrape;
 pub mod wait;

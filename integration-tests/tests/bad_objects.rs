@@ -25,23 +25,10 @@ async fn put_raw(mesh: &Mesh, key: &str, value: &[u8]) {
     etcdctl(mesh, &["put", &format!("{PREFIX}{key}")], Some(value)).await;
 }
 
-/// The value of a metric line `name{...labels...}` on an edge, if present.
-async fn edge_metric(mesh: &Mesh, edge: &Edge, name_and_labels: &str) -> Option<f64> {
+/// The value of `name` with `labels` on an edge's metrics, if present.
+async fn edge_metric(mesh: &Mesh, edge: &Edge, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let text = mesh.http.get(&edge.metrics_url).await.ok()?.text();
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let labels_match = match name_and_labels.split_once('{') {
-            Some((name, wanted)) => {
-                let wanted = wanted.trim_end_matches('}');
-                series.starts_with(&format!("{name}{{"))
-                    && wanted.split(',').all(|label| series.contains(label))
-            }
-            None => {
-                series == name_and_labels || series.starts_with(&format!("{name_and_labels}{{"))
-            }
-        };
-        labels_match.then(|| value.parse().ok()).flatten()
-    })
+    infermesh_integration_tests::scrape::value(&text, name, labels)
 }
 
 async fn chat_status(http: &Http, edge: &Edge) -> u16 {
@@ -119,7 +106,8 @@ async fn objects_written_around_the_control_plane_are_skipped_and_later_changes_
                     (edge_metric(
                         &mesh,
                         edge,
-                        &format!("infermesh_edge_routing_table_objects_skipped{{kind=\"{kind}\"}}"),
+                        "infermesh_edge_routing_table_objects_skipped",
+                        &[("kind", kind)],
                     )
                     .await
                         == Some(1.0))
@@ -164,7 +152,13 @@ async fn objects_written_around_the_control_plane_are_skipped_and_later_changes_
         assert_eq!(ready["refused_tables"], 0, "{ready}");
         assert!(ready["lag_seconds"].as_f64() < Some(1.0), "{ready}");
         assert_eq!(
-            edge_metric(&mesh, edge, "infermesh_edge_routing_table_refusals_total").await,
+            edge_metric(
+                &mesh,
+                edge,
+                "infermesh_edge_routing_table_refusals_total",
+                &[]
+            )
+            .await,
             Some(0.0)
         );
     }

@@ -154,3 +154,87 @@ async fn losing_the_etcd_leader_under_writes_and_traffic_loses_no_acknowledged_w
     let (_, failed) = load.stop().await;
     assert_eq!(failed, 0, "requests failed while etcd lost its leader");
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to process `pid` with the real `kill`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The control plane's value of `name` with `labels`.
+async fn control_plane_metric(mesh: &Mesh, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = mesh
+        .http
+        .get(&mesh.control_plane_metrics_url)
+        .await
+        .ok()?
+        .text();
+    infermesh_integration_tests::scrape::value(&text, name, labels)
+}
+
+#[tokio::test]
+async fn etcd_frozen_for_twenty_seconds_under_load_then_the_snapshot_converges() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let _a = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let body =
+        json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    mesh.wait_until_served(&url, &body).await;
+    let load = SteadyLoad::start(&mesh.http, &url, &body, 3);
+    load.wait_for(10, Duration::from_secs(20)).await;
+
+    let pid = mesh.etcd.pid().expect("etcd runs");
+    signal(pid, "STOP");
+    let frozen = Instant::now();
+    let served_before = load.ok();
+    while frozen.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        load.ok() > served_before,
+        "the edge kept serving from its table while etcd was frozen"
+    );
+    signal(pid, "CONT");
+    let resumed = Instant::now();
+
+    // A replica registered after the freeze must reach the control plane's
+    // snapshot (its serving count) and the watch must be current again.
+    let _b = mesh
+        .start_replica("llama-1", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let converged = wait::until(
+        "the snapshot holds both replicas and the watch is current",
+        Duration::from_secs(45),
+        || async {
+            let serving = control_plane_metric(
+                &mesh,
+                "infermesh_control_plane_pool_serving_endpoints",
+                &[("pool", "llama-eu")],
+            )
+            .await?;
+            let lag = control_plane_metric(&mesh, "infermesh_control_plane_watch_lag_seconds", &[])
+                .await?;
+            (serving == 2.0 && lag == 0.0).then(|| resumed.elapsed())
+        },
+    )
+    .await;
+    eprintln!("snapshot converged {converged:?} after etcd was continued");
+    let resyncs = control_plane_metric(
+        &mesh,
+        "infermesh_control_plane_watch_resyncs_total",
+        &[("reason", "stalled")],
+    )
+    .await
+    .unwrap_or(0.0);
+    eprintln!("stalled-watch resyncs: {resyncs}");
+    let (ok, _failed) = load.stop().await;
+    assert!(ok > 20, "{ok}");
+}

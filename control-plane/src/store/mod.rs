@@ -151,6 +151,23 @@ impl Store {
         Ok((resp.take_kvs(), revision))
     }
 
+    /// The newest modification revision of any key under `prefix` (0 when
+    /// there is none): what a watch of the prefix must have delivered by
+    /// now. Reads one key name, not the values.
+    pub async fn latest_under(&self, prefix: &str) -> Result<i64, StoreError> {
+        let mut client = self.client();
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_keys_only()
+            .with_limit(1)
+            .with_sort(
+                etcd_client::SortTarget::Mod,
+                etcd_client::SortOrder::Descend,
+            );
+        let resp = client.get(prefix, Some(options)).await?;
+        Ok(resp.kvs().first().map_or(0, KeyValue::mod_revision))
+    }
+
     /// Runs `ops` if every compare holds; `Some(revision)` when it did.
     pub async fn guarded(
         &self,
