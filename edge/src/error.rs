@@ -167,6 +167,21 @@ impl ApiError {
         code.unwrap_or(kind)
     }
 
+    /// The message a client sees. Replica failures name neither the
+    /// replica nor its address (the access log and traces have both): a
+    /// client must not learn the fleet's layout from an error.
+    fn public_message(&self) -> String {
+        match self {
+            ApiError::UpstreamTimeout { after, .. } => {
+                format!("the replica serving this request did not answer within {after:?}")
+            }
+            ApiError::UpstreamFailed { .. } => {
+                "the replica serving this request failed before answering; retry".into()
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// The OpenAI-shaped JSON response.
     pub fn into_response(self) -> Response<Body> {
         let (kind, code) = self.kind();
@@ -177,7 +192,7 @@ impl ApiError {
         };
         let body = json!({
             "error": {
-                "message": self.to_string(),
+                "message": self.public_message(),
                 "type": kind,
                 "param": param,
                 "code": code,
@@ -265,5 +280,31 @@ mod tests {
             reason: "refused".into(),
         };
         assert_eq!(json_of(failed).await.0, StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test]
+    async fn replica_failures_name_no_replica_or_address_to_the_client() {
+        for error in [
+            ApiError::UpstreamTimeout {
+                endpoint: "vllm-llama-0".into(),
+                after: Duration::from_secs(30),
+            },
+            ApiError::UpstreamFailed {
+                endpoint: "vllm-llama-0".into(),
+                reason: "connect to 10.1.2.3:8081 failed".into(),
+            },
+        ] {
+            let logged = error.to_string();
+            assert!(
+                logged.contains("vllm-llama-0"),
+                "logs keep the detail: {logged}"
+            );
+            let (_, body) = json_of(error).await;
+            let shown = body.to_string();
+            assert!(
+                !shown.contains("vllm-llama") && !shown.contains("10.1.2.3"),
+                "{shown}"
+            );
+        }
     }
 }

@@ -307,7 +307,6 @@ impl Gateway {
                 .then(|| session_of(&parts.headers, &fields))
                 .flatten(),
         };
-        let mut route_reason;
         let upstream = {
             let span = tracing::info_span!(
                 "route",
@@ -327,9 +326,8 @@ impl Gateway {
             } else {
                 span.record("infermesh.reason", "no serving replica in this region");
             }
-            let (upstream, reason) =
+            let (upstream, _reason) =
                 picked.ok_or_else(|| ApiError::NoHealthyReplica(route.model.clone()))?;
-            route_reason = reason;
             upstream
         };
         let metrics = self.observer.metrics();
@@ -388,8 +386,7 @@ impl Gateway {
                 && let Some((next, reason)) =
                     self.next_attempt(&route, &mut tried, &upstream, &hints)
             {
-                route_reason = reason;
-                tracing::debug!(from = %upstream.id, to = %next.id, "retrying on another replica");
+                tracing::debug!(from = %upstream.id, to = %next.id, %reason, "retrying on another replica");
                 record.retries += 1;
                 if let Some(metrics) = metrics {
                     metrics.retried(&route.model);
@@ -425,14 +422,12 @@ impl Gateway {
             response.headers_mut().insert(FALLBACK_HEADER, value);
         }
         if route.receipts {
-            let receipt = format!(
-                "policy={}; endpoint={}; region={}; table={}; retries={}; reason=\"{}\"",
+            let receipt = crate::receipt::render(
                 route.policy.as_str(),
                 record.endpoint.as_deref().unwrap_or(""),
-                table.table.region,
+                &table.table.region,
                 table.version,
                 record.retries,
-                route_reason.replace('"', "'"),
             );
             if let Ok(value) = http::HeaderValue::from_str(&receipt) {
                 response.headers_mut().insert(ROUTE_HEADER, value);
@@ -475,8 +470,7 @@ impl Gateway {
 pub const HOP_HEADER: &str = "x-infermesh-hop";
 /// Names the region whose edge served a spilled-over request.
 pub const SPILLOVER_HEADER: &str = "x-infermesh-spillover";
-/// The route receipt of a model with `route_receipts` on.
-pub const ROUTE_HEADER: &str = "x-infermesh-route";
+pub use crate::receipt::ROUTE_HEADER;
 /// Names a session for session affinity (else the body's `user` field).
 pub const SESSION_HEADER: &str = "x-infermesh-session";
 

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod openai;
 pub mod prefix;
 pub mod quota;
+pub mod receipt;
 pub mod server;
 pub mod stack;
 pub mod table;

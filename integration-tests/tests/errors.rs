@@ -188,6 +188,11 @@ async fn a_hanging_replica_gives_504_and_an_unreachable_one_502() {
     })
     .await;
     assert_openai_error(&reply, 502, Some("upstream_failed"));
+    let message = reply.json()["error"]["message"].to_string();
+    assert!(
+        !message.contains("gone-0") && !message.contains("127.0.0.1"),
+        "a client learns no replica name or address: {message}"
+    );
 }
 
 #[tokio::test]

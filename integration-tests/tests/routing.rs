@@ -221,10 +221,16 @@ async fn sessions_stick_to_a_replica_and_receipts_say_how_each_answer_was_routed
             .to_string();
         assert!(receipt.contains("policy=session_affinity"), "{receipt}");
         assert!(receipt.contains("region=eu-west"), "{receipt}");
+        assert!(
+            !receipt.contains("chat-")
+                && !receipt.contains("127.0.0.1")
+                && !receipt.contains("reason"),
+            "no pod name, address or routing reason: {receipt}"
+        );
         receipt
             .split("; ")
-            .find_map(|p| p.strip_prefix("endpoint="))
-            .expect("endpoint in the receipt")
+            .find_map(|p| p.strip_prefix("replica="))
+            .expect("replica in the receipt")
             .to_string()
     };
     let mut alice = Vec::new();
