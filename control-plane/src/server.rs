@@ -46,8 +46,18 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             key,
             client_ca,
         } => Some(
-            tls::tonic_server_config(cert, key, Some(client_ca), true)
-                .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key/--tls-client-ca: {e}"))?,
+            // The serving certificate is re-read when its files change, so
+            // a renewal needs no restart.
+            tls::server::server_config(
+                cert,
+                key,
+                Some(client_ca),
+                tls::ClientAuth::Optional,
+                &[tls::server::ALPN_H2],
+                tls::server::DEFAULT_RELOAD_INTERVAL,
+                cancel.child_token(),
+            )
+            .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key/--tls-client-ca: {e}"))?,
         ),
     };
     let authorizer = Arc::new(
@@ -238,18 +248,14 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     };
     tracing::info!(listen = %config.listen, tls = tls.is_some(), etcd = ?config.etcd_endpoints, prefix = %config.etcd_prefix, "control plane starting");
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
+    let builder = tonic::transport::Server::builder();
     let admin_auth = authorizer.clone();
     let admin = AdminServiceServer::with_interceptor(admin, move |request: tonic::Request<()>| {
         let caller = admin_auth.admin(&request)?;
         tracing::debug!(%caller, "admin call");
         Ok(request)
     });
-    builder
+    let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health)
@@ -257,9 +263,23 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         .add_service(reflection_v1alpha)
         .add_service(admin)
         .add_service(DiscoveryServiceServer::new(discovery))
-        .add_service(LoadReportServiceServer::new(load_reports))
-        .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned())
-        .await?;
+        .add_service(LoadReportServiceServer::new(load_reports));
+    let shutdown = cancel.clone().cancelled_owned();
+    match tls {
+        Some(tls) => {
+            let incoming = tls::tls_incoming(listener, tls.acceptor(), cancel.child_token());
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?;
+            tls.watcher.stop().await;
+        }
+        None => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?;
+        }
+    }
     cancel.cancel();
     readiness.abort();
     let _ = quota_task.await;

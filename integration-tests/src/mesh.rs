@@ -48,6 +48,18 @@ pub struct Replica {
     pub prestop_socket: PathBuf,
 }
 
+/// Model `llama` served in region `eu-west` by one replica behind one edge.
+pub struct Served {
+    /// The replica `llama-0` of pool `llama-eu`.
+    pub replica: Replica,
+    /// The edge.
+    pub edge: Edge,
+    /// The edge's chat-completions URL.
+    pub url: String,
+    /// A small chat request for `llama`.
+    pub body: Value,
+}
+
 /// A sidecar process started on its own.
 pub struct Sidecar {
     /// Base URL of its proxy.
@@ -431,6 +443,25 @@ impl Mesh {
             async move { (http.get(&url).await.ok()?.status == 200).then_some(()) }
         })
         .await;
+    }
+
+    /// Registers `llama` in `eu-west`, starts one replica and an edge, and
+    /// waits until a chat request is served.
+    pub async fn serve_one_replica(&self) -> Served {
+        self.register("eu-west", "llama", "llama-eu").await;
+        let replica = self
+            .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+            .await;
+        let edge = self.start_edge("eu-west", &[]).await;
+        let url = format!("{}/v1/chat/completions", edge.url);
+        let body = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+        self.wait_until_served(&url, &body).await;
+        Served {
+            replica,
+            edge,
+            url,
+            body,
+        }
     }
 
     /// Waits until `body` POSTed to `url` gets a 200 (the edge holds a table routing it).

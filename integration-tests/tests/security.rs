@@ -507,15 +507,8 @@ async fn the_clients_api_key_never_reaches_the_replica() {
 #[tokio::test]
 async fn no_network_caller_can_drain_a_replica() {
     let mesh = Mesh::start().await;
-    mesh.register("eu-west", "llama", "llama-eu").await;
-    let replica = mesh
-        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
-        .await;
-    let edge = mesh.start_edge("eu-west", &[]).await;
-    let url = format!("{}/v1/chat/completions", edge.url);
-    let body =
-        json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
-    mesh.wait_until_served(&url, &body).await;
+    let served = mesh.serve_one_replica().await;
+    let (replica, url, body) = (&served.replica, &served.url, &served.body);
 
     for method in [http::Method::GET, http::Method::POST] {
         let refused = mesh
@@ -543,7 +536,39 @@ async fn no_network_caller_can_drain_a_replica() {
         ready.text()
     );
     assert!(!replica.prestop_socket.with_file_name("drained").exists());
-    let served = mesh.http.post_json(&url, &body).await.unwrap();
-    assert_eq!(served.status, 200, "{}", served.text());
+    let answered = mesh.http.post_json(url, body).await.unwrap();
+    assert_eq!(answered.status, 200, "{}", answered.text());
     assert_eq!(mesh.endpoint_ids("llama-eu").await, ["llama-0"]);
+}
+
+#[tokio::test]
+async fn the_control_plane_serves_a_renewed_certificate_without_a_restart() {
+    let mesh = Mesh::start().await;
+    let served = mesh.serve_one_replica().await;
+    let (url, body) = (&served.url, &served.body);
+
+    let address = mesh.control_plane_address.clone();
+    let before = served_certificate(&address, &mesh.pki.ca_cert).await;
+    assert_eq!(before, pem_der(&mesh.pki.server.cert));
+    mesh.pki.reissue_server(&mesh.pki.server);
+    let renewed = pem_der(&mesh.pki.server.cert);
+    assert_ne!(before, renewed);
+    infermesh_integration_tests::wait::until(
+        "the control plane serves the renewed certificate",
+        Duration::from_secs(10),
+        || async {
+            (served_certificate(&address, &mesh.pki.ca_cert).await == renewed).then_some(())
+        },
+    )
+    .await;
+    // Admin calls, new subscriptions and the edge's open stream go on.
+    assert!(mesh.admin("ListModels", json!({})).await.is_ok());
+    let key = mesh.create_key("acme", json!({})).await;
+    let keyed = infermesh_integration_tests::client::Http::with_key(&key);
+    infermesh_integration_tests::wait::until(
+        "a key created after the renewal reaches the edge",
+        Duration::from_secs(10),
+        || async { (keyed.post_json(url, body).await.ok()?.status == 200).then_some(()) },
+    )
+    .await;
 }

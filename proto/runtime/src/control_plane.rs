@@ -1,7 +1,10 @@
 //! How edges and sidecars reach the control plane: the address form, TLS
 //! trusting the infermesh CA with this process's client certificate
 //! (mutual TLS, which is what the control plane checks roles against), and
-//! the channel settings both streams share.
+//! the channel settings both streams share. Certificate files are read
+//! again for every new connection, so a renewed certificate (or CA bundle)
+//! is presented from the next reconnect on, with no restart; a connection
+//! already open keeps the identity it was made with.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,9 +45,17 @@ impl ControlPlaneTlsArgs {
             }
         };
         match (&self.control_plane_ca, pair) {
-            (Some(ca), pair) => tls::client_config(ca, pair)
-                .map(ControlPlaneClient::tls)
-                .map_err(|e| format!("--control-plane-ca/--control-plane-cert: {e}")),
+            (Some(ca), pair) => {
+                // Read once now so that a bad file stops the process at start.
+                tls::client_config(ca, pair)
+                    .map_err(|e| format!("--control-plane-ca/--control-plane-cert: {e}"))?;
+                Ok(ControlPlaneClient {
+                    tls: Some(ClientTls::Files {
+                        ca: ca.clone(),
+                        pair: pair.map(|(c, k)| (c.to_path_buf(), k.to_path_buf())),
+                    }),
+                })
+            }
             (None, Some(_)) => {
                 Err("--control-plane-cert needs --control-plane-ca (the CA to trust)".into())
             }
@@ -56,7 +67,37 @@ impl ControlPlaneTlsArgs {
 /// Connects to control-plane addresses, over TLS when configured.
 #[derive(Debug, Clone, Default)]
 pub struct ControlPlaneClient {
-    tls: Option<ClientTlsConfig>,
+    tls: Option<ClientTls>,
+}
+
+/// Where a client's TLS settings come from.
+#[derive(Debug, Clone)]
+enum ClientTls {
+    /// Fixed for the client's life.
+    Fixed(ClientTlsConfig),
+    /// Read from these files at every connection: the CA to trust and the
+    /// client certificate and key, if any.
+    Files {
+        ca: PathBuf,
+        pair: Option<(PathBuf, PathBuf)>,
+    },
+}
+
+impl ClientTls {
+    fn config(&self) -> Result<ClientTlsConfig, Status> {
+        match self {
+            ClientTls::Fixed(config) => Ok(config.clone()),
+            ClientTls::Files { ca, pair } => {
+                let pair = pair.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+                tls::client_config(ca, pair).map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "TLS files for the control plane ({}): {e}",
+                        ca.display()
+                    ))
+                })
+            }
+        }
+    }
 }
 
 impl ControlPlaneClient {
@@ -67,7 +108,9 @@ impl ControlPlaneClient {
 
     /// gRPC over TLS with `config`.
     pub fn tls(config: ClientTlsConfig) -> Self {
-        Self { tls: Some(config) }
+        Self {
+            tls: Some(ClientTls::Fixed(config)),
+        }
     }
 
     /// Whether connections use TLS.
@@ -100,9 +143,9 @@ impl ControlPlaneClient {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
         match &self.tls {
-            Some(config) => {
+            Some(source) => {
                 endpoint = endpoint
-                    .tls_config(config.clone())
+                    .tls_config(source.config()?)
                     .map_err(|e| Status::invalid_argument(format!("TLS to {uri}: {e}")))?;
             }
             None if uri.starts_with("https://") => {

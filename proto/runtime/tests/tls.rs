@@ -455,3 +455,56 @@ async fn grpc_with_required_client_certificates_refuses_an_anonymous_caller() {
     assert!(admin.is_ok(), "{admin:?}");
     cancel.cancel();
 }
+
+#[tokio::test]
+async fn a_control_plane_client_presents_a_renewed_certificate_from_its_next_connection() {
+    use infermesh_runtime::control_plane::ControlPlaneTlsArgs;
+    let pki = Pki::new();
+    let (addr, cancel) = start_grpc(&pki, false).await;
+    let (cert, key) = (pki.path("mine.pem"), pki.path("mine-key.pem"));
+    let issue = |name: &str| {
+        pki.ca
+            .issue_client(&PeerIdentity::new(PeerRole::Edge, name).unwrap())
+            .unwrap()
+            .write(&cert, &key)
+            .unwrap();
+    };
+    issue("first");
+    let client = ControlPlaneTlsArgs {
+        control_plane_ca: Some(pki.path("ca.pem")),
+        control_plane_cert: Some(cert.clone()),
+        control_plane_key: Some(key.clone()),
+    }
+    .client()
+    .unwrap();
+    let seen = |client: infermesh_runtime::control_plane::ControlPlaneClient| async move {
+        let channel = client
+            .connect(&addr.to_string(), DEADLINE)
+            .await
+            .expect("connects");
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .expect("health check");
+        response
+            .metadata()
+            .get("x-peer-identity")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(seen(client.clone()).await, "spiffe://infermesh/edge/first");
+    // The files are replaced as a renewal does (atomically); the same
+    // client, with no restart, presents the new certificate next time.
+    issue("second");
+    assert_eq!(seen(client.clone()).await, "spiffe://infermesh/edge/second");
+    // A broken file is an error at connect, not a silent fallback.
+    std::fs::write(&cert, b"not a certificate").unwrap();
+    let error = client
+        .connect(&addr.to_string(), DEADLINE)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
+    cancel.cancel();
+}

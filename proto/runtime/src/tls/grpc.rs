@@ -70,6 +70,51 @@ fn identity(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
     Ok(Identity::from_pem(cert_pem, key_pem))
 }
 
+/// TLS connections for a tonic server (`serve_with_incoming`) accepted
+/// with `acceptor`, whose certificate can be a reloading one
+/// (`server::server_config`), so a renewed serving certificate is used for
+/// new connections with no restart (tonic's own `ServerTlsConfig` is read
+/// once). Handshakes run concurrently, each bounded by
+/// `GRPC_HANDSHAKE_TIMEOUT`, so a client that stalls its handshake holds
+/// up no one else; only finished handshakes are yielded. Peer certificates
+/// and addresses reach requests as with tonic's TLS (`peer_certs`,
+/// `remote_addr`).
+pub fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    cancel: tokio_util::sync::CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<
+    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::debug!(%error, "gRPC accept failed");
+                    continue;
+                }
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(GRPC_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%peer, %error, "gRPC TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "gRPC TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
