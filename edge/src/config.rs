@@ -94,6 +94,12 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub body_timeout: std::time::Duration,
 
+    /// Failed authentications one client address may make in a minute;
+    /// past them it gets 429 without its key being checked until the
+    /// minute is over (0: no limit).
+    #[arg(long, env = "INFERMESH_AUTH_FAILURES_PER_MINUTE", default_value_t = 60)]
+    pub auth_failures_per_minute: u32,
+
     /// Largest request body accepted, bytes.
     #[arg(long, env = "INFERMESH_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,

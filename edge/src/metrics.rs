@@ -45,6 +45,8 @@ pub struct EdgeMetrics {
     pub table_refusals: IntCounter,
     /// How long a newer version than the one in use has been offered.
     pub table_lag: Gauge,
+    /// Failed authentications, and requests refused for too many of them.
+    pub auth_failures: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
@@ -158,6 +160,11 @@ impl EdgeMetrics {
                 "infermesh_edge_routing_table_refusals_total",
                 "Pushed routing tables this edge refused (NACKed), keeping the one it had.",
             )?,
+            auth_failures: counter(
+                "infermesh_edge_auth_failures_total",
+                "Requests refused for their credentials, by outcome (unauthorized: 401; blocked: 429 for a client address past its failed attempts).",
+                &["outcome"],
+            ),
             table_lag: Gauge::new(
                 "infermesh_edge_routing_table_lag_seconds",
                 "Seconds since a control plane offered a newer routing table than the one in use (0 when current).",
@@ -182,6 +189,7 @@ impl EdgeMetrics {
         registry.register(Box::new(metrics.table_skipped.clone()))?;
         registry.register(Box::new(metrics.table_refusals.clone()))?;
         registry.register(Box::new(metrics.table_lag.clone()))?;
+        registry.register(Box::new(metrics.auth_failures.clone()))?;
         Ok(metrics)
     }
 

@@ -20,6 +20,7 @@ use crate::forward::Forwarder;
 use crate::gateway::{Gateway, Resilience};
 use crate::health::{EjectionPolicy, RetryBudget};
 use crate::layers::auth::AuthLayer;
+use crate::layers::auth_failures::AuthFailures;
 use crate::metrics::{EdgeMetrics, Observer};
 use crate::quota::Limiter;
 use crate::stack;
@@ -105,6 +106,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         metrics.clone(),
         cancel.child_token(),
     ));
+    let auth_failures = AuthFailures::new(config.auth_failures_per_minute)
+        .counted_in(metrics.auth_failures.clone());
     let gateway = Gateway::new(
         subscription.tables.clone(),
         Forwarder::new(config.connect_timeout(), config.response_timeout()),
@@ -123,7 +126,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     )
     .with_demand(demand)
     .with_sync(subscription.sync.clone());
-    let auth = AuthLayer::new(subscription.tables.clone(), config.allow_anonymous);
+    let auth = AuthLayer::new(subscription.tables.clone(), config.allow_anonymous)
+        .limiting_failures(auth_failures);
     if config.allow_anonymous {
         tracing::warn!("--allow-anonymous: requests without an API key are served without limits");
     }

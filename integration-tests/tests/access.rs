@@ -310,3 +310,53 @@ async fn request_limit_holds_across_three_edges_under_uneven_load() {
         "the busy edge got more than a third: {admitted:?}"
     );
 }
+
+#[tokio::test]
+async fn guessing_keys_from_one_address_is_blocked_counted_and_logged_without_the_secret() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let _replica = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let edge = mesh
+        .start_edge("eu-west", &["--auth-failures-per-minute", "5"])
+        .await;
+    let secret = mesh.create_key("acme", json!({})).await;
+    let good = Http::with_key(&secret);
+    until_served(&good, &edge, "llama").await;
+
+    let guess = "imk_aaaaaaaaaaaa_notthesecretnotthesecret";
+    let guesser = Http::with_key(guess);
+    for _ in 0..5 {
+        assert_eq!(post(&guesser, &edge, &chat("llama"), &[]).await.status, 401);
+    }
+    // Past its failures the address is refused without its key being
+    // checked: even the right key waits for the minute to pass.
+    let blocked = post(&guesser, &edge, &chat("llama"), &[]).await;
+    assert_eq!(blocked.status, 429, "{}", blocked.text());
+    assert!(blocked.headers.contains_key("retry-after"));
+    assert!(
+        blocked.text().contains("failed authentication"),
+        "{}",
+        blocked.text()
+    );
+    let right_key_same_address = post(&good, &edge, &chat("llama"), &[]).await;
+    assert_eq!(right_key_same_address.status, 429);
+
+    let metrics = mesh.http.get(&edge.metrics_url).await.unwrap().text();
+    let value = |outcome| {
+        infermesh_integration_tests::scrape::value(
+            &metrics,
+            "infermesh_edge_auth_failures_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!(value("unauthorized"), Some(5.0), "{metrics}");
+    assert_eq!(value("blocked"), Some(2.0), "{metrics}");
+    let log = edge.process.log();
+    assert!(log.contains("authentication failed"), "401s are logged");
+    assert!(
+        !log.contains("notthesecret"),
+        "the guessed secret is never logged"
+    );
+}

@@ -1,7 +1,8 @@
 //! Authenticates every request except the probes against the keys of the
 //! routing table held now, before the body is read, so that a caller
 //! without a valid key cannot make the edge buffer anything. The
-//! authenticated [`Principal`] rides in the request's extensions.
+//! authenticated [`Principal`] rides in the request's extensions. Failures
+//! are counted and limited per source address (`auth_failures`).
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -12,6 +13,11 @@ use infermesh_runtime::http::Body;
 use infermesh_runtime::time::now_unix_ms;
 use tower::{Layer, Service};
 
+use std::sync::Arc;
+
+use infermesh_runtime::http::ClientAddr;
+
+use super::auth_failures::AuthFailures;
 use crate::access::Principal;
 use crate::error::ApiError;
 use crate::gateway::Tables;
@@ -26,6 +32,7 @@ fn is_probe(path: &str) -> bool {
 pub struct AuthLayer {
     tables: Tables,
     allow_anonymous: bool,
+    failures: Arc<AuthFailures>,
 }
 
 impl AuthLayer {
@@ -35,7 +42,14 @@ impl AuthLayer {
         Self {
             tables,
             allow_anonymous,
+            failures: Arc::new(AuthFailures::new(0)),
         }
+    }
+
+    /// Counts and limits failures per source address with `failures`.
+    pub fn limiting_failures(mut self, failures: AuthFailures) -> Self {
+        self.failures = Arc::new(failures);
+        self
     }
 }
 
@@ -46,6 +60,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             tables: self.tables.clone(),
             allow_anonymous: self.allow_anonymous,
+            failures: self.failures.clone(),
         }
     }
 }
@@ -56,6 +71,7 @@ pub struct Auth<S> {
     inner: S,
     tables: Tables,
     allow_anonymous: bool,
+    failures: Arc<AuthFailures>,
 }
 
 fn presents_a_key(headers: &http::HeaderMap) -> bool {
@@ -93,6 +109,11 @@ where
         if is_probe(request.uri().path()) {
             return self.inner.call(request).boxed();
         }
+        let source = request.extensions().get::<ClientAddr>().map(|a| a.0.ip());
+        if let Some(retry) = source.and_then(|ip| self.failures.blocked(ip)) {
+            let error = too_many_failures(retry);
+            return futures_util::future::ready(Ok(error.into_response())).boxed();
+        }
         match self.principal(request.headers()) {
             Ok(principal) => {
                 if let Some(principal) = principal {
@@ -100,7 +121,27 @@ where
                 }
                 self.inner.call(request).boxed()
             }
-            Err(error) => futures_util::future::ready(Ok(error.into_response())).boxed(),
+            Err(error) => {
+                if let ApiError::Unauthorized(reason) = &error {
+                    // The reason names at most the claimed key id, never a secret.
+                    tracing::info!(client = ?source, %reason, "authentication failed");
+                    self.failures.failed(source);
+                }
+                futures_util::future::ready(Ok(error.into_response())).boxed()
+            }
         }
+    }
+}
+/// The 429 a source gets once it has used up its failed attempts.
+fn too_many_failures(retry: std::time::Duration) -> ApiError {
+    let seconds = retry.as_secs().max(1);
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+    ApiError::RateLimited {
+        message: format!(
+            "too many failed authentication attempts from this address; retry after {seconds} s"
+        ),
+        kind: "auth_failures",
+        headers: Box::new(headers),
     }
 }

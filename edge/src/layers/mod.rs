@@ -2,5 +2,6 @@
 //! limit. Each owns one concern and is assembled in `stack.rs`.
 
 pub mod auth;
+pub mod auth_failures;
 pub mod body_limit;
 pub mod request_id;

@@ -20,7 +20,7 @@ mod request_body;
 mod serve;
 
 pub use request_body::{BodyError, RequestBody};
-pub use serve::{HttpService, ServeOptions, serve};
+pub use serve::{ClientAddr, HttpService, ServeOptions, serve};
 
 /// Errors a body may yield.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

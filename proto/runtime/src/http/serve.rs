@@ -233,7 +233,7 @@ async fn serve_plaintext<S>(
     S: HttpService,
 {
     let activity = Arc::new(Activity::default());
-    let mut service = Tracked::new(service, activity.clone(), None, settings.body_timeout);
+    let mut service = Tracked::new(service, activity.clone(), peer, None, settings.body_timeout);
     let mut head = [0u8; H2_PREFACE.len()];
     let Some(n) = rest(&stream, &mut head, settings.header_read_timeout, &drain).await else {
         return;
@@ -302,6 +302,7 @@ async fn serve_tls<S>(
     let service = Tracked::new(
         service,
         Arc::new(Activity::default()),
+        peer,
         identity,
         settings.body_timeout,
     );
@@ -520,24 +521,31 @@ impl Drop for Busy {
 
 /// The service hyper calls: the listener's service, with every request's
 /// handler, body and response counted as work on the connection, and the
-/// client's TLS identity, if any, in every request's extensions.
+/// client's address and TLS identity, if any, in every request's extensions.
 struct Tracked<S> {
     inner: Arc<S>,
     activity: Arc<Activity>,
+    peer: SocketAddr,
     identity: Option<PeerIdentity>,
     body_timeout: Duration,
 }
+
+/// The address a request's connection came from (a request extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
 
 impl<S> Tracked<S> {
     fn new(
         inner: Arc<S>,
         activity: Arc<Activity>,
+        peer: SocketAddr,
         identity: Option<PeerIdentity>,
         body_timeout: Duration,
     ) -> Self {
         Self {
             inner,
             activity,
+            peer,
             identity,
             body_timeout,
         }
@@ -554,6 +562,7 @@ impl<S: HttpService> hyper::service::Service<Request<Incoming>> for Tracked<S> {
         let answering = self.activity.enter();
         let mut request =
             request.map(|inner| RequestBody::new(inner, self.activity.enter(), self.body_timeout));
+        request.extensions_mut().insert(ClientAddr(self.peer));
         if let Some(identity) = &self.identity {
             request.extensions_mut().insert(identity.clone());
         }
