@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "infermesh/v1/discovery.proto",
         "infermesh/v1/load.proto",
         "infermesh/v1/admin.proto",
+        "infermesh/v1/identity.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

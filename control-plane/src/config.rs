@@ -105,6 +105,22 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_REGISTRATIONS_PER_MINUTE", default_value_t = 30)]
     pub registrations_per_minute: u32,
 
+    /// CA certificate (PEM) the control plane issues edge and sidecar
+    /// identities with (IdentityService.Issue): the mesh's root or an
+    /// intermediate whose chain peers trust. Needs --ca-key. Unset: no
+    /// certificates are issued.
+    #[arg(long, env = "INFERMESH_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --ca-cert.
+    #[arg(long, env = "INFERMESH_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+
+    /// Lifetime of issued certificates (e.g. `24h`, `60s`), 10 s to 30
+    /// days; holders renew at two-thirds of it.
+    #[arg(long, env = "INFERMESH_IDENTITY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub identity_ttl: std::time::Duration,
+
     /// Address of the sidecar-injection webhook (HTTPS, POST /mutate);
     /// unset: no webhook.
     #[arg(long, env = "INFERMESH_WEBHOOK_LISTEN")]
@@ -201,6 +217,14 @@ pub enum Transport {
 impl Config {
     /// Checks values clap cannot, naming the flag.
     pub fn validate(&self) -> Result<(), String> {
+        if !(std::time::Duration::from_secs(10)..=std::time::Duration::from_secs(30 * 86_400))
+            .contains(&self.identity_ttl)
+        {
+            return Err(format!(
+                "--identity-ttl: {:?} is outside 10s..=30days",
+                self.identity_ttl
+            ));
+        }
         self.transport()?;
         self.etcd_tls()?;
         if !(2..=60).contains(&self.leader_ttl_seconds) {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod autoscale;
 pub mod config;
 pub mod gc;
+pub mod identity;
 pub mod leader;
 pub mod loads;
 pub mod metrics;

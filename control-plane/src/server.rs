@@ -18,11 +18,14 @@ use crate::api::discovery::Discovery;
 use crate::api::load_reports::{LeaseSettings, LoadReports};
 use crate::auth::{Authorizer, RegistrationPolicy};
 use crate::config::{Config, Transport};
+use crate::identity::IdentityApi;
 use crate::metrics::ControlPlaneMetrics;
 use crate::quota::QuotaBook;
 use crate::registry::Registry;
 use crate::snapshot;
 use crate::store::Store;
+use infermesh_proto::v1::identity_service_server::IdentityServiceServer;
+use infermesh_runtime::tls::pki::LocalCa;
 
 /// Runs the control plane until `cancel` fires.
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -182,6 +185,20 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         i64::from(config.endpoint_lease_ttl_seconds.max(1)),
         cancel.clone(),
     );
+    let ca = match (&config.ca_cert, &config.ca_key) {
+        (Some(cert), Some(key)) => {
+            let read = |path: &std::path::Path| {
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("--ca-cert/--ca-key {}: {e}", path.display()))
+            };
+            Some(
+                LocalCa::load(&read(cert)?, &read(key)?)
+                    .map_err(|e| anyhow::anyhow!("--ca-cert/--ca-key: {e}"))?,
+            )
+        }
+        _ => None,
+    };
+    let identities = IdentityApi::new(store.clone(), authorizer.clone(), ca, config.identity_ttl);
     let load_reports = LoadReports::new(
         store,
         replica_lease,
@@ -217,6 +234,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                 .await;
             reporter
                 .set_serving::<LoadReportServiceServer<LoadReports>>()
+                .await;
+            reporter
+                .set_serving::<IdentityServiceServer<IdentityApi>>()
                 .await;
             reporter
                 .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -263,7 +283,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         .add_service(reflection_v1alpha)
         .add_service(admin)
         .add_service(DiscoveryServiceServer::new(discovery))
-        .add_service(LoadReportServiceServer::new(load_reports));
+        .add_service(LoadReportServiceServer::new(load_reports))
+        .add_service(IdentityServiceServer::new(identities));
     let shutdown = cancel.clone().cancelled_owned();
     match tls {
         Some(tls) => {

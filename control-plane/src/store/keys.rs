@@ -40,6 +40,8 @@ pub enum ObjectKind {
     Demand,
     /// One control-plane replica's quota demand.
     QuotaDigest,
+    /// A join token (stored hashed).
+    JoinToken,
 }
 
 impl ObjectKind {
@@ -57,6 +59,7 @@ impl ObjectKind {
             ObjectKind::Scaling => "scaling/",
             ObjectKind::Demand => "demand/",
             ObjectKind::QuotaDigest => "quotas/",
+            ObjectKind::JoinToken => "jointokens/",
         }
     }
 
@@ -75,6 +78,7 @@ impl ObjectKind {
             ObjectKind::Scaling => "scaling decision",
             ObjectKind::Demand => "demand record",
             ObjectKind::QuotaDigest => "quota digest",
+            ObjectKind::JoinToken => "join token",
         }
     }
 
@@ -88,10 +92,11 @@ impl ObjectKind {
                 | ObjectKind::Scaling
                 | ObjectKind::Demand
                 | ObjectKind::QuotaDigest
+                | ObjectKind::JoinToken
         )
     }
 
-    const ALL: [ObjectKind; 12] = [
+    const ALL: [ObjectKind; 13] = [
         ObjectKind::Model,
         ObjectKind::Pool,
         ObjectKind::Region,
@@ -104,6 +109,7 @@ impl ObjectKind {
         ObjectKind::Scaling,
         ObjectKind::Demand,
         ObjectKind::QuotaDigest,
+        ObjectKind::JoinToken,
     ];
 }
 

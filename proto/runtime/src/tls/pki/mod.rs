@@ -162,6 +162,48 @@ impl LocalCa {
         self.issuer.key().serialize_pem()
     }
 
+    /// A certificate naming `identity` for the key of `csr_pem` (PKCS#10;
+    /// its signature, the proof that the caller holds the key, is checked),
+    /// valid for `validity` from now. The CSR's own subject and names are
+    /// ignored: the identity is the CA's decision. Usable both as a client
+    /// certificate and as a server certificate (a sidecar serves with the
+    /// identity it registers with). Returns the PEM and its expiry.
+    pub fn issue_for_csr(
+        &self,
+        csr_pem: &str,
+        identity: &PeerIdentity,
+        validity: Duration,
+    ) -> Result<(String, SystemTime), PkiError> {
+        let identity: PeerIdentity = identity.uri().parse()?;
+        let uri = Ia5String::try_from(identity.uri()).map_err(|_| IdentityError::InvalidName {
+            name: identity.name.clone(),
+        })?;
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(generate("read the certificate signing request"))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&identity.to_string());
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, validity);
+        // Short lives are not backdated by an hour: a 60 s certificate
+        // must not be valid for 61 minutes.
+        let now = SystemTime::now();
+        params.not_before = (now - validity.min(BACKDATE) / 10).into();
+        let not_after = now + validity;
+        params.not_after = not_after.into();
+        csr.params = params;
+        let cert = csr
+            .signed_by(&self.issuer)
+            .map_err(generate("sign a certificate"))?;
+        Ok((cert.pem(), not_after))
+    }
+
     /// A server certificate valid for `dns_names` and `ips`.
     pub fn issue_server(&self, dns_names: &[&str], ips: &[IpAddr]) -> Result<IssuedCert, PkiError> {
         let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
@@ -227,6 +269,18 @@ fn dns_name(name: &str) -> Result<Ia5String, PkiError> {
         return Err(bad());
     }
     Ia5String::try_from(name).map_err(|_| bad())
+}
+
+/// A new P-256 key and a certificate signing request for it, both PEM:
+/// what a process sends to the control plane for its identity.
+pub fn new_key_and_csr() -> Result<(String, String), PkiError> {
+    let key = new_key()?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(generate("make a certificate signing request"))?
+        .pem()
+        .map_err(generate("encode a certificate signing request"))?;
+    Ok((key.serialize_pem(), csr))
 }
 
 fn new_key() -> Result<KeyPair, PkiError> {
@@ -316,5 +370,36 @@ mod tests {
         let leaf = ca.issue_server(&["localhost"], &[]).unwrap();
         let not_ca = LocalCa::load(&leaf.cert_pem, &leaf.key_pem).unwrap_err();
         assert!(not_ca.to_string().contains("not a CA"), "{not_ca}");
+    }
+
+    #[test]
+    fn a_csr_gets_a_certificate_naming_the_identity_the_ca_chose() {
+        let ca = LocalCa::generate().unwrap();
+        let (key_pem, csr_pem) = new_key_and_csr().unwrap();
+        let identity = PeerIdentity::sidecar("eu", "llama-eu", "vllm-0").unwrap();
+        let (cert_pem, not_after) = ca
+            .issue_for_csr(&csr_pem, &identity, Duration::from_secs(60))
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+        assert_eq!(PeerIdentity::from_der(&der).unwrap(), identity);
+        let left = not_after.duration_since(SystemTime::now()).unwrap();
+        assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50));
+        // The certificate is for the CSR's key.
+        use rcgen::PublicKeyData;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let key = KeyPair::from_pem(&key_pem).unwrap();
+        assert_eq!(
+            parsed.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        drop(cert_pem);
+        let mut tampered = csr_pem.into_bytes();
+        let middle = tampered.len() / 2;
+        tampered[middle] = if tampered[middle] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert!(
+            ca.issue_for_csr(&tampered, &identity, Duration::from_secs(60))
+                .is_err()
+        );
     }
 }

@@ -1,0 +1,350 @@
+//! IdentityService: the control plane as the mesh's certificate authority.
+//!
+//! - An admin makes a join token for a role and a region (and, for
+//!   sidecars, a pool), with a lifetime and a number of uses; it is stored
+//!   hashed under `jointokens/<id>` and its secret shown once.
+//! - An edge or sidecar sends a CSR with the token and gets a short-lived
+//!   certificate (`--identity-ttl`, 24 h) naming `spiffe://infermesh/edge/<region>`
+//!   or `spiffe://infermesh/sidecar/<region>/<pool>/<endpoint>`; each
+//!   certificate uses up one use, in a transaction guarded by the token's
+//!   revision, so two control-plane replicas cannot both spend the last one.
+//! - It renews before expiry by sending a new CSR over mutual TLS with the
+//!   certificate it holds; the new certificate names the same identity.
+//!
+//! The CSR's own names are ignored: what a certificate names is decided
+//! here, from the token's scope or the presented identity. Secrets are never
+//! logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
+use infermesh_proto::v1::{
+    CreateJoinTokenRequest, CreateJoinTokenResponse, DeleteJoinTokenRequest, DeleteResponse,
+    IssueRequest, IssueResponse, JoinToken, ListJoinTokensRequest, ListJoinTokensResponse,
+    identity_service_server::IdentityService,
+};
+use infermesh_runtime::api_key;
+use infermesh_runtime::time::now_unix_ms;
+use infermesh_runtime::tls::pki::LocalCa;
+use infermesh_runtime::tls::{PeerIdentity, PeerRole, peer_identity};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::auth::Authorizer;
+use crate::registry::validate;
+use crate::store::{ObjectKind, Store, decode};
+
+/// The visible start of every join-token secret.
+const PREFIX: &str = "imjt_";
+/// Attempts at a contended use before giving up.
+const ATTEMPTS: usize = 8;
+
+/// See the module docs.
+pub struct IdentityApi {
+    store: Store,
+    auth: Arc<Authorizer>,
+    ca: Option<Arc<LocalCa>>,
+    ttl: Duration,
+}
+
+impl IdentityApi {
+    /// Issues certificates from `ca` (none: Issue is refused) valid for `ttl`.
+    pub fn new(store: Store, auth: Arc<Authorizer>, ca: Option<LocalCa>, ttl: Duration) -> Self {
+        Self {
+            store,
+            auth,
+            ca: ca.map(Arc::new),
+            ttl,
+        }
+    }
+
+    fn token_key(&self, id: &str) -> String {
+        self.store.keys().object(ObjectKind::JoinToken, id)
+    }
+
+    /// The identity a token yields for `endpoint_id`.
+    fn identity_for(token: &JoinToken, endpoint_id: &str) -> Result<PeerIdentity, Status> {
+        let bad =
+            |e: infermesh_runtime::tls::IdentityError| Status::invalid_argument(e.to_string());
+        match token.role.as_str() {
+            "edge" => PeerIdentity::new(PeerRole::Edge, token.region.as_str()).map_err(bad),
+            "sidecar" => {
+                validate::endpoint_id("endpoint_id", endpoint_id)?;
+                PeerIdentity::sidecar(token.region.as_str(), token.pool.as_str(), endpoint_id)
+                    .map_err(bad)
+            }
+            other => Err(Status::failed_precondition(format!(
+                "join token {} has an unknown role {other:?}",
+                token.id
+            ))),
+        }
+    }
+
+    /// Spends one use of the token whose secret is `secret`; returns it.
+    async fn spend(&self, secret: &str) -> Result<JoinToken, Status> {
+        let refused = || Status::unauthenticated("join token not recognised");
+        let id = claimed_id(secret).ok_or_else(refused)?;
+        let key = self.token_key(id);
+        for _ in 0..ATTEMPTS {
+            let kv = self
+                .store
+                .get(&key)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+                .ok_or_else(refused)?;
+            let mut token: JoinToken = decode(&kv).map_err(|e| Status::internal(e.to_string()))?;
+            if !api_key::matches(secret, &token.secret_sha256) {
+                return Err(refused());
+            }
+            if token.expires_at_unix_ms <= now_unix_ms() {
+                return Err(Status::permission_denied(format!(
+                    "join token {} has expired",
+                    token.id
+                )));
+            }
+            if token.uses_left == 0 {
+                return Err(Status::permission_denied(format!(
+                    "join token {} is used up",
+                    token.id
+                )));
+            }
+            token.uses_left -= 1;
+            let compares = vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )];
+            let ops = vec![TxnOp::put(
+                key.clone(),
+                token.encode_to_vec(),
+                None::<PutOptions>,
+            )];
+            match self.store.guarded(compares, ops).await {
+                Ok(Some(_)) => return Ok(token),
+                Ok(None) => continue,
+                Err(error) => return Err(Status::unavailable(error.to_string())),
+            }
+        }
+        Err(Status::aborted(
+            "join token used concurrently by many callers; retry",
+        ))
+    }
+}
+
+/// The token id a secret claims, if it has a join token's shape.
+fn claimed_id(secret: &str) -> Option<&str> {
+    let rest = secret.strip_prefix(PREFIX)?;
+    let (id, random) = rest.split_once('_')?;
+    (api_key::is_valid_id(id) && !random.is_empty()).then_some(id)
+}
+
+/// `token` without its hash, for answers.
+fn redacted(mut token: JoinToken) -> JoinToken {
+    token.secret_sha256.clear();
+    token
+}
+
+#[tonic::async_trait]
+impl IdentityService for IdentityApi {
+    async fn create_join_token(
+        &self,
+        request: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        let caller = self.auth.admin(&request)?;
+        let r = request.into_inner();
+        match r.role.as_str() {
+            "edge" if r.pool.is_empty() => {}
+            "edge" => {
+                return Err(Status::invalid_argument(
+                    "pool: must be empty for an edge token",
+                ));
+            }
+            "sidecar" => validate::dns_label("pool", &r.pool)?,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "role: {other:?} is not \"edge\" or \"sidecar\""
+                )));
+            }
+        }
+        validate::dns_label("region", &r.region)?;
+        let ttl = match r.ttl_seconds {
+            0 => 3600,
+            t @ 60..=2_592_000 => t,
+            t => {
+                return Err(Status::invalid_argument(format!(
+                    "ttl_seconds: {t} is outside 60..=2592000"
+                )));
+            }
+        };
+        let uses = match r.uses {
+            0 => 1,
+            u @ 1..=100_000 => u,
+            u => {
+                return Err(Status::invalid_argument(format!(
+                    "uses: {u} is outside 1..=100000"
+                )));
+            }
+        };
+        for _ in 0..ATTEMPTS {
+            let made = api_key::generate();
+            let secret = format!(
+                "{PREFIX}{}",
+                made.secret
+                    .trim_start_matches(|c| c != '_')
+                    .trim_start_matches('_')
+            );
+            let now = now_unix_ms();
+            let mut token = JoinToken {
+                id: made.id.clone(),
+                role: r.role.clone(),
+                region: r.region.clone(),
+                pool: r.pool.clone(),
+                expires_at_unix_ms: now + i64::from(ttl) * 1000,
+                uses_left: uses,
+                secret_sha256: api_key::digest(&secret).to_vec(),
+                created_at_unix_ms: now,
+                revision: 0,
+            };
+            let key = self.token_key(&token.id);
+            let compares = vec![Compare::version(key.clone(), CompareOp::Equal, 0)];
+            let ops = vec![TxnOp::put(key, token.encode_to_vec(), None::<PutOptions>)];
+            if let Some(revision) = self
+                .store
+                .guarded(compares, ops)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+            {
+                token.revision = revision;
+                tracing::info!(token = %token.id, role = %token.role, region = %token.region, pool = %token.pool, uses, ttl, %caller, "join token created");
+                return Ok(Response::new(CreateJoinTokenResponse {
+                    token: Some(redacted(token)),
+                    secret,
+                }));
+            }
+        }
+        Err(Status::aborted("could not pick a free token id; retry"))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        request: Request<ListJoinTokensRequest>,
+    ) -> Result<Response<ListJoinTokensResponse>, Status> {
+        self.auth.admin(&request)?;
+        let (kvs, _) = self
+            .store
+            .get_prefix(&self.store.keys().dir(ObjectKind::JoinToken))
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let tokens = kvs
+            .iter()
+            .map(|kv| {
+                decode::<JoinToken>(kv).map(|mut t| {
+                    t.revision = kv.mod_revision();
+                    redacted(t)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ListJoinTokensResponse { tokens }))
+    }
+
+    async fn delete_join_token(
+        &self,
+        request: Request<DeleteJoinTokenRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        self.auth.admin(&request)?;
+        let id = request.into_inner().id;
+        if !api_key::is_valid_id(&id) {
+            return Err(Status::invalid_argument(format!(
+                "id: {id:?} is not a join token id"
+            )));
+        }
+        let key = self.token_key(&id);
+        let compares = vec![Compare::version(key.clone(), CompareOp::Greater, 0)];
+        let ops = vec![TxnOp::delete(key, None)];
+        match self
+            .store
+            .guarded(compares, ops)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+        {
+            Some(revision) => {
+                tracing::info!(token = %id, "join token deleted");
+                Ok(Response::new(DeleteResponse { revision }))
+            }
+            None => Err(Status::not_found(format!(
+                "join token {id:?} does not exist"
+            ))),
+        }
+    }
+
+    async fn issue(
+        &self,
+        request: Request<IssueRequest>,
+    ) -> Result<Response<IssueResponse>, Status> {
+        let Some(ca) = self.ca.clone() else {
+            return Err(Status::failed_precondition(
+                "this control plane issues no certificates (start it with --ca-cert and --ca-key)",
+            ));
+        };
+        let peer = peer_identity(&request);
+        let r = request.into_inner();
+        if r.csr_pem.len() > 16 * 1024 {
+            return Err(Status::invalid_argument("csr_pem: larger than 16 KiB"));
+        }
+        let identity = if r.join_token.is_empty() {
+            // Renewal: the identity of the certificate presented now.
+            let peer = peer.ok_or_else(|| {
+                Status::unauthenticated(
+                    "renewing needs the current certificate (mutual TLS), or a join_token",
+                )
+            })?;
+            match (peer.role, &peer.scope) {
+                (PeerRole::Edge, _) | (PeerRole::Sidecar, Some(_)) => peer,
+                _ => {
+                    return Err(Status::permission_denied(format!(
+                        "{} is not an identity this control plane renews",
+                        peer.uri()
+                    )));
+                }
+            }
+        } else {
+            let token = self.spend(&r.join_token).await?;
+            let identity = Self::identity_for(&token, &r.endpoint_id)?;
+            tracing::info!(token = %token.id, uses_left = token.uses_left, identity = %identity.uri(), "join token used");
+            identity
+        };
+        let (certificate_pem, not_after) = ca
+            .issue_for_csr(&r.csr_pem, &identity, self.ttl)
+            .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
+        let not_after_unix_ms = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        tracing::info!(identity = %identity.uri(), ttl = ?self.ttl, "certificate issued");
+        Ok(Response::new(IssueResponse {
+            certificate_pem,
+            ca_pem: ca.cert_pem().to_string(),
+            identity: identity.uri(),
+            not_after_unix_ms,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_secrets_of_the_join_token_shape_claim_an_id() {
+        assert_eq!(claimed_id("imjt_abcdefghijkl_xyz"), Some("abcdefghijkl"));
+        for not in [
+            "imk_abcdefghijkl_xyz",
+            "imjt_short_xyz",
+            "imjt_abcdefghijkl_",
+            "imjt_abcdefghijkl",
+        ] {
+            assert_eq!(claimed_id(not), None, "{not}");
+        }
+    }
+}
