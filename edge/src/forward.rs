@@ -63,14 +63,11 @@ pub fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
 /// every tenant's API key to whatever sits at a replica's address.
 const CLIENT_CREDENTIALS: [&str; 3] = ["authorization", "x-api-key", "proxy-authorization"];
 
-/// The request head as a replica gets it: `parts` without the client's
-/// credentials.
-pub fn replica_head(parts: &http::request::Parts) -> http::request::Parts {
-    let mut head = copy_parts(parts);
+/// Removes the client's credentials from a head about to go to a replica.
+pub fn strip_client_credentials(headers: &mut http::HeaderMap) {
     for name in CLIENT_CREDENTIALS {
-        head.headers.remove(name);
+        headers.remove(name);
     }
-    head
 }
 
 /// The deadlines of one request to a replica.

@@ -201,7 +201,7 @@ impl Gateway {
         let started = Instant::now();
         openai::check_content_type(request.headers())?;
         let table = self.table().ok_or(ApiError::NotReady)?;
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let fields = openai::routing_fields(endpoint, &body)?;
         record.model = Some(fields.model.clone());
         record.stream = fields.stream;
@@ -350,13 +350,15 @@ impl Gateway {
         let deadlines = self.forwarder.deadlines(route.timeouts.as_ref());
         let mut upstream = upstream;
         let mut tried: Vec<String> = Vec::new();
-        let head = crate::forward::replica_head(&parts);
+        // No step after this one needs them, so no copy of the head is made.
+        crate::forward::strip_client_credentials(&mut parts.headers);
+        let head = &parts;
         let (mut response, fingerprint) = loop {
             record.endpoint = Some(upstream.id.clone());
             let sent = Instant::now();
             let forwarded = self
                 .forwarder
-                .forward(&head, body.clone(), upstream.clone(), &deadlines)
+                .forward(head, body.clone(), upstream.clone(), &deadlines)
                 .await;
             if let Some(metrics) = metrics {
                 metrics.upstream(&route.model, &upstream.id, sent.elapsed());
