@@ -2,10 +2,12 @@
 # Brings a whole infermesh up on this machine and shows it working:
 # etcd, the control plane, an edge for each of two regions, and five
 # replicas (simulated vLLM/SGLang engines, each with its sidecar) serving two
-# models. A local CA and certificates are made first (.run/pki): the control
-# plane serves gRPC over TLS and knows edges and sidecars by their client
-# certificates, the admin API takes an admin certificate or an admin token,
-# and the eu-west edge serves HTTPS. Everything is registered through
+# models. A local root CA is made first (.run/pki): the control plane serves
+# gRPC over TLS and is the mesh's certificate authority; edges and sidecars
+# trade admin-made join tokens for certificates naming them
+# (.run/identity/), renewed with no restart, and know each other by them:
+# edge -> sidecar runs mutual TLS. The admin API takes an admin certificate
+# or an admin token, and the eu-west edge serves HTTPS. Everything is registered through
 # grpcurl, then a streamed chat completion goes through an edge. Processes keep running in the background;
 # `scripts/up.sh down` stops them. Logs are in .run/logs/.
 set -euo pipefail
@@ -85,13 +87,10 @@ admin() {
 }
 
 replicas=(llama-8b-eu-west-0 llama-8b-eu-west-1 qwen-7b-eu-west-0 llama-8b-us-east-0 qwen-7b-us-east-0)
-echo "making a local CA, certificates and an admin token in $pki"
-sidecar_flags=()
-# Each sidecar's certificate names its region, pool and endpoint: it may
-# register that endpoint only (pool = id without its index, region = the
-# pool's last two words).
-for id in "${replicas[@]}"; do pool="${id%-*}"; sidecar_flags+=(--sidecar "${pool#*-*-}/$pool/$id"); done
-"$bin/infermesh-certs" generate --out "$pki" --force --edge eu-west --edge us-east "${sidecar_flags[@]}" >/dev/null
+echo "making a local root CA, the control plane's certificate and an admin token in $pki"
+# Only the root, the control plane's serving certificate and the admin's are
+# made here; edges and sidecars get theirs from the control plane (below).
+"$bin/infermesh-certs" generate --out "$pki" --force >/dev/null
 rm -f "$pki/admin-tokens"
 "$bin/infermesh-certs" admin-token --name local-admin --tokens-file "$pki/admin-tokens" >"$run/admin-token"
 chmod 600 "$run/admin-token"
@@ -104,12 +103,13 @@ start etcd etcd --name local --data-dir "$run/etcd" \
   --initial-cluster "local=http://127.0.0.1:$((ETCD_PORT + 10))" --log-level warn
 wait_for etcd curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
 
-echo "starting the control plane on $cp_addr (gRPC over TLS, client certificates checked)"
+echo "starting the control plane on $cp_addr (gRPC over TLS, client certificates checked; the mesh's CA)"
 start control-plane "$bin/infermesh-control-plane" --listen "$cp_addr" \
   --metrics-listen "127.0.0.1:$CP_METRICS_PORT" \
   --etcd-endpoints "http://127.0.0.1:$ETCD_PORT" \
   --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem" --tls-client-ca "$pki/ca.pem" \
-  --admin-tokens-file "$pki/admin-tokens" --autoscale-interval-ms 1000
+  --admin-tokens-file "$pki/admin-tokens" --autoscale-interval-ms 1000 \
+  --ca-cert "$pki/ca.pem" --ca-key "$pki/ca-key.pem"
 wait_for "control plane" sh -c "'$grpcurl' -cacert '$pki/ca.pem' '$cp_addr' grpc.health.v1.Health/Check | grep -q SERVING"
 
 echo "registering regions, models and pools through grpcurl"
@@ -133,6 +133,25 @@ KEY=$(printf '%s' "$key_json" | sed -n 's/.*"secret": "\([^"]*\)".*/\1/p')
 printf '%s\n' "$KEY" > "$run/api-key"
 chmod 600 "$run/api-key"
 
+echo "making join tokens (stored hashed; each edge and sidecar trades one for its own certificate)"
+mkdir -p "$run/tokens"
+# join_token FILE REQUEST: writes the secret of a new join token to FILE.
+join_token() {
+  local out
+  out=$("$grpcurl" "${tls[@]}" -d "$2" "$cp_addr" infermesh.v1.IdentityService/CreateJoinToken)
+  printf '%s' "$out" | sed -n 's/.*"secret": "\([^"]*\)".*/\1/p' >"$run/tokens/$1"
+  chmod 600 "$run/tokens/$1"
+  [ -s "$run/tokens/$1" ] || { echo "CreateJoinToken returned no secret: $out" >&2; exit 1; }
+  echo "  $1 $2"
+}
+join_token edge-eu-west '{"role":"edge","region":"eu-west","ttl_seconds":600}'
+join_token edge-us-east '{"role":"edge","region":"us-east","ttl_seconds":600}'
+join_token llama-8b-eu-west '{"role":"sidecar","region":"eu-west","pool":"llama-8b-eu-west","ttl_seconds":600,"uses":2}'
+join_token qwen-7b-eu-west '{"role":"sidecar","region":"eu-west","pool":"qwen-7b-eu-west","ttl_seconds":600}'
+join_token llama-8b-us-east '{"role":"sidecar","region":"us-east","pool":"llama-8b-us-east","ttl_seconds":600}'
+join_token qwen-7b-us-east '{"role":"sidecar","region":"us-east","pool":"qwen-7b-us-east","ttl_seconds":600}'
+rm -rf "$run/identity"
+
 # replica ID POOL MODEL REGION ZONE ENGINE ENGINE_PORT SIDECAR_PORT METRICS_PORT
 replica() {
   local id="$1" pool="$2" model="$3" region="$4" zone="$5" engine="$6" eport="$7" sport="$8" mport="$9"
@@ -141,8 +160,8 @@ replica() {
   start "sidecar-$id" "$bin/infermesh-sidecar" --listen "127.0.0.1:$sport" --metrics-listen "127.0.0.1:$mport" \
     --engine-url "http://127.0.0.1:$eport" --engine "$engine" --endpoint-id "$id" \
     --pool "$pool" --model "$model" --region "$region" --zone "$zone" --control-plane "$cp_addr" \
-    --control-plane-ca "$pki/ca.pem" --control-plane-cert "$pki/sidecar-$id.pem" \
-    --control-plane-key "$pki/sidecar-$id-key.pem"
+    --control-plane-ca "$pki/ca.pem" --identity-dir "$run/identity/sidecar-$id" \
+    --join-token-file "$run/tokens/$pool"
 }
 echo "starting five replicas (simulated engine + sidecar each)"
 replica llama-8b-eu-west-0 llama-8b-eu-west meta-llama/Llama-3.1-8B-Instruct eu-west eu-west-1a vllm 18001 18101 $((CP_METRICS_PORT + 3))
@@ -153,7 +172,7 @@ replica qwen-7b-us-east-0 qwen-7b-us-east Qwen/Qwen2.5-7B-Instruct us-east us-ea
 
 edge_tls() {
   edge_flags=(--control-plane "$cp_addr" --control-plane-ca "$pki/ca.pem"
-    --control-plane-cert "$pki/edge-$1.pem" --control-plane-key "$pki/edge-$1-key.pem")
+    --identity-dir "$run/identity/edge-$1" --join-token-file "$run/tokens/edge-$1")
 }
 echo "starting edges: eu-west on https://127.0.0.1:$EDGE_EU_PORT, us-east on http://127.0.0.1:$EDGE_US_PORT"
 edge_tls eu-west
@@ -208,6 +227,10 @@ admin token is in .run/admin-token; certificates are in .run/pki. Try:
   # ... or with the admin bearer token
   .tools/bin/grpcurl -cacert .run/pki/ca.pem -H "authorization: Bearer \$(cat .run/admin-token)" \\
     -d '{"tenant":"demo"}' $cp_addr infermesh.v1.AdminService/ListApiKeys
+  # join tokens (secrets are never shown again) and the identity an edge was issued
+  .tools/bin/grpcurl -cacert .run/pki/ca.pem -cert .run/pki/admin.pem -key .run/pki/admin-key.pem \\
+    $cp_addr infermesh.v1.IdentityService/ListJoinTokens
+  openssl x509 -noout -ext subjectAltName,extendedKeyUsage -enddate -in .run/identity/edge-eu-west/identity.pem
 
   # Prometheus metrics: control plane, edges eu-west and us-east, then the sidecars
   curl -s 127.0.0.1:$CP_METRICS_PORT/metrics | grep '^infermesh_control_plane_subscribers'

@@ -224,6 +224,12 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, S
             &format!("{RUN_MOUNT}/prestop.sock"),
         ));
     }
+    if let Some(env) = container["env"].as_array_mut() {
+        // The injected certificate is shared by every pod, so it cannot name
+        // each pod's endpoint as the edges' mutual TLS requires; the port is
+        // kept to edges by the chart's NetworkPolicy instead.
+        env.push(value("INFERMESH_SERVE_TLS", "off"));
+    }
     if let Some(secret) = &injection.tls_secret {
         if let Some(env) = container["env"].as_array_mut() {
             for (name, file) in [

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use infermesh_runtime::control_plane::ControlPlaneTlsArgs;
+use infermesh_runtime::enroll::EnrollArgs;
 use infermesh_runtime::http::ServeOptions;
+use infermesh_runtime::tls::mesh::MeshTls;
 
 /// Where the response cache keeps answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,6 +52,23 @@ pub struct Config {
 
     #[command(flatten)]
     pub control_plane_tls: ControlPlaneTlsArgs,
+
+    #[command(flatten)]
+    pub enroll: EnrollArgs,
+
+    /// How this edge reaches replicas' sidecars. `mutual`: HTTPS
+    /// presenting this edge's identity (--control-plane-cert, reloaded
+    /// when renewed); a sidecar's certificate must come from the mesh CA
+    /// (--control-plane-ca) and name the very endpoint chosen
+    /// (spiffe://infermesh/sidecar/<region>/<pool>/<endpoint>), or the
+    /// attempt fails and another replica is tried. `off`: plain HTTP.
+    #[arg(
+        long,
+        env = "INFERMESH_UPSTREAM_TLS",
+        value_enum,
+        default_value = "mutual"
+    )]
+    pub upstream_tls: MeshTls,
 
     /// Serving certificate chain (PEM); with --tls-key the listener speaks
     /// HTTPS (HTTP/1.1 and h2 by ALPN). Reloaded when the files change.
@@ -227,6 +246,12 @@ impl Config {
             return Err("--usage-report-interval-ms: must be positive".into());
         }
         self.control_plane_tls.client()?;
+        self.enroll.check(&self.control_plane_tls)?;
+        if self.upstream_tls == MeshTls::Mutual && self.enroll.identity_dir.is_none() {
+            self.control_plane_tls
+                .identity_files()
+                .map_err(|e| format!("--upstream-tls mutual: {e} (or --upstream-tls off)"))?;
+        }
         if self.cache == CacheBackend::Redis && self.cache_redis_url.is_none() {
             return Err("--cache redis: --cache-redis-url is required".into());
         }

@@ -11,8 +11,9 @@ use bytes::Bytes;
 use http::{Request, Response, Uri, header};
 use http_body_util::BodyExt;
 use infermesh_runtime::http::{
-    Body, Guarded, UpstreamClient, full, strip_hop_by_hop, upstream_client,
+    Body, Guarded, UpstreamClient, full, mesh_upstream_client, strip_hop_by_hop, upstream_client,
 };
+use infermesh_runtime::tls::mesh::MeshClientTls;
 use tracing::Instrument;
 
 use crate::error::ApiError;
@@ -90,23 +91,32 @@ pub struct Forwarder {
     /// One pooled client per connect deadline in use (the edge's, and any
     /// model's own).
     clients: Arc<dashmap::DashMap<Duration, UpstreamClient>>,
+    /// Mutual TLS to replicas, when on.
+    mesh: Option<MeshClientTls>,
 }
 
 impl Forwarder {
     /// A forwarder whose connects give up after `connect_timeout` and whose
-    /// responses must start within `response_timeout`, unless a model says otherwise.
-    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Self {
-        let clients = dashmap::DashMap::new();
-        clients.insert(connect_timeout, upstream_client(connect_timeout));
-        Self {
+    /// responses must start within `response_timeout`, unless a model says
+    /// otherwise; with `mesh`, replicas are reached over mutual TLS and
+    /// must prove they are the endpoint chosen.
+    pub fn new(
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        mesh: Option<MeshClientTls>,
+    ) -> Self {
+        let forwarder = Self {
             defaults: Deadlines {
                 connect: connect_timeout,
                 first_byte: response_timeout,
                 idle: None,
                 total: None,
             },
-            clients: Arc::new(clients),
-        }
+            clients: Arc::new(dashmap::DashMap::new()),
+            mesh,
+        };
+        forwarder.client(connect_timeout);
+        forwarder
     }
 
     /// The deadlines for a model with `timeouts` (its zero fields take the edge's).
@@ -126,7 +136,10 @@ impl Forwarder {
     fn client(&self, connect: Duration) -> UpstreamClient {
         self.clients
             .entry(connect)
-            .or_insert_with(|| upstream_client(connect))
+            .or_insert_with(|| match &self.mesh {
+                Some(mesh) => mesh_upstream_client(connect, mesh),
+                None => upstream_client(connect),
+            })
             .clone()
     }
 
@@ -145,9 +158,13 @@ impl Forwarder {
         });
         let mut parts = copy_parts(request);
         let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
+        let (scheme, authority) = match (&self.mesh, &upstream.mesh_authority) {
+            (Some(_), Some(mesh_authority)) => ("https", mesh_authority),
+            _ => ("http", &upstream.authority),
+        };
         parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(upstream.authority.clone())
+            .scheme(scheme)
+            .authority(authority.clone())
             .path_and_query(path)
             .build()
             .map_err(|e| Failure {
@@ -190,7 +207,10 @@ impl Forwarder {
             }
             Ok(Err(error)) => {
                 let reason = if error.is_connect() {
-                    format!("connect to {} failed", upstream.authority)
+                    match std::error::Error::source(&error) {
+                        Some(cause) => format!("connect to {} failed: {cause}", upstream.authority),
+                        None => format!("connect to {} failed", upstream.authority),
+                    }
                 } else {
                     format!("{error}")
                 };

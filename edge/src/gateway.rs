@@ -508,6 +508,7 @@ impl Gateway {
                 id: format!("edge/{}", peer.region),
                 pool: String::new(),
                 authority: peer.authority.clone(),
+                mesh_authority: None,
                 in_flight: Arc::default(),
                 health: Arc::default(),
                 load: Arc::default(),

@@ -29,8 +29,18 @@ use crate::table_store::TableStore;
 use infermesh_runtime::discovery::{Applied, ApplyTable};
 
 /// Runs the edge until `cancel` fires.
-pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    let _renewal = config
+        .enroll
+        .enroll(
+            &config.control_plane,
+            &mut config.control_plane_tls,
+            None,
+            cancel.child_token(),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
     let node_id = config.node_id();
     let control_plane = config
         .control_plane_tls
@@ -110,7 +120,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         .counted_in(metrics.auth_failures.clone());
     let gateway = Gateway::new(
         subscription.tables.clone(),
-        Forwarder::new(config.connect_timeout(), config.response_timeout()),
+        Forwarder::new(
+            config.connect_timeout(),
+            config.response_timeout(),
+            upstream_tls(&config, cancel.child_token())?,
+        ),
         limiter,
         Observer::new(log, metrics),
         response_cache(&config, &registry, cancel.child_token())?,
@@ -249,4 +263,27 @@ async fn follow_subscription(
             _ = tick.tick() => {}
         }
     }
+}
+
+/// Mutual TLS to replicas, unless --upstream-tls off.
+fn upstream_tls(
+    config: &Config,
+    cancel: CancellationToken,
+) -> anyhow::Result<Option<infermesh_runtime::tls::mesh::MeshClientTls>> {
+    if config.upstream_tls == infermesh_runtime::tls::mesh::MeshTls::Off {
+        return Ok(None);
+    }
+    let (ca, cert, key) = config
+        .control_plane_tls
+        .identity_files()
+        .map_err(|e| anyhow::anyhow!("--upstream-tls mutual: {e}"))?;
+    let tls = infermesh_runtime::tls::mesh::MeshClientTls::new(
+        &ca,
+        &cert,
+        &key,
+        infermesh_runtime::tls::server::DEFAULT_RELOAD_INTERVAL,
+        cancel,
+    )
+    .map_err(|e| anyhow::anyhow!("--upstream-tls mutual: {e}"))?;
+    Ok(Some(tls))
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request};
 use http_body_util::BodyExt;
-use infermesh_runtime::http::{UpstreamClient, full, upstream_client};
+use infermesh_runtime::http::{UpstreamClient, full, mesh_upstream_client, upstream_client};
+use infermesh_runtime::tls::mesh::MeshClientTls;
 
 /// A response read whole.
 #[derive(Debug, Clone)]
@@ -83,6 +84,15 @@ impl Http {
         Self {
             client: upstream_client(Duration::from_secs(2)),
             key: None,
+        }
+    }
+
+    /// This client, also able to reach `https://` mesh URIs (a sidecar's
+    /// `Sidecar::url`) over mutual TLS as the identity in `tls`.
+    pub fn with_identity(self, tls: &MeshClientTls) -> Self {
+        Self {
+            client: mesh_upstream_client(Duration::from_secs(2), tls),
+            ..self
         }
     }
 

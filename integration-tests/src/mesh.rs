@@ -5,9 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use infermesh_runtime::tls::PeerRole;
+use infermesh_runtime::tls::mesh::{MeshClientTls, expected_authority};
+use infermesh_runtime::tls::{PeerIdentity, PeerRole};
 use serde_json::{Value, json};
 use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
 
 use crate::binaries::{free_port, path};
 use crate::client::Http;
@@ -62,7 +64,8 @@ pub struct Served {
 
 /// A sidecar process started on its own.
 pub struct Sidecar {
-    /// Base URL of its proxy.
+    /// Base URL of its proxy: `https://` with the sidecar's identity in
+    /// the user-info, for a client with an edge identity (`Mesh::http`).
     pub url: String,
     /// Its Prometheus endpoint.
     pub metrics_url: String,
@@ -74,6 +77,9 @@ pub struct Sidecar {
 
 /// The system under test.
 pub struct Mesh {
+    /// An edge identity (`edge/integration-tests`) for reaching sidecars
+    /// directly, as `http` does.
+    pub edge_tls: MeshClientTls,
     /// The etcd server.
     pub etcd: Etcd,
     /// The control plane, while it runs.
@@ -121,6 +127,15 @@ impl Mesh {
         let admin_token = make_admin_token(&dir.path().join("pki/admin-tokens"));
         let admin = Grpcurl::tls(&address, &pki.ca_cert)
             .with_identity(pki.client(PeerRole::Admin, "integration-tests"));
+        let harness_edge = pki.client(PeerRole::Edge, "integration-tests");
+        let edge_tls = MeshClientTls::new(
+            &pki.ca_cert,
+            &harness_edge.cert,
+            &harness_edge.key,
+            Duration::from_secs(2),
+            CancellationToken::new(),
+        )
+        .expect("the harness's edge identity");
         let mut mesh = Self {
             admin,
             pki,
@@ -130,7 +145,8 @@ impl Mesh {
             dir,
             etcd,
             control_plane: None,
-            http: Http::new(),
+            http: Http::new().with_identity(&edge_tls),
+            edge_tls,
             api_key: String::new(),
             env: Vec::new(),
             control_plane_extra: control_plane_extra.to_vec(),
@@ -139,7 +155,7 @@ impl Mesh {
         };
         mesh.start_control_plane().await;
         let secret = mesh.create_key("tests", json!({})).await;
-        mesh.http = Http::with_key(&secret);
+        mesh.http = Http::with_key(&secret).with_identity(&mesh.edge_tls);
         mesh.api_key = secret;
         mesh
     }
@@ -241,6 +257,17 @@ impl Mesh {
 
     /// Starts an edge for `region` with `extra` flags and waits until it answers /livez.
     pub async fn start_edge(&self, region: &str, extra: &[&str]) -> Edge {
+        self.start_edge_as(
+            region,
+            self.control_plane_tls(PeerRole::Edge, region),
+            extra,
+        )
+        .await
+    }
+
+    /// As `start_edge`, with `identity` flags (e.g. `--identity-dir`)
+    /// instead of a certificate from the test CA.
+    pub async fn start_edge_as(&self, region: &str, identity: Vec<String>, extra: &[&str]) -> Edge {
         let port = free_port();
         let metrics_port = free_port();
         let mut args: Vec<String> = [
@@ -257,7 +284,7 @@ impl Mesh {
         ]
         .map(String::from)
         .to_vec();
-        args.extend(self.control_plane_tls(PeerRole::Edge, region));
+        args.extend(identity);
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = Process::spawn(
             &format!("edge-{region}-{port}"),
@@ -352,6 +379,25 @@ impl Mesh {
         engine_url: &str,
         advertise: Option<&str>,
     ) -> Sidecar {
+        let pair = self.pki.sidecar(region, pool, id);
+        let identity = self.tls_flags(&pair);
+        self.start_sidecar_as(id, pool, model, region, engine_url, advertise, identity)
+            .await
+    }
+
+    /// As `start_sidecar`, with `identity` flags (e.g. `--identity-dir`)
+    /// instead of a certificate from the test CA.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_sidecar_as(
+        &self,
+        id: &str,
+        pool: &str,
+        model: &str,
+        region: &str,
+        engine_url: &str,
+        advertise: Option<&str>,
+        identity: Vec<String>,
+    ) -> Sidecar {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let metrics_listen = format!("127.0.0.1:{}", free_port());
@@ -387,8 +433,7 @@ impl Mesh {
         ]
         .map(String::from)
         .to_vec();
-        let pair = self.pki.sidecar(region, pool, id);
-        args.extend(self.tls_flags(&pair));
+        args.extend(identity);
         let run_dir = self.dir.path().join(format!("run-{id}"));
         std::fs::create_dir_all(&run_dir).expect("sidecar run directory");
         let prestop_socket = run_dir.join("prestop.sock");
@@ -400,7 +445,8 @@ impl Mesh {
             self.dir.path(),
             &self.env_pairs(),
         );
-        let url = format!("http://{listen}");
+        let identity = PeerIdentity::sidecar(region, pool, id).expect("valid identity");
+        let url = format!("https://{}", expected_authority(&identity, &listen));
         self.wait_http_ok(&format!("{url}/livez"), "sidecar /livez")
             .await;
         Sidecar {
@@ -436,7 +482,8 @@ impl Mesh {
     }
 
     async fn wait_http_ok(&self, url: &str, what: &str) {
-        let http = self.http.clone();
+        // Tests may replace `http`; sidecars need the edge identity.
+        let http = Http::new().with_identity(&self.edge_tls);
         wait::until(what, Duration::from_secs(20), || {
             let http = http.clone();
             let url = url.to_string();

@@ -26,6 +26,8 @@ pub struct TestPki {
     issuing: Mutex<()>,
     /// The CA certificate every peer trusts.
     pub ca_cert: PathBuf,
+    /// The CA's private key (mode 0600), for a control plane that issues identities.
+    pub ca_key: PathBuf,
     /// The server certificate for localhost, 127.0.0.1 and ::1.
     pub server: CertPair,
 }
@@ -37,6 +39,9 @@ impl TestPki {
         let ca = LocalCa::generate().expect("generate CA");
         let ca_cert = dir.join("ca.pem");
         std::fs::write(&ca_cert, ca.cert_pem()).expect("write CA");
+        let ca_key = dir.join("ca-key.pem");
+        infermesh_runtime::fs::write_private(&ca_key, ca.key_pem().as_bytes())
+            .expect("write CA key");
         let pki = Self {
             server: CertPair {
                 cert: dir.join("server.pem"),
@@ -46,6 +51,7 @@ impl TestPki {
             ca,
             issuing: Mutex::new(()),
             ca_cert,
+            ca_key,
         };
         pki.reissue_server(&pki.server);
         pki

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use infermesh_integration_tests::mesh::Mesh;
 use infermesh_integration_tests::pki::{CertPair, TestPki};
-use infermesh_integration_tests::wait;
+use infermesh_integration_tests::{scrape, wait};
 use infermesh_runtime::tls::PeerRole;
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
@@ -571,4 +571,153 @@ async fn the_control_plane_serves_a_renewed_certificate_without_a_restart() {
         || async { (keyed.post_json(url, body).await.ok()?.status == 200).then_some(()) },
     )
     .await;
+}
+
+/// curl's status line for `url` with `args` (no CA check: a sidecar's
+/// certificate names a workload, not a host), or `None` when the TLS
+/// handshake or the connection failed.
+async fn curl_to_sidecar(url: &str, args: &[&str]) -> Option<String> {
+    let output = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-k",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(args)
+        .arg(url)
+        .output()
+        .await
+        .expect("curl runs");
+    if !output.status.success() {
+        eprintln!("curl {url}: {}", String::from_utf8_lossy(&output.stderr));
+        return None;
+    }
+    Some(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[tokio::test]
+async fn a_sidecar_serves_only_edges_and_an_edge_reaches_only_the_endpoint_it_chose() {
+    let mesh = Mesh::start().await;
+    let served = mesh.serve_one_replica().await;
+    let (replica, url, body) = (&served.replica, &served.url, &served.body);
+    let address = replica
+        .sidecar_url
+        .rsplit_once('@')
+        .expect("the sidecar URL names its identity")
+        .1
+        .to_string();
+    let chat = format!("https://{address}/v1/chat/completions");
+    let chat_body = body.to_string();
+    let post = [
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &chat_body,
+    ];
+
+    // Plaintext is not spoken at all.
+    let plaintext = mesh.http.get(&format!("http://{address}/livez")).await;
+    assert!(
+        plaintext.is_err(),
+        "plaintext answered: {:?}",
+        plaintext.map(|r| r.status)
+    );
+
+    // Probes need no certificate; requests need an edge's.
+    assert_eq!(
+        curl_to_sidecar(&format!("https://{address}/livez"), &[])
+            .await
+            .as_deref(),
+        Some("200")
+    );
+    assert_eq!(curl_to_sidecar(&chat, &post).await.as_deref(), Some("403"));
+    let admin = mesh.pki.client(PeerRole::Admin, "ops");
+    let other_sidecar = mesh.pki.sidecar("eu-west", "llama-eu", "llama-9");
+    for pair in [&admin, &other_sidecar] {
+        let (cert, key) = (pair.cert.to_str().unwrap(), pair.key.to_str().unwrap());
+        let mut args = vec!["--cert", cert, "--key", key];
+        args.extend(post);
+        assert_eq!(
+            curl_to_sidecar(&chat, &args).await.as_deref(),
+            Some("403"),
+            "{}",
+            pair.cert.display()
+        );
+    }
+    // An edge certificate from another CA does not finish the handshake.
+    let foreign = TestPki::foreign_client(mesh.dir.path(), PeerRole::Edge, "eu-west");
+    let (cert, key) = (
+        foreign.cert.to_str().unwrap(),
+        foreign.key.to_str().unwrap(),
+    );
+    let mut args = vec!["--cert", cert, "--key", key];
+    args.extend(post);
+    assert_eq!(curl_to_sidecar(&chat, &args).await, None);
+    let metrics = mesh.http.get(&replica.sidecar_metrics_url).await.unwrap();
+    assert_eq!(
+        scrape::value(
+            &metrics.text(),
+            "infermesh_sidecar_refused_callers_total",
+            &[]
+        ),
+        Some(3.0),
+        "{}",
+        metrics.text()
+    );
+    // An edge identity is served, directly and through the edge.
+    let direct = mesh
+        .http
+        .post_json(
+            &format!("{}/v1/chat/completions", replica.sidecar_url),
+            body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(direct.status, 200, "{}", direct.text());
+    assert_eq!(mesh.http.post_json(url, body).await.unwrap().status, 200);
+
+    // A registration pointing at llama-0's sidecar under another name: the
+    // edge reaches the address, sees llama-0's certificate, and sends nothing.
+    mesh.register("eu-west", "mistral", "mistral-eu").await;
+    let (mistral_engine, _mistral) = mesh.start_engine("mistral-0", "mistral", &[]).await;
+    let _impostor = mesh
+        .start_sidecar(
+            "mistral-0",
+            "mistral-eu",
+            "mistral",
+            "eu-west",
+            &mistral_engine,
+            Some(&address),
+        )
+        .await;
+    let mistral = json!({"model": "mistral", "messages": [{"role": "user", "content": "hi"}]});
+    let refused = wait::until(
+        "the edge to route mistral",
+        Duration::from_secs(20),
+        || async {
+            let reply = mesh.http.post_json(url, &mistral).await.ok()?;
+            (reply.status != 404).then_some(reply)
+        },
+    )
+    .await;
+    assert!(
+        matches!(refused.status, 502 | 503),
+        "{} {}",
+        refused.status,
+        refused.text()
+    );
+    let log = served.edge.process.log();
+    assert!(
+        log.contains("the certificate names sidecar/eu-west/llama-eu/llama-0, not sidecar/eu-west/mistral-eu/mistral-0"),
+        "{log}"
+    );
+    let engine = mesh.last_engine_request(replica).await;
+    assert!(!engine.text().contains("mistral"), "{}", engine.text());
 }

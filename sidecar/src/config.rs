@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::Parser;
 use http::Uri;
 use infermesh_runtime::control_plane::ControlPlaneTlsArgs;
+use infermesh_runtime::enroll::EnrollArgs;
+use infermesh_runtime::tls::mesh::MeshTls;
 
 use crate::engine::EngineKind;
 
@@ -101,6 +103,22 @@ pub struct Config {
     #[command(flatten)]
     pub control_plane_tls: ControlPlaneTlsArgs,
 
+    #[command(flatten)]
+    pub enroll: EnrollArgs,
+
+    /// How edges reach this sidecar. `mutual`: HTTPS with this sidecar's
+    /// identity (--control-plane-cert, reloaded when renewed), and only
+    /// callers with an edge certificate from the mesh CA get past /livez
+    /// and /readyz. `off`: plain HTTP open to anyone who can reach the
+    /// port.
+    #[arg(
+        long,
+        env = "INFERMESH_SERVE_TLS",
+        value_enum,
+        default_value = "mutual"
+    )]
+    pub serve_tls: MeshTls,
+
     /// How often the engine is scraped and load reported, milliseconds.
     #[arg(long, env = "INFERMESH_SCRAPE_INTERVAL_MS", default_value_t = 1000)]
     pub scrape_interval_ms: u64,
@@ -166,6 +184,12 @@ impl Config {
             return Err("--body-timeout: must be positive".into());
         }
         self.control_plane_tls.client()?;
+        self.enroll.check(&self.control_plane_tls)?;
+        if self.serve_tls == MeshTls::Mutual && self.enroll.identity_dir.is_none() {
+            self.control_plane_tls
+                .identity_files()
+                .map_err(|e| format!("--serve-tls mutual: {e} (or --serve-tls off)"))?;
+        }
         self.advertise_address()?;
         for (flag, value) in [
             ("--pool", &self.pool),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use infermesh_proto::v1::Load;
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
 use crate::gpu::GpuReading;
@@ -29,6 +29,7 @@ pub struct SidecarMetrics {
     report_age: Gauge,
     requests: IntCounterVec,
     duration: Histogram,
+    refused_callers: IntCounter,
 }
 
 fn gauge(name: &str, help: &str) -> Gauge {
@@ -101,7 +102,12 @@ impl SidecarMetrics {
                 )
                 .buckets(REQUEST_SECONDS.to_vec()),
             )?,
+            refused_callers: IntCounter::new(
+                "infermesh_sidecar_refused_callers_total",
+                "Requests refused with 403 because the caller's client certificate names no edge.",
+            )?,
         };
+        registry.register(Box::new(metrics.refused_callers.clone()))?;
         registry.register(Box::new(metrics.engine_up.clone()))?;
         registry.register(Box::new(metrics.waiting.clone()))?;
         registry.register(Box::new(metrics.running.clone()))?;
@@ -151,6 +157,11 @@ impl SidecarMetrics {
     /// Time since the last load report was sent.
     pub fn report_age(&self, age: Duration) {
         self.report_age.set(age.as_secs_f64());
+    }
+
+    /// A caller without an edge identity was refused.
+    pub fn refused_caller(&self) {
+        self.refused_callers.inc();
     }
 
     /// A proxied request got `status` after `elapsed`.

@@ -2,7 +2,9 @@
 //! to the engine on localhost, bodies streamed both ways (SSE stays
 //! chunk-by-chunk). The sidecar answers `/livez` and `/readyz` itself, and
 //! refuses `/prestop`: the pod's preStop hooks reach it on a unix socket
-//! (`prestop`), never over the network.
+//! (`prestop`), never over the network. Under mutual TLS (`edges_only`)
+//! only callers whose client certificate names an edge get past the
+//! probes; anyone else gets 403.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use http::{Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use infermesh_runtime::http::RequestBody;
 use infermesh_runtime::http::{Body, Guarded, UpstreamClient, full, streamed, strip_hop_by_hop};
+use infermesh_runtime::tls::{PeerIdentity, PeerRole};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -38,6 +41,7 @@ pub struct EngineProxy {
     readiness: Readiness,
     metrics: Option<SidecarMetrics>,
     requests: Arc<std::sync::atomic::AtomicU64>,
+    edges_only: bool,
 }
 
 impl EngineProxy {
@@ -49,7 +53,14 @@ impl EngineProxy {
             readiness,
             metrics: None,
             requests: Arc::default(),
+            edges_only: false,
         }
+    }
+
+    /// Serves only callers with an edge identity (mutual TLS); probes stay open.
+    pub fn edges_only(mut self) -> Self {
+        self.edges_only = true;
+        self
     }
 
     /// Counts every proxied request in `requests` (reported as
@@ -161,6 +172,14 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
     )
 }
 
+/// Whether the caller proved an edge identity with its client certificate.
+fn from_an_edge(request: &Request<RequestBody>) -> bool {
+    request
+        .extensions()
+        .get::<PeerIdentity>()
+        .is_some_and(|identity| identity.role == PeerRole::Edge)
+}
+
 impl tower::Service<Request<RequestBody>> for EngineProxy {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -182,6 +201,20 @@ impl tower::Service<Request<RequestBody>> for EngineProxy {
                     StatusCode::FORBIDDEN,
                     json!({"error": {"message": "the preStop hook is served on the sidecar's unix socket (--prestop-socket), not over the network", "type": "permission_error", "code": "prestop_not_on_network"}}),
                 ),
+                _ if proxy.edges_only && !from_an_edge(&request) => {
+                    let who = request
+                        .extensions()
+                        .get::<PeerIdentity>()
+                        .map_or_else(|| "no client certificate".to_string(), |id| id.to_string());
+                    tracing::warn!(peer = %who, path = %request.uri().path(), "request refused: not from an edge");
+                    if let Some(metrics) = &proxy.metrics {
+                        metrics.refused_caller();
+                    }
+                    json_response(
+                        StatusCode::FORBIDDEN,
+                        json!({"error": {"message": format!("only edges may send requests to a replica (caller: {who})"), "type": "permission_error", "param": null, "code": "edge_identity_required"}}),
+                    )
+                }
                 _ => {
                     let started = std::time::Instant::now();
                     let metrics = proxy.metrics.clone();

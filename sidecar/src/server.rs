@@ -10,6 +10,7 @@ use infermesh_proto::v1::{EndpointState, Load, Register, SubscriberRole};
 use infermesh_runtime::backoff::Backoff;
 use infermesh_runtime::discovery::{self, DiscoveryConfig, Identity};
 use infermesh_runtime::http::ServeOptions;
+use infermesh_runtime::tls::{self, mesh::MeshTls};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -22,15 +23,25 @@ use crate::proxy::{EngineProxy, Readiness};
 use crate::report::Reporter;
 
 /// Runs the sidecar until `stop` fires (SIGTERM) and the drain completes.
-pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(mut config: Config, stop: CancellationToken) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let endpoint_id = config.endpoint_id().map_err(anyhow::Error::msg)?;
     let address = config.advertise_address().map_err(anyhow::Error::msg)?;
+    let background = CancellationToken::new();
+    let renewal = config
+        .enroll
+        .enroll(
+            &config.control_plane,
+            &mut config.control_plane_tls,
+            Some(endpoint_id.clone()),
+            background.clone(),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
     let control_plane = config
         .control_plane_tls
         .client()
         .map_err(anyhow::Error::msg)?;
-    let background = CancellationToken::new();
     let client = infermesh_runtime::http::upstream_client(Duration::from_secs(2));
 
     let registry = infermesh_runtime::metrics::registry(&[
@@ -122,6 +133,28 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
     )
     .with_metrics(metrics)
     .counting(requests);
+    let (proxy, tls) = match config.serve_tls {
+        MeshTls::Off => (proxy, None),
+        MeshTls::Mutual => {
+            let (ca, cert, key) = config
+                .control_plane_tls
+                .identity_files()
+                .map_err(anyhow::Error::msg)?;
+            // Probes and kubelets carry no certificate: client certificates
+            // are optional at the handshake and required by the proxy.
+            let tls = tls::server_config(
+                &cert,
+                &key,
+                Some(&ca),
+                tls::ClientAuth::Optional,
+                tls::server::HTTP_ALPN,
+                tls::server::DEFAULT_RELOAD_INTERVAL,
+                background.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("--serve-tls mutual: {e}"))?;
+            (proxy.edges_only(), Some(tls))
+        }
+    };
     let hook = match &config.prestop_socket {
         Some(socket) => Some(
             crate::prestop::serve(
@@ -140,7 +173,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
         None => None,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %listener.local_addr()?, advertise = %address, endpoint = %endpoint_id, engine = %config.engine_url, "sidecar serving");
+    tracing::info!(listen = %listener.local_addr()?, tls = ?config.serve_tls, advertise = %address, endpoint = %endpoint_id, engine = %config.engine_url, "sidecar serving");
     let serving = CancellationToken::new();
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
     let server = tokio::spawn(infermesh_runtime::http::serve(
@@ -149,6 +182,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
         serving.clone(),
         ServeOptions {
             body_timeout: config.body_timeout,
+            tls: tls.as_ref().map(tls::ServerTls::acceptor),
             ..ServeOptions::plaintext(grace)
         },
     ));
@@ -200,6 +234,9 @@ pub async fn run(config: Config, stop: CancellationToken) -> anyhow::Result<()> 
     );
     if let Some(hook) = hook {
         let _ = hook.await;
+    }
+    if let Some(renewal) = renewal {
+        let _ = renewal.await;
     }
     tracing::info!("sidecar stopped");
     Ok(())

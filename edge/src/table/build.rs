@@ -12,9 +12,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
+use http::uri::Authority;
 use infermesh_proto::v1::{EndpointState, RoutingPolicy, RoutingTable};
 use infermesh_runtime::address;
 use infermesh_runtime::discovery::ApplyTable;
+use infermesh_runtime::tls::{PeerIdentity, mesh::expected_authority};
 
 use super::{
     ColdStart, DEFAULT_COLD_START, EdgeTable, ListedModel, LoadSample, ModelRoute, PeerEdge,
@@ -146,6 +148,32 @@ impl EdgeTableBuilder {
                     continue;
                 }
             };
+            let region = if endpoint.region.is_empty() {
+                &table.region
+            } else {
+                &endpoint.region
+            };
+            let mesh_authority = match PeerIdentity::sidecar(
+                region.as_str(),
+                endpoint.pool.as_str(),
+                endpoint.id.as_str(),
+            ) {
+                Ok(identity) => expected_authority(&identity, authority.as_str())
+                    .parse::<Authority>()
+                    .map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            let mesh_authority = match mesh_authority {
+                Ok(mesh_authority) => mesh_authority,
+                Err(error) => {
+                    skips.skip(
+                        ObjectKind::Endpoint,
+                        &endpoint.id,
+                        format!("cannot name its identity: {error}"),
+                    );
+                    continue;
+                }
+            };
             let (in_flight, health, load) =
                 self.counters.get(&endpoint.id).cloned().unwrap_or_default();
             counters.insert(
@@ -164,6 +192,7 @@ impl EdgeTableBuilder {
                         id: endpoint.id.clone(),
                         pool: endpoint.pool.clone(),
                         authority,
+                        mesh_authority: Some(mesh_authority),
                         in_flight,
                         health,
                         load,

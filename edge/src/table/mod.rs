@@ -56,6 +56,9 @@ pub struct Upstream {
     pub pool: String,
     /// Its sidecar's `host:port`.
     pub authority: Authority,
+    /// The same address carrying the identity its certificate must name
+    /// under mutual TLS (`tls::mesh::expected_authority`).
+    pub mesh_authority: Option<Authority>,
     /// Requests this edge has in flight to it.
     pub in_flight: Arc<AtomicUsize>,
     /// Its passive health (ejection), kept across pushes.

@@ -33,6 +33,19 @@ pub struct ControlPlaneTlsArgs {
 }
 
 impl ControlPlaneTlsArgs {
+    /// This process's identity for the mesh's own mutual TLS: the CA,
+    /// certificate and key, or a message naming what is missing.
+    pub fn identity_files(&self) -> Result<(PathBuf, PathBuf, PathBuf), String> {
+        match (
+            &self.control_plane_ca,
+            &self.control_plane_cert,
+            &self.control_plane_key,
+        ) {
+            (Some(ca), Some(cert), Some(key)) => Ok((ca.clone(), cert.clone(), key.clone())),
+            _ => Err("mutual TLS on the data path needs this process's identity: --control-plane-ca, --control-plane-cert and --control-plane-key".into()),
+        }
+    }
+
     /// The client these flags describe; files are read and checked now.
     pub fn client(&self) -> Result<ControlPlaneClient, String> {
         let pair = match (&self.control_plane_cert, &self.control_plane_key) {

@@ -95,15 +95,26 @@ impl Enrollment {
         }
     }
 
-    /// Makes sure a certificate with life left is on disk: the one there,
-    /// a renewal of it, or a new one for the join token.
+    /// Makes sure a certificate with life left is on disk: the one there
+    /// (renewed if it is past two-thirds of its life and the control plane
+    /// answers), or a new one for the join token.
     pub async fn ensure(&self) -> Result<Held, EnrollError> {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| EnrollError::Local(format!("{}: {e}", self.dir.display())))?;
         let now = SystemTime::now();
         match held(&self.identity_file()) {
             Some(held) if held.renew_at() > now => return Ok(held),
-            Some(held) if held.not_after > now => return self.issue(None).await,
+            Some(held) if held.not_after > now => {
+                // A process restarted while the control plane is away still
+                // starts with the certificate it has.
+                return match self.issue(None).await {
+                    Ok(renewed) => Ok(renewed),
+                    Err(error) => {
+                        tracing::warn!(%error, "renewal failed; using the certificate held until it is renewed");
+                        Ok(held)
+                    }
+                };
+            }
             _ => {}
         }
         match &self.join_token {
@@ -219,4 +230,103 @@ pub fn held(path: &Path) -> Option<Held> {
         not_before: at(validity.not_before)?,
         not_after: at(validity.not_after)?,
     })
+}
+
+/// Flags for an identity issued by the control plane, shared by edge and sidecar.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EnrollArgs {
+    /// Directory where this process keeps the identity the control plane
+    /// issues it (`identity.pem`: key and certificate, mode 0600), renewed
+    /// at two-thirds of its life with no restart. Used instead of
+    /// --control-plane-cert and --control-plane-key; --control-plane-ca
+    /// names the CA that signed the control plane's certificate.
+    #[arg(long, env = "INFERMESH_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+
+    /// File holding a join token (IdentityService/CreateJoinToken) that
+    /// gets the first certificate; not read while the identity directory
+    /// holds a certificate with life left.
+    #[arg(long, env = "INFERMESH_JOIN_TOKEN_FILE", requires = "identity_dir")]
+    pub join_token_file: Option<PathBuf>,
+}
+
+impl EnrollArgs {
+    /// Checks the flags against the control-plane TLS flags.
+    pub fn check(&self, tls: &ControlPlaneTlsArgs) -> Result<(), String> {
+        if self.identity_dir.is_none() {
+            return Ok(());
+        }
+        if tls.control_plane_cert.is_some() || tls.control_plane_key.is_some() {
+            return Err("--identity-dir replaces --control-plane-cert and --control-plane-key: give one or the other".into());
+        }
+        if tls.control_plane_ca.is_none() {
+            return Err("--identity-dir needs --control-plane-ca (the CA that signed the control plane's certificate)".into());
+        }
+        Ok(())
+    }
+
+    /// With --identity-dir: gets or renews the identity (retrying every few
+    /// seconds while the control plane cannot be reached, until `cancel`),
+    /// points `tls` at it, and starts renewing it. Without: nothing.
+    pub async fn enroll(
+        &self,
+        control_planes: &[String],
+        tls: &mut ControlPlaneTlsArgs,
+        endpoint_id: Option<String>,
+        cancel: CancellationToken,
+    ) -> Result<Option<JoinHandle<()>>, String> {
+        let Some(dir) = &self.identity_dir else {
+            return Ok(None);
+        };
+        self.check(tls)?;
+        let join_token = match &self.join_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("--join-token-file {}: {e}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let enrollment = Enrollment {
+            control_planes: control_planes.to_vec(),
+            control_plane_ca: tls.control_plane_ca.clone().unwrap_or_default(),
+            dir: dir.clone(),
+            join_token,
+            endpoint_id,
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+        let held = loop {
+            match enrollment.ensure().await {
+                Ok(held) => break held,
+                Err(error @ (EnrollError::NothingToRenewWith(_) | EnrollError::Local(_))) => {
+                    return Err(format!("--identity-dir {}: {error}", dir.display()));
+                }
+                Err(EnrollError::Refused { address, status })
+                    if matches!(
+                        status.code(),
+                        tonic::Code::PermissionDenied
+                            | tonic::Code::Unauthenticated
+                            | tonic::Code::InvalidArgument
+                            | tonic::Code::NotFound
+                    ) =>
+                {
+                    return Err(format!(
+                        "the control plane at {address} refused to issue an identity: {}",
+                        status.message()
+                    ));
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, retry_in = ?delay, "no identity yet");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err("stopped before an identity was issued".into()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+        *tls = enrollment.tls_args();
+        Ok(Some(enrollment.spawn_renewal(held, cancel)))
+    }
 }

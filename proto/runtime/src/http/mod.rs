@@ -13,11 +13,14 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+mod connect;
 mod request_body;
 mod serve;
+
+pub use connect::{ConnectError, UpstreamConnector, UpstreamStream};
 
 pub use request_body::{BodyError, RequestBody};
 pub use serve::{ClientAddr, HttpService, ServeOptions, serve};
@@ -49,15 +52,25 @@ where
     body.map_err(Into::into).boxed()
 }
 
-/// The pooled HTTP client used to reach upstreams (engines or sidecars).
-pub type UpstreamClient = Client<HttpConnector, Body>;
+/// The pooled HTTP client used to reach upstreams (engines, sidecars, peer edges).
+pub type UpstreamClient = Client<UpstreamConnector, Body>;
 
-/// A client with keep-alive pooling, `TCP_NODELAY` and a connect deadline.
+/// A plain-HTTP client with keep-alive pooling, `TCP_NODELAY` and a connect deadline.
 pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.enforce_http(true);
+    pooled(UpstreamConnector::new(connect_timeout, None))
+}
+
+/// Like `upstream_client`, and also reaching `https://` URIs over mutual
+/// TLS with `tls`, checking the identity named in each URI's user-info
+/// (`tls::mesh::expected_authority`).
+pub fn mesh_upstream_client(
+    connect_timeout: Duration,
+    tls: &crate::tls::mesh::MeshClientTls,
+) -> UpstreamClient {
+    pooled(UpstreamConnector::new(connect_timeout, Some(tls)))
+}
+
+fn pooled(connector: UpstreamConnector) -> UpstreamClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)

@@ -12,6 +12,7 @@
 //!   on clients, `peer_identity(&request)` in handlers.
 
 pub mod identity;
+pub mod mesh;
 pub mod pki;
 pub mod server;
 

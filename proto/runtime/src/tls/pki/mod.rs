@@ -21,7 +21,7 @@ use rustls::pki_types::{CertificateDer, DnsName};
 
 pub use dev::{CertPaths, DevPki, DevPkiPaths, write_dev_pki};
 
-use super::identity::{IdentityError, PeerIdentity};
+use super::identity::{IdentityError, PeerIdentity, PeerRole};
 
 /// How long the CA certificate is valid.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -216,10 +216,16 @@ impl LocalCa {
             (None, Some(ip)) => ip.to_string(),
             (None, None) => return Err(PkiError::NoServerNames),
         };
-        self.issue(&common_name, sans, ExtendedKeyUsagePurpose::ServerAuth)
+        self.issue(
+            &common_name,
+            sans,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+        )
     }
 
-    /// A client certificate whose only URI SAN is `identity.uri()`.
+    /// A certificate whose only URI SAN is `identity.uri()`: a client
+    /// certificate, and for edges and sidecars, which also serve the
+    /// mesh's mutual TLS, a server certificate too.
     pub fn issue_client(&self, identity: &PeerIdentity) -> Result<IssuedCert, PkiError> {
         // Re-validate: the fields are public, so the identity may not have come from `new`.
         let identity: PeerIdentity = identity.uri().parse()?;
@@ -227,18 +233,21 @@ impl LocalCa {
         let uri = Ia5String::try_from(identity.uri()).map_err(|_| IdentityError::InvalidName {
             name: identity.name.clone(),
         })?;
-        self.issue(
-            &identity.to_string(),
-            vec![SanType::URI(uri)],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        )
+        let usages = match identity.role {
+            PeerRole::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            PeerRole::Edge | PeerRole::Sidecar => vec![
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ],
+        };
+        self.issue(&identity.to_string(), vec![SanType::URI(uri)], usages)
     }
 
     fn issue(
         &self,
         common_name: &str,
         sans: Vec<SanType>,
-        usage: ExtendedKeyUsagePurpose,
+        usages: Vec<ExtendedKeyUsagePurpose>,
     ) -> Result<IssuedCert, PkiError> {
         let key = new_key()?;
         let mut params = CertificateParams::default();
@@ -246,7 +255,7 @@ impl LocalCa {
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, LEAF_VALIDITY);
         let cert = params
