@@ -19,6 +19,9 @@ ETCD_PORT="${ETCD_PORT:-23790}"
 CP_PORT="${CP_PORT:-7070}"
 EDGE_EU_PORT="${EDGE_EU_PORT:-8080}"
 EDGE_US_PORT="${EDGE_US_PORT:-8090}"
+# Mesh listeners: where the other region's edge spills over, over mutual TLS.
+EDGE_EU_MESH_PORT="${EDGE_EU_MESH_PORT:-8081}"
+EDGE_US_MESH_PORT="${EDGE_US_MESH_PORT:-8091}"
 PROFILE="${PROFILE:-release}"
 # Prometheus endpoints: control plane, edges, then one per sidecar.
 CP_METRICS_PORT="${CP_METRICS_PORT:-9100}"
@@ -55,7 +58,7 @@ mkdir -p "$run/logs"
 rm -rf "$run/etcd"
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$ETCD_PORT" $((ETCD_PORT + 10)) "$CP_PORT" "$EDGE_EU_PORT" "$EDGE_US_PORT" $(seq 18001 18005) $(seq 18101 18105) \
+for port in "$ETCD_PORT" $((ETCD_PORT + 10)) "$CP_PORT" "$EDGE_EU_PORT" "$EDGE_US_PORT" "$EDGE_EU_MESH_PORT" "$EDGE_US_MESH_PORT" $(seq 18001 18005) $(seq 18101 18105) \
   $(seq "$CP_METRICS_PORT" $((CP_METRICS_PORT + 7))); do
   if port_busy "$port"; then
     echo "port $port is in use; stop what holds it (or set ETCD_PORT, CP_PORT, EDGE_EU_PORT, EDGE_US_PORT)" >&2
@@ -113,8 +116,8 @@ start control-plane "$bin/infermesh-control-plane" --listen "$cp_addr" \
 wait_for "control plane" sh -c "'$grpcurl' -cacert '$pki/ca.pem' '$cp_addr' grpc.health.v1.Health/Check | grep -q SERVING"
 
 echo "registering regions, models and pools through grpcurl"
-admin CreateRegion '{"region":{"name":"eu-west","zones":["eu-west-1a","eu-west-1b"],"failover":["us-east"],"edge_address":"127.0.0.1:'"$EDGE_EU_PORT"'"}}'
-admin CreateRegion '{"region":{"name":"us-east","zones":["us-east-1a"],"failover":["eu-west"],"edge_address":"127.0.0.1:'"$EDGE_US_PORT"'"}}'
+admin CreateRegion '{"region":{"name":"eu-west","zones":["eu-west-1a","eu-west-1b"],"failover":["us-east"],"edge_address":"127.0.0.1:'"$EDGE_EU_MESH_PORT"'"}}'
+admin CreateRegion '{"region":{"name":"us-east","zones":["us-east-1a"],"failover":["eu-west"],"edge_address":"127.0.0.1:'"$EDGE_US_MESH_PORT"'"}}'
 admin CreateModel '{"model":{"name":"meta-llama/Llama-3.1-8B-Instruct","aliases":["llama-8b"],"routing_policy":"LEAST_OUTSTANDING","cache_policy":{"enabled":true,"ttl_seconds":600},"description":"Llama 3.1 8B on vLLM"}}'
 admin CreateModel '{"model":{"name":"Qwen/Qwen2.5-7B-Instruct","aliases":["qwen-7b"],"routing_policy":"ROUND_ROBIN","description":"Qwen 2.5 7B on SGLang"}}'
 # Autoscaled: 2 waiting requests per replica at most; at night (00:00-08:00
@@ -177,10 +180,12 @@ edge_tls() {
 echo "starting edges: eu-west on https://127.0.0.1:$EDGE_EU_PORT, us-east on http://127.0.0.1:$EDGE_US_PORT"
 edge_tls eu-west
 start edge-eu-west "$bin/infermesh-edge" --listen "127.0.0.1:$EDGE_EU_PORT" --region eu-west \
-  --node-id edge-eu-west-0 --metrics-listen "127.0.0.1:$((CP_METRICS_PORT + 1))" "${edge_flags[@]}" --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem"
+  --node-id edge-eu-west-0 --metrics-listen "127.0.0.1:$((CP_METRICS_PORT + 1))" \
+  --mesh-listen "127.0.0.1:$EDGE_EU_MESH_PORT" "${edge_flags[@]}" --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem"
 edge_tls us-east
 start edge-us-east "$bin/infermesh-edge" --listen "127.0.0.1:$EDGE_US_PORT" --region us-east \
-  --node-id edge-us-east-0 --metrics-listen "127.0.0.1:$((CP_METRICS_PORT + 2))" "${edge_flags[@]}"
+  --node-id edge-us-east-0 --metrics-listen "127.0.0.1:$((CP_METRICS_PORT + 2))" \
+  --mesh-listen "127.0.0.1:$EDGE_US_MESH_PORT" "${edge_flags[@]}"
 
 chat='{"model":"llama-8b","messages":[{"role":"user","content":"Hello, infermesh!"}],"max_tokens":12}'
 for url in "https://127.0.0.1:$EDGE_EU_PORT" "http://127.0.0.1:$EDGE_US_PORT"; do

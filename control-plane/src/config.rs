@@ -303,16 +303,23 @@ impl Config {
     }
 
     /// TLS to etcd, when --etcd-ca is given; files are read and checked now.
-    pub fn etcd_tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+    pub fn etcd_tls(&self) -> Result<Option<crate::store::EtcdTlsFiles>, String> {
         let pair = match (&self.etcd_cert, &self.etcd_key) {
-            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
             (None, None) => None,
             _ => return Err("--etcd-cert and --etcd-key must be given together".into()),
         };
         match (&self.etcd_ca, pair) {
-            (Some(ca), pair) => infermesh_runtime::tls::client_config(ca, pair)
-                .map(Some)
-                .map_err(|e| format!("--etcd-ca/--etcd-cert: {e}")),
+            (Some(ca), pair) => {
+                let pair_paths = pair.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+                // Read once now so that a bad file stops the process at start.
+                infermesh_runtime::tls::client_config(ca, pair_paths)
+                    .map_err(|e| format!("--etcd-ca/--etcd-cert: {e}"))?;
+                Ok(Some(crate::store::EtcdTlsFiles {
+                    ca: ca.clone(),
+                    pair,
+                }))
+            }
             (None, Some(_)) => Err("--etcd-cert needs --etcd-ca".into()),
             (None, None) => Ok(None),
         }

@@ -10,6 +10,13 @@
 //!   revision, so two control-plane replicas cannot both spend the last one.
 //! - It renews before expiry by sending a new CSR over mutual TLS with the
 //!   certificate it holds; the new certificate names the same identity.
+//! - Every certificate issued is recorded under `identities/<identity>`
+//!   (serial and validity, expired ones pruned), so an admin can list them
+//!   and revoke an identity: its serials go into `revocations/<identity>`,
+//!   which every replica's snapshot carries; revoked certificates are
+//!   refused and their streams closed (`auth`), and a sidecar identity's
+//!   endpoint is deleted in the same transaction. The garbage collector
+//!   removes both records once their certificates have expired.
 //!
 //! The CSR's own names are ignored: what a certificate names is decided
 //! here, from the token's scope or the presented identity. Secrets are never
@@ -21,7 +28,9 @@ use std::time::Duration;
 use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
 use infermesh_proto::v1::{
     CreateJoinTokenRequest, CreateJoinTokenResponse, DeleteJoinTokenRequest, DeleteResponse,
-    IssueRequest, IssueResponse, JoinToken, ListJoinTokensRequest, ListJoinTokensResponse,
+    Endpoint, IssueRequest, IssueResponse, IssuedCertificate, IssuedIdentity, JoinToken,
+    ListIssuedIdentitiesRequest, ListIssuedIdentitiesResponse, ListJoinTokensRequest,
+    ListJoinTokensResponse, Revocation, RevokeIdentityRequest, RevokeIdentityResponse,
     identity_service_server::IdentityService,
 };
 use infermesh_runtime::api_key;
@@ -82,6 +91,63 @@ impl IdentityApi {
     }
 
     /// Spends one use of the token whose secret is `secret`; returns it.
+    /// Records the certificate `pem` issued to `identity` (pruning expired
+    /// ones); returns its serial.
+    async fn record(
+        &self,
+        identity: &PeerIdentity,
+        pem: &str,
+        via: String,
+    ) -> Result<String, Status> {
+        let issued = issued_certificate(pem, via)
+            .ok_or_else(|| Status::internal("the issued certificate does not parse"))?;
+        let key = self
+            .store
+            .keys()
+            .object(ObjectKind::IssuedIdentity, &stored_name(identity));
+        for _ in 0..ATTEMPTS {
+            let kv = self
+                .store
+                .get(&key)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let (mut record, compare) = match &kv {
+                Some(kv) => (
+                    decode::<IssuedIdentity>(kv).map_err(|e| Status::internal(e.to_string()))?,
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                ),
+                None => (
+                    IssuedIdentity {
+                        identity: identity.to_string(),
+                        ..Default::default()
+                    },
+                    Compare::version(key.clone(), CompareOp::Equal, 0),
+                ),
+            };
+            let now = now_unix_ms();
+            record.certificates.retain(|c| c.not_after_unix_ms > now);
+            record.certificates.push(issued.clone());
+            record.revision = 0;
+            let ops = vec![TxnOp::put(
+                key.clone(),
+                record.encode_to_vec(),
+                None::<PutOptions>,
+            )];
+            if self
+                .store
+                .guarded(vec![compare], ops)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+                .is_some()
+            {
+                return Ok(issued.serial);
+            }
+        }
+        Err(Status::aborted(
+            "the record of issued certificates kept changing; retry",
+        ))
+    }
+
     async fn spend(&self, secret: &str) -> Result<JoinToken, Status> {
         let refused = || Status::unauthenticated("join token not recognised");
         let id = claimed_id(secret).ok_or_else(refused)?;
@@ -140,6 +206,41 @@ fn claimed_id(secret: &str) -> Option<&str> {
 }
 
 /// `token` without its hash, for answers.
+/// The name an identity's records are stored under: its path with `~`
+/// for `/` (`sidecar~eu-west~llama-eu~vllm-0`).
+pub fn stored_name(identity: &PeerIdentity) -> String {
+    identity.to_string().replace('/', "~")
+}
+
+/// Serial and validity of the certificate in `pem`.
+fn issued_certificate(pem: &str, via: String) -> Option<IssuedCertificate> {
+    let (serial, not_before_unix_ms, not_after_unix_ms) =
+        infermesh_runtime::tls::identity::serial_and_validity(pem)?;
+    Some(IssuedCertificate {
+        serial,
+        not_before_unix_ms,
+        not_after_unix_ms,
+        via,
+    })
+}
+
+/// `identity` as given to the admin API: `sidecar/<region>/<pool>/<endpoint>`,
+/// `edge/<region>`, with or without `spiffe://infermesh/`.
+fn parse_identity(identity: &str) -> Result<PeerIdentity, Status> {
+    let path = identity
+        .strip_prefix("spiffe://infermesh/")
+        .unwrap_or(identity);
+    let parsed: PeerIdentity = format!("spiffe://infermesh/{path}")
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("identity: {identity:?}: {e}")))?;
+    if parsed.role == PeerRole::Admin {
+        return Err(Status::invalid_argument(
+            "identity: admin identities are not issued by the control plane",
+        ));
+    }
+    Ok(parsed)
+}
+
 fn redacted(mut token: JoinToken) -> JoinToken {
     token.secret_sha256.clear();
     token
@@ -289,17 +390,21 @@ impl IdentityService for IdentityApi {
             ));
         };
         let peer = peer_identity(&request);
+        let presented = Authorizer::presented(&request);
         let r = request.into_inner();
         if r.csr_pem.len() > 16 * 1024 {
             return Err(Status::invalid_argument("csr_pem: larger than 16 KiB"));
         }
+        let via;
         let identity = if r.join_token.is_empty() {
+            via = "renewal".to_string();
             // Renewal: the identity of the certificate presented now.
             let peer = peer.ok_or_else(|| {
                 Status::unauthenticated(
                     "renewing needs the current certificate (mutual TLS), or a join_token",
                 )
             })?;
+            self.auth.not_revoked(presented.as_ref())?;
             match (peer.role, &peer.scope) {
                 (PeerRole::Edge, _) | (PeerRole::Sidecar, Some(_)) => peer,
                 _ => {
@@ -311,6 +416,7 @@ impl IdentityService for IdentityApi {
             }
         } else {
             let token = self.spend(&r.join_token).await?;
+            via = format!("token:{}", token.id);
             let identity = Self::identity_for(&token, &r.endpoint_id)?;
             tracing::info!(token = %token.id, uses_left = token.uses_left, identity = %identity.uri(), "join token used");
             identity
@@ -321,13 +427,166 @@ impl IdentityService for IdentityApi {
         let not_after_unix_ms = not_after
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        tracing::info!(identity = %identity.uri(), ttl = ?self.ttl, "certificate issued");
+        let serial = self.record(&identity, &certificate_pem, via).await?;
+        tracing::info!(identity = %identity.uri(), %serial, ttl = ?self.ttl, "certificate issued");
         Ok(Response::new(IssueResponse {
             certificate_pem,
             ca_pem: ca.cert_pem().to_string(),
             identity: identity.uri(),
             not_after_unix_ms,
         }))
+    }
+
+    async fn list_issued_identities(
+        &self,
+        request: Request<ListIssuedIdentitiesRequest>,
+    ) -> Result<Response<ListIssuedIdentitiesResponse>, Status> {
+        self.auth.admin(&request)?;
+        let prefix = request.into_inner().prefix;
+        let matches = |identity: &str| identity.starts_with(&prefix);
+        let keys = self.store.keys();
+        let read = |kind| async move {
+            self.store
+                .get_prefix(&keys.dir(kind))
+                .await
+                .map(|(kvs, _)| kvs)
+                .map_err(|e| Status::unavailable(e.to_string()))
+        };
+        let now = now_unix_ms();
+        let mut identities = Vec::new();
+        for kv in read(ObjectKind::IssuedIdentity).await? {
+            let mut record =
+                decode::<IssuedIdentity>(&kv).map_err(|e| Status::internal(e.to_string()))?;
+            record.certificates.retain(|c| c.not_after_unix_ms > now);
+            if matches(&record.identity) && !record.certificates.is_empty() {
+                record.revision = kv.mod_revision();
+                identities.push(record);
+            }
+        }
+        let mut revocations = Vec::new();
+        for kv in read(ObjectKind::Revocation).await? {
+            let mut revocation =
+                decode::<Revocation>(&kv).map_err(|e| Status::internal(e.to_string()))?;
+            if matches(&revocation.identity) {
+                revocation.revision = kv.mod_revision();
+                revocations.push(revocation);
+            }
+        }
+        Ok(Response::new(ListIssuedIdentitiesResponse {
+            identities,
+            revocations,
+        }))
+    }
+
+    async fn revoke_identity(
+        &self,
+        request: Request<RevokeIdentityRequest>,
+    ) -> Result<Response<RevokeIdentityResponse>, Status> {
+        let caller = self.auth.admin(&request)?;
+        let identity = parse_identity(&request.into_inner().identity)?;
+        let name = stored_name(&identity);
+        let keys = self.store.keys();
+        let issued_key = keys.object(ObjectKind::IssuedIdentity, &name);
+        let revocation_key = keys.object(ObjectKind::Revocation, &name);
+        let unavailable = |e: crate::store::StoreError| Status::unavailable(e.to_string());
+        for _ in 0..ATTEMPTS {
+            let issued = self.store.get(&issued_key).await.map_err(unavailable)?;
+            let earlier = self.store.get(&revocation_key).await.map_err(unavailable)?;
+            let mut compares = vec![match &issued {
+                Some(kv) => {
+                    Compare::mod_revision(issued_key.clone(), CompareOp::Equal, kv.mod_revision())
+                }
+                None => Compare::version(issued_key.clone(), CompareOp::Equal, 0),
+            }];
+            let now = now_unix_ms();
+            let mut revocation = match &earlier {
+                Some(kv) => {
+                    decode::<Revocation>(kv).map_err(|e| Status::internal(e.to_string()))?
+                }
+                None => Revocation {
+                    identity: identity.to_string(),
+                    ..Default::default()
+                },
+            };
+            compares.push(match &earlier {
+                Some(kv) => Compare::mod_revision(
+                    revocation_key.clone(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                ),
+                None => Compare::version(revocation_key.clone(), CompareOp::Equal, 0),
+            });
+            let certificates = match &issued {
+                Some(kv) => {
+                    decode::<IssuedIdentity>(kv)
+                        .map_err(|e| Status::internal(e.to_string()))?
+                        .certificates
+                }
+                None => Vec::new(),
+            };
+            let valid: Vec<_> = certificates
+                .into_iter()
+                .filter(|c| c.not_after_unix_ms > now)
+                .collect();
+            if valid.is_empty() {
+                return Err(Status::not_found(format!(
+                    "no certificate issued to {identity} is still valid",
+                )));
+            }
+            for certificate in &valid {
+                if !revocation.serials.contains(&certificate.serial) {
+                    revocation.serials.push(certificate.serial.clone());
+                }
+                revocation.expires_at_unix_ms = revocation
+                    .expires_at_unix_ms
+                    .max(certificate.not_after_unix_ms);
+            }
+            revocation.revoked_at_unix_ms = now;
+            revocation.revoked_by = caller.to_string();
+            revocation.revision = 0;
+            let mut ops = vec![
+                TxnOp::put(
+                    revocation_key.clone(),
+                    revocation.encode_to_vec(),
+                    None::<PutOptions>,
+                ),
+                TxnOp::delete(issued_key.clone(), None),
+            ];
+            // A sidecar identity's own endpoint, if it is registered where the identity says.
+            let mut removed = Vec::new();
+            if let (PeerRole::Sidecar, Some(scope)) = (identity.role, &identity.scope) {
+                let endpoint_key = keys.object(ObjectKind::Endpoint, &identity.name);
+                if let Some(kv) = self.store.get(&endpoint_key).await.map_err(unavailable)? {
+                    let endpoint =
+                        decode::<Endpoint>(&kv).map_err(|e| Status::internal(e.to_string()))?;
+                    if endpoint.pool == scope.pool && endpoint.region == scope.region {
+                        compares.push(Compare::mod_revision(
+                            endpoint_key.clone(),
+                            CompareOp::Equal,
+                            kv.mod_revision(),
+                        ));
+                        ops.push(TxnOp::delete(endpoint_key, None));
+                        removed.push(identity.name.clone());
+                    }
+                }
+            }
+            if let Some(revision) = self
+                .store
+                .guarded(compares, ops)
+                .await
+                .map_err(unavailable)?
+            {
+                revocation.revision = revision;
+                tracing::warn!(identity = %identity, serials = revocation.serials.len(), endpoints_removed = ?removed, %caller, "identity revoked");
+                return Ok(Response::new(RevokeIdentityResponse {
+                    revocation: Some(revocation),
+                    endpoints_removed: removed,
+                }));
+            }
+        }
+        Err(Status::aborted(
+            "the identity's records kept changing; retry",
+        ))
     }
 }
 

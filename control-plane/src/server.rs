@@ -63,12 +63,6 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key/--tls-client-ca: {e}"))?,
         ),
     };
-    let authorizer = Arc::new(
-        Authorizer::new(tls.is_some(), admin_tokens).with_registrations(RegistrationPolicy::new(
-            config.allow_unbound_sidecars,
-            config.registrations_per_minute,
-        )),
-    );
     let registry = infermesh_runtime::metrics::registry(&[]);
     let metrics = Arc::new(ControlPlaneMetrics::register(&registry)?);
     let (_, metrics_task) =
@@ -76,12 +70,13 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             .await
             .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", config.metrics_listen))?;
     tracing::info!(etcd = ?config.etcd_endpoints, "connecting to etcd");
+    let etcd_tls = config.etcd_tls().map_err(anyhow::Error::msg)?;
     let store = tokio::time::timeout(
         Duration::from_secs(10),
         Store::connect(
             &config.etcd_endpoints,
             &config.etcd_prefix,
-            config.etcd_tls().map_err(anyhow::Error::msg)?,
+            etcd_tls.as_ref(),
         ),
     )
     .await
@@ -98,12 +93,31 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     let lease_store = Store::connect(
         &config.etcd_endpoints,
         &config.etcd_prefix,
-        config.etcd_tls().map_err(anyhow::Error::msg)?,
+        etcd_tls.as_ref(),
     )
     .await?
     .with_metrics(metrics.clone());
+    // A renewed etcd client certificate is used from its next call on.
+    if let Some(files) = etcd_tls {
+        for store in [&store, &lease_store] {
+            store.reconnect_on_change(
+                config.etcd_endpoints.clone(),
+                files.clone(),
+                tls::server::DEFAULT_RELOAD_INTERVAL,
+                cancel.clone(),
+            );
+        }
+    }
     let (snapshots, watcher) =
         snapshot::spawn_watcher(store.clone(), metrics.clone(), cancel.clone());
+    let authorizer = Arc::new(
+        Authorizer::new(tls.is_some(), admin_tokens)
+            .with_registrations(RegistrationPolicy::new(
+                config.allow_unbound_sidecars,
+                config.registrations_per_minute,
+            ))
+            .with_revocations(snapshots.clone()),
+    );
     let reclaim = tokio::spawn(crate::reclaim::hold_existing_leases(
         store.clone(),
         Duration::from_millis(u64::from(config.report_interval_ms)).max(Duration::from_millis(500)),

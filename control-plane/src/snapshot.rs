@@ -13,15 +13,16 @@ use std::sync::Arc;
 use etcd_client::{EventType, KeyValue, WatchOptions};
 use futures_util::StreamExt;
 use imbl::OrdMap;
-use infermesh_proto::v1::{ApiKey, Endpoint, Model, Pool, Region, Tenant};
+use infermesh_proto::v1::{ApiKey, Endpoint, Model, Pool, Region, Revocation, Tenant};
 use infermesh_runtime::backoff::Backoff;
+use infermesh_runtime::tls::PeerIdentity;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ControlPlaneMetrics;
 use crate::store::objects::{Object, stored};
-use crate::store::{Keys, ObjectKind, Store, StoreError};
+use crate::store::{Keys, ObjectKind, Store, StoreError, decode};
 use crate::watch_stall::{StallDetector, Verdict};
 
 /// How often etcd's newest revision under the prefix is read.
@@ -46,6 +47,8 @@ pub struct Snapshot {
     pub tenants: OrdMap<String, Tenant>,
     /// API keys by id, revoked ones included.
     pub api_keys: OrdMap<String, ApiKey>,
+    /// Revoked identities by stored name (`identity::stored_name`).
+    pub revocations: OrdMap<String, Revocation>,
 }
 
 fn upsert<T: Object + Clone>(map: &mut OrdMap<String, T>, kv: &KeyValue) {
@@ -63,6 +66,13 @@ impl Snapshot {
         self.revision > 0
     }
 
+    /// Whether the certificate `serial` of `identity` has been revoked.
+    pub fn is_revoked(&self, identity: &PeerIdentity, serial: &str) -> bool {
+        self.revocations
+            .get(&crate::identity::stored_name(identity))
+            .is_some_and(|revocation| revocation.serials.iter().any(|s| s == serial))
+    }
+
     fn put(&mut self, keys: &Keys, kv: &KeyValue) {
         let Ok(key) = kv.key_str() else { return };
         match keys.parse(key) {
@@ -72,6 +82,12 @@ impl Snapshot {
             Some((ObjectKind::Endpoint, _)) => upsert(&mut self.endpoints, kv),
             Some((ObjectKind::Tenant, _)) => upsert(&mut self.tenants, kv),
             Some((ObjectKind::ApiKey, _)) => upsert(&mut self.api_keys, kv),
+            Some((ObjectKind::Revocation, name)) => match decode::<Revocation>(kv) {
+                Ok(revocation) => {
+                    self.revocations.insert(name.to_string(), revocation);
+                }
+                Err(error) => tracing::error!(%error, "skipping undecodable revocation"),
+            },
             Some(_) | None => {}
         }
     }
@@ -85,6 +101,7 @@ impl Snapshot {
             Some((ObjectKind::Endpoint, id)) => drop(self.endpoints.remove(id)),
             Some((ObjectKind::Tenant, name)) => drop(self.tenants.remove(name)),
             Some((ObjectKind::ApiKey, id)) => drop(self.api_keys.remove(id)),
+            Some((ObjectKind::Revocation, name)) => drop(self.revocations.remove(name)),
             Some(_) | None => {}
         }
     }

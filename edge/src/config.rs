@@ -29,6 +29,13 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
+    /// Address of the mesh listener, for peer edges' spillover: HTTPS with
+    /// this edge's identity (--control-plane-cert or --identity-dir), only
+    /// clients with an edge certificate from the mesh CA (others: 403).
+    /// Point the region's `edge_address` here. Unset: no mesh listener.
+    #[arg(long, env = "INFERMESH_MESH_LISTEN")]
+    pub mesh_listen: Option<SocketAddr>,
+
     /// Address of the Prometheus metrics listener (GET /metrics).
     #[arg(long, env = "INFERMESH_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: SocketAddr,
@@ -247,6 +254,11 @@ impl Config {
         }
         self.control_plane_tls.client()?;
         self.enroll.check(&self.control_plane_tls)?;
+        if self.mesh_listen.is_some() && self.enroll.identity_dir.is_none() {
+            self.control_plane_tls
+                .identity_files()
+                .map_err(|e| format!("--mesh-listen: {e}"))?;
+        }
         if self.upstream_tls == MeshTls::Mutual && self.enroll.identity_dir.is_none() {
             self.control_plane_tls
                 .identity_files()

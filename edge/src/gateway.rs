@@ -508,7 +508,7 @@ impl Gateway {
                 id: format!("edge/{}", peer.region),
                 pool: String::new(),
                 authority: peer.authority.clone(),
-                mesh_authority: None,
+                mesh_authority: peer.mesh_authority.clone(),
                 in_flight: Arc::default(),
                 health: Arc::default(),
                 load: Arc::default(),

@@ -21,6 +21,7 @@ use crate::gateway::{Gateway, Resilience};
 use crate::health::{EjectionPolicy, RetryBudget};
 use crate::layers::auth::AuthLayer;
 use crate::layers::auth_failures::AuthFailures;
+use crate::layers::edges_only::EdgesOnly;
 use crate::metrics::{EdgeMetrics, Observer};
 use crate::quota::Limiter;
 use crate::stack;
@@ -172,11 +173,49 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
         }
         _ => None,
     };
+    let mesh = match config.mesh_listen {
+        Some(address) => {
+            let (ca, cert, key) = config
+                .control_plane_tls
+                .identity_files()
+                .map_err(|e| anyhow::anyhow!("--mesh-listen: {e}"))?;
+            let tls = tls::server_config(
+                &cert,
+                &key,
+                Some(&ca),
+                ClientAuth::Required,
+                HTTP_ALPN,
+                tls::server::DEFAULT_RELOAD_INTERVAL,
+                cancel.child_token(),
+            )
+            .map_err(|e| anyhow::anyhow!("--mesh-listen: {e}"))?;
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| anyhow::anyhow!("--mesh-listen {address}: {e}"))?;
+            tracing::info!(listen = %listener.local_addr()?, "mesh listener serving peer edges (mutual TLS)");
+            let options = ServeOptions {
+                tls: Some(tls.acceptor()),
+                ..options.clone()
+            };
+            let serving = tokio::spawn(infermesh_runtime::http::serve(
+                listener,
+                EdgesOnly(service.clone()),
+                cancel.clone(),
+                options,
+            ));
+            Some((serving, tls))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(listen = %listener.local_addr()?, %scheme, region = %config.region, node = %node_id, "edge serving");
     infermesh_runtime::http::serve(listener, service, cancel.clone(), options).await;
     cancel.cancel();
+    if let Some((serving, tls)) = mesh {
+        let _ = serving.await;
+        tls.watcher.stop().await;
+    }
     if let Some(tls) = tls {
         tls.watcher.stop().await;
     }

@@ -28,6 +28,8 @@ pub struct Edge {
     pub url: String,
     /// Its Prometheus endpoint, `http://127.0.0.1:PORT/metrics`.
     pub metrics_url: String,
+    /// Its mesh listener (`host:port`), where peer edges spill over.
+    pub mesh_address: String,
     /// The process.
     pub process: Process,
 }
@@ -270,11 +272,14 @@ impl Mesh {
     pub async fn start_edge_as(&self, region: &str, identity: Vec<String>, extra: &[&str]) -> Edge {
         let port = free_port();
         let metrics_port = free_port();
+        let mesh_address = format!("127.0.0.1:{}", free_port());
         let mut args: Vec<String> = [
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--metrics-listen",
             &format!("127.0.0.1:{metrics_port}"),
+            "--mesh-listen",
+            &mesh_address,
             "--region",
             region,
             "--node-id",
@@ -320,6 +325,7 @@ impl Mesh {
         Edge {
             url,
             metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
+            mesh_address,
             process,
         }
     }

@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use infermesh_integration_tests::mesh::Mesh;
+use infermesh_integration_tests::mesh::{Mesh, Sidecar};
+use infermesh_integration_tests::process::Process;
 use infermesh_integration_tests::wait;
 use infermesh_runtime::enroll;
 use rustls::pki_types::pem::PemObject;
@@ -48,21 +49,52 @@ fn issued_at(dir: &Path) -> Option<SystemTime> {
     enroll::held(&dir.join(enroll::IDENTITY_FILE)).map(|held| held.not_before)
 }
 
-#[tokio::test]
-async fn edges_and_sidecars_renew_sixty_second_identities_under_streaming_traffic() {
+/// A mesh whose control plane is the CA (`--identity-ttl` when given),
+/// with pool `llama-eu` registered.
+async fn issuing_mesh(ttl: Option<&str>) -> Mesh {
     let mut mesh = Mesh::start().await;
-    let ca = [
+    let mut flags = vec![
         "--ca-cert".to_string(),
         mesh.pki.ca_cert.to_str().unwrap().into(),
         "--ca-key".into(),
         mesh.pki.ca_key.to_str().unwrap().into(),
-        "--identity-ttl".into(),
-        "60s".into(),
     ];
-    mesh.control_plane_extra.extend(ca);
+    if let Some(ttl) = ttl {
+        flags.extend(["--identity-ttl".into(), ttl.into()]);
+    }
+    mesh.control_plane_extra.extend(flags);
     mesh.kill_control_plane().await;
     mesh.start_control_plane().await;
     mesh.register("eu-west", "llama", "llama-eu").await;
+    mesh
+}
+
+/// Engine `llama-0` (with `engine_flags`) and its sidecar, which starts with
+/// only `token`; returns them and the sidecar's identity directory.
+async fn enrolled_replica(
+    mesh: &Mesh,
+    engine_flags: &[&str],
+    token: &Path,
+) -> (Sidecar, Process, PathBuf) {
+    let (engine_url, engine) = mesh.start_engine("llama-0", "llama", engine_flags).await;
+    let dir = mesh.dir.path().join("identity-llama-0");
+    let sidecar = mesh
+        .start_sidecar_as(
+            "llama-0",
+            "llama-eu",
+            "llama",
+            "eu-west",
+            &engine_url,
+            None,
+            identity_flags(mesh, &dir, token),
+        )
+        .await;
+    (sidecar, engine, dir)
+}
+
+#[tokio::test]
+async fn edges_and_sidecars_renew_sixty_second_identities_under_streaming_traffic() {
+    let mesh = issuing_mesh(Some("60s")).await;
 
     let edge_token = join_token(&mesh, "edge", json!({"role": "edge", "region": "eu-west"})).await;
     let sidecar_token = join_token(
@@ -82,21 +114,8 @@ async fn edges_and_sidecars_renew_sixty_second_identities_under_streaming_traffi
     );
     assert!(listed.contains("llama-eu"), "{listed}");
 
-    let (engine_url, _engine) = mesh
-        .start_engine("llama-0", "llama", &["--decode-ms-per-token", "5"])
-        .await;
-    let sidecar_dir = mesh.dir.path().join("identity-sidecar");
-    let sidecar = mesh
-        .start_sidecar_as(
-            "llama-0",
-            "llama-eu",
-            "llama",
-            "eu-west",
-            &engine_url,
-            None,
-            identity_flags(&mesh, &sidecar_dir, &sidecar_token),
-        )
-        .await;
+    let (sidecar, _engine, sidecar_dir) =
+        enrolled_replica(&mesh, &["--decode-ms-per-token", "5"], &sidecar_token).await;
     let edge_dir = mesh.dir.path().join("identity-edge");
     let edge = mesh
         .start_edge_as(
@@ -217,4 +236,143 @@ async fn edges_and_sidecars_renew_sixty_second_identities_under_streaming_traffi
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_revoked_sidecar_identity_loses_its_streams_and_its_endpoint() {
+    let mesh = issuing_mesh(None).await;
+    let token = join_token(
+        &mesh,
+        "sidecar",
+        json!({"role": "sidecar", "region": "eu-west", "pool": "llama-eu", "uses": 2}),
+    )
+    .await;
+    let (_sidecar, _engine, _dir) = enrolled_replica(&mesh, &[], &token).await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let body = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]});
+    mesh.wait_until_served(&url, &body).await;
+
+    let call = |method: &'static str, request: Value| {
+        let admin = mesh.admin.clone();
+        async move {
+            admin
+                .raw(
+                    &["-d", &request.to_string()],
+                    &[&format!("infermesh.v1.IdentityService/{method}")],
+                )
+                .await
+                .map(|out| serde_json::from_str::<Value>(&out).expect("JSON reply"))
+        }
+    };
+    let listed = call("ListIssuedIdentities", json!({"prefix": "sidecar/"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["identities"][0]["identity"], "sidecar/eu-west/llama-eu/llama-0",
+        "{listed}"
+    );
+    let serial = listed["identities"][0]["certificates"][0]["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        listed["identities"][0]["certificates"][0]["via"]
+            .as_str()
+            .unwrap()
+            .starts_with("token:"),
+        "{listed}"
+    );
+
+    // Bad input is refused by name and changes nothing.
+    let bad = call("RevokeIdentity", json!({"identity": "sidecar/../x"}))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code, "InvalidArgument", "{bad:?}");
+    let unknown = call(
+        "RevokeIdentity",
+        json!({"identity": "sidecar/eu-west/llama-eu/nobody"}),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(unknown.code, "NotFound", "{unknown:?}");
+    let sidecar_cert = mesh.pki.sidecar("eu-west", "llama-eu", "llama-0");
+    let not_admin = mesh
+        .admin
+        .with_identity(sidecar_cert)
+        .raw(
+            &[
+                "-d",
+                &json!({"identity": "sidecar/eu-west/llama-eu/llama-0"}).to_string(),
+            ],
+            &["infermesh.v1.IdentityService/RevokeIdentity"],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(not_admin.code, "PermissionDenied", "{not_admin:?}");
+    assert_eq!(
+        mesh.endpoint_ids("llama-eu").await,
+        vec!["llama-0".to_string()]
+    );
+
+    let revoked = call(
+        "RevokeIdentity",
+        json!({"identity": "spiffe://infermesh/sidecar/eu-west/llama-eu/llama-0"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(revoked["endpointsRemoved"], json!(["llama-0"]), "{revoked}");
+    assert_eq!(
+        revoked["revocation"]["serials"],
+        json!([serial]),
+        "{revoked}"
+    );
+
+    // Its streams are closed, its endpoint is gone and stays gone, and the
+    // edge stops sending to it.
+    let control_plane = mesh.control_plane.as_ref().unwrap();
+    wait::until(
+        "the revoked streams to close",
+        Duration::from_secs(10),
+        || {
+            let log = control_plane.log();
+            async move {
+                (log.matches("closing the stream of a revoked identity")
+                    .count()
+                    >= 2)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    wait::until(
+        "a revoked reconnect to be refused",
+        Duration::from_secs(20),
+        || {
+            let log = control_plane.log();
+            async move { log.contains("was revoked").then_some(()) }
+        },
+    )
+    .await;
+    assert!(mesh.endpoint_ids("llama-eu").await.is_empty());
+    let refused = wait::until(
+        "the edge to drop the replica",
+        Duration::from_secs(10),
+        || async {
+            let reply = mesh.http.post_json(&url, &body).await.ok()?;
+            (reply.status == 503).then_some(reply)
+        },
+    )
+    .await;
+    assert!(
+        refused.text().contains("no_healthy_replica"),
+        "{}",
+        refused.text()
+    );
+    let listed = call("ListIssuedIdentities", json!({})).await.unwrap();
+    assert!(listed.get("identities").is_none(), "{listed}");
+    assert_eq!(
+        listed["revocations"][0]["identity"], "sidecar/eu-west/llama-eu/llama-0",
+        "{listed}"
+    );
 }

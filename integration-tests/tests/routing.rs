@@ -2,19 +2,19 @@
 //! no replica of a model forwards to the next region's edge in its failover
 //! order (and says so), a forwarded request is never forwarded again, and a
 //! model with no replica reachable is served by its fallback (and says so).
+//! Edges reach each other over mutual TLS on their mesh listeners.
 
 use std::time::Duration;
 
-use infermesh_integration_tests::client::Reply;
+use infermesh_integration_tests::client::{Http, Reply};
 use infermesh_integration_tests::mesh::{Edge, Mesh};
 use infermesh_integration_tests::wait;
+use infermesh_runtime::tls::mesh::{MeshClientTls, expected_authority};
+use infermesh_runtime::tls::{PeerIdentity, PeerRole};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn address(edge: &Edge) -> String {
-    edge.url.trim_start_matches("http://").to_string()
-}
 
 /// Sets `region`'s failover order and edge address through UpdateRegion.
 async fn set_region(mesh: &Mesh, region: &str, failover: &[&str], edge: &Edge) {
@@ -24,7 +24,7 @@ async fn set_region(mesh: &Mesh, region: &str, failover: &[&str], edge: &Edge) {
         .expect("region exists");
     let mut updated = current.clone();
     updated["failover"] = json!(failover);
-    updated["edgeAddress"] = json!(address(edge));
+    updated["edgeAddress"] = json!(edge.mesh_address);
     mesh.admin("UpdateRegion", json!({"region": updated}))
         .await
         .expect("update region");
@@ -96,6 +96,42 @@ async fn a_region_without_replicas_spills_over_once_and_falls_back_by_policy() {
     .await;
     assert_eq!(header(&reply, "x-infermesh-spillover"), Some("us-east"));
     assert_eq!(reply.json()["model"], "llama");
+
+    // The spillover went over mutual TLS to us-east's mesh listener, which
+    // takes no plaintext and no identity but an edge's.
+    let plaintext = Http::new()
+        .get(&format!("http://{}/v1/models", us.mesh_address))
+        .await;
+    assert!(plaintext.is_err(), "{:?}", plaintext.map(|r| r.status));
+    let sidecar = mesh.pki.sidecar("us-east", "llama-us", "llama-us-0");
+    let as_sidecar = MeshClientTls::new(
+        &mesh.pki.ca_cert,
+        &sidecar.cert,
+        &sidecar.key,
+        Duration::from_secs(2),
+        CancellationToken::new(),
+    )
+    .unwrap();
+    let us_edge = PeerIdentity::new(PeerRole::Edge, "us-east").unwrap();
+    let mesh_url = format!(
+        "https://{}/v1/chat/completions",
+        expected_authority(&us_edge, &us.mesh_address)
+    );
+    let body = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]});
+    let refused = Http::with_key(&mesh.api_key)
+        .with_identity(&as_sidecar)
+        .post_json(&mesh_url, &body)
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert_eq!(refused.json()["error"]["code"], "edge_identity_required");
+    let served = mesh.http.post_json(&mesh_url, &body).await.unwrap();
+    assert_eq!(
+        served.status,
+        200,
+        "an edge identity is served: {}",
+        served.text()
+    );
 
     // Nobody serves orphan: eu-west forwards once, us-east does not forward back.
     let before = answered(&mesh, &us, "orphan").await;

@@ -210,6 +210,11 @@ impl tower::Service<Request<RequestBody>> for EngineProxy {
                     if let Some(metrics) = &proxy.metrics {
                         metrics.refused_caller();
                     }
+                    infermesh_runtime::http::discard_body(
+                        request.into_body(),
+                        infermesh_runtime::http::DISCARD_LIMIT,
+                    )
+                    .await;
                     json_response(
                         StatusCode::FORBIDDEN,
                         json!({"error": {"message": format!("only edges may send requests to a replica (caller: {who})"), "type": "permission_error", "param": null, "code": "edge_identity_required"}}),

@@ -116,6 +116,7 @@ impl DiscoveryService for Discovery {
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let peer = peer_identity(&request);
+        let presented = Authorizer::presented(&request);
         let mut inbound = request.into_inner();
         let hello = match first_message(&mut inbound, "hello").await?.kind {
             Some(subscribe_request::Kind::Hello(hello)) => hello,
@@ -126,6 +127,11 @@ impl DiscoveryService for Discovery {
             tracing::warn!(node = %hello.node_id, ?role, region = %hello.region, peer = ?peer.as_ref().map(|p| p.uri()), reason = %status.message(), "subscriber refused");
             return Err(status);
         }
+        if let Err(status) = self.auth.not_revoked(presented.as_ref()) {
+            tracing::warn!(node = %hello.node_id, reason = %status.message(), "subscriber refused");
+            return Err(status);
+        }
+        let revoked = Box::pin(self.auth.until_revoked(presented));
         let (tx, rx) = mpsc::channel(4);
         let session = Session {
             role,
@@ -138,7 +144,7 @@ impl DiscoveryService for Discovery {
             demand: self.demand.clone(),
             tx,
         };
-        tokio::spawn(session.run(inbound, self.cancel.clone()));
+        tokio::spawn(session.run(inbound, revoked, self.cancel.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -232,7 +238,12 @@ fn content(table: &RoutingTable) -> Vec<u8> {
 }
 
 impl Session {
-    async fn run(mut self, mut inbound: Streaming<SubscribeRequest>, cancel: CancellationToken) {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<SubscribeRequest>,
+        mut revoked: std::pin::Pin<Box<dyn std::future::Future<Output = Status> + Send>>,
+        cancel: CancellationToken,
+    ) {
         let node = self.hello.node_id.clone();
         let _counted = self.metrics.subscriber(self.role, &self.hello.region);
         tracing::info!(%node, role = ?self.role, region = %self.hello.region, held = self.hello.version_held, "subscriber connected");
@@ -288,6 +299,11 @@ impl Session {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.tx.closed() => break,
+                status = &mut revoked => {
+                    tracing::warn!(%node, reason = %status.message(), "closing the stream of a revoked identity");
+                    let _ = self.tx.send(Err(status)).await;
+                    break;
+                }
                 changed = self.snapshots.changed() => if changed.is_err() { break },
                 Some(quotas) = grants.recv() => {
                     // Grants only make sense against a table the edge holds.

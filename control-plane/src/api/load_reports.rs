@@ -127,11 +127,17 @@ impl LoadReportService for LoadReports {
         request: Request<Streaming<LoadReportRequest>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
         let peer = peer_identity(&request);
+        let presented = Authorizer::presented(&request);
         let remote = request.remote_addr().map(|a| a.ip());
         if let Err(status) = self.auth.reporter(peer.as_ref()) {
             tracing::warn!(peer = ?peer.as_ref().map(|p| p.uri()), reason = %status.message(), "load reporter refused");
             return Err(status);
         }
+        if let Err(status) = self.auth.not_revoked(presented.as_ref()) {
+            tracing::warn!(peer = ?peer.as_ref().map(|p| p.uri()), reason = %status.message(), "load reporter refused");
+            return Err(status);
+        }
+        let revoked = Box::pin(self.auth.until_revoked(presented));
         let mut inbound = request.into_inner();
         let register = match first_message(&mut inbound, "register").await?.kind {
             Some(load_report_request::Kind::Register(register)) => register,
@@ -185,7 +191,7 @@ impl LoadReportService for LoadReports {
             lease,
             tx,
         };
-        tokio::spawn(session.run(inbound, leases, self.cancel.clone()));
+        tokio::spawn(session.run(inbound, leases, revoked, self.cancel.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -207,6 +213,8 @@ enum End {
     Shutdown,
     /// The lease could not be kept: tell the sidecar to register again.
     LeaseLost(String),
+    /// The sidecar's certificate was revoked: remove the endpoint, end the stream.
+    Revoked(Status),
 }
 
 impl Session {
@@ -214,11 +222,13 @@ impl Session {
         mut self,
         mut inbound: Streaming<LoadReportRequest>,
         mut leases: watch::Receiver<Option<i64>>,
+        mut revoked: std::pin::Pin<Box<dyn std::future::Future<Output = Status> + Send>>,
         cancel: CancellationToken,
     ) {
         let end = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break End::Shutdown,
+                status = &mut revoked => break End::Revoked(status),
                 _ = self.tx.closed() => break End::SidecarGone,
                 changed = leases.changed() => {
                     if changed.is_err() {
@@ -251,6 +261,14 @@ impl Session {
                 if let Err(error) = self.store.delete_endpoint(id, self.lease).await {
                     tracing::warn!(endpoint = %id, %error, "endpoint not deleted; it expires with this replica's lease");
                 }
+            }
+            End::Revoked(status) => {
+                tracing::warn!(endpoint = %id, reason = %status.message(), "closing the stream of a revoked identity; removing endpoint");
+                self.loads.remove(id);
+                if let Err(error) = self.store.delete_endpoint(id, self.lease).await {
+                    tracing::warn!(endpoint = %id, %error, "endpoint not deleted; it expires with this replica's lease");
+                }
+                let _ = self.tx.send(Err(status)).await;
             }
             End::LeaseLost(reason) => {
                 tracing::warn!(endpoint = %id, %reason, "endpoint lease lost; asking the sidecar to register again");

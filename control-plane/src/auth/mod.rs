@@ -12,6 +12,8 @@
 //!
 //! - Registrations: a sidecar may register only the endpoint its
 //!   certificate names, at its own address (`registration`).
+//! - Revoked certificates (`IdentityService/RevokeIdentity`) are refused,
+//!   and streams opened with one end when it is revoked (`until_revoked`).
 //!
 //! Health and reflection stay open: probes and `grpcurl describe` need them,
 //! and they reveal no data.
@@ -26,7 +28,10 @@ pub use registration::RegistrationPolicy;
 
 use infermesh_proto::v1::SubscriberRole;
 use infermesh_runtime::admin_token::TokenSet;
-use infermesh_runtime::tls::{PeerIdentity, PeerRole, peer_identity};
+use infermesh_runtime::tls::{PeerIdentity, PeerRole, peer_identity, peer_serial};
+use tokio::sync::watch;
+
+use crate::snapshot::Snapshot;
 use tonic::{Request, Status};
 
 /// How callers are authenticated.
@@ -38,7 +43,12 @@ pub struct Authorizer {
     admin_tokens: TokenSet,
     /// What sidecars may register.
     registrations: Arc<RegistrationPolicy>,
+    /// Snapshots carrying the revocations in force.
+    revocations: Option<watch::Receiver<Arc<Snapshot>>>,
 }
+
+/// The certificate a caller presented: its identity and serial.
+pub type Presented = (PeerIdentity, String);
 
 /// Who made an admin call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +75,50 @@ impl Authorizer {
             mtls,
             admin_tokens,
             registrations: Arc::new(RegistrationPolicy::new(false, 30)),
+            revocations: None,
+        }
+    }
+
+    /// Refuses certificates revoked in `snapshots`.
+    pub fn with_revocations(mut self, snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
+        self.revocations = Some(snapshots);
+        self
+    }
+
+    /// The identity and serial of the certificate on `request`, if any.
+    pub fn presented<T>(request: &Request<T>) -> Option<Presented> {
+        Some((peer_identity(request)?, peer_serial(request)?))
+    }
+
+    /// Refuses a revoked certificate with PERMISSION_DENIED.
+    pub fn not_revoked(&self, presented: Option<&Presented>) -> Result<(), Status> {
+        let (Some(snapshots), Some((identity, serial))) = (&self.revocations, presented) else {
+            return Ok(());
+        };
+        if snapshots.borrow().is_revoked(identity, serial) {
+            return Err(revoked(identity));
+        }
+        Ok(())
+    }
+
+    /// Resolves when the certificate `presented` is revoked; never without one.
+    pub fn until_revoked(
+        &self,
+        presented: Option<Presented>,
+    ) -> impl std::future::Future<Output = Status> + Send + 'static {
+        let snapshots = self.revocations.clone();
+        async move {
+            let (Some(mut snapshots), Some((identity, serial))) = (snapshots, presented) else {
+                return std::future::pending().await;
+            };
+            loop {
+                if snapshots.borrow_and_update().is_revoked(&identity, &serial) {
+                    return revoked(&identity);
+                }
+                if snapshots.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
         }
     }
 
@@ -172,6 +226,10 @@ impl Authorizer {
             None => Err(Status::unauthenticated("admin token not recognised")),
         }
     }
+}
+
+fn revoked(identity: &PeerIdentity) -> Status {
+    Status::permission_denied(format!("the certificate of {} was revoked", identity.uri()))
 }
 
 #[cfg(test)]

@@ -103,6 +103,9 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::Store(StoreError::Lease(e)) => {
                 tonic::Status::unavailable(format!("registry store unavailable: {e}"))
             }
+            RegistryError::Store(e @ StoreError::Tls(_)) => {
+                tonic::Status::unavailable(format!("registry store unavailable: {e}"))
+            }
             RegistryError::Store(e @ StoreError::Decode { .. }) => {
                 tracing::error!(error = %e, "corrupt registry value");
                 tonic::Status::internal(e.to_string())

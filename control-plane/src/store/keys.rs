@@ -42,6 +42,10 @@ pub enum ObjectKind {
     QuotaDigest,
     /// A join token (stored hashed).
     JoinToken,
+    /// The certificates issued to one identity.
+    IssuedIdentity,
+    /// A revoked identity.
+    Revocation,
 }
 
 impl ObjectKind {
@@ -60,6 +64,8 @@ impl ObjectKind {
             ObjectKind::Demand => "demand/",
             ObjectKind::QuotaDigest => "quotas/",
             ObjectKind::JoinToken => "jointokens/",
+            ObjectKind::IssuedIdentity => "identities/",
+            ObjectKind::Revocation => "revocations/",
         }
     }
 
@@ -79,6 +85,8 @@ impl ObjectKind {
             ObjectKind::Demand => "demand record",
             ObjectKind::QuotaDigest => "quota digest",
             ObjectKind::JoinToken => "join token",
+            ObjectKind::IssuedIdentity => "issued identity",
+            ObjectKind::Revocation => "revocation",
         }
     }
 
@@ -96,7 +104,7 @@ impl ObjectKind {
         )
     }
 
-    const ALL: [ObjectKind; 13] = [
+    const ALL: [ObjectKind; 15] = [
         ObjectKind::Model,
         ObjectKind::Pool,
         ObjectKind::Region,
@@ -110,6 +118,8 @@ impl ObjectKind {
         ObjectKind::Demand,
         ObjectKind::QuotaDigest,
         ObjectKind::JoinToken,
+        ObjectKind::IssuedIdentity,
+        ObjectKind::Revocation,
     ];
 }
 

@@ -7,8 +7,11 @@ mod keys;
 pub mod objects;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use crate::metrics::ControlPlaneMetrics;
 pub use endpoints::lease_gone;
@@ -32,14 +35,64 @@ pub enum StoreError {
     /// A lease could not be kept.
     #[error("etcd: {0}")]
     Lease(String),
+    /// The TLS files for etcd are unusable.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A connection to etcd scoped to one key prefix.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    /// The client new calls use; replaced when the TLS files change
+    /// (`reconnect_on_change`).
+    client: Arc<ArcSwap<Client>>,
     keys: Keys,
     metrics: Option<Arc<ControlPlaneMetrics>>,
+}
+
+/// The files of the control plane's TLS to etcd: the CA and, optionally,
+/// a client certificate and key.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    /// CA that signed etcd's certificate.
+    pub ca: PathBuf,
+    /// Client certificate and key.
+    pub pair: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTlsFiles {
+    fn config(&self) -> Result<tonic::transport::ClientTlsConfig, String> {
+        let pair = self.pair.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        infermesh_runtime::tls::client_config(&self.ca, pair)
+            .map_err(|e| format!("--etcd-ca/--etcd-cert: {e}"))
+    }
+
+    async fn read(&self) -> Vec<Option<Vec<u8>>> {
+        let mut paths = vec![self.ca.clone()];
+        if let Some((cert, key)) = &self.pair {
+            paths.extend([cert.clone(), key.clone()]);
+        }
+        let mut contents = Vec::with_capacity(paths.len());
+        for path in paths {
+            contents.push(tokio::fs::read(path).await.ok());
+        }
+        contents
+    }
+}
+
+async fn connect_client(
+    endpoints: &[String],
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> Result<Client, etcd_client::Error> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        options = options.with_tls(tls);
+    }
+    Client::connect(endpoints, Some(options)).await
 }
 
 impl Store {
@@ -47,21 +100,64 @@ impl Store {
     pub async fn connect(
         endpoints: &[String],
         prefix: &str,
-        tls: Option<tonic::transport::ClientTlsConfig>,
+        tls: Option<&EtcdTlsFiles>,
     ) -> Result<Self, StoreError> {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        if let Some(tls) = tls {
-            options = options.with_tls(tls);
-        }
-        let client = Client::connect(endpoints, Some(options)).await?;
+        let tls = tls
+            .map(EtcdTlsFiles::config)
+            .transpose()
+            .map_err(StoreError::Tls)?;
+        let client = connect_client(endpoints, tls).await?;
         Ok(Self {
-            client,
+            client: Arc::new(ArcSwap::from_pointee(client)),
             keys: Keys::new(prefix),
             metrics: None,
+        })
+    }
+
+    /// Checks `files` every `every` until `cancel`; when they change and
+    /// make a working configuration, new calls go through a new client
+    /// presenting the renewed certificate (calls and watches under way
+    /// finish on the old one).
+    pub fn reconnect_on_change(
+        &self,
+        endpoints: Vec<String>,
+        files: EtcdTlsFiles,
+        every: Duration,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let mut seen = files.read().await;
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let now = files.read().await;
+                if now == seen || now.iter().any(Option::is_none) {
+                    continue;
+                }
+                let config = match files.config() {
+                    Ok(config) => config,
+                    Err(error) => {
+                        tracing::warn!(%error, "new etcd TLS files refused; keeping the current client");
+                        seen = now;
+                        continue;
+                    }
+                };
+                match connect_client(&endpoints, Some(config)).await {
+                    Ok(fresh) => {
+                        client.store(Arc::new(fresh));
+                        seen = now;
+                        tracing::info!("etcd TLS files changed; new calls use a client with them");
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not connect to etcd with the new TLS files; trying again")
+                    }
+                }
+            }
         })
     }
 
@@ -119,7 +215,7 @@ impl Store {
 
     /// A handle to the underlying client (cheap clone).
     pub fn client(&self) -> Client {
-        self.client.clone()
+        Client::clone(&self.client.load())
     }
 
     /// One key's current value, if any.

@@ -16,7 +16,7 @@ use http::uri::Authority;
 use infermesh_proto::v1::{EndpointState, RoutingPolicy, RoutingTable};
 use infermesh_runtime::address;
 use infermesh_runtime::discovery::ApplyTable;
-use infermesh_runtime::tls::{PeerIdentity, mesh::expected_authority};
+use infermesh_runtime::tls::{PeerIdentity, PeerRole, mesh::expected_authority};
 
 use super::{
     ColdStart, DEFAULT_COLD_START, EdgeTable, ListedModel, LoadSample, ModelRoute, PeerEdge,
@@ -320,10 +320,20 @@ fn failover_edges(table: &RoutingTable, skips: &mut SkipLog) -> Vec<PeerEdge> {
             continue;
         }
         match address::host_port(&region.edge_address) {
-            Ok(authority) => peers.push(PeerEdge {
-                region: region.name.clone(),
-                authority,
-            }),
+            Ok(authority) => {
+                let mesh_authority = PeerIdentity::new(PeerRole::Edge, region.name.as_str())
+                    .ok()
+                    .and_then(|identity| {
+                        expected_authority(&identity, authority.as_str())
+                            .parse::<Authority>()
+                            .ok()
+                    });
+                peers.push(PeerEdge {
+                    region: region.name.clone(),
+                    authority,
+                    mesh_authority,
+                })
+            }
             Err(error) => skips.skip(ObjectKind::Region, &region.name, error),
         }
     }

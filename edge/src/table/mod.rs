@@ -383,6 +383,9 @@ pub struct PeerEdge {
     pub region: String,
     /// Its `host:port`.
     pub authority: Authority,
+    /// The same address carrying the identity its certificate must name
+    /// (`spiffe://infermesh/edge/<region>`) under mutual TLS.
+    pub mesh_authority: Option<Authority>,
 }
 
 impl EdgeTable {

@@ -5,7 +5,7 @@
 //! lower bound); Envoy (static listener, router filter, no access log);
 //! infermesh's edge straight to the engine (API key checked, limits,
 //! metrics, access log, routing); and the full infermesh path, edge then
-//! sidecar then engine.
+//! sidecar then engine, in plain HTTP and over mutual TLS.
 //!
 //! Non-streaming: latency at fixed open-loop rates and the highest rate
 //! under a closed loop. Streaming: time to first token, and the gaps
@@ -290,33 +290,57 @@ async fn main() {
         .await;
     // Region "direct": the sidecars register their engine's own address, so
     // the edge sends straight to the engine; region "full": edge, sidecar,
-    // engine.
+    // engine in plain HTTP; region "mtls": the same over mutual TLS (the
+    // default).
     let mut sidecars = Vec::new();
-    for (region, advertise) in [("direct", true), ("full", false)] {
+    for (region, advertise, tls) in [
+        ("direct", true, "off"),
+        ("full", false, "off"),
+        ("mtls", false, "mutual"),
+    ] {
         for (model, engine) in [("sim", &fast_engine), ("sim-stream", &stream_engine)] {
             let pool = format!("{model}-{region}");
             mesh.register(region, model, &pool).await;
             let address = engine.trim_start_matches("http://").to_string();
+            let pair = mesh.pki.sidecar(region, &pool, &pool);
+            let identity = [
+                "--control-plane-ca",
+                mesh.pki.ca_cert.to_str().expect("UTF-8 path"),
+                "--control-plane-cert",
+                pair.cert.to_str().expect("UTF-8 path"),
+                "--control-plane-key",
+                pair.key.to_str().expect("UTF-8 path"),
+                "--serve-tls",
+                tls,
+            ]
+            .map(String::from)
+            .to_vec();
             sidecars.push(
-                mesh.start_sidecar(
+                mesh.start_sidecar_as(
                     &pool,
                     &pool,
                     model,
                     region,
                     engine,
                     advertise.then_some(address.as_str()),
+                    identity,
                 )
                 .await,
             );
         }
     }
-    let edge = mesh.start_edge("direct", &[]).await;
+    let plain = ["--upstream-tls", "off"];
+    let edge = mesh.start_edge("direct", &plain).await;
     // The same edge, every connection resting as soon as it idles (instead
     // of after 1 s for up to 32 of them): what resting costs.
     let resting_edge = mesh
-        .start_edge("direct", &["--idle-connection-rest-ms", "0"])
+        .start_edge(
+            "direct",
+            &["--upstream-tls", "off", "--idle-connection-rest-ms", "0"],
+        )
         .await;
-    let full_edge = mesh.start_edge("full", &[]).await;
+    let full_edge = mesh.start_edge("full", &plain).await;
+    let mtls_edge = mesh.start_edge("mtls", &[]).await;
     let routes = [
         (free_port(), port_of(&fast_engine)),
         (free_port(), port_of(&stream_engine)),
@@ -394,6 +418,12 @@ async fn main() {
         fast: (full_url.clone(), "sim"),
         stream: (full_url, "sim-stream"),
     });
+    let mtls_url = format!("{}/v1/chat/completions", mtls_edge.url);
+    paths.push(Path {
+        name: "infermesh edge + sidecar, mutual TLS",
+        fast: (mtls_url.clone(), "sim"),
+        stream: (mtls_url, "sim-stream"),
+    });
 
     let http = mesh.http.clone();
     for path in &paths {
@@ -415,7 +445,10 @@ async fn main() {
             .arg(seconds.to_string())
             .spawn()
             .expect("perf runs");
-        let edge_path = &paths[paths.len() - 2];
+        let edge_path = paths
+            .iter()
+            .find(|p| p.name == "infermesh edge")
+            .expect("the edge's path");
         let (rps, _) = closed_loop(
             &http,
             &edge_path.fast.0,

@@ -56,6 +56,13 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<PeerIdentity> {
     PeerIdentity::from_presented(Some(certs.as_slice()))
 }
 
+/// The serial number (lowercase hex) of the client certificate the caller
+/// presented, if any.
+pub fn peer_serial<T>(request: &tonic::Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    super::identity::serial_hex(certs.first()?.as_ref())
+}
+
 /// The PEM at `path`, checked to hold at least one usable CA certificate.
 fn trust_anchor(path: &Path) -> Result<Certificate, TlsError> {
     pem::root_store(path)?;

@@ -259,6 +259,24 @@ impl FromStr for PeerIdentity {
     }
 }
 
+/// Serial (lowercase hex) and validity (Unix ms) of the first certificate in `pem`.
+pub fn serial_and_validity(pem: &str) -> Option<(String, i64, i64)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let validity = cert.validity();
+    Some((
+        hex::encode(cert.raw_serial()),
+        validity.not_before.timestamp() * 1000,
+        validity.not_after.timestamp() * 1000,
+    ))
+}
+
+/// The serial number of the certificate `der`, lowercase hex, as issued.
+pub fn serial_hex(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(hex::encode(cert.raw_serial()))
+}
+
 fn validate_name(name: &str) -> Result<(), IdentityError> {
     if name.is_empty() {
         return Err(IdentityError::EmptyName);

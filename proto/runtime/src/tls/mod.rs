@@ -20,7 +20,8 @@ mod grpc;
 mod pem;
 
 pub use grpc::{
-    GRPC_HANDSHAKE_TIMEOUT, client_config, peer_identity, tls_incoming, tonic_server_config,
+    GRPC_HANDSHAKE_TIMEOUT, client_config, peer_identity, peer_serial, tls_incoming,
+    tonic_server_config,
 };
 pub use identity::{IdentityError, PeerIdentity, PeerRole, SidecarScope};
 pub use pem::{TlsError, load_certified_key, load_certs, load_private_key, provider, root_store};
