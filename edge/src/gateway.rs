@@ -255,7 +255,7 @@ impl Gateway {
         let mut flight = None;
         let mut recording = None;
         if let Some(cache) = &self.cache {
-            let tenant = principal.as_ref().map_or("", |p| p.key.tenant.as_str());
+            let tenant = principal.as_ref().map_or("", |p| p.cache_scope.as_str());
             let decision = cache.decide(
                 &parts.headers,
                 endpoint,
@@ -345,7 +345,11 @@ impl Gateway {
             })?;
         let in_flight = metrics.map(|m| m.in_flight(&route.model));
         tracing::debug!(model = %route.model, endpoint = %upstream.id, stream = fields.stream, "routing");
-        let body = openai::upstream_body(body, &fields, &route.model);
+        let refused = fields.engine_fields.without(route.engine_fields);
+        if !refused.is_empty() {
+            tracing::debug!(model = %route.model, fields = ?refused.names().collect::<Vec<_>>(), "engine fields removed: the model does not allow them");
+        }
+        let body = openai::upstream_body(body, &fields, &route.model, route.engine_fields);
         self.resilience.budget.earn();
         let deadlines = self.forwarder.deadlines(route.timeouts.as_ref());
         let mut upstream = upstream;

@@ -5,6 +5,7 @@
 //! engine untouched: the edge forwards the original bytes.
 
 use bytes::Bytes;
+use infermesh_runtime::engine_fields::FieldSet;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
@@ -49,6 +50,8 @@ pub struct RoutingFields {
     pub max_tokens: Option<u64>,
     /// The OpenAI `user` field, when a non-empty string (session affinity).
     pub user: Option<String>,
+    /// Engine-specific fields the body carries (`engine_fields::GATED`).
+    pub engine_fields: FieldSet,
 }
 
 /// Largest `max_tokens` accepted: far above any context window, so only
@@ -75,6 +78,18 @@ struct Wire {
     prompt: Option<serde_json::Value>,
     #[serde(default)]
     input: Option<serde_json::Value>,
+    #[serde(default)]
+    priority: Option<IgnoredAny>,
+    #[serde(default)]
+    request_id: Option<IgnoredAny>,
+    #[serde(default)]
+    rid: Option<IgnoredAny>,
+    #[serde(default)]
+    chat_template: Option<IgnoredAny>,
+    #[serde(default)]
+    chat_template_kwargs: Option<IgnoredAny>,
+    #[serde(default)]
+    kv_transfer_params: Option<IgnoredAny>,
     // Every other field is read too, so that a body the rewrites before
     // forwarding cannot parse (a number out of range) is refused here.
     #[serde(flatten)]
@@ -336,7 +351,21 @@ pub fn routing_fields(endpoint: Endpoint, body: &Bytes) -> Result<RoutingFields,
             None => return Err(ApiError::invalid("input", "you must provide an input")),
         },
     };
+    let mut engine_fields = FieldSet::default();
+    for (name, present) in [
+        ("priority", wire.priority.is_some()),
+        ("request_id", wire.request_id.is_some()),
+        ("rid", wire.rid.is_some()),
+        ("chat_template", wire.chat_template.is_some()),
+        ("chat_template_kwargs", wire.chat_template_kwargs.is_some()),
+        ("kv_transfer_params", wire.kv_transfer_params.is_some()),
+    ] {
+        if present {
+            engine_fields.insert(name);
+        }
+    }
     Ok(RoutingFields {
+        engine_fields,
         model,
         stream,
         include_usage,
@@ -354,9 +383,15 @@ pub fn routing_fields(endpoint: Endpoint, body: &Bytes) -> Result<RoutingFields,
 /// streamed requests, `stream_options.include_usage` set, since usage is what
 /// settles token limits and fills the access log. A body needing neither is
 /// passed on untouched.
-pub fn upstream_body(body: Bytes, fields: &RoutingFields, canonical_model: &str) -> Bytes {
-    let body = if fields.model != canonical_model {
-        with_model(&body, canonical_model)
+pub fn upstream_body(
+    body: Bytes,
+    fields: &RoutingFields,
+    canonical_model: &str,
+    allowed: FieldSet,
+) -> Bytes {
+    let refused = fields.engine_fields.without(allowed);
+    let body = if fields.model != canonical_model || !refused.is_empty() {
+        rewritten(&body, canonical_model, refused)
     } else {
         body
     };
@@ -403,14 +438,18 @@ pub fn with_usage_requested(body: &Bytes) -> Bytes {
     }
 }
 
-/// The body with `model` replaced by the canonical name, for a request that
-/// used an alias: engines know a model only by the name they serve it as.
-pub fn with_model(body: &Bytes, canonical: &str) -> Bytes {
+/// The body with `model` set to the canonical name (engines know a model
+/// only by the name they serve it as) and the engine fields in `remove`
+/// taken out.
+pub fn rewritten(body: &Bytes, canonical: &str, remove: FieldSet) -> Bytes {
     let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
         return body.clone();
     };
     if let Some(map) = value.as_object_mut() {
         map.insert("model".into(), serde_json::Value::String(canonical.into()));
+        for field in remove.names() {
+            map.remove(field);
+        }
     }
     serde_json::to_vec(&value).map_or_else(|_| body.clone(), Bytes::from)
 }
@@ -454,6 +493,7 @@ mod tests {
                 prompt_tokens_estimate: 8,
                 max_tokens: Some(9),
                 user: None,
+                engine_fields: FieldSet::default(),
             }
         );
         assert!(!parse(r#"{"model":"m","prompt":"x"}"#).unwrap().stream);
@@ -533,9 +573,46 @@ mod tests {
     fn an_alias_is_replaced_by_the_canonical_name_and_other_fields_kept() {
         let body = Bytes::from(r#"{"model":"l3","x_unknown":{"a":1},"prompt":"hi"}"#);
         let value: serde_json::Value =
-            serde_json::from_slice(&with_model(&body, "llama-3")).unwrap();
+            serde_json::from_slice(&rewritten(&body, "llama-3", FieldSet::default())).unwrap();
         assert_eq!(value["model"], "llama-3");
         assert_eq!(value["x_unknown"]["a"], 1);
+    }
+
+    #[test]
+    fn engine_fields_pass_only_where_the_model_allows_them() {
+        let body = Bytes::from(
+            r#"{"model":"m","prompt":"hi","priority":-10,"request_id":"victim","chat_template":"{{x}}","temperature":0}"#,
+        );
+        let fields = parse(std::str::from_utf8(&body).unwrap()).unwrap();
+        assert_eq!(
+            fields.engine_fields.names().collect::<Vec<_>>(),
+            ["priority", "request_id", "chat_template"]
+        );
+        let sent = |allowed: &[&str]| -> serde_json::Value {
+            let out = upstream_body(
+                body.clone(),
+                &fields,
+                "m",
+                FieldSet::of(allowed.iter().copied()),
+            );
+            serde_json::from_slice(&out).unwrap()
+        };
+        let default = sent(&[]);
+        for gone in ["priority", "request_id", "chat_template"] {
+            assert!(default.get(gone).is_none(), "{gone}: {default}");
+        }
+        assert_eq!(default["temperature"], 0);
+        assert_eq!(default["prompt"], "hi");
+        let allowed = sent(&["priority"]);
+        assert_eq!(allowed["priority"], -10);
+        assert!(allowed.get("request_id").is_none(), "{allowed}");
+        // A body with no engine field and the canonical name goes as sent.
+        let plain = Bytes::from(r#"{"model":"m", "prompt":"hi"}"#);
+        let fields = parse(r#"{"model":"m", "prompt":"hi"}"#).unwrap();
+        assert_eq!(
+            upstream_body(plain.clone(), &fields, "m", FieldSet::default()),
+            plain
+        );
     }
 
     #[test]

@@ -30,6 +30,24 @@ async fn post(http: &Http, edge: &Edge, body: &str, headers: &[(&str, &str)]) ->
     reply
 }
 
+/// The first answer to `body` with a key just made: sent until the edge
+/// knows the key.
+async fn first_answer(http: &Http, url: &str, body: &str) -> Reply {
+    wait::until("the edge to know the new key", DEADLINE, || async {
+        let reply = http
+            .send(
+                Method::POST,
+                url,
+                Some(body.to_string().into()),
+                &[("content-type", "application/json")],
+            )
+            .await
+            .ok()?;
+        (reply.status != 401).then_some(reply)
+    })
+    .await
+}
+
 fn outcome(reply: &Reply) -> &str {
     reply
         .headers
@@ -154,6 +172,43 @@ async fn deterministic_requests_hit_per_tenant_in_either_form_until_their_ttl() 
     assert_eq!(outcome(&theirs), "miss");
     assert_eq!(engine_requests(&mesh, &replica).await, served + 3.0);
     assert_eq!(outcome(&post(&other, &edge, body, &[]).await), "hit");
+
+    // Nor does a tenant made again under a deleted tenant's name: tenants
+    // are told apart by their immutable id.
+    let first = mesh
+        .admin("CreateTenant", json!({"tenant": {"name": "initech"}}))
+        .await
+        .unwrap();
+    let first_id = first["id"].as_str().expect("a tenant id").to_string();
+    let before = Http::with_key(&mesh.create_key("initech", json!({})).await);
+    assert_eq!(outcome(&first_answer(&before, &url, body).await), "miss");
+    assert_eq!(outcome(&post(&before, &edge, body, &[]).await), "hit");
+    mesh.admin(
+        "DeleteTenant",
+        json!({"name": "initech", "revision": first["revision"]}),
+    )
+    .await
+    .unwrap();
+    let again = mesh
+        .admin("CreateTenant", json!({"tenant": {"name": "initech"}}))
+        .await
+        .unwrap();
+    assert_ne!(again["id"], first_id.as_str(), "{again}");
+    let after = Http::with_key(&mesh.create_key("initech", json!({})).await);
+    let fresh = first_answer(&after, &url, body).await;
+    assert_eq!(
+        outcome(&fresh),
+        "miss",
+        "the new initech saw the old one's answer"
+    );
+    let changed = mesh
+        .admin(
+            "UpdateTenant",
+            json!({"tenant": {"name": "initech", "id": first_id, "revision": again["revision"]}}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(changed.code, "InvalidArgument", "{changed:?}");
 
     // Hits count against request limits but not token limits: a key whose
     // token budget is spent still gets its cached answers.

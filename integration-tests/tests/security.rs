@@ -717,3 +717,66 @@ async fn a_sidecar_serves_only_edges_and_an_edge_reaches_only_the_endpoint_it_ch
     let engine = mesh.last_engine_request(replica).await;
     assert!(!engine.text().contains("mistral"), "{}", engine.text());
 }
+
+#[tokio::test]
+async fn engine_fields_reach_the_engine_only_where_the_model_allows_them() {
+    let mesh = Mesh::start().await;
+    let served = mesh.serve_one_replica().await;
+    let (replica, url) = (&served.replica, &served.url);
+    let body = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}],
+        "priority": -100, "request_id": "someone-elses", "chat_template": "{{ secrets }}",
+        "temperature": 0.5});
+    let sent = |allowed: &'static str| {
+        let body = body.clone();
+        let mesh = &mesh;
+        async move {
+            let reply = mesh.http.post_json(url, &body).await.unwrap();
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            let seen: serde_json::Value = mesh.last_engine_request(replica).await.json();
+            (seen.get(allowed).is_some(), seen)
+        }
+    };
+    let (_, seen) = sent("priority").await;
+    for gone in ["priority", "request_id", "chat_template"] {
+        assert!(
+            seen.get(gone).is_none(),
+            "{gone} reached the engine: {seen}"
+        );
+    }
+    assert_eq!(seen["temperature"], 0.5, "{seen}");
+
+    // Bad input: only the gated names, each once.
+    let model = mesh
+        .admin("GetModel", json!({"name": "llama"}))
+        .await
+        .unwrap();
+    let mut update = model.clone();
+    update["engineFields"] = json!(["temperature"]);
+    let refused = mesh
+        .admin("UpdateModel", json!({"model": update}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "InvalidArgument", "{refused:?}");
+    assert!(
+        refused.message.contains("model.engine_fields"),
+        "{refused:?}"
+    );
+
+    // Allowed for this model: priority passes, the others still do not.
+    update["engineFields"] = json!(["priority"]);
+    mesh.admin("UpdateModel", json!({"model": update}))
+        .await
+        .unwrap();
+    let seen = wait::until(
+        "the edge to allow priority",
+        Duration::from_secs(10),
+        || async {
+            let (passed, seen) = sent("priority").await;
+            passed.then_some(seen)
+        },
+    )
+    .await;
+    assert_eq!(seen["priority"], -100, "{seen}");
+    assert!(seen.get("request_id").is_none(), "{seen}");
+    assert!(seen.get("chat_template").is_none(), "{seen}");
+}

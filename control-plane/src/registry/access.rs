@@ -67,15 +67,31 @@ fn limits_or_default(limits: Option<RateLimits>) -> RateLimits {
 }
 
 impl Registry {
-    /// Creates a tenant.
-    pub async fn create_tenant(&self, tenant: Tenant) -> Result<Tenant, RegistryError> {
+    /// Creates a tenant with a new immutable id.
+    pub async fn create_tenant(&self, mut tenant: Tenant) -> Result<Tenant, RegistryError> {
         check_tenant(&tenant)?;
+        if !tenant.id.is_empty() {
+            return Err(RegistryError::invalid(
+                "tenant.id",
+                "is chosen by the server; leave it empty",
+            ));
+        }
+        tenant.id = api_key::generate().id;
         self.create_plain(tenant).await
     }
 
-    /// Replaces a tenant whose stored revision equals `tenant.revision`.
-    pub async fn update_tenant(&self, tenant: Tenant) -> Result<Tenant, RegistryError> {
+    /// Replaces a tenant whose stored revision equals `tenant.revision`;
+    /// its id stays.
+    pub async fn update_tenant(&self, mut tenant: Tenant) -> Result<Tenant, RegistryError> {
         check_tenant(&tenant)?;
+        let current: Tenant = self.current(&tenant.name, tenant.revision, true).await?;
+        if !tenant.id.is_empty() && tenant.id != current.id {
+            return Err(RegistryError::invalid(
+                "tenant.id",
+                format!("cannot change (it is {:?})", current.id),
+            ));
+        }
+        tenant.id = current.id;
         self.update_plain(tenant).await
     }
 
@@ -98,11 +114,20 @@ impl Registry {
             request.expires_at_unix_ms,
             now,
         )?;
+        // Bound to the tenant as it is now; a tenant made later under the
+        // same name is another tenant.
+        let tenant_id = self
+            .store
+            .read::<Tenant>(&request.tenant)
+            .await?
+            .map(|t| t.id)
+            .unwrap_or_default();
         for _ in 0..ATTEMPTS {
             let made = api_key::generate();
             let mut key = ApiKey {
                 id: made.id.clone(),
                 tenant: request.tenant.clone(),
+                tenant_id: tenant_id.clone(),
                 name: request.name.clone(),
                 secret_sha256: made.sha256.to_vec(),
                 allowed_models: request.allowed_models.clone(),

@@ -164,6 +164,8 @@ pub fn model(m: &Model) -> Result<(), RegistryError> {
             ),
         ));
     }
+    infermesh_runtime::engine_fields::check(&m.engine_fields)
+        .map_err(|reason| RegistryError::invalid("model.engine_fields", reason))?;
     if m.description.len() > MAX_DESCRIPTION {
         return Err(RegistryError::invalid(
             "model.description",

@@ -23,6 +23,9 @@ pub struct KeyEntry {
     pub prefix: String,
     /// Tenant it belongs to.
     pub tenant: String,
+    /// Id of the tenant it was made for; empty for keys made before
+    /// tenants had ids (they follow the name).
+    pub tenant_id: String,
     secret_sha256: Vec<u8>,
     /// Canonical names of the models it may call; `None` allows all.
     allowed: Option<HashSet<String>>,
@@ -45,13 +48,18 @@ pub struct Principal {
     pub key: Arc<KeyEntry>,
     /// The key's tenant's limits, if the tenant has any.
     pub tenant_limits: Option<RateLimits>,
+    /// Whose answers this caller may share from the cache: its tenant's
+    /// immutable id (`id:<id>`), or for a key made before tenant ids, the
+    /// tenant's name (`name:<name>`).
+    pub cache_scope: String,
 }
 
 /// Keys and tenants of one table version.
 #[derive(Debug, Default)]
 pub struct Access {
     keys: HashMap<String, Arc<KeyEntry>>,
-    tenants: HashMap<String, RateLimits>,
+    /// Tenants by name: their id and limits.
+    tenants: HashMap<String, (String, RateLimits)>,
 }
 
 /// Hash compared against when the claimed id is unknown, so that an
@@ -89,6 +97,7 @@ impl Access {
                 id: key.id.clone(),
                 prefix: api_key::display_prefix(&key.id),
                 tenant: key.tenant.clone(),
+                tenant_id: key.tenant_id.clone(),
                 secret_sha256: key.secret_sha256.clone(),
                 allowed,
                 limits: key.limits.unwrap_or_default(),
@@ -105,7 +114,7 @@ impl Access {
         let tenants = table
             .tenants
             .iter()
-            .map(|t| (t.name.clone(), t.limits.unwrap_or_default()))
+            .map(|t| (t.name.clone(), (t.id.clone(), t.limits.unwrap_or_default())))
             .collect();
         Self { keys, tenants }
     }
@@ -154,9 +163,21 @@ impl Access {
                 entry.prefix, entry.expires_at_unix_ms
             )));
         }
+        // A key bound to a tenant that was since deleted (and perhaps made
+        // again under the same name) has no tenant limits.
+        let tenant = self
+            .tenants
+            .get(&entry.tenant)
+            .filter(|(id, _)| entry.tenant_id.is_empty() || *id == entry.tenant_id);
+        let cache_scope = if entry.tenant_id.is_empty() {
+            format!("name:{}", entry.tenant)
+        } else {
+            format!("id:{}", entry.tenant_id)
+        };
         Ok(Principal {
             key: entry.clone(),
-            tenant_limits: self.tenants.get(&entry.tenant).copied(),
+            tenant_limits: tenant.map(|(_, limits)| *limits),
+            cache_scope,
         })
     }
 }
@@ -237,6 +258,31 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-api-key", secret.parse().unwrap());
         assert!(access.authenticate(&h, 1).is_ok());
+    }
+
+    #[test]
+    fn a_key_stays_with_the_tenant_it_was_made_for_not_a_later_one_of_the_same_name() {
+        let (mut old, old_secret) = key(&[], 0);
+        old.tenant_id = "firstacme000".into();
+        let (mut new, new_secret) = key(&[], 0);
+        new.tenant_id = "secondacme00".into();
+        let (legacy, legacy_secret) = key(&[], 0);
+        let mut table = table(vec![old, new, legacy]);
+        table.tenants[0].id = "secondacme00".into();
+        let access = Access::from_table(&table, |_| None, &mut SkipLog::default());
+        let old = access.authenticate(&bearer(&old_secret), 1).unwrap();
+        let new = access.authenticate(&bearer(&new_secret), 1).unwrap();
+        let legacy = access.authenticate(&bearer(&legacy_secret), 1).unwrap();
+        assert!(
+            old.tenant_limits.is_none(),
+            "the old tenant's key got the new one's limits"
+        );
+        assert_eq!(new.tenant_limits.unwrap().requests_per_minute, 7);
+        assert_eq!(legacy.tenant_limits.unwrap().requests_per_minute, 7);
+        assert_eq!(old.cache_scope, "id:firstacme000");
+        assert_eq!(new.cache_scope, "id:secondacme00");
+        assert_ne!(old.cache_scope, new.cache_scope);
+        assert_eq!(legacy.cache_scope, "name:acme");
     }
 
     #[test]

@@ -297,6 +297,7 @@ mod tests {
             prompt_tokens_estimate: 1,
             max_tokens: None,
             user: None,
+            engine_fields: Default::default(),
         }
     }
 

@@ -16,6 +16,7 @@ use http::uri::Authority;
 use infermesh_proto::v1::{EndpointState, RoutingPolicy, RoutingTable};
 use infermesh_runtime::address;
 use infermesh_runtime::discovery::ApplyTable;
+use infermesh_runtime::engine_fields::FieldSet;
 use infermesh_runtime::tls::{PeerIdentity, PeerRole, mesh::expected_authority};
 
 use super::{
@@ -252,6 +253,7 @@ impl EdgeTableBuilder {
                 prefixes: self.prefixes.get(&model.name).cloned().unwrap_or_default(),
                 receipts: model.route_receipts,
                 timeouts: model.timeouts,
+                engine_fields: FieldSet::of(model.engine_fields.iter().map(String::as_str)),
                 cold_start,
                 next: AtomicUsize::new(0),
             });

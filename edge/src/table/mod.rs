@@ -158,6 +158,8 @@ pub struct ModelRoute {
     pub receipts: bool,
     /// The model's own deadlines, if it sets any.
     pub timeouts: Option<infermesh_proto::v1::ModelTimeouts>,
+    /// Engine-specific request fields clients may send for it.
+    pub engine_fields: infermesh_runtime::engine_fields::FieldSet,
     /// A pool of this region that scales to zero: requests wait for it.
     pub cold_start: Option<ColdStart>,
     next: AtomicUsize,

@@ -8,6 +8,7 @@ pub mod api_key;
 pub mod backoff;
 pub mod control_plane;
 pub mod discovery;
+pub mod engine_fields;
 pub mod enroll;
 pub mod fs;
 pub mod http;
