@@ -439,6 +439,9 @@ impl Mesh {
         ]
         .map(String::from)
         .to_vec();
+        let plaintext = identity
+            .windows(2)
+            .any(|pair| pair[0] == "--serve-tls" && pair[1] == "off");
         args.extend(identity);
         let run_dir = self.dir.path().join(format!("run-{id}"));
         std::fs::create_dir_all(&run_dir).expect("sidecar run directory");
@@ -452,7 +455,11 @@ impl Mesh {
             &self.env_pairs(),
         );
         let identity = PeerIdentity::sidecar(region, pool, id).expect("valid identity");
-        let url = format!("https://{}", expected_authority(&identity, &listen));
+        let url = if plaintext {
+            format!("http://{listen}")
+        } else {
+            format!("https://{}", expected_authority(&identity, &listen))
+        };
         self.wait_http_ok(&format!("{url}/livez"), "sidecar /livez")
             .await;
         Sidecar {
