@@ -359,6 +359,19 @@ cases += [
      set_path(set_path(sglang, "rbac.clusterWideScale", False), "rbac.scaleNamespaces", ["team-a", "team-b"])),
     ("values-dev.yaml + monitoring on", set_path(load_yaml(os.path.join(examples, "values-dev.yaml")), "monitoring.serviceMonitor.enabled", True)),
 ]
+# Identities issued by the control plane: edges and injected sidecars trade
+# their pods' service-account tokens for certificates, mutual TLS between them.
+issued = vllm
+for path, value in [
+    ("controlPlane.identity.caSecretName", "infermesh-mesh-ca"),
+    ("controlPlane.identity.tokenReview", True),
+    ("controlPlane.tls.allowUnboundSidecars", False),
+    ("webhook.sidecar.identity", "issued"),
+    ("edge.identity", "issued"),
+    ("edge.upstreamTls", "mutual"),
+]:
+    issued = set_path(issued, path, value)
+cases.append(("values-vllm.yaml + issued identities, mutual TLS", issued))
 for case, values in cases:
     try:
         objects, _ = render(values)
@@ -388,6 +401,10 @@ refusals = [
     ("a namespace name with capitals", set_path(vllm, "rbac.scaleNamespaces", ["Inference"]), "is not a namespace name"),
     ("an unknown scale actuator", set_path(vllm, "controlPlane.autoscaler.actuator", "keda"), "must be none or kubernetes"),
     ("a 50 ms autoscaling interval", set_path(vllm, "controlPlane.autoscaler.intervalMs", 50), "outside 100-300000"),
+    ("token review without a CA", set_path(issued, "controlPlane.identity.caSecretName", ""), "set controlPlane.identity.caSecretName"),
+    ("issued sidecars without token review", set_path(set_path(issued, "controlPlane.identity.tokenReview", False), "edge.identity", "certificate"), "set controlPlane.identity.tokenReview=true"),
+    ("issued edges without token review", set_path(set_path(issued, "controlPlane.identity.tokenReview", False), "webhook.sidecar.identity", "shared"), "edge.identity=issued"),
+    ("an unknown sidecar identity", set_path(issued, "webhook.sidecar.identity", "borrowed"), "must be shared or issued"),
 ]
 for case, values, message in refusals:
     try:

@@ -156,6 +156,19 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_SIDECAR_TLS_SECRET", default_value = "")]
     pub sidecar_tls_secret: String,
 
+    /// How injected sidecars get their identity: `shared` (the certificate
+    /// in --sidecar-tls-secret; they serve plain HTTP) or `issued` (each
+    /// gets its own from this control plane for its pod's projected
+    /// service-account token: needs --ca-cert and --kubernetes-token-review;
+    /// only ca.crt of --sidecar-tls-secret is used; they serve mutual TLS).
+    #[arg(
+        long,
+        env = "INFERMESH_SIDECAR_IDENTITY",
+        value_enum,
+        default_value = "shared"
+    )]
+    pub sidecar_identity: SidecarIdentity,
+
     /// How often sidecars report load, milliseconds.
     #[arg(long, env = "INFERMESH_REPORT_INTERVAL_MS", default_value_t = 1000)]
     pub report_interval_ms: u32,
@@ -196,6 +209,21 @@ pub struct Config {
     /// CA bundle of the Kubernetes API server; defaults to the mounted one.
     #[arg(long, env = "INFERMESH_KUBERNETES_CA")]
     pub kubernetes_ca: Option<PathBuf>,
+
+    /// Issue identities (with --ca-cert) for pods' service-account tokens,
+    /// checked with TokenReview against the Kubernetes API (the
+    /// --kubernetes-* flags): a pod's infermesh.io annotations name the
+    /// identity it gets. Needs RBAC to create tokenreviews and get pods.
+    #[arg(
+        long,
+        env = "INFERMESH_KUBERNETES_TOKEN_REVIEW",
+        default_value_t = false
+    )]
+    pub kubernetes_token_review: bool,
+
+    /// Audience service-account tokens must be issued for.
+    #[arg(long, env = "INFERMESH_TOKEN_AUDIENCE", default_value = "infermesh")]
+    pub token_audience: String,
 }
 
 /// How the gRPC server is reached.
@@ -227,6 +255,15 @@ impl Config {
         }
         self.transport()?;
         self.etcd_tls()?;
+        if self.kubernetes_token_review && self.ca_cert.is_none() {
+            return Err(
+                "--kubernetes-token-review issues certificates: it needs --ca-cert and --ca-key"
+                    .into(),
+            );
+        }
+        if self.sidecar_identity == SidecarIdentity::Issued && !self.kubernetes_token_review {
+            return Err("--sidecar-identity issued: sidecars get their identity for their pod's service-account token, which needs --kubernetes-token-review".into());
+        }
         if !(2..=60).contains(&self.leader_ttl_seconds) {
             return Err(format!(
                 "--leader-ttl-seconds: {} is outside 2..=60",
@@ -290,7 +327,7 @@ impl Config {
     }
 
     /// The Kubernetes actuator, when --scale-actuator=kubernetes.
-    pub fn actuator(&self) -> Result<Option<crate::autoscale::kube::ScaleClient>, String> {
+    pub fn actuator(&self) -> Result<Option<crate::autoscale::kube::KubeClient>, String> {
         if self.scale_actuator != "kubernetes" {
             return Ok(None);
         }
@@ -299,7 +336,28 @@ impl Config {
             self.kubernetes_token_file.clone(),
             self.kubernetes_ca.clone(),
         )?;
-        crate::autoscale::kube::ScaleClient::new(&config).map(Some)
+        crate::autoscale::kube::KubeClient::new(&config).map(Some)
+    }
+
+    /// The token reviewer, when --kubernetes-token-review is on.
+    pub fn token_reviewer(&self) -> Result<Option<crate::token_review::TokenReviewer>, String> {
+        if !self.kubernetes_token_review {
+            return Ok(None);
+        }
+        if self.token_audience.is_empty() {
+            return Err("--token-audience: must not be empty".into());
+        }
+        let config = crate::autoscale::kube::KubeConfig::in_cluster(
+            self.kubernetes_api.clone(),
+            self.kubernetes_token_file.clone(),
+            self.kubernetes_ca.clone(),
+        )
+        .map_err(|e| e.replace("--scale-actuator=kubernetes", "--kubernetes-token-review"))?;
+        let client = crate::autoscale::kube::KubeClient::new(&config)?;
+        Ok(Some(crate::token_review::TokenReviewer::new(
+            client,
+            self.token_audience.clone(),
+        )))
     }
 
     /// TLS to etcd, when --etcd-ca is given; files are read and checked now.
@@ -364,4 +422,13 @@ impl Config {
     pub fn report_interval(&self) -> Duration {
         Duration::from_millis(u64::from(self.report_interval_ms))
     }
+}
+
+/// How injected sidecars get their identity (--sidecar-identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SidecarIdentity {
+    /// One certificate from a Secret, shared by every pod.
+    Shared,
+    /// Each pod's own, issued for its service-account token.
+    Issued,
 }

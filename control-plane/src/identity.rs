@@ -43,6 +43,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::Authorizer;
 use crate::registry::validate;
 use crate::store::{ObjectKind, Store, decode};
+use crate::token_review::TokenReviewer;
 
 /// The visible start of every join-token secret.
 const PREFIX: &str = "imjt_";
@@ -55,6 +56,7 @@ pub struct IdentityApi {
     auth: Arc<Authorizer>,
     ca: Option<Arc<LocalCa>>,
     ttl: Duration,
+    tokens: Option<TokenReviewer>,
 }
 
 impl IdentityApi {
@@ -65,7 +67,14 @@ impl IdentityApi {
             auth,
             ca: ca.map(Arc::new),
             ttl,
+            tokens: None,
         }
+    }
+
+    /// Also issues for Kubernetes service-account tokens, checked by `reviewer`.
+    pub fn with_token_review(mut self, reviewer: Option<TokenReviewer>) -> Self {
+        self.tokens = reviewer;
+        self
     }
 
     fn token_key(&self, id: &str) -> String {
@@ -396,7 +405,19 @@ impl IdentityService for IdentityApi {
             return Err(Status::invalid_argument("csr_pem: larger than 16 KiB"));
         }
         let via;
-        let identity = if r.join_token.is_empty() {
+        let identity = if !r.service_account_token.is_empty() {
+            let Some(reviewer) = &self.tokens else {
+                return Err(Status::failed_precondition(
+                    "this control plane does not take service-account tokens (start it with --kubernetes-token-review)",
+                ));
+            };
+            let identity = reviewer
+                .identity_for(&r.service_account_token, &r.endpoint_id)
+                .await?;
+            via = "serviceaccount".to_string();
+            tracing::info!(identity = %identity.uri(), "service-account token accepted");
+            identity
+        } else if r.join_token.is_empty() {
             via = "renewal".to_string();
             // Renewal: the identity of the certificate presented now.
             let peer = peer.ok_or_else(|| {

@@ -19,5 +19,6 @@ pub mod server;
 pub mod snapshot;
 pub mod store;
 pub mod tables;
+pub mod token_review;
 pub mod watch_stall;
 pub mod webhook;

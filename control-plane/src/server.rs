@@ -212,7 +212,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         }
         _ => None,
     };
-    let identities = IdentityApi::new(store.clone(), authorizer.clone(), ca, config.identity_ttl);
+    let identities = IdentityApi::new(store.clone(), authorizer.clone(), ca, config.identity_ttl)
+        .with_token_review(config.token_reviewer().map_err(anyhow::Error::msg)?);
     let load_reports = LoadReports::new(
         store,
         replica_lease,
@@ -274,6 +275,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                     tls_secret: Some(config.sidecar_tls_secret.clone()).filter(|s| !s.is_empty()),
                     proxy_port: 8081,
                     metrics_port: 9091,
+                    issued_identities: (config.sidecar_identity
+                        == crate::config::SidecarIdentity::Issued)
+                        .then(|| crate::webhook::IssuedIdentities {
+                            audience: config.token_audience.clone(),
+                        }),
                 },
             };
             Some(crate::webhook::start(server, cancel.clone()).await?)

@@ -52,7 +52,23 @@ pub struct Injection {
     pub proxy_port: u16,
     /// Port of the sidecar's metrics.
     pub metrics_port: u16,
+    /// Each sidecar gets its own identity from the control plane for its
+    /// pod's service-account token (a projected token, audience
+    /// `audience`), and edges reach it over mutual TLS; only `ca.crt` of
+    /// `tls_secret` is used. Otherwise the secret's shared certificate is
+    /// mounted and the sidecar serves plain HTTP.
+    pub issued_identities: Option<IssuedIdentities>,
 }
+
+/// How injected sidecars get issued identities.
+#[derive(Debug, Clone)]
+pub struct IssuedIdentities {
+    /// Audience of the projected service-account token.
+    pub audience: String,
+}
+
+const TOKEN_VOLUME: &str = "infermesh-token";
+const TOKEN_MOUNT: &str = "/var/run/secrets/infermesh";
 
 /// The AdmissionReview answering `review`.
 pub fn answer(review: &Value, injection: &Injection) -> Value {
@@ -224,20 +240,51 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, S
             &format!("{RUN_MOUNT}/prestop.sock"),
         ));
     }
-    if let Some(env) = container["env"].as_array_mut() {
-        // The injected certificate is shared by every pod, so it cannot name
-        // each pod's endpoint as the edges' mutual TLS requires; the port is
-        // kept to edges by the chart's NetworkPolicy instead.
-        env.push(value("INFERMESH_SERVE_TLS", "off"));
+    match &injection.issued_identities {
+        Some(issued) => {
+            // The pod's own projected token gets the sidecar a certificate
+            // naming its endpoint (the pod), kept in the run volume.
+            if let Some(env) = container["env"].as_array_mut() {
+                env.push(value("INFERMESH_SERVE_TLS", "mutual"));
+                env.push(value(
+                    "INFERMESH_IDENTITY_DIR",
+                    &format!("{RUN_MOUNT}/identity"),
+                ));
+                env.push(value(
+                    "INFERMESH_SERVICE_ACCOUNT_TOKEN_FILE",
+                    &format!("{TOKEN_MOUNT}/token"),
+                ));
+            }
+            mounts.push(json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT, "readOnly": true}));
+            volumes.push(json!({"name": TOKEN_VOLUME, "projected": {"sources": [
+                {"serviceAccountToken": {"audience": issued.audience, "expirationSeconds": 3600, "path": "token"}},
+            ]}}));
+            for probe in ["readinessProbe", "livenessProbe"] {
+                container[probe]["httpGet"]["scheme"] = json!("HTTPS");
+            }
+        }
+        None => {
+            // The injected certificate is shared by every pod, so it cannot
+            // name each pod's endpoint as the edges' mutual TLS requires;
+            // the port is kept to edges by the chart's NetworkPolicy instead.
+            if let Some(env) = container["env"].as_array_mut() {
+                env.push(value("INFERMESH_SERVE_TLS", "off"));
+            }
+        }
     }
     if let Some(secret) = &injection.tls_secret {
         if let Some(env) = container["env"].as_array_mut() {
-            for (name, file) in [
-                ("INFERMESH_CONTROL_PLANE_CA", "ca.crt"),
-                ("INFERMESH_CONTROL_PLANE_CERT", "tls.crt"),
-                ("INFERMESH_CONTROL_PLANE_KEY", "tls.key"),
-            ] {
-                env.push(value(name, &format!("{TLS_MOUNT}/{file}")));
+            env.push(value(
+                "INFERMESH_CONTROL_PLANE_CA",
+                &format!("{TLS_MOUNT}/ca.crt"),
+            ));
+            if injection.issued_identities.is_none() {
+                for (name, file) in [
+                    ("INFERMESH_CONTROL_PLANE_CERT", "tls.crt"),
+                    ("INFERMESH_CONTROL_PLANE_KEY", "tls.key"),
+                ] {
+                    env.push(value(name, &format!("{TLS_MOUNT}/{file}")));
+                }
             }
         }
         mounts.push(json!({"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": true}));
@@ -427,7 +474,40 @@ mod tests {
             tls_secret: tls.then(|| "infermesh-sidecar-tls".into()),
             proxy_port: 8081,
             metrics_port: 9091,
+            issued_identities: None,
         }
+    }
+
+    #[test]
+    fn with_issued_identities_a_sidecar_gets_its_pods_token_and_serves_mutual_tls() {
+        let mut issued = injection(true);
+        issued.issued_identities = Some(IssuedIdentities {
+            audience: "infermesh".into(),
+        });
+        let ops = patch(&pod(), &issued).unwrap().unwrap();
+        let container = ops
+            .iter()
+            .find(|o| o["path"] == "/spec/containers/-")
+            .map(|o| &o["value"])
+            .unwrap();
+        let env = container["env"].to_string();
+        for expected in [
+            r#""INFERMESH_SERVE_TLS","value":"mutual""#,
+            "INFERMESH_SERVICE_ACCOUNT_TOKEN_FILE",
+            "/var/run/infermesh/identity",
+            "INFERMESH_CONTROL_PLANE_CA",
+        ] {
+            assert!(env.contains(expected), "{expected} missing from {env}");
+        }
+        assert!(!env.contains("INFERMESH_CONTROL_PLANE_CERT"), "{env}");
+        assert_eq!(container["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+        let volumes = ops[0]["value"].to_string();
+        assert!(
+            volumes.contains(r#""audience":"infermesh""#),
+            "a projected token for the control plane: {volumes}"
+        );
+        let shared = Value::Array(patch(&pod(), &injection(true)).unwrap().unwrap()).to_string();
+        assert!(shared.contains(r#""INFERMESH_SERVE_TLS","value":"off""#));
     }
 
     fn pod() -> Value {

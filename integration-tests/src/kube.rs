@@ -1,7 +1,9 @@
-//! A stand-in for the Kubernetes API server's scale subresource, over TLS
-//! with the test CA: it checks the bearer token, keeps each workload's
-//! replica count, and reports every change so that a test can start or
-//! stop replicas as the kubelet would.
+//! A stand-in for the Kubernetes API server, over TLS with the test CA: it
+//! checks the bearer token; serves the scale subresource, keeping each
+//! workload's replica count and reporting every change so that a test can
+//! start or stop replicas as the kubelet would; and answers TokenReviews
+//! for the service-account tokens a test made (`pod_token`) and GETs of the
+//! pods a test added (`add_pod`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -41,6 +43,7 @@ pub struct FakeKube {
     pub changes: mpsc::UnboundedReceiver<ScaleChange>,
     /// Requests refused for a missing or wrong token.
     pub refused: Arc<Mutex<u32>>,
+    state: Arc<State>,
     cancel: CancellationToken,
 }
 
@@ -50,8 +53,19 @@ impl Drop for FakeKube {
     }
 }
 
+/// What the stand-in knows a service-account token to be.
+#[derive(Debug, Clone)]
+struct TokenFacts {
+    namespace: String,
+    pod: String,
+    uid: String,
+    audience: String,
+}
+
 struct State {
     token: String,
+    tokens: Mutex<HashMap<String, TokenFacts>>,
+    pods: Mutex<HashMap<String, Value>>,
     replicas: Mutex<HashMap<String, u32>>,
     changes: mpsc::UnboundedSender<ScaleChange>,
     refused: Arc<Mutex<u32>>,
@@ -78,6 +92,50 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Full<
         );
     }
     let path = request.uri().path().to_string();
+    if path == "/apis/authentication.k8s.io/v1/tokenreviews" && request.method() == Method::POST {
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let review: Value = serde_json::from_slice(&body).unwrap_or_default();
+        let token = review["spec"]["token"].as_str().unwrap_or_default();
+        let wanted: Vec<&str> = review["spec"]["audiences"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let facts = state.tokens.lock().unwrap().get(token).cloned();
+        let status = match facts {
+            Some(facts) if wanted.contains(&facts.audience.as_str()) => json!({
+                "authenticated": true,
+                "audiences": [facts.audience],
+                "user": {
+                    "username": format!("system:serviceaccount:{}:infermesh", facts.namespace),
+                    "extra": {
+                        "authentication.kubernetes.io/pod-name": [facts.pod],
+                        "authentication.kubernetes.io/pod-uid": [facts.uid],
+                    },
+                },
+            }),
+            Some(_) => json!({"authenticated": false, "error": "token audiences do not match"}),
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        };
+        return answer(
+            StatusCode::CREATED,
+            json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "status": status}),
+        );
+    }
+    if let Some(pod) = path.strip_prefix("/api/v1/namespaces/") {
+        let pod = state.pods.lock().unwrap().get(pod).cloned();
+        return match pod {
+            Some(pod) => answer(StatusCode::OK, pod),
+            None => answer(
+                StatusCode::NOT_FOUND,
+                json!({"kind": "Status", "message": "pods not found"}),
+            ),
+        };
+    }
     let Some(workload) = path
         .strip_prefix("/apis/apps/v1/")
         .and_then(|p| p.strip_suffix("/scale"))
@@ -163,12 +221,16 @@ impl FakeKube {
         let refused = Arc::new(Mutex::new(0));
         let state = Arc::new(State {
             token: token.to_string(),
+            tokens: Mutex::new(HashMap::new()),
+            pods: Mutex::new(HashMap::new()),
             replicas: Mutex::new(HashMap::new()),
             changes: tx,
             refused: refused.clone(),
         });
         let stop = cancel.clone();
+        let served = state.clone();
         tokio::spawn(async move {
+            let state = served;
             let _tls = tls;
             loop {
                 let (tcp, _) = tokio::select! {
@@ -199,15 +261,66 @@ impl FakeKube {
             token_file,
             changes,
             refused,
+            state,
             cancel,
         }
     }
 
-    /// Control-plane flags that make it scale through this server.
-    pub fn control_plane_flags(&self) -> Vec<String> {
+    /// Adds pod `namespace/name` with `uid` and `annotations`.
+    pub fn add_pod(&self, namespace: &str, name: &str, uid: &str, annotations: Value) {
+        let pod = json!({"kind": "Pod", "apiVersion": "v1",
+            "metadata": {"name": name, "namespace": namespace, "uid": uid, "annotations": annotations}});
+        self.state
+            .pods
+            .lock()
+            .unwrap()
+            .insert(format!("{namespace}/pods/{name}"), pod);
+    }
+
+    /// Removes pod `namespace/name`.
+    pub fn remove_pod(&self, namespace: &str, name: &str) {
+        self.state
+            .pods
+            .lock()
+            .unwrap()
+            .remove(&format!("{namespace}/pods/{name}"));
+    }
+
+    /// A projected service-account token of pod `namespace/pod` (`uid`)
+    /// for `audience`, written to `DIR/<file>`; returns the file.
+    pub fn pod_token(
+        &self,
+        dir: &std::path::Path,
+        namespace: &str,
+        pod: &str,
+        uid: &str,
+        audience: &str,
+    ) -> PathBuf {
+        let token = format!("sa-token-{namespace}-{pod}-{audience}-{}", rand_suffix());
+        self.state.tokens.lock().unwrap().insert(
+            token.clone(),
+            TokenFacts {
+                namespace: namespace.into(),
+                pod: pod.into(),
+                uid: uid.into(),
+                audience: audience.into(),
+            },
+        );
+        let path = dir.join(format!("sa-token-{namespace}-{pod}-{audience}"));
+        std::fs::write(&path, token).expect("token file");
+        path
+    }
+
+    /// Control-plane flags that make it review tokens through this server.
+    pub fn token_review_flags(&self) -> Vec<String> {
+        let mut flags = vec!["--kubernetes-token-review".to_string()];
+        flags.extend(self.api_flags());
+        flags
+    }
+
+    /// Where the API server is and how to trust and call it.
+    fn api_flags(&self) -> Vec<String> {
         vec![
-            "--scale-actuator".into(),
-            "kubernetes".into(),
             "--kubernetes-api".into(),
             self.url.clone(),
             "--kubernetes-token-file".into(),
@@ -216,4 +329,20 @@ impl FakeKube {
             self.ca_file.display().to_string(),
         ]
     }
+
+    /// Control-plane flags that make it scale through this server.
+    pub fn control_plane_flags(&self) -> Vec<String> {
+        let mut flags = vec!["--scale-actuator".to_string(), "kubernetes".into()];
+        flags.extend(self.api_flags());
+        flags
+    }
+}
+
+/// A few random hex digits, so that tokens of different tests differ.
+fn rand_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{nanos:08x}")
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use infermesh_integration_tests::kube::FakeKube;
 use infermesh_integration_tests::mesh::{Mesh, Sidecar};
 use infermesh_integration_tests::process::Process;
 use infermesh_integration_tests::wait;
@@ -32,13 +33,18 @@ async fn join_token(mesh: &Mesh, name: &str, request: Value) -> PathBuf {
 }
 
 fn identity_flags(mesh: &Mesh, dir: &Path, token: &Path) -> Vec<String> {
+    bootstrap_flags(mesh, dir, "--join-token-file", token)
+}
+
+/// `--identity-dir` with the bootstrap credential `flag` `file`.
+fn bootstrap_flags(mesh: &Mesh, dir: &Path, flag: &str, file: &Path) -> Vec<String> {
     [
         "--control-plane-ca",
         mesh.pki.ca_cert.to_str().unwrap(),
         "--identity-dir",
         dir.to_str().unwrap(),
-        "--join-token-file",
-        token.to_str().unwrap(),
+        flag,
+        file.to_str().unwrap(),
     ]
     .map(String::from)
     .to_vec()
@@ -49,9 +55,9 @@ fn issued_at(dir: &Path) -> Option<SystemTime> {
     enroll::held(&dir.join(enroll::IDENTITY_FILE)).map(|held| held.not_before)
 }
 
-/// A mesh whose control plane is the CA (`--identity-ttl` when given),
-/// with pool `llama-eu` registered.
-async fn issuing_mesh(ttl: Option<&str>) -> Mesh {
+/// A mesh whose control plane is the CA (`--identity-ttl` when given,
+/// and `extra` flags), with pool `llama-eu` registered.
+async fn issuing_mesh(ttl: Option<&str>, extra: Vec<String>) -> Mesh {
     let mut mesh = Mesh::start().await;
     let mut flags = vec![
         "--ca-cert".to_string(),
@@ -62,6 +68,7 @@ async fn issuing_mesh(ttl: Option<&str>) -> Mesh {
     if let Some(ttl) = ttl {
         flags.extend(["--identity-ttl".into(), ttl.into()]);
     }
+    flags.extend(extra);
     mesh.control_plane_extra.extend(flags);
     mesh.kill_control_plane().await;
     mesh.start_control_plane().await;
@@ -70,11 +77,22 @@ async fn issuing_mesh(ttl: Option<&str>) -> Mesh {
 }
 
 /// Engine `llama-0` (with `engine_flags`) and its sidecar, which starts with
-/// only `token`; returns them and the sidecar's identity directory.
+/// only the join token `token`; returns them and the sidecar's identity
+/// directory.
 async fn enrolled_replica(
     mesh: &Mesh,
     engine_flags: &[&str],
     token: &Path,
+) -> (Sidecar, Process, PathBuf) {
+    bootstrapped_replica(mesh, engine_flags, "--join-token-file", token).await
+}
+
+/// As `enrolled_replica`, with the bootstrap credential `flag` `file`.
+async fn bootstrapped_replica(
+    mesh: &Mesh,
+    engine_flags: &[&str],
+    flag: &str,
+    file: &Path,
 ) -> (Sidecar, Process, PathBuf) {
     let (engine_url, engine) = mesh.start_engine("llama-0", "llama", engine_flags).await;
     let dir = mesh.dir.path().join("identity-llama-0");
@@ -86,7 +104,7 @@ async fn enrolled_replica(
             "eu-west",
             &engine_url,
             None,
-            identity_flags(mesh, &dir, token),
+            bootstrap_flags(mesh, &dir, flag, file),
         )
         .await;
     (sidecar, engine, dir)
@@ -94,7 +112,7 @@ async fn enrolled_replica(
 
 #[tokio::test]
 async fn edges_and_sidecars_renew_sixty_second_identities_under_streaming_traffic() {
-    let mesh = issuing_mesh(Some("60s")).await;
+    let mesh = issuing_mesh(Some("60s"), Vec::new()).await;
 
     let edge_token = join_token(&mesh, "edge", json!({"role": "edge", "region": "eu-west"})).await;
     let sidecar_token = join_token(
@@ -240,7 +258,7 @@ async fn edges_and_sidecars_renew_sixty_second_identities_under_streaming_traffi
 
 #[tokio::test]
 async fn a_revoked_sidecar_identity_loses_its_streams_and_its_endpoint() {
-    let mesh = issuing_mesh(None).await;
+    let mesh = issuing_mesh(None, Vec::new()).await;
     let token = join_token(
         &mesh,
         "sidecar",
@@ -375,4 +393,77 @@ async fn a_revoked_sidecar_identity_loses_its_streams_and_its_endpoint() {
         listed["revocations"][0]["identity"], "sidecar/eu-west/llama-eu/llama-0",
         "{listed}"
     );
+}
+
+#[tokio::test]
+async fn a_pods_service_account_token_gets_it_the_identity_its_annotations_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let kube = FakeKube::start(dir.path()).await;
+    let mesh = issuing_mesh(None, kube.token_review_flags()).await;
+    kube.add_pod(
+        "gpu",
+        "llama-0",
+        "uid-0",
+        json!({"infermesh.io/pool": "llama-eu", "infermesh.io/region": "eu-west"}),
+    );
+    let token = kube.pod_token(dir.path(), "gpu", "llama-0", "uid-0", "infermesh");
+    let (_sidecar, _engine, _dir) =
+        bootstrapped_replica(&mesh, &[], "--service-account-token-file", &token).await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    mesh.wait_until_served(
+        &format!("{}/v1/chat/completions", edge.url),
+        &json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    let listed: Value = serde_json::from_str(
+        &mesh
+            .admin
+            .raw(&[], &["infermesh.v1.IdentityService/ListIssuedIdentities"])
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        listed["identities"][0]["identity"], "sidecar/eu-west/llama-eu/llama-0",
+        "{listed}"
+    );
+    assert_eq!(
+        listed["identities"][0]["certificates"][0]["via"],
+        "serviceaccount"
+    );
+
+    // Refused: a token for another audience, a pod that is gone, a pod
+    // whose annotations name nothing, another endpoint id.
+    let issue = |token: PathBuf, endpoint: &'static str| {
+        let admin = mesh.admin.clone();
+        async move {
+            let (_, csr) = infermesh_runtime::tls::pki::new_key_and_csr().unwrap();
+            let request = json!({"csr_pem": csr,
+                "service_account_token": std::fs::read_to_string(token).unwrap(),
+                "endpoint_id": endpoint});
+            admin
+                .raw(
+                    &["-d", &request.to_string()],
+                    &["infermesh.v1.IdentityService/Issue"],
+                )
+                .await
+                .unwrap_err()
+        }
+    };
+    let other_audience = kube.pod_token(dir.path(), "gpu", "llama-0", "uid-0", "kubernetes");
+    let refused = issue(other_audience, "").await;
+    assert_eq!(refused.code, "PermissionDenied", "{refused:?}");
+    assert!(refused.message.contains("audiences"), "{refused:?}");
+    let refused = issue(token.clone(), "llama-9").await;
+    assert!(
+        refused.message.contains("named after its pod"),
+        "{refused:?}"
+    );
+    kube.add_pod("gpu", "plain-0", "uid-9", json!({}));
+    let plain = kube.pod_token(dir.path(), "gpu", "plain-0", "uid-9", "infermesh");
+    let refused = issue(plain, "").await;
+    assert!(refused.message.contains("neither"), "{refused:?}");
+    kube.remove_pod("gpu", "llama-0");
+    let refused = issue(token, "").await;
+    assert!(refused.message.contains("no longer exists"), "{refused:?}");
 }

@@ -1,7 +1,9 @@
-//! The optional actuator: sets a Deployment's or StatefulSet's replica
-//! count through the Kubernetes scale subresource, authenticated with the
-//! pod's service-account token (read on every call, as projected tokens
-//! rotate) over TLS verified against the cluster CA.
+//! The Kubernetes API client: the optional actuator sets a Deployment's or
+//! StatefulSet's replica count through the scale subresource, and the
+//! identity service checks service-account tokens (TokenReview) and reads
+//! pods. Calls are authenticated with the pod's own service-account token
+//! (read on every call, as projected tokens rotate) over TLS verified
+//! against the cluster CA.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,8 +64,8 @@ impl KubeConfig {
     }
 }
 
-/// A client for the scale subresource.
-pub struct ScaleClient {
+/// A client for the Kubernetes API.
+pub struct KubeClient {
     host: String,
     port: u16,
     token_file: PathBuf,
@@ -99,7 +101,7 @@ pub fn describe(target: &ScaleTarget) -> String {
     format!("{kind} {}/{}", target.namespace, target.name)
 }
 
-impl ScaleClient {
+impl KubeClient {
     /// A client for `config`; the CA is read now, the token on every call.
     pub fn new(config: &KubeConfig) -> Result<Self, String> {
         let url: http::Uri = config
@@ -133,7 +135,8 @@ impl ScaleClient {
         })
     }
 
-    async fn call(
+    /// One call; the answer's status and body.
+    pub(crate) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -156,7 +159,7 @@ impl ScaleClient {
                 .map_err(|e| e.to_string())?;
             tokio::spawn(connection);
             let mut request = Request::builder()
-                .method(method)
+                .method(method.clone())
                 .uri(path)
                 .header(http::header::HOST, &self.host)
                 .header(http::header::ACCEPT, "application/json")
@@ -165,8 +168,12 @@ impl ScaleClient {
                     format!("Bearer {}", token.trim()),
                 );
             if body.is_some() {
-                request =
-                    request.header(http::header::CONTENT_TYPE, "application/merge-patch+json");
+                let content_type = if method == Method::PATCH {
+                    "application/merge-patch+json"
+                } else {
+                    "application/json"
+                };
+                request = request.header(http::header::CONTENT_TYPE, content_type);
             }
             let request = request
                 .body(Full::new(Bytes::from(body.unwrap_or_default())))
@@ -243,7 +250,7 @@ mod tests {
             name: "llama".into(),
         };
         assert_eq!(
-            ScaleClient::path(&target).unwrap(),
+            KubeClient::path(&target).unwrap(),
             "/apis/apps/v1/namespaces/gpu/deployments/llama/scale"
         );
         assert_eq!(describe(&target), "Deployment gpu/llama");
@@ -252,7 +259,7 @@ mod tests {
             ..target.clone()
         };
         assert!(
-            ScaleClient::path(&sts)
+            KubeClient::path(&sts)
                 .unwrap()
                 .contains("/statefulsets/llama/scale")
         );
@@ -260,18 +267,18 @@ mod tests {
             kind: "DaemonSet".into(),
             ..target
         };
-        assert!(ScaleClient::path(&bad).is_err());
+        assert!(KubeClient::path(&bad).is_err());
     }
 
     #[test]
     fn answers_are_read_and_refusals_explained() {
         let ok = br#"{"kind":"Scale","spec":{"replicas":5},"status":{"replicas":3}}"#;
         assert_eq!(
-            ScaleClient::parse(StatusCode::OK, ok),
+            KubeClient::parse(StatusCode::OK, ok),
             Ok(Scale { spec: 5, status: 3 })
         );
         let forbidden = br#"{"kind":"Status","message":"deployments.apps \"llama\" is forbidden"}"#;
-        let error = ScaleClient::parse(StatusCode::FORBIDDEN, forbidden).unwrap_err();
+        let error = KubeClient::parse(StatusCode::FORBIDDEN, forbidden).unwrap_err();
         assert!(
             error.contains("403") && error.contains("forbidden"),
             "{error}"

@@ -24,7 +24,7 @@ use crate::loads::LoadView;
 use crate::metrics::ControlPlaneMetrics;
 use crate::snapshot::Snapshot;
 use crate::store::{ObjectKind, Store, StoreError, decode};
-use kube::ScaleClient;
+use kube::KubeClient;
 use policy::{Observation, PoolState};
 
 /// Seconds a demand record outlives the last request held for its pool.
@@ -45,7 +45,7 @@ pub struct Autoscaler {
     /// Time between decisions.
     pub interval: Duration,
     /// Sets workloads' replicas, when configured.
-    pub actuator: Option<Arc<ScaleClient>>,
+    pub actuator: Option<Arc<KubeClient>>,
 }
 
 /// What the leader keeps between ticks.

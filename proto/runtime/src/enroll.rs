@@ -45,6 +45,15 @@ pub enum EnrollError {
     Local(String),
 }
 
+/// What gets the first certificate.
+#[derive(Debug, Clone, Copy)]
+enum Bootstrap<'a> {
+    /// A join token's secret.
+    JoinToken(&'a str),
+    /// A Kubernetes service-account token.
+    ServiceAccount(&'a str),
+}
+
 /// Where and how to enrol.
 #[derive(Debug, Clone)]
 pub struct Enrollment {
@@ -56,6 +65,9 @@ pub struct Enrollment {
     pub dir: PathBuf,
     /// A join token secret, for the first certificate.
     pub join_token: Option<String>,
+    /// Or, in Kubernetes, a projected service-account token file (read at
+    /// each use: the kubelet rotates it).
+    pub service_account_token_file: Option<PathBuf>,
     /// Sidecars: the endpoint id the certificate will name.
     pub endpoint_id: Option<String>,
 }
@@ -117,14 +129,20 @@ impl Enrollment {
             }
             _ => {}
         }
-        match &self.join_token {
-            Some(token) => self.issue(Some(token)).await,
-            None => Err(EnrollError::NothingToRenewWith(self.dir.clone())),
+        match (&self.join_token, &self.service_account_token_file) {
+            (Some(token), _) => self.issue(Some(Bootstrap::JoinToken(token))).await,
+            (None, Some(path)) => {
+                let token = std::fs::read_to_string(path)
+                    .map_err(|e| EnrollError::Local(format!("{}: {e}", path.display())))?;
+                self.issue(Some(Bootstrap::ServiceAccount(token.trim())))
+                    .await
+            }
+            (None, None) => Err(EnrollError::NothingToRenewWith(self.dir.clone())),
         }
     }
 
     /// Gets a certificate, with `token` or by renewal, and writes it.
-    async fn issue(&self, token: Option<&str>) -> Result<Held, EnrollError> {
+    async fn issue(&self, token: Option<Bootstrap<'_>>) -> Result<Held, EnrollError> {
         let (key_pem, csr_pem) =
             pki::new_key_and_csr().map_err(|e| EnrollError::Local(e.to_string()))?;
         let tls = match token {
@@ -144,7 +162,14 @@ impl Enrollment {
                 IdentityServiceClient::new(channel)
                     .issue(IssueRequest {
                         csr_pem: csr_pem.clone(),
-                        join_token: token.unwrap_or_default().to_string(),
+                        join_token: match token {
+                            Some(Bootstrap::JoinToken(t)) => t.to_string(),
+                            _ => String::new(),
+                        },
+                        service_account_token: match token {
+                            Some(Bootstrap::ServiceAccount(t)) => t.to_string(),
+                            _ => String::new(),
+                        },
                         endpoint_id: self.endpoint_id.clone().unwrap_or_default(),
                     })
                     .await
@@ -248,6 +273,18 @@ pub struct EnrollArgs {
     /// holds a certificate with life left.
     #[arg(long, env = "INFERMESH_JOIN_TOKEN_FILE", requires = "identity_dir")]
     pub join_token_file: Option<PathBuf>,
+
+    /// In Kubernetes, instead of a join token: a projected service-account
+    /// token file (audience `infermesh`), which the control plane checks
+    /// with a TokenReview; the pod's infermesh.io annotations name the
+    /// identity. Read again at each use.
+    #[arg(
+        long,
+        env = "INFERMESH_SERVICE_ACCOUNT_TOKEN_FILE",
+        requires = "identity_dir",
+        conflicts_with = "join_token_file"
+    )]
+    pub service_account_token_file: Option<PathBuf>,
 }
 
 impl EnrollArgs {
@@ -293,6 +330,7 @@ impl EnrollArgs {
             control_plane_ca: tls.control_plane_ca.clone().unwrap_or_default(),
             dir: dir.clone(),
             join_token,
+            service_account_token_file: self.service_account_token_file.clone(),
             endpoint_id,
         };
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
