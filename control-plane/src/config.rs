@@ -16,7 +16,7 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Address of the Prometheus metrics listener (GET /metrics).
-    #[arg(long, env = "INFERMESH_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = "INFERMESH_METRICS_LISTEN", default_value = "0.0.0.0:9100")]
     pub metrics_listen: SocketAddr,
 
     /// Name of this replica in leader election (defaults to the host name).

@@ -207,6 +207,15 @@ impl ApiError {
         if let ApiError::RateLimited { headers, .. } = &self {
             response.headers_mut().extend((**headers).clone());
         }
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE
+            || (self.status() == StatusCode::TOO_MANY_REQUESTS
+                && !response.headers().contains_key(header::RETRY_AFTER))
+        {
+            // No replica, or no table yet: worth another try soon, not at once.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        }
         if matches!(self, ApiError::BodyTimeout { .. }) {
             // The rest of the body may still be on its way: the connection
             // cannot carry another request.
@@ -254,6 +263,35 @@ mod tests {
         assert_eq!(body["error"]["param"], "model");
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert!(body["error"]["message"].as_str().unwrap().contains("gpt-9"));
+    }
+
+    #[tokio::test]
+    async fn unavailability_and_limits_say_when_to_retry() {
+        let retry_after = |error: ApiError| {
+            error
+                .into_response()
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            retry_after(ApiError::NoHealthyReplica("m".into())).as_deref(),
+            Some("1")
+        );
+        assert_eq!(retry_after(ApiError::NotReady).as_deref(), Some("1"));
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::RETRY_AFTER, http::HeaderValue::from_static("17"));
+        let limited = ApiError::RateLimited {
+            message: "m".into(),
+            kind: "requests",
+            headers: Box::new(headers),
+        };
+        assert_eq!(
+            retry_after(limited).as_deref(),
+            Some("17"),
+            "the limiter's own value stays"
+        );
+        assert_eq!(retry_after(ApiError::ModelNotFound("m".into())), None);
     }
 
     #[tokio::test]

@@ -229,6 +229,8 @@ impl Forwarder {
         span.record("http.response.status_code", response.status().as_u16());
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        // The engine's server software is the fleet's business, not the client's.
+        parts.headers.remove(header::SERVER);
         // The sidecar's load stamp is for this edge, not the client.
         if let Some(stamp) = parts.headers.remove(LOAD_HEADER)
             && let Ok(stamp) = stamp.to_str()

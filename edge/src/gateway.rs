@@ -179,12 +179,21 @@ impl Gateway {
 
     fn models(&self, principal: Option<&Principal>) -> Result<Response<Body>, ApiError> {
         let table = self.table().ok_or(ApiError::NotReady)?;
+        // Each name a client may send, canonical names and aliases alike;
+        // `root` names the model an alias stands for, as vLLM's list does.
         let data: Vec<_> = table
             .table
             .models
             .iter()
             .filter(|m| principal.is_none_or(|p| p.key.allows(&m.name)))
-            .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "infermesh", "aliases": m.aliases}))
+            .flat_map(|m| {
+                std::iter::once(json!({"id": m.name, "object": "model", "created": 0,
+                    "owned_by": "infermesh", "root": m.name, "parent": null, "aliases": m.aliases}))
+                .chain(m.aliases.iter().map(|alias| {
+                    json!({"id": alias, "object": "model", "created": 0,
+                        "owned_by": "infermesh", "root": m.name, "parent": null})
+                }))
+            })
             .collect();
         Ok(json_response(
             StatusCode::OK,

@@ -492,6 +492,11 @@ async fn the_clients_api_key_never_reaches_the_replica() {
         )
         .await;
         assert_eq!(reply.status, 200);
+        assert!(
+            reply.headers.get(http::header::SERVER).is_none(),
+            "the engine's server header reached the client: {:?}",
+            reply.headers
+        );
         let heard = mesh.last_engine_request(&replica).await;
         assert_eq!(
             heard.headers["x-sim-credential-headers"], "",
@@ -779,4 +784,61 @@ async fn engine_fields_reach_the_engine_only_where_the_model_allows_them() {
     assert_eq!(seen["priority"], -100, "{seen}");
     assert!(seen.get("request_id").is_none(), "{seen}");
     assert!(seen.get("chat_template").is_none(), "{seen}");
+}
+
+#[tokio::test]
+async fn early_refusals_reach_curl_intact_over_http2() {
+    let mesh = Mesh::start().await;
+    let cert = mesh.pki.server.cert.display().to_string();
+    let key = mesh.pki.server.key.display().to_string();
+    let edge = mesh
+        .start_edge(
+            "eu-west",
+            &[
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--auth-failures-per-minute",
+                "1000",
+            ],
+        )
+        .await;
+    let ca = mesh.pki.ca_cert.clone();
+    let url = format!("{}/v1/chat/completions", edge.url);
+    // A 78-byte body with a key the edge does not know: refused before the
+    // body matters, 30 times over one protocol each, never as a reset stream.
+    let body = r#"{"model":"llama","messages":[{"role":"user","content":"hello there, edge!!"}]}"#;
+    assert_eq!(body.len(), 78);
+    let bad_key = "authorization: Bearer imk_aaaaaaaaaaaa_not-a-key";
+    let args = ["-H", bad_key, "-H", "content-type: application/json", "-d", body];
+    wait::until("the edge to hold a table", Duration::from_secs(20), || async {
+        (curl(&url, &ca, &args).await.0 == "401").then_some(())
+    })
+    .await;
+    for protocol in ["--http2", "--http1.1"] {
+        let mut statuses = std::collections::BTreeMap::new();
+        for _ in 0..30 {
+            let (status, _) = curl(
+                &url,
+                &ca,
+                &[
+                    protocol,
+                    "-H",
+                    bad_key,
+                    "-H",
+                    "content-type: application/json",
+                    "-d",
+                    body,
+                ],
+            )
+            .await;
+            *statuses.entry(status).or_insert(0) += 1;
+        }
+        assert_eq!(
+            statuses,
+            std::collections::BTreeMap::from([("401".to_string(), 30)]),
+            "{protocol}"
+        );
+    }
 }

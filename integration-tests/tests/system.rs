@@ -81,6 +81,44 @@ async fn model_and_pool_created_with_grpcurl_appear_in_the_edge_model_list() {
         .json();
     assert_eq!(listed["object"], "list");
     assert_eq!(listed["data"][0]["object"], "model");
+
+    // An alias is listed too, as a name clients may send, rooted in its model.
+    let model = mesh
+        .admin(
+            "GetModel",
+            json!({"name": "meta-llama/Llama-3.1-8B-Instruct"}),
+        )
+        .await
+        .unwrap();
+    let mut update = model.clone();
+    update["aliases"] = json!(["llama-8b"]);
+    mesh.admin("UpdateModel", json!({"model": update}))
+        .await
+        .unwrap();
+    wait::until("the alias to be listed by the edge", DEADLINE, || async {
+        mesh.edge_models(&edge)
+            .await
+            .contains(&"llama-8b".to_string())
+            .then_some(())
+    })
+    .await;
+    let listed = mesh
+        .http
+        .get(&format!("{}/v1/models", edge.url))
+        .await
+        .unwrap()
+        .json();
+    let alias = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "llama-8b")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        alias["root"], "meta-llama/Llama-3.1-8B-Instruct",
+        "{listed}"
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use futures_util::future::{BoxFuture, FutureExt};
 use http::{Request, Response};
-use infermesh_runtime::http::Body;
+use infermesh_runtime::http::{Body, DISCARD_LIMIT, discard_body};
 use infermesh_runtime::time::now_unix_ms;
 use tower::{Layer, Service};
 
@@ -92,10 +92,25 @@ impl<S> Auth<S> {
     }
 }
 
+/// Answers `error` once the request's body is read (bounded) or dropped.
+fn refuse<B>(
+    request: Request<B>,
+    error: ApiError,
+) -> BoxFuture<'static, Result<Response<Body>, Infallible>>
+where
+    B: http_body::Body + Send + 'static,
+{
+    Box::pin(async move {
+        discard_body(request.into_body(), DISCARD_LIMIT).await;
+        Ok(error.into_response())
+    })
+}
+
 impl<S, B> Service<Request<B>> for Auth<S>
 where
     S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Send,
     S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -111,8 +126,7 @@ where
         }
         let source = request.extensions().get::<ClientAddr>().map(|a| a.0.ip());
         if let Some(retry) = source.and_then(|ip| self.failures.blocked(ip)) {
-            let error = too_many_failures(retry);
-            return futures_util::future::ready(Ok(error.into_response())).boxed();
+            return refuse(request, too_many_failures(retry));
         }
         match self.principal(request.headers()) {
             Ok(principal) => {
@@ -127,7 +141,7 @@ where
                     tracing::info!(client = ?source, %reason, "authentication failed");
                     self.failures.failed(source);
                 }
-                futures_util::future::ready(Ok(error.into_response())).boxed()
+                refuse(request, error)
             }
         }
     }

@@ -89,6 +89,9 @@ where
                 return Ok(response);
             }
             if body.size_hint().lower() > limit as u64 {
+                // Read a little of it, so that a small excess still gets its 413.
+                infermesh_runtime::http::discard_body(body, infermesh_runtime::http::DISCARD_LIMIT)
+                    .await;
                 return Ok(ApiError::BodyTooLarge { limit }.into_response());
             }
             let bytes = match Limited::new(body, limit).collect().await {

@@ -81,7 +81,15 @@ pub async fn serve(engine: Arc<Engine>, listener: TcpListener, shutdown: impl Fu
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let engine = engine.clone();
-                async move { Ok::<_, Infallible>(handle(engine, request).await) }
+                async move {
+                    let mut response = handle(engine, request).await;
+                    // As vLLM's server (uvicorn) does.
+                    response.headers_mut().insert(
+                        http::header::SERVER,
+                        http::HeaderValue::from_static("uvicorn"),
+                    );
+                    Ok::<_, Infallible>(response)
+                }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)

@@ -39,24 +39,31 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 /// Reads and drops up to `limit` bytes of a request body that is being
-/// refused, so that the answer reaches the client as an answer: a server
-/// that answers before the body is in resets an h2 stream (and closes an
-/// HTTP/1.1 connection), which some clients report as a failure instead of
-/// showing the refusal. Stops early at the limit or on an error.
+/// refused, for at most `DISCARD_TIME`, so that the answer reaches the
+/// client as an answer: a server that answers before the body is in resets
+/// an h2 stream (and closes an HTTP/1.1 connection), which some clients
+/// report as a failure instead of showing the refusal (nginx does the
+/// same). Stops early at either bound or on an error.
 pub async fn discard_body<B: HttpBody>(body: B, limit: usize) {
-    let mut body = std::pin::pin!(body);
-    let mut read = 0usize;
-    while read <= limit {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    read += bytes::Buf::remaining(data);
+    let drain = async {
+        let mut body = std::pin::pin!(body);
+        let mut read = 0usize;
+        while read <= limit {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        read += bytes::Buf::remaining(data);
+                    }
                 }
+                Some(Err(_)) | None => return,
             }
-            Some(Err(_)) | None => return,
         }
-    }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIME, drain).await;
 }
+
+/// Longest wait for a refused request's body.
+pub const DISCARD_TIME: Duration = Duration::from_secs(2);
 
 /// How much of a refused request's body is read before answering.
 pub const DISCARD_LIMIT: usize = 1 << 20;
