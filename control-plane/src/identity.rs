@@ -42,7 +42,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Authorizer;
 use crate::registry::validate;
-use crate::store::{ObjectKind, Store, decode};
+use crate::store::{ObjectKind, Store, decode, identity_name as stored_name};
 use crate::token_review::TokenReviewer;
 
 /// The visible start of every join-token secret.
@@ -215,12 +215,6 @@ fn claimed_id(secret: &str) -> Option<&str> {
 }
 
 /// `token` without its hash, for answers.
-/// The name an identity's records are stored under: its path with `~`
-/// for `/` (`sidecar~eu-west~llama-eu~vllm-0`).
-pub fn stored_name(identity: &PeerIdentity) -> String {
-    identity.to_string().replace('/', "~")
-}
-
 /// Serial and validity of the certificate in `pem`.
 fn issued_certificate(pem: &str, via: String) -> Option<IssuedCertificate> {
     let (serial, not_before_unix_ms, not_after_unix_ms) =

@@ -13,10 +13,12 @@ use infermesh_proto::v1::{Load, LoadDigest};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::admin::LoadBook;
 use etcd_client::KeyValue;
 
 use crate::store::{ObjectKind, Store, StoreError, decode};
+
+/// Latest load per endpoint id, as reported on this replica's streams.
+pub type LoadBook = dashmap::DashMap<String, Load>;
 
 /// Loads reported here and loads other replicas reported.
 #[derive(Default)]

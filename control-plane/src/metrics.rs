@@ -8,12 +8,11 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use infermesh_proto::v1::{EndpointState, SubscriberRole};
+use infermesh_proto::v1::{Pool, SubscriberRole};
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
-use crate::snapshot::Snapshot;
 use infermesh_runtime::metrics::CONTROL_SECONDS;
 
 /// How many recent writes are remembered for push latency.
@@ -261,16 +260,11 @@ impl ControlPlaneMetrics {
         self.load_reports.inc();
     }
 
-    /// The snapshot changed: table version and serving replicas per pool.
-    pub fn snapshot(&self, snapshot: &Snapshot) {
-        self.table_version.set(snapshot.revision);
+    /// The snapshot changed: its revision, and each pool with its serving replicas.
+    pub fn snapshot<'a>(&self, revision: i64, pools: impl IntoIterator<Item = (&'a Pool, usize)>) {
+        self.table_version.set(revision);
         self.pool_serving.reset();
-        for pool in snapshot.pools.values() {
-            let serving = snapshot
-                .endpoints
-                .values()
-                .filter(|e| e.pool == pool.name && e.state == EndpointState::Serving as i32)
-                .count();
+        for (pool, serving) in pools {
             self.pool_serving
                 .with_label_values(&[&pool.region, &pool.name, &pool.model])
                 .set(i64::try_from(serving).unwrap_or(i64::MAX));

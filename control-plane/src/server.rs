@@ -351,7 +351,7 @@ async fn follow_snapshots(
 ) {
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
-        metrics.snapshot(&snapshot);
+        metrics.snapshot(snapshot.revision, snapshot.serving_per_pool());
         tokio::select! {
             _ = cancel.cancelled() => return,
             changed = snapshots.changed() => if changed.is_err() { return },

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use etcd_client::{EventType, KeyValue, WatchOptions};
 use futures_util::StreamExt;
 use imbl::OrdMap;
-use infermesh_proto::v1::{ApiKey, Endpoint, Model, Pool, Region, Revocation, Tenant};
+use infermesh_proto::v1::{
+    ApiKey, Endpoint, EndpointState, Model, Pool, Region, Revocation, Tenant,
+};
 use infermesh_runtime::backoff::Backoff;
 use infermesh_runtime::tls::PeerIdentity;
 use tokio::sync::watch;
@@ -66,10 +68,22 @@ impl Snapshot {
         self.revision > 0
     }
 
+    /// Every pool with the number of its serving endpoints.
+    pub fn serving_per_pool(&self) -> impl Iterator<Item = (&Pool, usize)> {
+        self.pools.values().map(|pool| {
+            let serving = self
+                .endpoints
+                .values()
+                .filter(|e| e.pool == pool.name && e.state == EndpointState::Serving as i32)
+                .count();
+            (pool, serving)
+        })
+    }
+
     /// Whether the certificate `serial` of `identity` has been revoked.
     pub fn is_revoked(&self, identity: &PeerIdentity, serial: &str) -> bool {
         self.revocations
-            .get(&crate::identity::stored_name(identity))
+            .get(&crate::store::identity_name(identity))
             .is_some_and(|revocation| revocation.serials.iter().any(|s| s == serial))
     }
 

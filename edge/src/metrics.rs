@@ -47,6 +47,8 @@ pub struct EdgeMetrics {
     pub table_lag: Gauge,
     /// Failed authentications, and requests refused for too many of them.
     pub auth_failures: IntCounterVec,
+    /// Requests whose handling panicked (answered 500).
+    pub panics: IntCounter,
 }
 
 fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
@@ -160,6 +162,11 @@ impl EdgeMetrics {
                 "infermesh_edge_routing_table_refusals_total",
                 "Pushed routing tables this edge refused (NACKed), keeping the one it had.",
             )?,
+            panics: IntCounter::new(
+                "infermesh_edge_panics_total",
+                "Requests whose handling panicked; each got a 500 and the edge kept serving.",
+            )
+            .expect("valid counter definition"),
             auth_failures: counter(
                 "infermesh_edge_auth_failures_total",
                 "Requests refused for their credentials, by outcome (unauthorized: 401; blocked: 429 for a client address past its failed attempts).",
@@ -190,6 +197,7 @@ impl EdgeMetrics {
         registry.register(Box::new(metrics.table_refusals.clone()))?;
         registry.register(Box::new(metrics.table_lag.clone()))?;
         registry.register(Box::new(metrics.auth_failures.clone()))?;
+        registry.register(Box::new(metrics.panics.clone()))?;
         Ok(metrics)
     }
 
@@ -252,6 +260,35 @@ impl EdgeMetrics {
     /// A request for `model` was forwarded to the edge of `region`.
     pub fn spilled(&self, model: &str, region: &str) {
         self.spillovers.with_label_values(&[model, region]).inc();
+    }
+
+    /// Drops the per-endpoint series of `endpoint`, which left the table:
+    /// a fleet that churns must not grow the edge's metrics without bound.
+    pub fn forget_endpoint(&self, endpoint: &str) {
+        let _ = self.ejections.remove_label_values(&[endpoint]);
+        use prometheus::core::Collector;
+        let models: Vec<String> = self
+            .upstream
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|metric| {
+                metric
+                    .get_label()
+                    .iter()
+                    .any(|l| l.name() == "endpoint" && l.value() == endpoint)
+            })
+            .filter_map(|metric| {
+                metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "model")
+                    .map(|l| l.value().to_string())
+            })
+            .collect();
+        for model in models {
+            let _ = self.upstream.remove_label_values(&[&model, endpoint]);
+        }
     }
 
     /// `endpoint` was ejected.
@@ -330,6 +367,23 @@ mod tests {
             stream: true,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_endpoint_that_left_the_table_takes_its_series_with_it() {
+        let registry = Registry::new();
+        let metrics = EdgeMetrics::register(&registry).unwrap();
+        for (model, endpoint) in [("llama", "a"), ("qwen", "a"), ("llama", "b")] {
+            metrics.upstream(model, endpoint, Duration::from_millis(3));
+        }
+        metrics.ejected("a");
+        metrics.forget_endpoint("a");
+        let text = infermesh_runtime::metrics::render(&registry);
+        assert!(!text.contains(r#"endpoint="a""#), "{text}");
+        assert!(
+            text.contains(r#"infermesh_edge_upstream_request_duration_seconds_count{endpoint="b",model="llama"} 1"#),
+            "{text}"
+        );
     }
 
     #[test]

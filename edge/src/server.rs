@@ -21,6 +21,7 @@ use crate::gateway::{Gateway, Resilience};
 use crate::health::{EjectionPolicy, RetryBudget};
 use crate::layers::auth::AuthLayer;
 use crate::layers::auth_failures::AuthFailures;
+use crate::layers::catch_panic::CatchPanicLayer;
 use crate::layers::edges_only::EdgesOnly;
 use crate::metrics::{EdgeMetrics, Observer};
 use crate::quota::Limiter;
@@ -117,6 +118,7 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
         metrics.clone(),
         cancel.child_token(),
     ));
+    let panics = metrics.panics.clone();
     let auth_failures = AuthFailures::new(config.auth_failures_per_minute)
         .counted_in(metrics.auth_failures.clone());
     let gateway = Gateway::new(
@@ -146,7 +148,12 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
     if config.allow_anonymous {
         tracing::warn!("--allow-anonymous: requests without an API key are served without limits");
     }
-    let service = stack::build(gateway, auth, config.max_body_bytes);
+    let service = stack::build(
+        gateway,
+        auth,
+        config.max_body_bytes,
+        CatchPanicLayer::counted_in(panics),
+    );
     let mut options = ServeOptions {
         grace: Duration::from_secs(config.shutdown_grace_seconds),
         header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
@@ -266,9 +273,17 @@ async fn follow_subscription(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refusals = 0;
+    // Endpoints of the table last seen, whose metric series may exist.
+    let mut endpoints: std::collections::HashSet<String> = std::collections::HashSet::new();
     loop {
         {
             let current = tables.borrow_and_update();
+            if let Some(applied) = current.as_ref() {
+                for gone in endpoints.difference(&applied.table.endpoint_ids) {
+                    metrics.forget_endpoint(gone);
+                }
+                endpoints.clone_from(&applied.table.endpoint_ids);
+            }
             let (version, stale) = current
                 .as_ref()
                 .map_or((0, false), |t| (t.version, t.table.from_disk));

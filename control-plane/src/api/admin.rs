@@ -4,11 +4,10 @@
 
 use std::sync::Arc;
 
-use dashmap::DashMap;
 use infermesh_proto::v1::{
     self as pb, DeleteResponse, Endpoint, ListEndpointsResponse, ListModelsResponse,
-    ListPoolsResponse, ListRegionsResponse, Load, Model, Pool, Region, RoutingTable,
-    SubscriberRole, admin_service_server::AdminService,
+    ListPoolsResponse, ListRegionsResponse, Model, Pool, Region, RoutingTable, SubscriberRole,
+    admin_service_server::AdminService,
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -18,9 +17,6 @@ use crate::registry::{Registry, RegistryError, redacted};
 use crate::snapshot::Snapshot;
 use crate::store::{ObjectKind, decode};
 use crate::tables;
-
-/// Latest load per endpoint id, as sidecars report it to this replica.
-pub type LoadBook = DashMap<String, Load>;
 
 /// The admin service.
 pub struct Admin {

@@ -19,9 +19,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::admin::LoadBook;
 use super::{first_message, now_unix_ms};
 use crate::auth::Authorizer;
+use crate::loads::LoadBook;
 use crate::metrics::ControlPlaneMetrics;
 use crate::registry::{RegistryError, validate};
 use crate::replica_lease::ReplicaLease;

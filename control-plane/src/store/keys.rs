@@ -123,6 +123,12 @@ impl ObjectKind {
     ];
 }
 
+/// The name an identity's records (`identities/`, `revocations/`) are
+/// stored under: its path with `~` for `/` (`sidecar~eu-west~llama-eu~vllm-0`).
+pub fn identity_name(identity: &infermesh_runtime::tls::PeerIdentity) -> String {
+    identity.to_string().replace('/', "~")
+}
+
 /// Builds and parses keys under one prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {

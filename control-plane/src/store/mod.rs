@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use crate::metrics::ControlPlaneMetrics;
 pub use endpoints::lease_gone;
 use etcd_client::{Client, Compare, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp};
-pub use keys::{Keys, ObjectKind, prefix_end};
+pub use keys::{Keys, ObjectKind, identity_name, prefix_end};
 
 /// Errors talking to etcd or decoding what it holds.
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,7 @@ use infermesh_proto::v1::{RateLimits, RoutingTable};
 use infermesh_runtime::api_key;
 
 use crate::error::ApiError;
-use crate::table::ObjectKind;
-use crate::table::build::SkipLog;
+use crate::table::skips::{ObjectKind, SkipLog};
 
 /// One usable key.
 #[derive(Debug)]

@@ -5,5 +5,6 @@
 pub mod auth;
 pub mod auth_failures;
 pub mod body_limit;
+pub mod catch_panic;
 pub mod edges_only;
 pub mod request_id;

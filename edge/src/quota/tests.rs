@@ -33,7 +33,7 @@ fn principal(key_limits: RateLimits, tenant_limits: Option<RateLimits>) -> Princ
     let access = Access::from_table(
         &table,
         |_| None,
-        &mut crate::table::build::SkipLog::default(),
+        &mut crate::table::skips::SkipLog::default(),
     );
     let mut headers = HeaderMap::new();
     headers.insert("x-api-key", made.secret.parse().unwrap());

@@ -8,7 +8,6 @@
 //! table to the next by endpoint id so a push does not reset them.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
@@ -19,6 +18,7 @@ use infermesh_runtime::discovery::ApplyTable;
 use infermesh_runtime::engine_fields::FieldSet;
 use infermesh_runtime::tls::{PeerIdentity, PeerRole, mesh::expected_authority};
 
+use super::skips::{ObjectKind, SkipLog};
 use super::{
     ColdStart, DEFAULT_COLD_START, EdgeTable, ListedModel, LoadSample, ModelRoute, PeerEdge,
     Policy, Upstream,
@@ -26,74 +26,6 @@ use super::{
 use crate::access::Access;
 use crate::health::Health;
 use crate::prefix::PrefixIndex;
-
-/// What kind of table object was left out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ObjectKind {
-    /// A registered replica.
-    Endpoint,
-    /// A model (its routing policy is unknown to this edge).
-    Model,
-    /// A model name or alias claimed by more than one model.
-    Alias,
-    /// A region's edge address (spillover target).
-    Region,
-    /// An API key.
-    ApiKey,
-}
-
-impl ObjectKind {
-    /// Every kind, for metrics that report zero as well.
-    pub const ALL: [ObjectKind; 5] = [
-        ObjectKind::Endpoint,
-        ObjectKind::Model,
-        ObjectKind::Alias,
-        ObjectKind::Region,
-        ObjectKind::ApiKey,
-    ];
-
-    /// The kind as a metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ObjectKind::Endpoint => "endpoint",
-            ObjectKind::Model => "model",
-            ObjectKind::Alias => "alias",
-            ObjectKind::Region => "region",
-            ObjectKind::ApiKey => "api_key",
-        }
-    }
-}
-
-/// One object of a pushed table that the edge left out, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Skipped {
-    /// What it is.
-    pub kind: ObjectKind,
-    /// Its id or name (never a secret).
-    pub name: String,
-    /// Why it could not be used.
-    pub reason: String,
-}
-
-impl fmt::Display for Skipped {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {:?}: {}", self.kind.as_str(), self.name, self.reason)
-    }
-}
-
-/// Collects what a build left out.
-#[derive(Debug, Default)]
-pub(crate) struct SkipLog(Vec<Skipped>);
-
-impl SkipLog {
-    pub(crate) fn skip(&mut self, kind: ObjectKind, name: &str, reason: impl fmt::Display) {
-        self.0.push(Skipped {
-            kind,
-            name: name.to_string(),
-            reason: reason.to_string(),
-        });
-    }
-}
 
 /// What the edge knows of one replica beyond the table: requests in
 /// flight, passive health, latest load; kept by endpoint id across pushes.
@@ -302,6 +234,7 @@ impl EdgeTableBuilder {
             failover,
             from_disk: false,
             skipped: skips.0,
+            endpoint_ids: table.endpoints.iter().map(|e| e.id.clone()).collect(),
         }
     }
 }

@@ -4,7 +4,6 @@
 //! that cannot be used, is `build`'s job.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 
@@ -16,8 +15,10 @@ use crate::health::Health;
 use crate::prefix::PrefixIndex;
 
 pub(crate) mod build;
+pub(crate) mod skips;
 
-pub use build::{EdgeTableBuilder, ObjectKind, Skipped};
+pub use build::EdgeTableBuilder;
+pub use skips::{ObjectKind, Skipped};
 
 /// How a model's replica is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,12 +271,11 @@ impl ModelRoute {
         tried: &[String],
     ) -> Option<(Arc<Upstream>, String)> {
         let candidates = self.candidates(tried);
-        let owner = candidates.iter().max_by_key(|u| {
-            let mut hasher = DefaultHasher::new();
-            session.hash(&mut hasher);
-            u.id.hash(&mut hasher);
-            hasher.finish()
-        })?;
+        // Rendezvous hashing with XXH3, the same on every edge and build.
+        let session_key = xxhash_rust::xxh3::xxh3_64(session.as_bytes());
+        let owner = candidates
+            .iter()
+            .max_by_key(|u| xxhash_rust::xxh3::xxh3_64_with_seed(u.id.as_bytes(), session_key))?;
         let least = candidates
             .iter()
             .min_by_key(|u| u.in_flight.load(Ordering::Relaxed))?;
@@ -376,6 +376,8 @@ pub struct EdgeTable {
     pub from_disk: bool,
     /// Objects of the pushed table that were left out, and why.
     pub skipped: Vec<Skipped>,
+    /// Ids of every endpoint in the table, in any state.
+    pub endpoint_ids: std::collections::HashSet<String>,
 }
 
 /// Another region's edge, reached when this region cannot serve a model.
