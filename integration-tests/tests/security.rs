@@ -811,28 +811,25 @@ async fn early_refusals_reach_curl_intact_over_http2() {
     let body = r#"{"model":"llama","messages":[{"role":"user","content":"hello there, edge!!"}]}"#;
     assert_eq!(body.len(), 78);
     let bad_key = "authorization: Bearer imk_aaaaaaaaaaaa_not-a-key";
-    let args = ["-H", bad_key, "-H", "content-type: application/json", "-d", body];
-    wait::until("the edge to hold a table", Duration::from_secs(20), || async {
-        (curl(&url, &ca, &args).await.0 == "401").then_some(())
-    })
+    let args = [
+        "-H",
+        bad_key,
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+    ];
+    wait::until(
+        "the edge to hold a table",
+        Duration::from_secs(20),
+        || async { (curl(&url, &ca, &args).await.0 == "401").then_some(()) },
+    )
     .await;
     for protocol in ["--http2", "--http1.1"] {
         let mut statuses = std::collections::BTreeMap::new();
         for _ in 0..30 {
-            let (status, _) = curl(
-                &url,
-                &ca,
-                &[
-                    protocol,
-                    "-H",
-                    bad_key,
-                    "-H",
-                    "content-type: application/json",
-                    "-d",
-                    body,
-                ],
-            )
-            .await;
+            let with_protocol: Vec<&str> = std::iter::once(protocol).chain(args).collect();
+            let (status, _) = curl(&url, &ca, &with_protocol).await;
             *statuses.entry(status).or_insert(0) += 1;
         }
         assert_eq!(
