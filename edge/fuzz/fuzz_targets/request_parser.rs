@@ -1,12 +1,14 @@
 //! The edge's request parser on arbitrary bodies: it must never panic, and
 //! every body it accepts must stay accepted, with the same meaning, after
 //! the rewrites the edge applies before forwarding (the canonical model
-//! name in place of an alias, usage asked for on streamed requests).
+//! name in place of an alias, usage asked for on streamed requests, engine
+//! fields the model does not allow removed).
 
 #![no_main]
 
 use bytes::Bytes;
 use infermesh_edge::openai::{Endpoint, routing_fields, upstream_body};
+use infermesh_runtime::engine_fields::{FieldSet, GATED};
 use libfuzzer_sys::fuzz_target;
 
 const ENDPOINTS: [Endpoint; 3] = [
@@ -21,15 +23,30 @@ fuzz_target!(|data: &[u8]| {
         let Ok(fields) = routing_fields(endpoint, &body) else {
             continue;
         };
-        for canonical in [fields.model.as_str(), "canonical/model-1"] {
-            let sent = upstream_body(body.clone(), &fields, canonical);
+        let all = FieldSet::of(GATED);
+        for (canonical, allowed) in [
+            (fields.model.as_str(), all),
+            (fields.model.as_str(), FieldSet::default()),
+            ("canonical/model-1", all),
+            ("canonical/model-1", FieldSet::default()),
+        ] {
+            let sent = upstream_body(body.clone(), &fields, canonical, allowed);
             let after = routing_fields(endpoint, &sent)
                 .expect("a valid request stays valid after the edge's rewrites");
             assert_eq!(after.model, canonical);
             assert_eq!(after.stream, fields.stream);
             assert_eq!(after.include_usage, fields.stream || fields.include_usage);
             assert_eq!(after.max_tokens, fields.max_tokens);
-            if canonical == fields.model && !(fields.stream && !fields.include_usage) {
+            assert_eq!(
+                after.engine_fields,
+                fields.engine_fields.without(fields.engine_fields.without(allowed)),
+                "exactly the engine fields not allowed are removed"
+            );
+            let refused = fields.engine_fields.without(allowed);
+            if canonical == fields.model
+                && refused.is_empty()
+                && !(fields.stream && !fields.include_usage)
+            {
                 assert_eq!(
                     sent, body,
                     "a body needing no rewrite is passed on untouched"
