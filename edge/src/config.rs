@@ -147,6 +147,17 @@ pub struct Config {
     )]
     pub upstream_response_timeout_ms: u64,
 
+    /// Longest gap between two chunks of a replica's response body,
+    /// milliseconds; a stream past it ends with an error event (code
+    /// `upstream_cut`) and is logged and counted as cut. A model's own
+    /// `timeouts.idle_ms` takes precedence.
+    #[arg(
+        long,
+        env = "INFERMESH_UPSTREAM_IDLE_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub upstream_idle_timeout_ms: u64,
+
     /// Most attempts on other replicas for one request (refused or lost
     /// connections and 502/503 before any byte reached the client).
     #[arg(long, env = "INFERMESH_MAX_RETRIES", default_value_t = 2)]
@@ -297,9 +308,12 @@ impl Config {
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes: must be positive".into());
         }
-        if self.upstream_connect_timeout_ms == 0 || self.upstream_response_timeout_ms == 0 {
+        if self.upstream_connect_timeout_ms == 0
+            || self.upstream_response_timeout_ms == 0
+            || self.upstream_idle_timeout_ms == 0
+        {
             return Err(
-                "--upstream-connect-timeout-ms and --upstream-response-timeout-ms must be positive"
+                "--upstream-connect-timeout-ms, --upstream-response-timeout-ms and --upstream-idle-timeout-ms must be positive"
                     .into(),
             );
         }
@@ -317,6 +331,11 @@ impl Config {
     /// Connect deadline.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.upstream_connect_timeout_ms)
+    }
+
+    /// Longest gap between two chunks of a response.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_idle_timeout_ms)
     }
 
     /// Response-headers deadline.

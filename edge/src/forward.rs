@@ -96,22 +96,13 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// A forwarder whose connects give up after `connect_timeout` and whose
-    /// responses must start within `response_timeout`, unless a model says
-    /// otherwise; with `mesh`, replicas are reached over mutual TLS and
-    /// must prove they are the endpoint chosen.
-    pub fn new(
-        connect_timeout: Duration,
-        response_timeout: Duration,
-        mesh: Option<MeshClientTls>,
-    ) -> Self {
+    /// A forwarder with the edge's `deadlines` (a model's own replace
+    /// them field by field); with `mesh`, replicas are reached over mutual
+    /// TLS and must prove they are the endpoint chosen.
+    pub fn new(deadlines: Deadlines, mesh: Option<MeshClientTls>) -> Self {
+        let connect_timeout = deadlines.connect;
         let forwarder = Self {
-            defaults: Deadlines {
-                connect: connect_timeout,
-                first_byte: response_timeout,
-                idle: None,
-                total: None,
-            },
+            defaults: deadlines,
             clients: Arc::new(dashmap::DashMap::new()),
             mesh,
         };

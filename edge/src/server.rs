@@ -124,8 +124,12 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
     let gateway = Gateway::new(
         subscription.tables.clone(),
         Forwarder::new(
-            config.connect_timeout(),
-            config.response_timeout(),
+            crate::forward::Deadlines {
+                connect: config.connect_timeout(),
+                first_byte: config.response_timeout(),
+                idle: Some(config.idle_timeout()),
+                total: None,
+            },
             upstream_tls(&config, cancel.child_token())?,
         ),
         limiter,

@@ -68,6 +68,24 @@ pub struct UsageTap {
     mode: Mode,
     usage: Option<Usage>,
     finish: Option<Finish>,
+    /// The stream was cut and its closing error event sent: nothing follows.
+    closed: bool,
+}
+
+/// `error` in the access log and the request metrics of a response the
+/// replica stopped sending partway (a timeout between chunks, a lost
+/// connection).
+pub const UPSTREAM_CUT: &str = "upstream_cut";
+/// `error` of a response whose client went away before its end.
+pub const CLIENT_CANCELLED: &str = "client_cancelled";
+
+/// The last event of a stream the replica cut: an OpenAI-style error, so
+/// that clients see why it ended instead of a dropped connection.
+fn cut_event(reason: &str) -> Bytes {
+    let event = serde_json::json!({"error": {
+        "message": format!("the replica stopped sending: {reason}"),
+        "type": "server_error", "param": null, "code": UPSTREAM_CUT}});
+    Bytes::from(format!("data: {event}\n\n"))
 }
 
 impl UsageTap {
@@ -87,6 +105,7 @@ impl UsageTap {
             mode,
             usage: None,
             finish: Some(finish),
+            closed: false,
         }
     }
 
@@ -185,6 +204,9 @@ impl HttpBody for UsageTap {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.closed {
+            return Poll::Ready(None);
+        }
         loop {
             return match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
@@ -199,7 +221,16 @@ impl HttpBody for UsageTap {
                     Poll::Ready(None)
                 }
                 Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "the replica's response was cut short");
+                    if let Some(finish) = &mut this.finish {
+                        finish.record.error = Some(UPSTREAM_CUT.into());
+                    }
                     this.end();
+                    if matches!(this.mode, Mode::Sse { .. }) {
+                        // A stream ends with an error event the client can read.
+                        this.closed = true;
+                        return Poll::Ready(Some(Ok(Frame::data(cut_event(&e.to_string())))));
+                    }
                     Poll::Ready(Some(Err(e)))
                 }
                 Poll::Ready(Some(Ok(frame))) => {
@@ -222,6 +253,11 @@ impl HttpBody for UsageTap {
                             };
                             if data.is_empty() {
                                 continue;
+                            }
+                            // A body of known length is whole once its last
+                            // frame is out; the server need not poll again.
+                            if matches!(this.mode, Mode::Json(_)) && this.inner.is_end_stream() {
+                                this.end();
                             }
                             Frame::data(data)
                         }
@@ -248,6 +284,11 @@ impl HttpBody for UsageTap {
 impl Drop for UsageTap {
     fn drop(&mut self) {
         // A client that went away still gets its line, and its reservation stands.
+        if let Some(finish) = &mut self.finish
+            && finish.record.error.is_none()
+        {
+            finish.record.error = Some(CLIENT_CANCELLED.into());
+        }
         self.end();
     }
 }
@@ -313,6 +354,28 @@ mod tests {
             "a client that asked gets the stream byte for byte"
         );
         body
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_replica_cuts_ends_with_an_error_event() {
+        let first = Bytes::from(chunk("a"));
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(first)),
+            Err("no chunk from the replica within the idle timeout".into()),
+        ];
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let mut tap = UsageTap::new(http_body_util::BodyExt::boxed(inner), true, true, finish());
+        let mut body = String::new();
+        while let Some(frame) = tap.frame().await {
+            let frame = frame.expect("the cut is an event, not an error");
+            body.push_str(std::str::from_utf8(frame.data_ref().unwrap()).unwrap());
+        }
+        assert!(body.starts_with("data: {\"id\""), "{body}");
+        let last = body.lines().rfind(|l| l.starts_with("data:")).unwrap();
+        let event: serde_json::Value =
+            serde_json::from_str(last.trim_start_matches("data: ")).unwrap();
+        assert_eq!(event["error"]["code"], UPSTREAM_CUT, "{body}");
+        assert!(tap.finish.is_none(), "the request was accounted once");
     }
 
     #[tokio::test]

@@ -367,3 +367,55 @@ async fn unknown_fields_reach_the_engine_untouched() {
     expected["stream_options"] = json!({"include_usage": true});
     assert_eq!(received, expected);
 }
+
+#[tokio::test]
+async fn a_stream_past_the_idle_deadline_ends_with_an_error_event_and_is_counted_as_cut() {
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "slow", "slow-eu").await;
+    let _replica = mesh
+        .start_replica(
+            "slow-0",
+            "slow-eu",
+            "slow",
+            "eu-west",
+            &["--decode-ms-per-token", "1500"],
+        )
+        .await;
+    let edge = mesh
+        .start_edge("eu-west", &["--upstream-idle-timeout-ms", "300"])
+        .await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let quick = json!({"model": "slow", "max_tokens": 1,
+        "messages": [{"role": "user", "content": "hi"}]});
+    mesh.wait_until_served(&url, &quick).await;
+    let body = json!({"model": "slow", "max_tokens": 20, "stream": true,
+        "messages": [{"role": "user", "content": "take your time"}]});
+    let streamed = mesh.http.post_stream(&url, &body).await.unwrap();
+    assert_eq!(streamed.status, 200);
+    let text: String = streamed
+        .frames
+        .iter()
+        .map(|(_, data)| String::from_utf8_lossy(data).into_owned())
+        .collect();
+    let last = text
+        .lines()
+        .rfind(|l| l.starts_with("data:"))
+        .expect("an event");
+    let event: serde_json::Value = serde_json::from_str(last.trim_start_matches("data: ")).unwrap();
+    assert_eq!(event["error"]["code"], "upstream_cut", "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    let metrics = wait::until("the cut to be counted", DEADLINE, || async {
+        let text = mesh.http.get(&edge.metrics_url).await.ok()?.text();
+        text.contains(r#"error="upstream_cut""#).then_some(text)
+    })
+    .await;
+    assert_eq!(
+        infermesh_integration_tests::scrape::value(
+            &metrics,
+            "infermesh_edge_requests_total",
+            &[("error", "upstream_cut"), ("model", "slow")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
