@@ -339,6 +339,13 @@ impl Gateway {
                 picked.ok_or_else(|| ApiError::NoHealthyReplica(route.model.clone()))?;
             upstream
         };
+        // Rewritten before admission: a body that cannot be rewritten is
+        // refused before it counts against any limit.
+        let refused = fields.engine_fields.without(route.engine_fields);
+        if !refused.is_empty() {
+            tracing::debug!(model = %route.model, fields = ?refused.names().collect::<Vec<_>>(), "engine fields removed: the model does not allow them");
+        }
+        let body = openai::upstream_body(body, &fields, &route.model, route.engine_fields)?;
         let metrics = self.observer.metrics();
         let admission = principal
             .as_ref()
@@ -354,11 +361,6 @@ impl Gateway {
             })?;
         let in_flight = metrics.map(|m| m.in_flight(&route.model));
         tracing::debug!(model = %route.model, endpoint = %upstream.id, stream = fields.stream, "routing");
-        let refused = fields.engine_fields.without(route.engine_fields);
-        if !refused.is_empty() {
-            tracing::debug!(model = %route.model, fields = ?refused.names().collect::<Vec<_>>(), "engine fields removed: the model does not allow them");
-        }
-        let body = openai::upstream_body(body, &fields, &route.model, route.engine_fields);
         self.resilience.budget.earn();
         let deadlines = self.forwarder.deadlines(route.timeouts.as_ref());
         let mut upstream = upstream;

@@ -388,18 +388,18 @@ pub fn upstream_body(
     fields: &RoutingFields,
     canonical_model: &str,
     allowed: FieldSet,
-) -> Bytes {
+) -> Result<Bytes, ApiError> {
     let refused = fields.engine_fields.without(allowed);
     let body = if fields.model != canonical_model || !refused.is_empty() {
-        rewritten(&body, canonical_model, refused)
+        rewritten(&body, canonical_model, refused)?
     } else {
         body
     };
-    if fields.stream && !fields.include_usage {
+    Ok(if fields.stream && !fields.include_usage {
         with_usage_requested(&body)
     } else {
         body
-    }
+    })
 }
 
 /// The body with `stream_options.include_usage` set, so that the engine
@@ -441,17 +441,24 @@ pub fn with_usage_requested(body: &Bytes) -> Bytes {
 /// The body with `model` set to the canonical name (engines know a model
 /// only by the name they serve it as) and the engine fields in `remove`
 /// taken out.
-pub fn rewritten(body: &Bytes, canonical: &str, remove: FieldSet) -> Bytes {
-    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return body.clone();
+/// A body that cannot be rewritten (a number beyond what JSON tools read,
+/// which the skimming parse lets through) is refused rather than forwarded
+/// as it is: a field the model does not allow must never reach the engine.
+pub fn rewritten(body: &Bytes, canonical: &str, remove: FieldSet) -> Result<Bytes, ApiError> {
+    let unreadable = |e: serde_json::Error| ApiError::InvalidRequest {
+        message: format!("request body cannot be read as JSON values: {e}"),
+        param: None,
     };
+    let mut value = serde_json::from_slice::<serde_json::Value>(body).map_err(unreadable)?;
     if let Some(map) = value.as_object_mut() {
         map.insert("model".into(), serde_json::Value::String(canonical.into()));
         for field in remove.names() {
             map.remove(field);
         }
     }
-    serde_json::to_vec(&value).map_or_else(|_| body.clone(), Bytes::from)
+    serde_json::to_vec(&value)
+        .map(Bytes::from)
+        .map_err(unreadable)
 }
 
 /// Whether `needle` occurs in `haystack`.
@@ -573,7 +580,8 @@ mod tests {
     fn an_alias_is_replaced_by_the_canonical_name_and_other_fields_kept() {
         let body = Bytes::from(r#"{"model":"l3","x_unknown":{"a":1},"prompt":"hi"}"#);
         let value: serde_json::Value =
-            serde_json::from_slice(&rewritten(&body, "llama-3", FieldSet::default())).unwrap();
+            serde_json::from_slice(&rewritten(&body, "llama-3", FieldSet::default()).unwrap())
+                .unwrap();
         assert_eq!(value["model"], "llama-3");
         assert_eq!(value["x_unknown"]["a"], 1);
     }
@@ -594,7 +602,8 @@ mod tests {
                 &fields,
                 "m",
                 FieldSet::of(allowed.iter().copied()),
-            );
+            )
+            .unwrap();
             serde_json::from_slice(&out).unwrap()
         };
         let default = sent(&[]);
@@ -610,9 +619,14 @@ mod tests {
         let plain = Bytes::from(r#"{"model":"m", "prompt":"hi"}"#);
         let fields = parse(r#"{"model":"m", "prompt":"hi"}"#).unwrap();
         assert_eq!(
-            upstream_body(plain.clone(), &fields, "m", FieldSet::default()),
+            upstream_body(plain.clone(), &fields, "m", FieldSet::default()).unwrap(),
             plain
         );
+        // A field that must go, in a body whose numbers JSON tools cannot
+        // read: refused, never forwarded as it is.
+        let huge = r#"{"model":"m","prompt":"p","chat_template_kwargs":1e99999}"#;
+        let fields = parse(huge).unwrap();
+        assert!(upstream_body(Bytes::from(huge), &fields, "m", FieldSet::default()).is_err());
     }
 
     #[test]

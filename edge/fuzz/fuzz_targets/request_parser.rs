@@ -30,7 +30,10 @@ fuzz_target!(|data: &[u8]| {
             ("canonical/model-1", all),
             ("canonical/model-1", FieldSet::default()),
         ] {
-            let sent = upstream_body(body.clone(), &fields, canonical, allowed);
+            let Ok(sent) = upstream_body(body.clone(), &fields, canonical, allowed) else {
+                // Refused with a 400: a body the rewrites cannot read is never forwarded.
+                continue;
+            };
             let after = routing_fields(endpoint, &sent)
                 .expect("a valid request stays valid after the edge's rewrites");
             assert_eq!(after.model, canonical);
