@@ -119,6 +119,7 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
         cancel.child_token(),
     ));
     let panics = metrics.panics.clone();
+    let observer = Observer::new(log, metrics.clone());
     let auth_failures = AuthFailures::new(config.auth_failures_per_minute)
         .counted_in(metrics.auth_failures.clone());
     let gateway = Gateway::new(
@@ -133,7 +134,7 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
             upstream_tls(&config, cancel.child_token())?,
         ),
         limiter,
-        Observer::new(log, metrics),
+        observer.clone(),
         response_cache(&config, &registry, cancel.child_token())?,
         Resilience {
             budget: Arc::new(RetryBudget::new(config.retry_budget_ratio, 10)),
@@ -148,7 +149,8 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
     .with_demand(demand)
     .with_sync(subscription.sync.clone());
     let auth = AuthLayer::new(subscription.tables.clone(), config.allow_anonymous)
-        .limiting_failures(auth_failures);
+        .limiting_failures(auth_failures)
+        .observed_by(observer.clone());
     if config.allow_anonymous {
         tracing::warn!("--allow-anonymous: requests without an API key are served without limits");
     }

@@ -353,8 +353,35 @@ async fn guessing_keys_from_one_address_is_blocked_counted_and_logged_without_th
     };
     assert_eq!(value("unauthorized"), Some(5.0), "{metrics}");
     assert_eq!(value("blocked"), Some(2.0), "{metrics}");
+    // Refused requests are in the request metrics and the access log too.
+    let requests = |code, error| {
+        infermesh_integration_tests::scrape::value(
+            &metrics,
+            "infermesh_edge_requests_total",
+            &[("code", code), ("error", error)],
+        )
+    };
+    assert_eq!(requests("401", "unauthorized"), Some(5.0), "{metrics}");
+    assert_eq!(requests("429", "auth_failures"), Some(2.0), "{metrics}");
     let log = edge.process.log();
     assert!(log.contains("authentication failed"), "401s are logged");
+    // Access lines are written in batches, shortly after the answer.
+    wait::until(
+        "every 401 to have its access-log line",
+        Duration::from_secs(10),
+        || {
+            let lines = edge
+                .process
+                .log()
+                .lines()
+                .filter(|l| {
+                    l.contains(r#""status":401"#) && l.contains(r#""error":"unauthorized""#)
+                })
+                .count();
+            async move { (lines == 5).then_some(()) }
+        },
+    )
+    .await;
     assert!(
         !log.contains("notthesecret"),
         "the guessed secret is never logged"

@@ -19,8 +19,10 @@ use infermesh_runtime::http::ClientAddr;
 
 use super::auth_failures::AuthFailures;
 use crate::access::Principal;
+use crate::access_log::{AccessRecord, millis};
 use crate::error::ApiError;
 use crate::gateway::Tables;
+use crate::metrics::Observer;
 
 /// Paths open without a key: Kubernetes probes.
 fn is_probe(path: &str) -> bool {
@@ -33,6 +35,7 @@ pub struct AuthLayer {
     tables: Tables,
     allow_anonymous: bool,
     failures: Arc<AuthFailures>,
+    observer: Option<Observer>,
 }
 
 impl AuthLayer {
@@ -43,7 +46,15 @@ impl AuthLayer {
             tables,
             allow_anonymous,
             failures: Arc::new(AuthFailures::new(0)),
+            observer: None,
         }
+    }
+
+    /// Writes every refused request to the access log and the request
+    /// metrics of `observer` (error `unauthorized` or `auth_failures`).
+    pub fn observed_by(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Counts and limits failures per source address with `failures`.
@@ -61,6 +72,7 @@ impl<S> Layer<S> for AuthLayer {
             tables: self.tables.clone(),
             allow_anonymous: self.allow_anonymous,
             failures: self.failures.clone(),
+            observer: self.observer.clone(),
         }
     }
 }
@@ -72,6 +84,7 @@ pub struct Auth<S> {
     tables: Tables,
     allow_anonymous: bool,
     failures: Arc<AuthFailures>,
+    observer: Option<Observer>,
 }
 
 fn presents_a_key(headers: &http::HeaderMap) -> bool {
@@ -92,17 +105,33 @@ impl<S> Auth<S> {
     }
 }
 
-/// Answers `error` once the request's body is read (bounded) or dropped.
+/// Answers `error` once the request's body is read (bounded) or dropped,
+/// and records it with `observer`.
 fn refuse<B>(
     request: Request<B>,
     error: ApiError,
+    observer: Option<Observer>,
 ) -> BoxFuture<'static, Result<Response<Body>, Infallible>>
 where
     B: http_body::Body + Send + 'static,
 {
+    let started = std::time::Instant::now();
+    let mut record = AccessRecord::begin(&request);
     Box::pin(async move {
         discard_body(request.into_body(), DISCARD_LIMIT).await;
-        Ok(error.into_response())
+        let outcome = match &error {
+            ApiError::RateLimited { .. } => "auth_failures",
+            ApiError::NotReady => "not_ready",
+            _ => "unauthorized",
+        };
+        let response = error.into_response();
+        if let Some(observer) = observer {
+            record.status = response.status().as_u16();
+            record.error = Some(outcome.to_string());
+            record.total_ms = millis(started.elapsed());
+            observer.finished(&record);
+        }
+        Ok(response)
     })
 }
 
@@ -126,7 +155,7 @@ where
         }
         let source = request.extensions().get::<ClientAddr>().map(|a| a.0.ip());
         if let Some(retry) = source.and_then(|ip| self.failures.blocked(ip)) {
-            return refuse(request, too_many_failures(retry));
+            return refuse(request, too_many_failures(retry), self.observer.clone());
         }
         match self.principal(request.headers()) {
             Ok(principal) => {
@@ -141,7 +170,7 @@ where
                     tracing::info!(client = ?source, %reason, "authentication failed");
                     self.failures.failed(source);
                 }
-                refuse(request, error)
+                refuse(request, error, self.observer.clone())
             }
         }
     }
