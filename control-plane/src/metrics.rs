@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Mutex;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use infermesh_proto::v1::{Pool, SubscriberRole};
 use prometheus::{

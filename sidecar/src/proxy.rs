@@ -221,7 +221,7 @@ impl tower::Service<Request<RequestBody>> for EngineProxy {
                     )
                 }
                 _ => {
-                    let started = std::time::Instant::now();
+                    let started = tokio::time::Instant::now();
                     let metrics = proxy.metrics.clone();
                     let response = proxy.forward(request).await;
                     if let Some(metrics) = metrics {

@@ -11,7 +11,8 @@
 //! because the next one is computed from what was consumed, not granted.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use infermesh_proto::v1::QuotaGrant;
 

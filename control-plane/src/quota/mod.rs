@@ -15,7 +15,8 @@ mod ledger;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use infermesh_proto::v1::{QuotaDigest, QuotaGrants, UsageReport};
 use infermesh_runtime::quota::{QuotaId, Scope};

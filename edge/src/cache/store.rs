@@ -33,6 +33,8 @@ struct Stored {
 
 struct PerEntryTtl;
 
+// moka's expiry callbacks are given std's clock; nothing here reads it.
+#[allow(clippy::disallowed_types)]
 impl Expiry<String, Stored> for PerEntryTtl {
     fn expire_after_create(
         &self,
@@ -257,10 +259,10 @@ mod tests {
             store.get("short".into()).await.unwrap().as_deref(),
             Some(&b"a"[..])
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while store.get("short".into()).await.unwrap().is_some() {
             assert!(
-                std::time::Instant::now() < deadline,
+                tokio::time::Instant::now() < deadline,
                 "the short entry never expired"
             );
             tokio::task::yield_now().await;

@@ -115,7 +115,7 @@ fn refuse<B>(
 where
     B: http_body::Body + Send + 'static,
 {
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let mut record = AccessRecord::begin(&request);
     Box::pin(async move {
         discard_body(request.into_body(), DISCARD_LIMIT).await;
