@@ -17,7 +17,6 @@ use infermesh_proto::v1::{
     ApiKey, Endpoint, EndpointState, Model, Pool, Region, Revocation, Tenant,
 };
 use infermesh_runtime::backoff::Backoff;
-use infermesh_runtime::tls::PeerIdentity;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -80,10 +79,11 @@ impl Snapshot {
         })
     }
 
-    /// Whether the certificate `serial` of `identity` has been revoked.
-    pub fn is_revoked(&self, identity: &PeerIdentity, serial: &str) -> bool {
+    /// Whether the certificate `serial` of the identity stored as `name`
+    /// (`store::identity_name`) has been revoked.
+    pub fn is_revoked(&self, name: &str, serial: &str) -> bool {
         self.revocations
-            .get(&crate::store::identity_name(identity))
+            .get(name)
             .is_some_and(|revocation| revocation.serials.iter().any(|s| s == serial))
     }
 

@@ -265,7 +265,7 @@ impl Gateway {
         let mut flight = None;
         let mut recording = None;
         if let Some(cache) = &self.cache {
-            let tenant = principal.as_ref().map_or("", |p| p.cache_scope.as_str());
+            let tenant = principal.as_ref().map_or("", |p| &*p.cache_scope);
             let decision = cache.decide(
                 &parts.headers,
                 endpoint,

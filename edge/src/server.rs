@@ -279,12 +279,17 @@ async fn follow_subscription(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refusals = 0;
-    // Endpoints of the table last seen, whose metric series may exist.
+    // Endpoints of the table last seen (whose metric series may exist),
+    // compared only when a new table is applied, not on every tick.
     let mut endpoints: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut seen_version = None;
     loop {
         {
             let current = tables.borrow_and_update();
-            if let Some(applied) = current.as_ref() {
+            if let Some(applied) = current.as_ref()
+                && seen_version != Some(applied.version)
+            {
+                seen_version = Some(applied.version);
                 for gone in endpoints.difference(&applied.table.endpoint_ids) {
                     metrics.forget_endpoint(gone);
                 }

@@ -95,7 +95,10 @@ impl Authorizer {
         let (Some(snapshots), Some((identity, serial))) = (&self.revocations, presented) else {
             return Ok(());
         };
-        if snapshots.borrow().is_revoked(identity, serial) {
+        if snapshots
+            .borrow()
+            .is_revoked(&crate::store::identity_name(identity), serial)
+        {
             return Err(revoked(identity));
         }
         Ok(())
@@ -111,8 +114,10 @@ impl Authorizer {
             let (Some(mut snapshots), Some((identity, serial))) = (snapshots, presented) else {
                 return std::future::pending().await;
             };
+            // Named once: this runs on every snapshot change for every stream.
+            let name = crate::store::identity_name(&identity);
             loop {
-                if snapshots.borrow_and_update().is_revoked(&identity, &serial) {
+                if snapshots.borrow_and_update().is_revoked(&name, &serial) {
                     return revoked(&identity);
                 }
                 if snapshots.changed().await.is_err() {

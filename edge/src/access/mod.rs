@@ -25,6 +25,8 @@ pub struct KeyEntry {
     /// Id of the tenant it was made for; empty for keys made before
     /// tenants had ids (they follow the name).
     pub tenant_id: String,
+    /// Whose cached answers its requests share (`Principal::cache_scope`).
+    cache_scope: Arc<str>,
     secret_sha256: Vec<u8>,
     /// Canonical names of the models it may call; `None` allows all.
     allowed: Option<HashSet<String>>,
@@ -50,7 +52,7 @@ pub struct Principal {
     /// Whose answers this caller may share from the cache: its tenant's
     /// immutable id (`id:<id>`), or for a key made before tenant ids, the
     /// tenant's name (`name:<name>`).
-    pub cache_scope: String,
+    pub cache_scope: Arc<str>,
 }
 
 /// Keys and tenants of one table version.
@@ -97,6 +99,12 @@ impl Access {
                 prefix: api_key::display_prefix(&key.id),
                 tenant: key.tenant.clone(),
                 tenant_id: key.tenant_id.clone(),
+                // Made once per table, not per request.
+                cache_scope: if key.tenant_id.is_empty() {
+                    format!("name:{}", key.tenant).into()
+                } else {
+                    format!("id:{}", key.tenant_id).into()
+                },
                 secret_sha256: key.secret_sha256.clone(),
                 allowed,
                 limits: key.limits.unwrap_or_default(),
@@ -168,15 +176,10 @@ impl Access {
             .tenants
             .get(&entry.tenant)
             .filter(|(id, _)| entry.tenant_id.is_empty() || *id == entry.tenant_id);
-        let cache_scope = if entry.tenant_id.is_empty() {
-            format!("name:{}", entry.tenant)
-        } else {
-            format!("id:{}", entry.tenant_id)
-        };
         Ok(Principal {
             key: entry.clone(),
             tenant_limits: tenant.map(|(_, limits)| *limits),
-            cache_scope,
+            cache_scope: entry.cache_scope.clone(),
         })
     }
 }
@@ -278,10 +281,10 @@ mod tests {
         );
         assert_eq!(new.tenant_limits.unwrap().requests_per_minute, 7);
         assert_eq!(legacy.tenant_limits.unwrap().requests_per_minute, 7);
-        assert_eq!(old.cache_scope, "id:firstacme000");
-        assert_eq!(new.cache_scope, "id:secondacme00");
+        assert_eq!(&*old.cache_scope, "id:firstacme000");
+        assert_eq!(&*new.cache_scope, "id:secondacme00");
         assert_ne!(old.cache_scope, new.cache_scope);
-        assert_eq!(legacy.cache_scope, "name:acme");
+        assert_eq!(&*legacy.cache_scope, "name:acme");
     }
 
     #[test]

@@ -61,7 +61,8 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let path = request.uri().path().to_string();
+        // Kept for the log line of a panic; a clone shares the URI's bytes.
+        let uri = request.uri().clone();
         let counter = self.counter.clone();
         // A panic while the call is being made counts the same as one in its future.
         let called = std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request)));
@@ -78,7 +79,7 @@ where
                         .map(|s| (*s).to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a panic".into());
-                    tracing::error!(%path, panic = %message, "request handling panicked; answered 500");
+                    tracing::error!(path = %uri.path(), panic = %message, "request handling panicked; answered 500");
                     if let Some(counter) = counter {
                         counter.inc();
                     }
