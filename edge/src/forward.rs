@@ -84,6 +84,14 @@ pub struct Deadlines {
     pub total: Option<Duration>,
 }
 
+/// A replica reached in-process (tests, embedding): a tower service from
+/// request to response. Its errors count as connection failures.
+pub type LocalService = tower::util::BoxCloneSyncService<
+    Request<Body>,
+    Response<Body>,
+    Box<dyn std::error::Error + Send + Sync>,
+>;
+
 /// Forwards requests to replicas.
 #[derive(Clone)]
 pub struct Forwarder {
@@ -93,6 +101,8 @@ pub struct Forwarder {
     clients: Arc<dashmap::DashMap<Duration, UpstreamClient>>,
     /// Mutual TLS to replicas, when on.
     mesh: Option<MeshClientTls>,
+    /// Every replica is this service instead of the network, when set.
+    local: Option<LocalService>,
 }
 
 impl Forwarder {
@@ -105,9 +115,20 @@ impl Forwarder {
             defaults: deadlines,
             clients: Arc::new(dashmap::DashMap::new()),
             mesh,
+            local: None,
         };
         forwarder.client(connect_timeout);
         forwarder
+    }
+
+    /// A forwarder whose every replica is `service`, with `deadlines`.
+    pub fn local(deadlines: Deadlines, service: LocalService) -> Self {
+        Self {
+            defaults: deadlines,
+            clients: Arc::new(dashmap::DashMap::new()),
+            mesh: None,
+            local: Some(service),
+        }
     }
 
     /// The deadlines for a model with `timeouts` (its zero fields take the edge's).
@@ -182,9 +203,8 @@ impl Forwarder {
         infermesh_runtime::telemetry::propagate(&span, &mut parts.headers);
         let in_flight = InFlight::start(upstream.clone());
         let request = Request::from_parts(parts, full(body));
-        let client = self.client(deadlines.connect);
-        let sent =
-            tokio::time::timeout(first_byte, client.request(request)).instrument(span.clone());
+        let sent = tokio::time::timeout(first_byte, self.send(request, deadlines.connect))
+            .instrument(span.clone());
         let response = match sent.await {
             Err(_) => {
                 // The engine may still be working on it: not retried.
@@ -196,21 +216,13 @@ impl Forwarder {
                     retryable: false,
                 });
             }
-            Ok(Err(error)) => {
-                let reason = if error.is_connect() {
-                    match std::error::Error::source(&error) {
-                        Some(cause) => format!("connect to {} failed: {cause}", upstream.authority),
-                        None => format!("connect to {} failed", upstream.authority),
-                    }
-                } else {
-                    format!("{error}")
-                };
+            Ok(Err(reason)) => {
                 // Refused, reset or closed before any response: nothing
                 // reached the client, so another replica may answer.
                 return Err(Failure {
                     error: ApiError::UpstreamFailed {
                         endpoint: upstream.id.clone(),
-                        reason,
+                        reason: reason.describe(&upstream.authority),
                     },
                     retryable: true,
                 });
@@ -229,14 +241,65 @@ impl Forwarder {
             upstream.load.update(stamp);
         }
         // The upstream span, like the replica's in-flight count, lasts until the body ends.
-        let body = Guarded::new(body, (in_flight, span))
-            .map_err(Into::into)
-            .boxed();
+        let body = Guarded::new(body, (in_flight, span)).boxed();
         let body = match (deadlines.idle, deadlines.total) {
             (None, None) => body,
             (idle, total) => TimedBody::new(body, idle, total.map(|t| started + t)).boxed(),
         };
         Ok(Response::from_parts(parts, body))
+    }
+}
+
+impl Forwarder {
+    /// Sends `request` over the pooled client for `connect`, or to the
+    /// local service.
+    async fn send(
+        &self,
+        request: Request<Body>,
+        connect: Duration,
+    ) -> Result<Response<Body>, SendError> {
+        if let Some(local) = &self.local {
+            return call_local(local.clone(), request)
+                .await
+                .map_err(|e| SendError::Other(e.to_string()));
+        }
+        match self.client(connect).request(request).await {
+            Ok(response) => Ok(response.map(|body| body.map_err(Into::into).boxed())),
+            Err(error) if error.is_connect() => Err(SendError::Connect(
+                std::error::Error::source(&error).map(ToString::to_string),
+            )),
+            Err(error) => Err(SendError::Other(error.to_string())),
+        }
+    }
+}
+
+/// The local service's answer, as a boxed future of its own.
+fn call_local(
+    service: LocalService,
+    request: Request<Body>,
+) -> futures_util::future::BoxFuture<
+    'static,
+    Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>>,
+> {
+    Box::pin(tower::ServiceExt::oneshot(service, request))
+}
+
+/// Why no response came back.
+#[derive(Debug)]
+enum SendError {
+    /// The connection could not be made (the cause, when known).
+    Connect(Option<String>),
+    /// The request failed after connecting.
+    Other(String),
+}
+
+impl SendError {
+    fn describe(self, authority: &http::uri::Authority) -> String {
+        match self {
+            SendError::Connect(Some(cause)) => format!("connect to {authority} failed: {cause}"),
+            SendError::Connect(None) => format!("connect to {authority} failed"),
+            SendError::Other(reason) => reason,
+        }
     }
 }
 

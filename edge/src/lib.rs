@@ -16,6 +16,7 @@ pub mod openai;
 pub mod prefix;
 pub mod quota;
 pub mod receipt;
+pub mod request;
 pub mod server;
 pub mod stack;
 pub mod table;

@@ -19,10 +19,10 @@ use dashmap::DashMap;
 use http::HeaderMap;
 use infermesh_proto::v1::CachePolicy;
 use prometheus::{IntCounterVec, Opts, Registry};
-use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::openai::{Endpoint, RoutingFields};
+use crate::openai::Endpoint;
+use crate::request::Parsed;
 use store::CacheStore;
 
 /// Header that reports the outcome, and that a client sets to `force` to
@@ -144,13 +144,10 @@ impl ResponseCache {
 
     /// How the request uses the cache, given the model's `policy`, the
     /// caller's `tenant` and the `fingerprints` of the model's replicas.
-    #[allow(clippy::too_many_arguments)]
     pub fn decide<'a>(
         &self,
         headers: &HeaderMap,
-        endpoint: Endpoint,
-        fields: &RoutingFields,
-        body: &[u8],
+        request: &Parsed<'_>,
         policy: Option<&CachePolicy>,
         tenant: &str,
         model: &str,
@@ -175,20 +172,14 @@ impl ResponseCache {
             .get(CACHE_HEADER)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("force"));
-        let Ok(value) = serde_json::from_slice::<Value>(body) else {
-            return Decision::Bypass;
-        };
         let deterministic = policy.deterministic
             || forced
-            || endpoint == Endpoint::Embeddings
-            || value
-                .get("temperature")
-                .and_then(Value::as_f64)
-                .is_some_and(|t| t == 0.0);
-        if !deterministic || fields.model.is_empty() {
+            || request.endpoint == Endpoint::Embeddings
+            || request.temperature == Some(0.0);
+        if !deterministic {
             return Decision::Bypass;
         }
-        let Some(canonical) = key::canonical_request(body, model) else {
+        let Some(canonical) = request.cache_material(model) else {
             return Decision::Bypass;
         };
         let mut keys: Vec<(String, String)> = Vec::new();
@@ -289,28 +280,15 @@ mod tests {
         .unwrap()
     }
 
-    fn fields() -> RoutingFields {
-        RoutingFields {
-            model: "llama".into(),
-            stream: false,
-            include_usage: false,
-            prompt_tokens_estimate: 1,
-            max_tokens: None,
-            user: None,
-            engine_fields: Default::default(),
-        }
-    }
-
     fn decide(cache: &ResponseCache, headers: &HeaderMap, body: &str) -> Decision {
         let policy = CachePolicy {
             enabled: true,
             ..Default::default()
         };
+        let body = Bytes::from(body.to_string());
         cache.decide(
             headers,
-            Endpoint::ChatCompletions,
-            &fields(),
-            body.as_bytes(),
+            &crate::request::parse(Endpoint::Completions, &body).unwrap(),
             Some(&policy),
             "acme",
             "llama",
@@ -323,28 +301,35 @@ mod tests {
         let cache = cache();
         let none = HeaderMap::new();
         assert!(matches!(
-            decide(&cache, &none, r#"{"model":"llama","temperature":0}"#),
+            decide(
+                &cache,
+                &none,
+                r#"{"model":"llama","prompt":"p","temperature":0}"#
+            ),
             Decision::Use(_)
         ));
         assert!(matches!(
-            decide(&cache, &none, r#"{"model":"llama","temperature":0.7}"#),
+            decide(
+                &cache,
+                &none,
+                r#"{"model":"llama","prompt":"p","temperature":0.7}"#
+            ),
             Decision::Bypass
         ));
         assert!(matches!(
-            decide(&cache, &none, r#"{"model":"llama"}"#),
+            decide(&cache, &none, r#"{"model":"llama","prompt":"p"}"#),
             Decision::Bypass
         ));
         let mut forced = HeaderMap::new();
         forced.insert(CACHE_HEADER, "force".parse().unwrap());
         assert!(matches!(
-            decide(&cache, &forced, r#"{"model":"llama"}"#),
+            decide(&cache, &forced, r#"{"model":"llama","prompt":"p"}"#),
             Decision::Use(_)
         ));
+        let body = Bytes::from_static(br#"{"model":"llama","prompt":"p"}"#);
         let off = cache.decide(
             &none,
-            Endpoint::ChatCompletions,
-            &fields(),
-            b"{}",
+            &crate::request::parse(Endpoint::Completions, &body).unwrap(),
             None,
             "t",
             "llama",
@@ -356,7 +341,7 @@ mod tests {
     #[test]
     fn cache_control_turns_lookup_and_store_off() {
         let cache = cache();
-        let body = r#"{"model":"llama","temperature":0}"#;
+        let body = r#"{"model":"llama","prompt":"p","temperature":0}"#;
         let mut headers = HeaderMap::new();
         headers.insert(http::header::CACHE_CONTROL, "no-cache".parse().unwrap());
         let Decision::Use(lookup) = decide(&cache, &headers, body) else {

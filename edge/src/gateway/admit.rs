@@ -1,0 +1,33 @@
+//! Admit: the caller's rate limits, reserving the request's tokens.
+
+use super::Gateway;
+use crate::access::Principal;
+use crate::error::ApiError;
+use crate::quota::Admission;
+
+impl Gateway {
+    /// Admits a request of `prompt_tokens` with `max_tokens` of output for
+    /// `principal` on `model`; a refusal is counted. Unauthenticated edges
+    /// admit everything.
+    pub(crate) fn admit_counted(
+        &self,
+        principal: Option<&Principal>,
+        model: &str,
+        prompt_tokens: u64,
+        max_tokens: Option<u64>,
+    ) -> Result<Option<Admission>, ApiError> {
+        let Some(principal) = principal else {
+            return Ok(None);
+        };
+        self.limiter
+            .admit(principal, prompt_tokens, max_tokens)
+            .map(Some)
+            .inspect_err(|error| {
+                if let (ApiError::RateLimited { kind, .. }, Some(metrics)) =
+                    (error, self.observer.metrics())
+                {
+                    metrics.rate_limited(model, kind);
+                }
+            })
+    }
+}
