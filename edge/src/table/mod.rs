@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::uri::Authority;
 use rand::Rng;
@@ -15,9 +15,11 @@ use crate::health::Health;
 use crate::prefix::PrefixIndex;
 
 pub(crate) mod build;
+pub(crate) mod load;
 pub(crate) mod skips;
 
 pub use build::EdgeTableBuilder;
+pub use load::LoadSample;
 pub use skips::{ObjectKind, Skipped};
 
 /// How a model's replica is chosen.
@@ -77,54 +79,6 @@ pub struct RouteHints {
     pub prefix: Option<Vec<u64>>,
     /// The session (session affinity).
     pub session: Option<String>,
-}
-
-/// A replica's latest load as its sidecar stamped it on a response.
-#[derive(Debug, Default)]
-pub struct LoadSample {
-    running: AtomicU32,
-    waiting: AtomicU32,
-    kv_milli: AtomicU32,
-    at_ms: AtomicI64,
-}
-
-/// Load samples older than this are not used.
-const LOAD_SAMPLE_TTL_MS: i64 = 5_000;
-
-impl LoadSample {
-    /// Records a `r=<running>;w=<waiting>;kv=<use>` stamp; ignores a malformed one.
-    pub fn update(&self, stamp: &str) {
-        let mut fields = (None, None, None);
-        for part in stamp.split(';') {
-            match part.trim().split_once('=') {
-                Some(("r", v)) => fields.0 = v.parse::<u32>().ok(),
-                Some(("w", v)) => fields.1 = v.parse::<u32>().ok(),
-                Some(("kv", v)) => {
-                    fields.2 = v.parse::<f64>().ok().filter(|k| (0.0..=1.0).contains(k))
-                }
-                _ => {}
-            }
-        }
-        if let (Some(running), Some(waiting), Some(kv)) = fields {
-            self.running.store(running, Ordering::Relaxed);
-            self.waiting.store(waiting, Ordering::Relaxed);
-            self.kv_milli.store((kv * 1000.0) as u32, Ordering::Relaxed);
-            self.at_ms
-                .store(infermesh_runtime::time::now_unix_ms(), Ordering::Relaxed);
-        }
-    }
-
-    /// (running, waiting, KV use) when fresh.
-    pub fn fresh(&self) -> Option<(u32, u32, f64)> {
-        let age = infermesh_runtime::time::now_unix_ms() - self.at_ms.load(Ordering::Relaxed);
-        (age <= LOAD_SAMPLE_TTL_MS).then(|| {
-            (
-                self.running.load(Ordering::Relaxed),
-                self.waiting.load(Ordering::Relaxed),
-                f64::from(self.kv_milli.load(Ordering::Relaxed)) / 1000.0,
-            )
-        })
-    }
 }
 
 impl Upstream {
