@@ -332,7 +332,7 @@ impl Gateway {
             let picked = route.choose(&hints, &[]);
             if let Some((chosen, reason)) = &picked {
                 span.record("infermesh.endpoint", chosen.id.as_str());
-                span.record("infermesh.reason", reason.as_str());
+                span.record("infermesh.reason", tracing::field::display(reason));
             } else {
                 span.record("infermesh.reason", "no serving replica in this region");
             }
@@ -597,7 +597,7 @@ impl Gateway {
         tried: &mut Vec<String>,
         failed: &Upstream,
         hints: &RouteHints,
-    ) -> Option<(Arc<Upstream>, String)> {
+    ) -> Option<(Arc<Upstream>, crate::route::Reason)> {
         tried.push(failed.id.clone());
         if tried.len() > self.resilience.max_retries as usize {
             return None;

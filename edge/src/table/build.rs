@@ -26,6 +26,7 @@ use super::{
 use crate::access::Access;
 use crate::health::Health;
 use crate::prefix::PrefixIndex;
+use crate::route::RoundRobin;
 
 /// What the edge knows of one replica beyond the table: requests in
 /// flight, passive health, latest load; kept by endpoint id across pushes.
@@ -187,7 +188,7 @@ impl EdgeTableBuilder {
                 timeouts: model.timeouts,
                 engine_fields: FieldSet::of(model.engine_fields.iter().map(String::as_str)),
                 cold_start,
-                next: AtomicUsize::new(0),
+                turns: RoundRobin::default(),
             });
             let mut aliases = Vec::with_capacity(model.aliases.len());
             for name in std::iter::once(&model.name).chain(&model.aliases) {
