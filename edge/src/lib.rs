@@ -17,6 +17,7 @@ pub mod prefix;
 pub mod quota;
 pub mod receipt;
 pub mod request;
+pub mod route;
 pub mod server;
 pub mod stack;
 pub mod table;

@@ -148,7 +148,7 @@ impl Gateway {
         tried: &mut Vec<String>,
         failed: &Upstream,
         hints: &RouteHints,
-    ) -> Option<(Arc<Upstream>, String)> {
+    ) -> Option<(Arc<Upstream>, crate::route::Reason)> {
         tried.push(failed.id.clone());
         if tried.len() > self.resilience.max_retries as usize {
             return None;

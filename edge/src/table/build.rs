@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
 use http::uri::Authority;
-use infermesh_proto::v1::{EndpointState, RoutingPolicy, RoutingTable};
+use infermesh_proto::v1::{Endpoint, EndpointState, Model, RoutingPolicy, RoutingTable};
 use infermesh_runtime::address;
 use infermesh_runtime::discovery::ApplyTable;
 use infermesh_runtime::engine_fields::FieldSet;
@@ -26,6 +26,7 @@ use super::{
 use crate::access::Access;
 use crate::health::Health;
 use crate::prefix::PrefixIndex;
+use crate::route::RoundRobin;
 
 /// What the edge knows of one replica beyond the table: requests in
 /// flight, passive health, latest load; kept by endpoint id across pushes.
@@ -71,6 +72,70 @@ impl EdgeTableBuilder {
     /// Builds the edge's view of `table`, leaving out what it cannot use.
     pub fn build(&mut self, table: RoutingTable) -> EdgeTable {
         let mut skips = SkipLog::default();
+        let upstreams_by_pool = self.upstreams(&table, &mut skips);
+        let mut routes = HashMap::new();
+        let mut models = Vec::with_capacity(table.models.len());
+        for model in &table.models {
+            let Some(policy) = policy(model, &mut skips) else {
+                continue;
+            };
+            let route = self.model_route(&table, model, policy, &upstreams_by_pool);
+            let mut aliases = Vec::with_capacity(model.aliases.len());
+            for name in std::iter::once(&model.name).chain(&model.aliases) {
+                // The first model to claim a name keeps it: the control
+                // plane never writes a clash, so one here is an object
+                // written around it, and moving a name would be a silent
+                // reroute.
+                if routes.contains_key(name) {
+                    skips.skip(
+                        ObjectKind::Alias,
+                        name,
+                        format_args!("also claimed by model {:?}; kept by the first", model.name),
+                    );
+                    continue;
+                }
+                routes.insert(name.clone(), route.clone());
+                if name != &model.name {
+                    aliases.push(name.clone());
+                }
+            }
+            models.push(ListedModel {
+                name: model.name.clone(),
+                aliases,
+            });
+        }
+        let access = Access::from_table(
+            &table,
+            |name| routes.get(name).map(|r| r.model.clone()),
+            &mut skips,
+        );
+        let failover = failover_edges(&table, &mut skips);
+        // Skipped models keep their prefix index for when they come back.
+        for (model, index) in routes.values().map(|r| (&r.model, &r.prefixes)) {
+            self.prefixes.insert(model.clone(), index.clone());
+        }
+        self.prefixes
+            .retain(|model, _| table.models.iter().any(|m| &m.name == model));
+        EdgeTable {
+            routes,
+            models,
+            region: table.region,
+            access,
+            failover,
+            from_disk: false,
+            skipped: skips.0,
+            endpoint_ids: table.endpoints.iter().map(|e| e.id.clone()).collect(),
+        }
+    }
+
+    /// The serving replicas of `table` by pool, carrying over each
+    /// endpoint's counters from the last table; keeps the counters of every
+    /// usable endpoint, serving or not, for the next one.
+    fn upstreams<'t>(
+        &mut self,
+        table: &'t RoutingTable,
+        skips: &mut SkipLog,
+    ) -> HashMap<&'t str, Vec<Arc<Upstream>>> {
         let mut upstreams_by_pool: HashMap<&str, Vec<Arc<Upstream>>> = HashMap::new();
         let mut counters = HashMap::new();
         for endpoint in &table.endpoints {
@@ -81,22 +146,7 @@ impl EdgeTableBuilder {
                     continue;
                 }
             };
-            let region = if endpoint.region.is_empty() {
-                &table.region
-            } else {
-                &endpoint.region
-            };
-            let mesh_authority = match PeerIdentity::sidecar(
-                region.as_str(),
-                endpoint.pool.as_str(),
-                endpoint.id.as_str(),
-            ) {
-                Ok(identity) => expected_authority(&identity, authority.as_str())
-                    .parse::<Authority>()
-                    .map_err(|e| e.to_string()),
-                Err(error) => Err(error.to_string()),
-            };
-            let mesh_authority = match mesh_authority {
+            let mesh_authority = match mesh_authority(table, endpoint, &authority) {
                 Ok(mesh_authority) => mesh_authority,
                 Err(error) => {
                     skips.skip(
@@ -133,108 +183,99 @@ impl EdgeTableBuilder {
                     }));
             }
         }
-        let mut routes = HashMap::new();
-        let mut models = Vec::with_capacity(table.models.len());
-        for model in &table.models {
-            let policy = match RoutingPolicy::try_from(model.routing_policy) {
-                Ok(RoutingPolicy::RoundRobin) => Policy::RoundRobin,
-                Ok(RoutingPolicy::PrefixAffinity) => Policy::PrefixAffinity,
-                Ok(RoutingPolicy::LeastLoad) => Policy::LeastLoad,
-                Ok(RoutingPolicy::SessionAffinity) => Policy::SessionAffinity,
-                Ok(RoutingPolicy::LeastOutstanding | RoutingPolicy::Unspecified) => {
-                    Policy::LeastOutstanding
-                }
-                Err(_) => {
-                    skips.skip(
-                        ObjectKind::Model,
-                        &model.name,
-                        format_args!("unknown routing policy {}", model.routing_policy),
-                    );
-                    continue;
-                }
-            };
-            let upstreams = table
-                .pools
-                .iter()
-                .filter(|p| p.model == model.name)
-                .flat_map(|p| {
-                    upstreams_by_pool
-                        .get(p.name.as_str())
-                        .into_iter()
-                        .flatten()
-                        .cloned()
-                })
-                .collect();
-            let cold_start = table
-                .pools
-                .iter()
-                .find(|p| p.model == model.name && p.scale_to_zero_idle_seconds > 0)
-                .map(|p| ColdStart {
-                    pool: p.name.clone(),
-                    timeout: match p.cold_start_timeout_seconds {
-                        0 => DEFAULT_COLD_START,
-                        s => std::time::Duration::from_secs(u64::from(s)),
-                    },
-                });
-            let route = Arc::new(ModelRoute {
-                model: model.name.clone(),
-                policy,
-                upstreams,
-                cache: model.cache_policy,
-                fallbacks: model.fallbacks.clone(),
-                prefixes: self.prefixes.get(&model.name).cloned().unwrap_or_default(),
-                receipts: model.route_receipts,
-                timeouts: model.timeouts,
-                engine_fields: FieldSet::of(model.engine_fields.iter().map(String::as_str)),
-                cold_start,
-                next: AtomicUsize::new(0),
-            });
-            let mut aliases = Vec::with_capacity(model.aliases.len());
-            for name in std::iter::once(&model.name).chain(&model.aliases) {
-                // The first model to claim a name keeps it: the control
-                // plane never writes a clash, so one here is an object
-                // written around it, and moving a name would be a silent
-                // reroute.
-                if routes.contains_key(name) {
-                    skips.skip(
-                        ObjectKind::Alias,
-                        name,
-                        format_args!("also claimed by model {:?}; kept by the first", model.name),
-                    );
-                    continue;
-                }
-                routes.insert(name.clone(), route.clone());
-                if name != &model.name {
-                    aliases.push(name.clone());
-                }
-            }
-            models.push(ListedModel {
-                name: model.name.clone(),
-                aliases,
-            });
-        }
-        let access = Access::from_table(
-            &table,
-            |name| routes.get(name).map(|r| r.model.clone()),
-            &mut skips,
-        );
         self.counters = counters;
-        let failover = failover_edges(&table, &mut skips);
-        // Skipped models keep their prefix index for when they come back.
-        for (model, index) in routes.values().map(|r| (&r.model, &r.prefixes)) {
-            self.prefixes.insert(model.clone(), index.clone());
+        upstreams_by_pool
+    }
+
+    /// The route of `model` over the serving replicas of its pools.
+    fn model_route(
+        &self,
+        table: &RoutingTable,
+        model: &Model,
+        policy: Policy,
+        upstreams_by_pool: &HashMap<&str, Vec<Arc<Upstream>>>,
+    ) -> Arc<ModelRoute> {
+        let upstreams = table
+            .pools
+            .iter()
+            .filter(|p| p.model == model.name)
+            .flat_map(|p| {
+                upstreams_by_pool
+                    .get(p.name.as_str())
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+            })
+            .collect();
+        let cold_start = table
+            .pools
+            .iter()
+            .find(|p| p.model == model.name && p.scale_to_zero_idle_seconds > 0)
+            .map(|p| ColdStart {
+                pool: p.name.clone(),
+                timeout: match p.cold_start_timeout_seconds {
+                    0 => DEFAULT_COLD_START,
+                    s => std::time::Duration::from_secs(u64::from(s)),
+                },
+            });
+        Arc::new(ModelRoute {
+            model: model.name.clone(),
+            policy,
+            upstreams,
+            cache: model.cache_policy,
+            fallbacks: model.fallbacks.clone(),
+            prefixes: self.prefixes.get(&model.name).cloned().unwrap_or_default(),
+            receipts: model.route_receipts,
+            timeouts: model.timeouts,
+            engine_fields: FieldSet::of(model.engine_fields.iter().map(String::as_str)),
+            cold_start,
+            turns: RoundRobin::default(),
+        })
+    }
+}
+
+/// The address carrying the identity an endpoint's sidecar certificate
+/// must name (its own region, else the table's).
+fn mesh_authority(
+    table: &RoutingTable,
+    endpoint: &Endpoint,
+    authority: &Authority,
+) -> Result<Authority, String> {
+    let region = if endpoint.region.is_empty() {
+        &table.region
+    } else {
+        &endpoint.region
+    };
+    match PeerIdentity::sidecar(
+        region.as_str(),
+        endpoint.pool.as_str(),
+        endpoint.id.as_str(),
+    ) {
+        Ok(identity) => expected_authority(&identity, authority.as_str())
+            .parse::<Authority>()
+            .map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// The model's balancing policy; `None`, with the model skipped, when the
+/// edge does not know it.
+fn policy(model: &Model, skips: &mut SkipLog) -> Option<Policy> {
+    match RoutingPolicy::try_from(model.routing_policy) {
+        Ok(RoutingPolicy::RoundRobin) => Some(Policy::RoundRobin),
+        Ok(RoutingPolicy::PrefixAffinity) => Some(Policy::PrefixAffinity),
+        Ok(RoutingPolicy::LeastLoad) => Some(Policy::LeastLoad),
+        Ok(RoutingPolicy::SessionAffinity) => Some(Policy::SessionAffinity),
+        Ok(RoutingPolicy::LeastOutstanding | RoutingPolicy::Unspecified) => {
+            Some(Policy::LeastOutstanding)
         }
-        self.prefixes
-            .retain(|model, _| table.models.iter().any(|m| &m.name == model));
-        EdgeTable {
-            routes,
-            models,
-            region: table.region,
-            access,
-            failover,
-            from_disk: false,
-            skipped: skips.0,
-            endpoint_ids: table.endpoints.iter().map(|e| e.id.clone()).collect(),
+        Err(_) => {
+            skips.skip(
+                ObjectKind::Model,
+                &model.name,
+                format_args!("unknown routing policy {}", model.routing_policy),
+            );
+            None
         }
     }
 }

@@ -1,52 +1,28 @@
 //! The edge's routing table: what a pushed `RoutingTable` means to the
-//! request path (routes by model name, the replicas' live counters, the
-//! balancing policies). Building it from a push, and leaving out objects
-//! that cannot be used, is `build`'s job.
+//! request path (routes by model name, the replicas and their live
+//! counters). Building it from a push, and leaving out objects that cannot
+//! be used, is `build`'s job; choosing a replica for a request is
+//! `crate::route`'s.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
 use http::uri::Authority;
-use rand::Rng;
 
 use crate::access::Access;
 use crate::health::Health;
 use crate::prefix::PrefixIndex;
+use crate::route::RoundRobin;
 
 pub(crate) mod build;
+pub(crate) mod load;
 pub(crate) mod skips;
 
+pub use crate::route::{Policy, RouteHints};
 pub use build::EdgeTableBuilder;
+pub use load::LoadSample;
 pub use skips::{ObjectKind, Skipped};
-
-/// How a model's replica is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// The replica with the fewest requests in flight from this edge.
-    LeastOutstanding,
-    /// Replicas in turn.
-    RoundRobin,
-    /// The replica holding the longest prompt prefix, bounded by load.
-    PrefixAffinity,
-    /// Power of two choices over in-flight requests and the replica's load.
-    LeastLoad,
-    /// The same replica for the same session, bounded by load.
-    SessionAffinity,
-}
-
-impl Policy {
-    /// The policy's name in the admin API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Policy::LeastOutstanding => "least_outstanding",
-            Policy::RoundRobin => "round_robin",
-            Policy::PrefixAffinity => "prefix_affinity",
-            Policy::LeastLoad => "least_load",
-            Policy::SessionAffinity => "session_affinity",
-        }
-    }
-}
 
 /// One replica the edge may send to.
 #[derive(Debug)]
@@ -68,76 +44,6 @@ pub struct Upstream {
     pub load: Arc<LoadSample>,
     /// Its engine fingerprint (what makes cached answers interchangeable).
     pub fingerprint: String,
-}
-
-/// What a request tells the policy beyond the model name.
-#[derive(Debug, Default, Clone)]
-pub struct RouteHints {
-    /// Chained block keys of the prompt (prefix affinity).
-    pub prefix: Option<Vec<u64>>,
-    /// The session (session affinity).
-    pub session: Option<String>,
-}
-
-/// A replica's latest load as its sidecar stamped it on a response.
-#[derive(Debug, Default)]
-pub struct LoadSample {
-    running: AtomicU32,
-    waiting: AtomicU32,
-    kv_milli: AtomicU32,
-    at_ms: AtomicI64,
-}
-
-/// Load samples older than this are not used.
-const LOAD_SAMPLE_TTL_MS: i64 = 5_000;
-
-impl LoadSample {
-    /// Records a `r=<running>;w=<waiting>;kv=<use>` stamp; ignores a malformed one.
-    pub fn update(&self, stamp: &str) {
-        let mut fields = (None, None, None);
-        for part in stamp.split(';') {
-            match part.trim().split_once('=') {
-                Some(("r", v)) => fields.0 = v.parse::<u32>().ok(),
-                Some(("w", v)) => fields.1 = v.parse::<u32>().ok(),
-                Some(("kv", v)) => {
-                    fields.2 = v.parse::<f64>().ok().filter(|k| (0.0..=1.0).contains(k))
-                }
-                _ => {}
-            }
-        }
-        if let (Some(running), Some(waiting), Some(kv)) = fields {
-            self.running.store(running, Ordering::Relaxed);
-            self.waiting.store(waiting, Ordering::Relaxed);
-            self.kv_milli.store((kv * 1000.0) as u32, Ordering::Relaxed);
-            self.at_ms
-                .store(infermesh_runtime::time::now_unix_ms(), Ordering::Relaxed);
-        }
-    }
-
-    /// (running, waiting, KV use) when fresh.
-    pub fn fresh(&self) -> Option<(u32, u32, f64)> {
-        let age = infermesh_runtime::time::now_unix_ms() - self.at_ms.load(Ordering::Relaxed);
-        (age <= LOAD_SAMPLE_TTL_MS).then(|| {
-            (
-                self.running.load(Ordering::Relaxed),
-                self.waiting.load(Ordering::Relaxed),
-                f64::from(self.kv_milli.load(Ordering::Relaxed)) / 1000.0,
-            )
-        })
-    }
-}
-
-impl Upstream {
-    /// Load score for power of two choices: this edge's requests in flight,
-    /// plus the engine's queue (weighted: a queued request waits for a slot)
-    /// and KV-cache pressure, when a fresh sample is known.
-    pub fn score(&self) -> f64 {
-        let in_flight = self.in_flight.load(Ordering::Relaxed) as f64;
-        match self.load.fresh() {
-            Some((_running, waiting, kv)) => in_flight + 2.0 * f64::from(waiting) + 4.0 * kv,
-            None => in_flight,
-        }
-    }
 }
 
 /// Everything needed to route one model.
@@ -163,7 +69,8 @@ pub struct ModelRoute {
     pub engine_fields: infermesh_runtime::engine_fields::FieldSet,
     /// A pool of this region that scales to zero: requests wait for it.
     pub cold_start: Option<ColdStart>,
-    next: AtomicUsize,
+    /// Whose turn it is under round robin.
+    pub(crate) turns: RoundRobin,
 }
 
 /// A pool that may have no replica because it scaled to zero.
@@ -177,178 +84,6 @@ pub struct ColdStart {
 
 /// How long a request waits for a pool to scale up when the pool sets none.
 pub const DEFAULT_COLD_START: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// How far past the least busy replica's in-flight count the prefix holder
-/// may be and still get the request.
-const PREFIX_LOAD_SLACK: usize = 4;
-
-impl ModelRoute {
-    /// The replica for the next request, or `None` when none is serving.
-    pub fn pick(&self) -> Option<&Arc<Upstream>> {
-        self.pick_excluding(&[])
-    }
-
-    /// Replicas an attempt may go to: not one of `tried`, and not ejected
-    /// (unless every other one is).
-    fn candidates(&self, tried: &[String]) -> Vec<&Arc<Upstream>> {
-        let fresh = |u: &&Arc<Upstream>| !tried.contains(&u.id);
-        let healthy: Vec<&Arc<Upstream>> = self
-            .upstreams
-            .iter()
-            .filter(fresh)
-            .filter(|u| !u.health.is_ejected())
-            .collect();
-        if healthy.is_empty() {
-            self.upstreams.iter().filter(fresh).collect()
-        } else {
-            healthy
-        }
-    }
-
-    /// The replica for the next attempt by round robin or fewest in flight.
-    pub fn pick_excluding(&self, tried: &[String]) -> Option<&Arc<Upstream>> {
-        let candidates = self.candidates(tried);
-        let n = candidates.len();
-        if n == 0 {
-            return None;
-        }
-        match self.policy {
-            Policy::RoundRobin => Some(candidates[self.next.fetch_add(1, Ordering::Relaxed) % n]),
-            _ => {
-                // A random start spreads ties instead of always favouring the first replica.
-                let start = rand::rng().random_range(0..n);
-                (0..n)
-                    .map(|i| candidates[(start + i) % n])
-                    .min_by_key(|u| u.in_flight.load(Ordering::Relaxed))
-            }
-        }
-    }
-
-    /// The replica for an attempt under the model's policy, and why.
-    pub fn choose(&self, hints: &RouteHints, tried: &[String]) -> Option<(Arc<Upstream>, String)> {
-        match (self.policy, &hints.prefix, &hints.session) {
-            (Policy::PrefixAffinity, Some(keys), _) => self.pick_by_prefix(keys, tried),
-            (Policy::SessionAffinity, _, Some(session)) => self.pick_by_session(session, tried),
-            (Policy::LeastLoad | Policy::SessionAffinity, _, _) => self.pick_least_load(tried),
-            _ => self
-                .pick_excluding(tried)
-                .map(|u| (u.clone(), self.reason(u))),
-        }
-    }
-
-    /// Power of two choices: two random candidates, the lower load score wins.
-    pub fn pick_least_load(&self, tried: &[String]) -> Option<(Arc<Upstream>, String)> {
-        let candidates = self.candidates(tried);
-        match candidates.len() {
-            0 => None,
-            1 => Some((candidates[0].clone(), "only candidate".into())),
-            n => {
-                let mut rng = rand::rng();
-                let a = rng.random_range(0..n);
-                let b = (a + rng.random_range(1..n)) % n;
-                let (x, y) = (candidates[a], candidates[b]);
-                let (sx, sy) = (x.score(), y.score());
-                let (winner, loser, ws, ls) = if sx <= sy {
-                    (x, y, sx, sy)
-                } else {
-                    (y, x, sy, sx)
-                };
-                let reason = format!(
-                    "power of two: {} ({ws:.1}) over {} ({ls:.1})",
-                    winner.id, loser.id
-                );
-                Some((winner.clone(), reason))
-            }
-        }
-    }
-
-    /// Session affinity: the candidate the session hashes to (rendezvous
-    /// hashing, so a replica leaving moves only its own sessions), unless
-    /// it is much busier than the least busy one.
-    pub fn pick_by_session(
-        &self,
-        session: &str,
-        tried: &[String],
-    ) -> Option<(Arc<Upstream>, String)> {
-        let candidates = self.candidates(tried);
-        // Rendezvous hashing with XXH3, the same on every edge and build.
-        let session_key = xxhash_rust::xxh3::xxh3_64(session.as_bytes());
-        let owner = candidates
-            .iter()
-            .max_by_key(|u| xxhash_rust::xxh3::xxh3_64_with_seed(u.id.as_bytes(), session_key))?;
-        let least = candidates
-            .iter()
-            .min_by_key(|u| u.in_flight.load(Ordering::Relaxed))?;
-        let (owner_load, least_load) = (
-            owner.in_flight.load(Ordering::Relaxed),
-            least.in_flight.load(Ordering::Relaxed),
-        );
-        if owner_load <= least_load + PREFIX_LOAD_SLACK {
-            Some(((*owner).clone(), "session affinity".into()))
-        } else {
-            let reason = format!(
-                "session replica {} busy ({owner_load} in flight); fewest in flight",
-                owner.id
-            );
-            Some(((*least).clone(), reason))
-        }
-    }
-
-    /// Prefix affinity: the replica holding the longest prefix of `keys`
-    /// unless it is busier than the least busy candidate by more than the
-    /// slack, else the least busy; records the prompt as held by the
-    /// choice. Returns the choice and why.
-    pub fn pick_by_prefix(
-        &self,
-        keys: &[u64],
-        tried: &[String],
-    ) -> Option<(Arc<Upstream>, String)> {
-        let least = self.pick_excluding(tried)?.clone();
-        let least_load = least.in_flight.load(Ordering::Relaxed);
-        let eligible = |id: &str| {
-            self.upstreams
-                .iter()
-                .any(|u| &*u.id == id && !tried.contains(&u.id) && !u.health.is_ejected())
-        };
-        let (chosen, reason) = match self.prefixes.longest(keys, eligible) {
-            Some((owner, blocks)) => {
-                let holder = self.upstreams.iter().find(|u| *u.id == *owner)?.clone();
-                let load = holder.in_flight.load(Ordering::Relaxed);
-                if load <= least_load + PREFIX_LOAD_SLACK {
-                    (
-                        holder,
-                        format!("prefix match: {blocks} of {} blocks", keys.len()),
-                    )
-                } else {
-                    let reason = format!(
-                        "prefix holder {} busy ({load} in flight); fewest in flight ({least_load})",
-                        holder.id
-                    );
-                    (least, reason)
-                }
-            }
-            None => (
-                least,
-                format!("no prefix match; fewest in flight ({least_load})"),
-            ),
-        };
-        let id: Arc<str> = Arc::from(chosen.id.as_str());
-        self.prefixes.record(keys, &id);
-        Some((chosen, reason))
-    }
-
-    /// Why `chosen` was picked, for the routing span.
-    pub fn reason(&self, chosen: &Upstream) -> String {
-        match self.policy {
-            Policy::RoundRobin => format!("round robin over {}", self.upstreams.len()),
-            _ => format!(
-                "fewest in flight ({}) of {}",
-                chosen.in_flight.load(Ordering::Relaxed),
-                self.upstreams.len()
-            ),
-        }
-    }
-}
 
 /// A model as `/v1/models` lists it.
 #[derive(Debug, Clone)]
@@ -401,8 +136,10 @@ impl EdgeTable {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
-    use infermesh_proto::v1::{Endpoint, EndpointState, Model, Pool, RoutingPolicy, RoutingTable};
+    use infermesh_proto::v1::{Endpoint, EndpointState, Model, Pool, RoutingTable};
     use infermesh_runtime::discovery::ApplyTable;
 
     fn table(endpoints: &[(&str, &str, EndpointState)]) -> RoutingTable {
@@ -462,80 +199,11 @@ mod tests {
         let route = first.route("llama").unwrap();
         route.upstreams[0].in_flight.store(5, Ordering::Relaxed);
         for _ in 0..20 {
-            assert_eq!(route.pick().unwrap().id, "b");
+            let (chosen, _) = route.choose(&RouteHints::default(), &[]).unwrap();
+            assert_eq!(chosen.id, "b");
         }
         let second = builder.apply(table(&eps)).unwrap();
         let a = &second.route("llama").unwrap().upstreams[0];
         assert_eq!(a.in_flight.load(Ordering::Relaxed), 5);
-    }
-
-    #[test]
-    fn round_robin_takes_turns() {
-        let mut t = table(&[
-            ("a", "127.0.0.1:1000", EndpointState::Serving),
-            ("b", "127.0.0.1:1001", EndpointState::Serving),
-        ]);
-        t.models[0].routing_policy = RoutingPolicy::RoundRobin as i32;
-        let t = EdgeTableBuilder::default().apply(t).unwrap();
-        let route = t.route("llama").unwrap();
-        let picks: Vec<_> = (0..4).map(|_| route.pick().unwrap().id.clone()).collect();
-        assert_eq!(picks, ["a", "b", "a", "b"]);
-    }
-
-    #[test]
-    fn least_load_prefers_the_replica_whose_engine_stamped_less_load() {
-        let mut t = table(&[
-            ("a", "127.0.0.1:1000", EndpointState::Serving),
-            ("b", "127.0.0.1:1001", EndpointState::Serving),
-        ]);
-        t.models[0].routing_policy = RoutingPolicy::LeastLoad as i32;
-        let t = EdgeTableBuilder::default().apply(t).unwrap();
-        let route = t.route("llama").unwrap();
-        let by_id = |id: &str| route.upstreams.iter().find(|u| u.id == id).unwrap().clone();
-        by_id("a").load.update("r=4;w=6;kv=0.900");
-        by_id("b").load.update("r=1;w=0;kv=0.100");
-        by_id("b").load.update("garbage");
-        assert_eq!(by_id("b").load.fresh(), Some((1, 0, 0.1)));
-        for _ in 0..20 {
-            let (chosen, reason) = route.choose(&RouteHints::default(), &[]).unwrap();
-            assert_eq!(chosen.id, "b", "{reason}");
-        }
-    }
-
-    #[test]
-    fn a_session_sticks_to_one_replica_and_sessions_spread() {
-        let mut t = table(&[
-            ("a", "127.0.0.1:1000", EndpointState::Serving),
-            ("b", "127.0.0.1:1001", EndpointState::Serving),
-            ("c", "127.0.0.1:1002", EndpointState::Serving),
-        ]);
-        t.models[0].routing_policy = RoutingPolicy::SessionAffinity as i32;
-        let t = EdgeTableBuilder::default().apply(t).unwrap();
-        let route = t.route("llama").unwrap();
-        let hints = |session: &str| RouteHints {
-            session: Some(session.to_string()),
-            ..Default::default()
-        };
-        let first = route.choose(&hints("alice"), &[]).unwrap().0.id.clone();
-        for _ in 0..10 {
-            assert_eq!(route.choose(&hints("alice"), &[]).unwrap().0.id, first);
-        }
-        let owners: std::collections::HashSet<String> = (0..60)
-            .map(|i| {
-                route
-                    .choose(&hints(&format!("user-{i}")), &[])
-                    .unwrap()
-                    .0
-                    .id
-                    .clone()
-            })
-            .collect();
-        assert_eq!(owners.len(), 3, "sessions spread over every replica");
-        // Retried elsewhere when its replica failed.
-        let other = route
-            .choose(&hints("alice"), std::slice::from_ref(&first))
-            .unwrap()
-            .0;
-        assert_ne!(other.id, first);
     }
 }

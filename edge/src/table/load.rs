@@ -1,0 +1,107 @@
+//! A replica's latest engine load, as its sidecar stamps it on each
+//! response (`x-infermesh-load: r=<running>;w=<waiting>;kv=<use>`). Kept
+//! in atomics so the response path writes it and the balancers read it
+//! without a lock; a sample older than a few seconds is not used, because
+//! a replica that stopped answering would otherwise look idle forever.
+
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+
+use infermesh_runtime::time::now_unix_ms;
+
+/// Load samples older than this are not used.
+const LOAD_SAMPLE_TTL_MS: i64 = 5_000;
+
+/// A replica's latest load as its sidecar stamped it on a response.
+#[derive(Debug, Default)]
+pub struct LoadSample {
+    running: AtomicU32,
+    waiting: AtomicU32,
+    kv_milli: AtomicU32,
+    at_ms: AtomicI64,
+}
+
+impl LoadSample {
+    /// Records a `r=<running>;w=<waiting>;kv=<use>` stamp; ignores a malformed one.
+    pub fn update(&self, stamp: &str) {
+        self.update_at(stamp, now_unix_ms());
+    }
+
+    /// Records a stamp as taken at `now_ms` (Unix milliseconds).
+    pub fn update_at(&self, stamp: &str, now_ms: i64) {
+        let Some((running, waiting, kv)) = parse(stamp) else {
+            return;
+        };
+        self.running.store(running, Ordering::Relaxed);
+        self.waiting.store(waiting, Ordering::Relaxed);
+        self.kv_milli.store((kv * 1000.0) as u32, Ordering::Relaxed);
+        self.at_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// (running, waiting, KV use) when fresh.
+    pub fn fresh(&self) -> Option<(u32, u32, f64)> {
+        self.fresh_at(now_unix_ms())
+    }
+
+    /// (running, waiting, KV use) when fresh at `now_ms` (Unix milliseconds).
+    pub fn fresh_at(&self, now_ms: i64) -> Option<(u32, u32, f64)> {
+        let age = now_ms - self.at_ms.load(Ordering::Relaxed);
+        (age <= LOAD_SAMPLE_TTL_MS).then(|| {
+            (
+                self.running.load(Ordering::Relaxed),
+                self.waiting.load(Ordering::Relaxed),
+                f64::from(self.kv_milli.load(Ordering::Relaxed)) / 1000.0,
+            )
+        })
+    }
+}
+
+/// (running, waiting, KV use) of a well-formed stamp: all three fields,
+/// KV use within 0 to 1.
+fn parse(stamp: &str) -> Option<(u32, u32, f64)> {
+    let mut fields = (None, None, None);
+    for part in stamp.split(';') {
+        match part.trim().split_once('=') {
+            Some(("r", v)) => fields.0 = v.parse::<u32>().ok(),
+            Some(("w", v)) => fields.1 = v.parse::<u32>().ok(),
+            Some(("kv", v)) => fields.2 = v.parse::<f64>().ok().filter(|k| (0.0..=1.0).contains(k)),
+            _ => {}
+        }
+    }
+    let (running, waiting, kv) = fields;
+    Some((running?, waiting?, kv?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    #[test]
+    fn a_stamp_is_read_and_a_malformed_one_keeps_the_last_sample() {
+        let load = LoadSample::default();
+        load.update_at("r=1;w=0;kv=0.100", NOW);
+        for malformed in ["garbage", "r=1;w=0", "r=1;w=0;kv=1.5", "r=x;w=0;kv=0.2"] {
+            load.update_at(malformed, NOW + 1);
+        }
+        assert_eq!(load.fresh_at(NOW), Some((1, 0, 0.1)));
+        load.update_at(" r=4 ; w=6 ; kv=0.900 ", NOW);
+        assert_eq!(load.fresh_at(NOW), Some((4, 6, 0.9)));
+    }
+
+    #[test]
+    fn a_sample_goes_stale_after_its_time_to_live() {
+        let load = LoadSample::default();
+        assert_eq!(load.fresh_at(NOW), None, "never stamped");
+        load.update_at("r=2;w=3;kv=0.500", NOW);
+        assert!(load.fresh_at(NOW + LOAD_SAMPLE_TTL_MS).is_some());
+        assert_eq!(load.fresh_at(NOW + LOAD_SAMPLE_TTL_MS + 1), None);
+    }
+
+    #[test]
+    fn update_stamps_the_sample_with_the_wall_clock() {
+        let load = LoadSample::default();
+        load.update("r=1;w=2;kv=0.250");
+        assert_eq!(load.fresh(), Some((1, 2, 0.25)));
+    }
+}
