@@ -17,6 +17,7 @@ pub mod prefix;
 pub mod quota;
 pub mod receipt;
 pub mod server;
+pub mod sse;
 pub mod stack;
 pub mod table;
 pub mod table_store;
