@@ -19,6 +19,7 @@ pub mod receipt;
 pub mod request;
 pub mod route;
 pub mod server;
+pub mod sse;
 pub mod stack;
 pub mod table;
 pub mod table_store;

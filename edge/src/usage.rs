@@ -16,6 +16,7 @@ use infermesh_runtime::http::{Body, BoxError};
 use crate::access_log::{AccessRecord, millis};
 use crate::metrics::{InFlight, Observer};
 use crate::quota::Admission;
+use crate::sse::{Event, Framer, Part};
 
 /// Non-streamed bodies larger than this are passed on without looking for usage.
 const JSON_SCAN_LIMIT: usize = 4 * 1024 * 1024;
@@ -41,7 +42,13 @@ fn usage_of(value: &serde_json::Value) -> Option<Usage> {
 
 enum Mode {
     Json(Vec<u8>),
-    Sse { pending: BytesMut, strip: bool },
+    Sse {
+        framer: Framer,
+        strip: bool,
+        /// The last event was the usage chunk, removed: the LF that may
+        /// still follow its CR goes with it.
+        removed: bool,
+    },
 }
 
 /// What happens when the body ends.
@@ -70,6 +77,9 @@ pub struct UsageTap {
     finish: Option<Finish>,
     /// The stream was cut and its closing error event sent: nothing follows.
     closed: bool,
+    /// Chunks decoded as JSON, which only a non-null `usage` calls for.
+    #[cfg(test)]
+    decoded: usize,
 }
 
 /// `error` in the access log and the request metrics of a response the
@@ -85,7 +95,27 @@ fn cut_event(reason: &str) -> Bytes {
     let event = serde_json::json!({"error": {
         "message": format!("the replica stopped sending: {reason}"),
         "type": "server_error", "param": null, "code": UPSTREAM_CUT}});
-    Bytes::from(format!("data: {event}\n\n"))
+    let mut out = BytesMut::new();
+    crate::sse::write_event(&mut out, event.to_string().as_bytes());
+    out.freeze()
+}
+
+/// The chunk with its `,"usage":null` taken out, for a client that did not
+/// ask for usage; every other byte is kept.
+fn without_null_usage(raw: &Bytes) -> Bytes {
+    const NULL_USAGE: &[u8] = b",\"usage\":null";
+    let mut found = memchr::memmem::find_iter(raw, NULL_USAGE).peekable();
+    if found.peek().is_none() {
+        return raw.clone();
+    }
+    let mut out = BytesMut::with_capacity(raw.len());
+    let mut from = 0;
+    for at in found {
+        out.extend_from_slice(&raw[from..at]);
+        from = at + NULL_USAGE.len();
+    }
+    out.extend_from_slice(&raw[from..]);
+    out.freeze()
 }
 
 impl UsageTap {
@@ -94,8 +124,9 @@ impl UsageTap {
     pub fn new(inner: Body, sse: bool, strip: bool, finish: Finish) -> Self {
         let mode = if sse {
             Mode::Sse {
-                pending: BytesMut::new(),
+                framer: Framer::default(),
                 strip,
+                removed: false,
             }
         } else {
             Mode::Json(Vec::new())
@@ -106,52 +137,86 @@ impl UsageTap {
             usage: None,
             finish: Some(finish),
             closed: false,
+            #[cfg(test)]
+            decoded: 0,
         }
     }
 
     /// Passes SSE events through as they complete; returns what to send now.
     fn sse(&mut self, data: Bytes) -> Bytes {
-        let Mode::Sse { pending, strip } = &mut self.mode else {
+        let Mode::Sse { framer, .. } = &mut self.mode else {
             return data;
         };
-        pending.extend_from_slice(&data);
+        framer.push(&data);
         let mut out = BytesMut::new();
-        while let Some(end) = find_event_end(pending) {
-            let event = pending.split_to(end);
-            // Only the usage chunk (and, when stripping, chunks carrying
-            // `"usage":null`) need decoding; every other event passes as bytes.
-            if !crate::openai::contains_bytes(&event, b"\"usage\"") {
-                out.extend_from_slice(&event);
-                continue;
+        while let Some(part) = self.next_part() {
+            if let Some(bytes) = self.pass(part) {
+                out.extend_from_slice(&bytes);
             }
-            let text = String::from_utf8_lossy(&event);
-            let payload = text
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(str::trim)
-                .collect::<String>();
-            if payload != "[DONE]" {
-                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&payload)
-                    && let Some(usage) = usage_of(&value)
-                {
-                    self.usage = Some(usage);
-                    let no_choices = value
-                        .get("choices")
-                        .and_then(|c| c.as_array())
-                        .is_none_or(|c| c.is_empty());
-                    if *strip && no_choices {
-                        continue;
-                    }
-                }
-                if *strip {
-                    let cleaned = text.replace(",\"usage\":null", "");
-                    out.extend_from_slice(cleaned.as_bytes());
-                    continue;
-                }
-            }
-            out.extend_from_slice(&event);
         }
         out.freeze()
+    }
+
+    fn next_part(&mut self) -> Option<Part> {
+        match &mut self.mode {
+            Mode::Sse { framer, .. } => framer.next_part(),
+            Mode::Json(_) => None,
+        }
+    }
+
+    /// What of `part` goes to the client: all of it, except the usage chunk
+    /// (and the `"usage":null` of the others) when stripping.
+    fn pass(&mut self, part: Part) -> Option<Bytes> {
+        let event = match part {
+            Part::Event(event) => event,
+            Part::LineEndTail(raw) => {
+                let removed = matches!(self.mode, Mode::Sse { removed: true, .. });
+                return (!removed).then_some(raw);
+            }
+            Part::Oversize(raw) | Part::Unfinished(raw) => {
+                self.set_removed(false);
+                return Some(raw);
+            }
+        };
+        let strip = matches!(self.mode, Mode::Sse { strip: true, .. });
+        let remove = self.read_usage(&event) && strip;
+        self.set_removed(remove);
+        if remove {
+            None
+        } else if strip && event.data().is_some() {
+            Some(without_null_usage(event.raw()))
+        } else {
+            Some(event.raw().clone())
+        }
+    }
+
+    /// Takes the usage from a chunk that carries one; returns whether the
+    /// chunk is nothing else (no choices), i.e. the usage-only last chunk.
+    fn read_usage(&mut self, event: &Event) -> bool {
+        let Some(data) = event.data().filter(|_| event.carries_usage()) else {
+            return false;
+        };
+        #[cfg(test)]
+        {
+            self.decoded += 1;
+        }
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
+            return false;
+        };
+        let Some(usage) = usage_of(&value) else {
+            return false;
+        };
+        self.usage = Some(usage);
+        value
+            .get("choices")
+            .and_then(|c| c.as_array())
+            .is_none_or(|c| c.is_empty())
+    }
+
+    fn set_removed(&mut self, now: bool) {
+        if let Mode::Sse { removed, .. } = &mut self.mode {
+            *removed = now;
+        }
     }
 
     fn end(&mut self) {
@@ -162,11 +227,6 @@ impl UsageTap {
             && let Ok(value) = serde_json::from_slice::<serde_json::Value>(buf)
         {
             self.usage = usage_of(&value);
-        }
-        if let Mode::Sse { pending, .. } = &self.mode
-            && !pending.is_empty()
-        {
-            tracing::debug!(bytes = pending.len(), "stream ended inside an event");
         }
         if let Some(usage) = self.usage {
             finish.record.tokens_in = Some(usage.prompt);
@@ -182,16 +242,6 @@ impl UsageTap {
         }
         finish.record.total_ms = millis(finish.started.elapsed());
         finish.observer.finished(&finish.record);
-    }
-}
-
-/// The end of the first complete event (after its blank line), if any.
-fn find_event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     }
 }
 
@@ -211,11 +261,16 @@ impl HttpBody for UsageTap {
             return match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) => {
-                    if let Mode::Sse { pending, .. } = &mut this.mode
-                        && !pending.is_empty()
+                    if let Mode::Sse { framer, .. } = &mut this.mode
+                        && let Some(rest) = framer.finish()
                     {
-                        let rest = pending.split().freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                        if matches!(rest, Part::Unfinished(_)) {
+                            tracing::debug!(
+                                bytes = rest.raw().len(),
+                                "stream ended inside an event"
+                            );
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(rest.raw().clone()))));
                     }
                     this.end();
                     Poll::Ready(None)
@@ -400,6 +455,46 @@ mod tests {
                 completion: 4
             })
         );
+    }
+
+    #[test]
+    fn only_a_chunk_with_non_null_usage_is_decoded() {
+        let mut tap = UsageTap::new(full(""), true, false, finish());
+        let broken =
+            "data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}],\"usage\":null,,,\n\n";
+        let out = tap.sse(Bytes::from(format!("{}{broken}", chunk("a"))));
+        assert_eq!(out, format!("{}{broken}", chunk("a")));
+        assert_eq!(tap.decoded, 0, "no chunk without usage was decoded");
+        assert_eq!(tap.usage, None);
+        tap.sse(Bytes::from(USAGE));
+        assert_eq!(tap.decoded, 1);
+        assert_eq!(tap.usage.map(|u| u.prompt), Some(7));
+    }
+
+    #[test]
+    fn a_crlf_stream_split_at_any_byte_loses_only_its_usage_chunk() {
+        let lf = format!(
+            "{}: keep-alive\n\n{}{USAGE}data: [DONE]\n\n",
+            chunk("a"),
+            chunk("b")
+        );
+        let crlf = lf.replace('\n', "\r\n");
+        let expected = format!(
+            "{}: keep-alive\r\n\r\n{}data: [DONE]\r\n\r\n",
+            chunk("a"),
+            chunk("b")
+        )
+        .replace("\n\n", "\r\n\r\n")
+        .replace(",\"usage\":null", "");
+        for at in 0..=crlf.len() {
+            let mut tap = UsageTap::new(full(""), true, true, finish());
+            let mut out = tap
+                .sse(Bytes::copy_from_slice(&crlf.as_bytes()[..at]))
+                .to_vec();
+            out.extend_from_slice(&tap.sse(Bytes::copy_from_slice(&crlf.as_bytes()[at..])));
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "split at {at}");
+            assert_eq!(tap.usage.map(|u| u.completion), Some(2), "split at {at}");
+        }
     }
 
     impl UsageTap {

@@ -2,13 +2,15 @@
 //! and served in the form each request asks for: as is, or replayed as an
 //! SSE stream (one content chunk per choice, the finish chunk, the usage
 //! chunk when asked for, `[DONE]`). A streamed answer from the engine is
-//! assembled into that form before it is stored; streams carrying anything
-//! beyond text (tool calls, logprobs) are not stored.
+//! assembled into that form, event by event as the edge's SSE framer reads
+//! them, before it is stored; streams carrying anything beyond text (tool
+//! calls, logprobs) are not stored.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use serde_json::{Map, Value, json};
 
 use crate::openai::Endpoint;
+use crate::sse::{self, Framer, Part};
 
 /// The SSE stream of the stored `answer`, with usage when `include_usage`.
 pub fn to_sse(answer: &Value, endpoint: Endpoint, include_usage: bool) -> Bytes {
@@ -28,11 +30,7 @@ pub fn to_sse(answer: &Value, endpoint: Endpoint, include_usage: bool) -> Bytes 
         })
     };
     let mut out = BytesMut::new();
-    let mut event = |value: &Value| {
-        out.put_slice(b"data: ");
-        out.put_slice(value.to_string().as_bytes());
-        out.put_slice(b"\n\n");
-    };
+    let mut event = |value: &Value| sse::write_event(&mut out, value.to_string().as_bytes());
     let choices = answer
         .get("choices")
         .and_then(Value::as_array)
@@ -67,38 +65,80 @@ pub fn to_sse(answer: &Value, endpoint: Endpoint, include_usage: bool) -> Bytes 
         last["usage"] = usage.clone();
         event(&last);
     }
-    out.put_slice(b"data: [DONE]\n\n");
+    sse::write_event(&mut out, b"[DONE]");
     out.freeze()
 }
 
 /// The non-streamed answer a complete SSE stream amounts to, or `None` when
 /// it cannot be stored (incomplete, no usage, or more than text).
 pub fn assemble(stream: &[u8], endpoint: Endpoint) -> Option<Value> {
-    let chat = endpoint == Endpoint::ChatCompletions;
-    let text = std::str::from_utf8(stream).ok()?;
-    let mut head: Option<Value> = None;
-    let mut choices: Vec<(String, String, Value)> = Vec::new();
-    let mut usage = None;
-    let mut done = false;
-    for event in text.split("\n\n").map(str::trim).filter(|e| !e.is_empty()) {
-        let payload: String = event
-            .lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .map(str::trim)
-            .collect();
-        if payload == "[DONE]" {
-            done = true;
-            continue;
+    let mut framer = Framer::default();
+    let mut answer = Assembler::new(endpoint);
+    framer.push(stream);
+    while let Some(part) = framer.next_part() {
+        answer.add(&part);
+    }
+    if let Some(rest) = framer.finish() {
+        answer.add(&rest);
+    }
+    answer.finish()
+}
+
+/// Builds the stored answer from a stream's events as they arrive; gives
+/// up at the first event that makes the stream unstorable.
+pub struct Assembler {
+    chat: bool,
+    head: Option<Value>,
+    /// Role, text and finish reason of each choice so far.
+    choices: Vec<(String, String, Value)>,
+    usage: Option<Value>,
+    done: bool,
+    refused: bool,
+}
+
+impl Assembler {
+    /// An empty answer for `endpoint`.
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self {
+            chat: endpoint == Endpoint::ChatCompletions,
+            head: None,
+            choices: Vec::new(),
+            usage: None,
+            done: false,
+            refused: false,
         }
-        let chunk: Value = serde_json::from_str(&payload).ok()?;
+    }
+
+    /// Adds the next part of the stream.
+    pub fn add(&mut self, part: &Part) {
+        if self.refused {
+            return;
+        }
+        match part {
+            Part::Event(event) => {
+                // An event without data (a comment, a keep-alive) says nothing.
+                let Some(data) = event.data() else { return };
+                if event.is_done() {
+                    self.done = true;
+                } else if self.chunk(data).is_none() {
+                    self.refused = true;
+                }
+            }
+            // The rest of a line end says nothing either.
+            Part::LineEndTail(_) => {}
+            // An event never read, or never ended: the answer is not known whole.
+            Part::Oversize(_) | Part::Unfinished(_) => self.refused = true,
+        }
+    }
+
+    /// Takes in one chunk; `None` when the stream cannot be stored.
+    fn chunk(&mut self, data: &[u8]) -> Option<()> {
+        let chunk: Value = serde_json::from_slice(data).ok()?;
         if chunk.get("error").is_some() {
             return None;
         }
-        if head.is_none() {
-            head = Some(chunk.clone());
-        }
         if let Some(found) = chunk.get("usage").filter(|u| !u.is_null()) {
-            usage = Some(found.clone());
+            self.usage = Some(found.clone());
         }
         for choice in chunk.get("choices").and_then(Value::as_array)? {
             if !choice.get("logprobs").is_none_or(Value::is_null) {
@@ -108,11 +148,12 @@ pub fn assemble(stream: &[u8], endpoint: Endpoint) -> Option<Value> {
             if index > 128 {
                 return None;
             }
-            while choices.len() <= index {
-                choices.push(("assistant".into(), String::new(), Value::Null));
+            while self.choices.len() <= index {
+                self.choices
+                    .push(("assistant".into(), String::new(), Value::Null));
             }
-            let slot = &mut choices[index];
-            if chat {
+            let slot = &mut self.choices[index];
+            if self.chat {
                 let delta = choice.get("delta")?.as_object()?;
                 if delta.keys().any(|k| k != "role" && k != "content") {
                     return None;
@@ -130,44 +171,58 @@ pub fn assemble(stream: &[u8], endpoint: Endpoint) -> Option<Value> {
                 slot.2 = finish.clone();
             }
         }
+        if self.head.is_none() {
+            self.head = Some(chunk);
+        }
+        Some(())
     }
-    let (head, usage) = (head?, usage?);
-    if !done || choices.is_empty() || choices.iter().any(|c| c.2.is_null()) {
-        return None;
-    }
-    let choices: Vec<Value> = choices
-        .into_iter()
-        .enumerate()
-        .map(|(index, (role, content, finish))| {
-            if chat {
-                json!({"index": index, "message": {"role": role, "content": content},
-                       "logprobs": null, "finish_reason": finish})
+
+    /// The answer, or `None` when the stream was incomplete, had no usage,
+    /// or carried more than text.
+    pub fn finish(self) -> Option<Value> {
+        let chat = self.chat;
+        if self.refused {
+            return None;
+        }
+        let (head, usage) = (self.head?, self.usage?);
+        let choices = self.choices;
+        if !self.done || choices.is_empty() || choices.iter().any(|c| c.2.is_null()) {
+            return None;
+        }
+        let choices: Vec<Value> = choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, (role, content, finish))| {
+                if chat {
+                    json!({"index": index, "message": {"role": role, "content": content},
+                           "logprobs": null, "finish_reason": finish})
+                } else {
+                    json!({"index": index, "text": content, "logprobs": null, "finish_reason": finish})
+                }
+            })
+            .collect();
+        let mut answer = Map::new();
+        answer.insert("id".into(), head.get("id").cloned().unwrap_or(Value::Null));
+        answer.insert(
+            "object".into(),
+            json!(if chat {
+                "chat.completion"
             } else {
-                json!({"index": index, "text": content, "logprobs": null, "finish_reason": finish})
-            }
-        })
-        .collect();
-    let mut answer = Map::new();
-    answer.insert("id".into(), head.get("id").cloned().unwrap_or(Value::Null));
-    answer.insert(
-        "object".into(),
-        json!(if chat {
-            "chat.completion"
-        } else {
-            "text_completion"
-        }),
-    );
-    answer.insert(
-        "created".into(),
-        head.get("created").cloned().unwrap_or(Value::Null),
-    );
-    answer.insert(
-        "model".into(),
-        head.get("model").cloned().unwrap_or(Value::Null),
-    );
-    answer.insert("choices".into(), Value::Array(choices));
-    answer.insert("usage".into(), usage);
-    Some(Value::Object(answer))
+                "text_completion"
+            }),
+        );
+        answer.insert(
+            "created".into(),
+            head.get("created").cloned().unwrap_or(Value::Null),
+        );
+        answer.insert(
+            "model".into(),
+            head.get("model").cloned().unwrap_or(Value::Null),
+        );
+        answer.insert("choices".into(), Value::Array(choices));
+        answer.insert("usage".into(), usage);
+        Some(Value::Object(answer))
+    }
 }
 
 #[cfg(test)]
@@ -223,6 +278,29 @@ mod tests {
                 "usage": {"total_tokens": 1}})
         );
         assert!(assemble(tool.as_bytes(), Endpoint::ChatCompletions).is_none());
+    }
+
+    #[test]
+    fn a_crlf_stream_with_keep_alives_is_stored_like_its_lf_twin() {
+        let usage = json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5});
+        let lf = format!(
+            "{}{}data: {}\n\ndata: [DONE]\n\n",
+            chunk(Some("Hi"), None),
+            chunk(None, Some("stop")),
+            json!({"id": "chatcmpl-1", "created": 7, "model": "llama", "choices": [], "usage": usage}),
+        );
+        let answer = assemble(lf.as_bytes(), Endpoint::ChatCompletions).unwrap();
+        let crlf = format!(": keep-alive\r\n\r\n{}", lf.replace('\n', "\r\n"));
+        assert_eq!(
+            assemble(crlf.as_bytes(), Endpoint::ChatCompletions),
+            Some(answer)
+        );
+        let unfinished = lf.trim_end_matches('\n');
+        assert_eq!(
+            assemble(unfinished.as_bytes(), Endpoint::ChatCompletions),
+            None,
+            "a stream that ends inside its [DONE] event is not whole"
+        );
     }
 
     #[test]
