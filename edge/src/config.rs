@@ -263,8 +263,10 @@ impl Config {
         if self.usage_report_interval_ms == 0 {
             return Err("--usage-report-interval-ms: must be positive".into());
         }
-        self.control_plane_tls.client()?;
-        self.enroll.check(&self.control_plane_tls)?;
+        self.control_plane_tls.client().map_err(|e| e.to_string())?;
+        self.enroll
+            .check(&self.control_plane_tls)
+            .map_err(|e| e.to_string())?;
         if self.mesh_listen.is_some() && self.enroll.identity_dir.is_none() {
             self.control_plane_tls
                 .identity_files()

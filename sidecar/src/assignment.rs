@@ -21,6 +21,7 @@ pub struct AssignmentReader {
 
 impl ApplyTable for AssignmentReader {
     type Table = Assignment;
+    type Error = String;
 
     fn apply(&mut self, table: RoutingTable) -> Result<Assignment, String> {
         match table.endpoints.iter().find(|e| e.id == self.endpoint_id) {

@@ -183,8 +183,10 @@ impl Config {
         if self.body_timeout.is_zero() {
             return Err("--body-timeout: must be positive".into());
         }
-        self.control_plane_tls.client()?;
-        self.enroll.check(&self.control_plane_tls)?;
+        self.control_plane_tls.client().map_err(|e| e.to_string())?;
+        self.enroll
+            .check(&self.control_plane_tls)
+            .map_err(|e| e.to_string())?;
         if self.serve_tls == MeshTls::Mutual && self.enroll.identity_dir.is_none() {
             self.control_plane_tls
                 .identity_files()

@@ -165,7 +165,7 @@ pub fn model(m: &Model) -> Result<(), RegistryError> {
         ));
     }
     infermesh_runtime::engine_fields::check(&m.engine_fields)
-        .map_err(|reason| RegistryError::invalid("model.engine_fields", reason))?;
+        .map_err(|reason| RegistryError::invalid("model.engine_fields", reason.to_string()))?;
     if m.description.len() > MAX_DESCRIPTION {
         return Err(RegistryError::invalid(
             "model.description",

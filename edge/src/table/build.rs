@@ -52,6 +52,7 @@ impl EdgeTableBuilder {
 
 impl ApplyTable for EdgeTableBuilder {
     type Table = EdgeTable;
+    type Error = String;
 
     fn apply(&mut self, table: RoutingTable) -> Result<EdgeTable, String> {
         let saved = self.store.as_ref().map(|_| table.clone());

@@ -4,7 +4,7 @@
 //! `<name> sha256:<hex>` line per token and never the token itself.
 //! Comparison is constant-time and checks every entry.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -42,8 +42,68 @@ impl TokenEntry {
     }
 }
 
+/// A token name that is empty, longer than 64 bytes, or has characters
+/// other than letters, digits, '-', '_', '.' and '@'.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("token name {0:?}: use 1 to 64 letters, digits, '-', '_', '.' or '@'")]
+pub struct BadTokenName(pub String);
+
+/// Why a tokens file's text is refused: the line and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {problem}")]
+pub struct TokensFileError {
+    /// The line, counted from 1.
+    pub line: usize,
+    /// What is wrong with it.
+    pub problem: LineProblem,
+}
+
+/// What is wrong with one line of a tokens file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineProblem {
+    /// Not two fields.
+    #[error("expected `<name> sha256:<64 hex digits>`")]
+    Shape,
+    /// The name is not allowed.
+    #[error(transparent)]
+    Name(BadTokenName),
+    /// The hash lacks its `sha256:` prefix.
+    #[error("the hash must start with {HASH_PREFIX:?}")]
+    HashPrefix,
+    /// A token where its hash belongs.
+    #[error("this is a token, not its hash; the file holds only hashes")]
+    TokenNotHash,
+    /// The hash is not 64 hex digits.
+    #[error("the hash must be 64 hex digits")]
+    HashDigits,
+    /// An earlier line has the same name.
+    #[error("token name {0:?} appears twice")]
+    Duplicate(String),
+}
+
+/// Why a tokens file could not be loaded; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadTokensError {
+    /// The file could not be read.
+    #[error("{}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What reading it said.
+        error: std::io::Error,
+    },
+    /// Its text is refused.
+    #[error("{}: {error}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The line refused and why.
+        error: TokensFileError,
+    },
+}
+
 /// A new token: the secret to hand out once, and its file entry.
-pub fn generate(name: &str) -> Result<(String, TokenEntry), String> {
+pub fn generate(name: &str) -> Result<(String, TokenEntry), BadTokenName> {
     check_name(name)?;
     let random: String = rand::rng()
         .sample_iter(Alphanumeric)
@@ -58,7 +118,7 @@ pub fn generate(name: &str) -> Result<(String, TokenEntry), String> {
     Ok((secret, entry))
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+fn check_name(name: &str) -> Result<(), BadTokenName> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -67,9 +127,7 @@ fn check_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "token name {name:?}: use 1 to 64 letters, digits, '-', '_', '.' or '@'"
-        ))
+        Err(BadTokenName(name.to_string()))
     }
 }
 
@@ -81,33 +139,34 @@ pub struct TokenSet {
 
 impl TokenSet {
     /// Parses a tokens file's text; errors name the line.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, TokensFileError> {
         let mut entries: Vec<TokenEntry> = Vec::new();
         for (index, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let at = |reason: String| format!("line {}: {reason}", index + 1);
+            let at = |problem| TokensFileError {
+                line: index + 1,
+                problem,
+            };
             let mut fields = line.split_whitespace();
             let (Some(name), Some(hash), None) = (fields.next(), fields.next(), fields.next())
             else {
-                return Err(at("expected `<name> sha256:<64 hex digits>`".into()));
+                return Err(at(LineProblem::Shape));
             };
-            check_name(name).map_err(at)?;
+            check_name(name).map_err(|bad| at(LineProblem::Name(bad)))?;
             let hex_digits = hash
                 .strip_prefix(HASH_PREFIX)
-                .ok_or_else(|| at(format!("the hash must start with {HASH_PREFIX:?}")))?;
+                .ok_or_else(|| at(LineProblem::HashPrefix))?;
             if hex_digits.starts_with(PREFIX) {
-                return Err(at(
-                    "this is a token, not its hash; the file holds only hashes".into(),
-                ));
+                return Err(at(LineProblem::TokenNotHash));
             }
             let mut sha256 = [0u8; 32];
             hex::decode_to_slice(hex_digits, &mut sha256)
-                .map_err(|_| at("the hash must be 64 hex digits".into()))?;
+                .map_err(|_| at(LineProblem::HashDigits))?;
             if entries.iter().any(|e| e.name == name) {
-                return Err(at(format!("token name {name:?} appears twice")));
+                return Err(at(LineProblem::Duplicate(name.to_string())));
             }
             entries.push(TokenEntry {
                 name: name.to_string(),
@@ -118,9 +177,15 @@ impl TokenSet {
     }
 
     /// Reads and parses the file at `path`; errors name it.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, LoadTokensError> {
+        let text = std::fs::read_to_string(path).map_err(|error| LoadTokensError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::parse(&text).map_err(|error| LoadTokensError::Parse {
+            path: path.to_path_buf(),
+            error,
+        })
     }
 
     /// How many tokens are accepted.
@@ -177,12 +242,17 @@ mod tests {
             ("ops extra fields here", "line 1: expected"),
         ];
         for (text, expected) in cases {
-            let error = TokenSet::parse(text).unwrap_err();
+            let error = TokenSet::parse(text).unwrap_err().to_string();
             assert!(error.contains(expected), "{text:?}: {error}");
         }
         let (_, entry) = generate("ops").unwrap();
         let twice = format!("{}\n{}\n", entry.line(), entry.line());
-        assert!(TokenSet::parse(&twice).unwrap_err().contains("line 2"));
+        assert!(
+            TokenSet::parse(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("line 2")
+        );
     }
 
     #[test]

@@ -14,6 +14,25 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::tls;
 
+/// Why the control-plane TLS flags describe no client, or no identity.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneTlsError {
+    /// Mutual TLS on the data path was asked for without all three files.
+    #[error(
+        "mutual TLS on the data path needs this process's identity: --control-plane-ca, --control-plane-cert and --control-plane-key"
+    )]
+    NoIdentity,
+    /// Only one of certificate and key.
+    #[error("--control-plane-cert and --control-plane-key must be given together")]
+    HalfPair,
+    /// A client certificate with no CA to trust the control plane by.
+    #[error("--control-plane-cert needs --control-plane-ca (the CA to trust)")]
+    CertWithoutCa,
+    /// The CA, certificate or key could not be read or used.
+    #[error("--control-plane-ca/--control-plane-cert: {0}")]
+    Files(tls::TlsError),
+}
+
 /// Command-line flags for TLS to the control plane, shared by edge and sidecar.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ControlPlaneTlsArgs {
@@ -35,33 +54,28 @@ pub struct ControlPlaneTlsArgs {
 impl ControlPlaneTlsArgs {
     /// This process's identity for the mesh's own mutual TLS: the CA,
     /// certificate and key, or a message naming what is missing.
-    pub fn identity_files(&self) -> Result<(PathBuf, PathBuf, PathBuf), String> {
+    pub fn identity_files(&self) -> Result<(PathBuf, PathBuf, PathBuf), ControlPlaneTlsError> {
         match (
             &self.control_plane_ca,
             &self.control_plane_cert,
             &self.control_plane_key,
         ) {
             (Some(ca), Some(cert), Some(key)) => Ok((ca.clone(), cert.clone(), key.clone())),
-            _ => Err("mutual TLS on the data path needs this process's identity: --control-plane-ca, --control-plane-cert and --control-plane-key".into()),
+            _ => Err(ControlPlaneTlsError::NoIdentity),
         }
     }
 
     /// The client these flags describe; files are read and checked now.
-    pub fn client(&self) -> Result<ControlPlaneClient, String> {
+    pub fn client(&self) -> Result<ControlPlaneClient, ControlPlaneTlsError> {
         let pair = match (&self.control_plane_cert, &self.control_plane_key) {
             (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
             (None, None) => None,
-            _ => {
-                return Err(
-                    "--control-plane-cert and --control-plane-key must be given together".into(),
-                );
-            }
+            _ => return Err(ControlPlaneTlsError::HalfPair),
         };
         match (&self.control_plane_ca, pair) {
             (Some(ca), pair) => {
                 // Read once now so that a bad file stops the process at start.
-                tls::client_config(ca, pair)
-                    .map_err(|e| format!("--control-plane-ca/--control-plane-cert: {e}"))?;
+                tls::client_config(ca, pair).map_err(ControlPlaneTlsError::Files)?;
                 Ok(ControlPlaneClient {
                     tls: Some(ClientTls::Files {
                         ca: ca.clone(),
@@ -69,9 +83,7 @@ impl ControlPlaneTlsArgs {
                     }),
                 })
             }
-            (None, Some(_)) => {
-                Err("--control-plane-cert needs --control-plane-ca (the CA to trust)".into())
-            }
+            (None, Some(_)) => Err(ControlPlaneTlsError::CertWithoutCa),
             (None, None) => Ok(ControlPlaneClient::plaintext()),
         }
     }
@@ -207,14 +219,14 @@ mod tests {
             control_plane_cert: Some("edge.pem".into()),
             control_plane_key: Some("edge-key.pem".into()),
         };
-        let error = args.client().unwrap_err();
+        let error = args.client().unwrap_err().to_string();
         assert!(error.contains("--control-plane-ca"), "{error}");
         let half = ControlPlaneTlsArgs {
             control_plane_ca: Some("ca.pem".into()),
             control_plane_cert: Some("edge.pem".into()),
             control_plane_key: None,
         };
-        assert!(half.client().unwrap_err().contains("together"));
+        assert!(half.client().unwrap_err().to_string().contains("together"));
     }
 
     #[tokio::test]

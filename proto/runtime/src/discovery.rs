@@ -27,8 +27,10 @@ use tokio_util::sync::CancellationToken;
 pub trait ApplyTable: Send + 'static {
     /// The subscriber's domain view of a table.
     type Table: Send + Sync + 'static;
+    /// Why a table is refused; its text is the NACK reason.
+    type Error: std::fmt::Display;
     /// Validates a table; an `Err` is sent back as the NACK reason.
-    fn apply(&mut self, table: RoutingTable) -> Result<Self::Table, String>;
+    fn apply(&mut self, table: RoutingTable) -> Result<Self::Table, Self::Error>;
 }
 
 /// The rate-limit side of an edge's stream.
@@ -372,7 +374,8 @@ impl<A: ApplyTable> Session<'_, A> {
                     let base = self.last.as_ref().ok_or_else(|| {
                         tonic::Status::data_loss("a table change came before any table")
                     })?;
-                    table_delta::apply(base, delta).map_err(tonic::Status::data_loss)?
+                    table_delta::apply(base, delta)
+                        .map_err(|e| tonic::Status::data_loss(e.to_string()))?
                 }
                 (None, None) => continue,
             };
@@ -384,7 +387,7 @@ impl<A: ApplyTable> Session<'_, A> {
                 send(tx, subscribe_request::Kind::Ack(Ack { version })).await?;
                 continue;
             }
-            match self.applier.apply(table) {
+            match self.applier.apply(table).map_err(|e| e.to_string()) {
                 Ok(applied) => {
                     self.held = version;
                     self.sync.applied(version);

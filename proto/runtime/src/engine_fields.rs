@@ -14,17 +14,25 @@ pub const GATED: [&str; 6] = [
     "kv_transfer_params",
 ];
 
+/// Why a model's list of engine fields is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineFieldsError {
+    /// A name that is not in `GATED`.
+    #[error("{0:?} is not an engine field infermesh gates (one of {gated})", gated = GATED.join(", "))]
+    NotGated(String),
+    /// A name listed more than once.
+    #[error("{0:?} is listed twice")]
+    Twice(String),
+}
+
 /// Checks a model's list: known names, each once.
-pub fn check(fields: &[String]) -> Result<(), String> {
+pub fn check(fields: &[String]) -> Result<(), EngineFieldsError> {
     for (i, field) in fields.iter().enumerate() {
         if !GATED.contains(&field.as_str()) {
-            return Err(format!(
-                "{field:?} is not an engine field infermesh gates (one of {})",
-                GATED.join(", ")
-            ));
+            return Err(EngineFieldsError::NotGated(field.clone()));
         }
         if fields[..i].contains(field) {
-            return Err(format!("{field:?} is listed twice"));
+            return Err(EngineFieldsError::Twice(field.clone()));
         }
     }
     Ok(())
@@ -81,11 +89,13 @@ mod tests {
         assert!(
             check(&["temperature".into()])
                 .unwrap_err()
+                .to_string()
                 .contains("one of priority")
         );
         assert!(
             check(&["rid".into(), "rid".into()])
                 .unwrap_err()
+                .to_string()
                 .contains("twice")
         );
     }

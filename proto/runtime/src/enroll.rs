@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::control_plane::ControlPlaneTlsArgs;
+use crate::control_plane::{ControlPlaneTlsArgs, ControlPlaneTlsError};
 use crate::tls::pki;
 
 /// The identity file under an identity directory.
@@ -43,6 +43,59 @@ pub enum EnrollError {
     /// A file could not be read or written, or a key made.
     #[error("{0}")]
     Local(String),
+    /// The control-plane TLS files could not be read or used.
+    #[error(transparent)]
+    ControlPlaneTls(#[from] ControlPlaneTlsError),
+}
+
+/// Why the identity flags do not fit the control-plane TLS flags.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollFlagsError {
+    /// A certificate and key were given as well as an identity directory.
+    #[error(
+        "--identity-dir replaces --control-plane-cert and --control-plane-key: give one or the other"
+    )]
+    CertAndIdentityDir,
+    /// An identity directory with no CA to trust the control plane by.
+    #[error(
+        "--identity-dir needs --control-plane-ca (the CA that signed the control plane's certificate)"
+    )]
+    NoCa,
+}
+
+/// Why a process told to get its identity from the control plane has none.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollStartError {
+    /// The flags do not fit together.
+    #[error(transparent)]
+    Flags(#[from] EnrollFlagsError),
+    /// The join token file could not be read.
+    #[error("--join-token-file {}: {error}", path.display())]
+    JoinTokenFile {
+        /// The file.
+        path: PathBuf,
+        /// What reading it said.
+        error: std::io::Error,
+    },
+    /// No identity can be had, however long this waits.
+    #[error("--identity-dir {}: {error}", dir.display())]
+    IdentityDir {
+        /// The identity directory.
+        dir: PathBuf,
+        /// Why.
+        error: EnrollError,
+    },
+    /// The control plane will not issue an identity (denied or invalid).
+    #[error("the control plane at {address} refused to issue an identity: {}", status.message())]
+    Refused {
+        /// The control plane that refused.
+        address: String,
+        /// Its answer.
+        status: Box<tonic::Status>,
+    },
+    /// Cancelled while the control plane could not be reached.
+    #[error("stopped before an identity was issued")]
+    Stopped,
 }
 
 /// What gets the first certificate.
@@ -154,7 +207,7 @@ impl Enrollment {
             },
             None => self.tls_args(),
         };
-        let client = tls.client().map_err(EnrollError::Local)?;
+        let client = tls.client()?;
         let mut last = None;
         for address in &self.control_planes {
             let call = async {
@@ -289,15 +342,15 @@ pub struct EnrollArgs {
 
 impl EnrollArgs {
     /// Checks the flags against the control-plane TLS flags.
-    pub fn check(&self, tls: &ControlPlaneTlsArgs) -> Result<(), String> {
+    pub fn check(&self, tls: &ControlPlaneTlsArgs) -> Result<(), EnrollFlagsError> {
         if self.identity_dir.is_none() {
             return Ok(());
         }
         if tls.control_plane_cert.is_some() || tls.control_plane_key.is_some() {
-            return Err("--identity-dir replaces --control-plane-cert and --control-plane-key: give one or the other".into());
+            return Err(EnrollFlagsError::CertAndIdentityDir);
         }
         if tls.control_plane_ca.is_none() {
-            return Err("--identity-dir needs --control-plane-ca (the CA that signed the control plane's certificate)".into());
+            return Err(EnrollFlagsError::NoCa);
         }
         Ok(())
     }
@@ -311,7 +364,7 @@ impl EnrollArgs {
         tls: &mut ControlPlaneTlsArgs,
         endpoint_id: Option<String>,
         cancel: CancellationToken,
-    ) -> Result<Option<JoinHandle<()>>, String> {
+    ) -> Result<Option<JoinHandle<()>>, EnrollStartError> {
         let Some(dir) = &self.identity_dir else {
             return Ok(None);
         };
@@ -319,7 +372,10 @@ impl EnrollArgs {
         let join_token = match &self.join_token_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
-                    .map_err(|e| format!("--join-token-file {}: {e}", path.display()))?
+                    .map_err(|error| EnrollStartError::JoinTokenFile {
+                        path: path.clone(),
+                        error,
+                    })?
                     .trim()
                     .to_string(),
             ),
@@ -337,8 +393,15 @@ impl EnrollArgs {
         let held = loop {
             match enrollment.ensure().await {
                 Ok(held) => break held,
-                Err(error @ (EnrollError::NothingToRenewWith(_) | EnrollError::Local(_))) => {
-                    return Err(format!("--identity-dir {}: {error}", dir.display()));
+                Err(
+                    error @ (EnrollError::NothingToRenewWith(_)
+                    | EnrollError::Local(_)
+                    | EnrollError::ControlPlaneTls(_)),
+                ) => {
+                    return Err(EnrollStartError::IdentityDir {
+                        dir: dir.clone(),
+                        error,
+                    });
                 }
                 Err(EnrollError::Refused { address, status })
                     if matches!(
@@ -349,16 +412,13 @@ impl EnrollArgs {
                             | tonic::Code::NotFound
                     ) =>
                 {
-                    return Err(format!(
-                        "the control plane at {address} refused to issue an identity: {}",
-                        status.message()
-                    ));
+                    return Err(EnrollStartError::Refused { address, status });
                 }
                 Err(error) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "no identity yet");
                     tokio::select! {
-                        _ = cancel.cancelled() => return Err("stopped before an identity was issued".into()),
+                        _ = cancel.cancelled() => return Err(EnrollStartError::Stopped),
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }

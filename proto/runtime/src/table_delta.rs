@@ -75,20 +75,41 @@ fn changes<T: Keyed + Clone + PartialEq>(old: &[T], new: &[T]) -> (Vec<T>, Vec<S
     (changed, removed)
 }
 
+/// Why a table change does not apply to the table held.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeltaError {
+    /// The change was made from another version than the one held.
+    #[error("table change from version {from} cannot apply to version {held}")]
+    OtherBase {
+        /// The version the change was made from.
+        from: u64,
+        /// The version held.
+        held: u64,
+    },
+    /// The change leads to a version no newer than the one held.
+    #[error("table change to version {to} does not follow version {held}")]
+    NotNewer {
+        /// The version the change leads to.
+        to: u64,
+        /// The version held.
+        held: u64,
+    },
+}
+
 /// `base` with `delta` applied: the table at `delta.version`. Refused when
 /// the delta was not made from `base`'s version.
-pub fn apply(base: &RoutingTable, delta: TableDelta) -> Result<RoutingTable, String> {
+pub fn apply(base: &RoutingTable, delta: TableDelta) -> Result<RoutingTable, DeltaError> {
     if delta.base_version != base.version {
-        return Err(format!(
-            "table change from version {} cannot apply to version {}",
-            delta.base_version, base.version
-        ));
+        return Err(DeltaError::OtherBase {
+            from: delta.base_version,
+            held: base.version,
+        });
     }
     if delta.version <= base.version {
-        return Err(format!(
-            "table change to version {} does not follow version {}",
-            delta.version, base.version
-        ));
+        return Err(DeltaError::NotNewer {
+            to: delta.version,
+            held: base.version,
+        });
     }
     Ok(RoutingTable {
         version: delta.version,
@@ -225,7 +246,7 @@ mod tests {
         let new = table(12, &["a", "b"], &[]);
         let delta = diff(&old, &new);
         let other = table(11, &["a"], &[]);
-        let error = apply(&other, delta.clone()).unwrap_err();
+        let error = apply(&other, delta.clone()).unwrap_err().to_string();
         assert!(
             error.contains("from version 10 cannot apply to version 11"),
             "{error}"
@@ -234,6 +255,11 @@ mod tests {
             version: 10,
             ..delta
         };
-        assert!(apply(&old, stale).unwrap_err().contains("does not follow"));
+        assert!(
+            apply(&old, stale)
+                .unwrap_err()
+                .to_string()
+                .contains("does not follow")
+        );
     }
 }

@@ -116,11 +116,10 @@ pub fn init(default_filter: &str, service: &str) -> Telemetry {
     Telemetry { provider }
 }
 
-fn exporter(service: &str) -> Result<SdkTracerProvider, String> {
+fn exporter(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
-        .build()
-        .map_err(|e| e.to_string())?;
+        .build()?;
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service.to_string());

@@ -102,6 +102,7 @@ struct RegionTables(Arc<Mutex<Vec<String>>>);
 
 impl ApplyTable for RegionTables {
     type Table = String;
+    type Error = String;
     fn apply(&mut self, table: RoutingTable) -> Result<String, String> {
         if table.region == "bad" {
             return Err("region \"bad\" is refused".into());

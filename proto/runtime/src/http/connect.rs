@@ -103,7 +103,7 @@ impl tower::Service<Uri> for UpstreamConnector {
                 (Some("http"), _, _) => None,
                 (Some("https"), Some(tls), Some(Ok(expected))) => Some((tls, expected)),
                 (Some("https"), Some(_), Some(Err(error))) => {
-                    return Err(ConnectError::Identity(error));
+                    return Err(ConnectError::Identity(error.to_string()));
                 }
                 (Some("https"), Some(_), None) => {
                     return Err(ConnectError::Identity(format!(

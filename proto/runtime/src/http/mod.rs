@@ -17,13 +17,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 mod connect;
-mod request_body;
 mod serve;
 
 pub use connect::{ConnectError, UpstreamConnector, UpstreamStream};
 
-pub use request_body::{BodyError, RequestBody};
-pub use serve::{ClientAddr, HttpService, ServeOptions, serve};
+pub use serve::{BodyError, ClientAddr, HttpService, RequestBody, ServeOptions, serve};
 
 /// Errors a body may yield.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

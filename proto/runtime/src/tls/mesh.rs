@@ -26,7 +26,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_util::sync::CancellationToken;
 
-use super::identity::PeerIdentity;
+use super::identity::{IdentityError, PeerIdentity};
 use super::pem::{self, TlsError};
 use super::server::{ALPN_HTTP1, CertWatcher, ReloadingCertResolver};
 
@@ -184,9 +184,19 @@ pub fn expected_authority(identity: &PeerIdentity, address: &str) -> String {
     format!("{path}@{address}")
 }
 
+/// An authority's user-info that does not name an identity.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{info:?} does not name an identity: {error}")]
+pub struct NotAnIdentity {
+    /// The user-info.
+    pub info: String,
+    /// Why the identity URI made from it does not parse.
+    pub error: IdentityError,
+}
+
 /// The identity an authority made by `expected_authority` asks for, and
 /// the address part; `None` for the identity when there is no user-info.
-pub fn split_authority(authority: &str) -> (Option<Result<PeerIdentity, String>>, &str) {
+pub fn split_authority(authority: &str) -> (Option<Result<PeerIdentity, NotAnIdentity>>, &str) {
     match authority.rsplit_once('@') {
         None => (None, authority),
         Some((info, address)) => {
@@ -195,9 +205,10 @@ pub fn split_authority(authority: &str) -> (Option<Result<PeerIdentity, String>>
                 super::identity::TRUST_DOMAIN,
                 info.replace(SEGMENT, "/")
             );
-            let identity = uri
-                .parse::<PeerIdentity>()
-                .map_err(|e| format!("{info:?} does not name an identity: {e}"));
+            let identity = uri.parse::<PeerIdentity>().map_err(|error| NotAnIdentity {
+                info: info.to_string(),
+                error,
+            });
             (Some(identity), address)
         }
     }

@@ -15,7 +15,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use super::serve::Busy;
+use super::activity::Busy;
 
 /// Why a request body could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -111,5 +111,48 @@ impl std::fmt::Debug for RequestBody {
             .field("open", &self.open.is_some())
             .field("timeout", &self.timeout)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    use super::*;
+    use crate::http::serve::test_server::{echo_server, request, response};
+
+    #[tokio::test]
+    async fn an_unread_body_is_never_taken_for_the_next_request() {
+        let (addr, cancel, task) = echo_server(
+            Duration::from_secs(5),
+            (Duration::ZERO, 128),
+            Arc::default(),
+        )
+        .await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut pending = Vec::new();
+        // The body of /early arrives after its answer: hyper must drain it
+        // or close, never parse it as a request.
+        let early = "POST /early HTTP/1.1\r\nhost: x\r\ncontent-length: 80\r\n\r\n";
+        stream.write_all(early.as_bytes()).await.unwrap();
+        let (status, answer, _) = response(&mut stream, &mut pending).await.unwrap();
+        assert_eq!((status, answer.as_str()), (200, "early"));
+        let smuggled = request("GET", "/smuggled", "");
+        let body = format!("{smuggled}{}", "y".repeat(80 - smuggled.len()));
+        let _ = stream.write_all(body.as_bytes()).await;
+        let _ = stream
+            .write_all(request("GET", "/next", "").as_bytes())
+            .await;
+        match response(&mut stream, &mut pending).await {
+            None => {}
+            Some((status, answer, _)) => {
+                assert_eq!((status, answer.as_str()), (200, "GET /next 0"))
+            }
+        }
+        cancel.cancel();
+        task.await.unwrap();
     }
 }
