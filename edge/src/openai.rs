@@ -51,11 +51,6 @@ pub fn check_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Whether `needle` occurs in `haystack`.
-pub(crate) fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
