@@ -70,6 +70,14 @@ pub enum ApiError {
     /// No such path.
     #[error("no route for {0}")]
     NotFound(String),
+    /// The engines serving the model do not serve this path.
+    #[error("model `{model}` is served by an engine that does not serve {path}")]
+    EndpointNotServed {
+        /// The model.
+        model: String,
+        /// The path asked for.
+        path: String,
+    },
     /// No key, or a key that is unknown, revoked or expired.
     #[error("{0}")]
     Unauthorized(String),
@@ -123,7 +131,9 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_)
+            | ApiError::NotFound(_)
+            | ApiError::EndpointNotServed { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NoHealthyReplica(_)
             | ApiError::NotReady
@@ -150,6 +160,9 @@ impl ApiError {
             ApiError::BodyTimeout { .. } => ("invalid_request_error", Some("request_timeout")),
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             ApiError::NotFound(_) => ("invalid_request_error", Some("not_found")),
+            ApiError::EndpointNotServed { .. } => {
+                ("invalid_request_error", Some("endpoint_not_served"))
+            }
             ApiError::MethodNotAllowed { .. } => {
                 ("invalid_request_error", Some("method_not_allowed"))
             }

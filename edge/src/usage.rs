@@ -30,14 +30,46 @@ pub struct Usage {
     pub completion: u64,
 }
 
+/// The usage an answer or event reports: OpenAI's `usage` (prompt and
+/// completion tokens, or only a total for rerank and score), the Responses API's `response.usage` and
+/// Anthropic's `message.usage` (input and output tokens).
 fn usage_of(value: &serde_json::Value) -> Option<Usage> {
-    let usage = value.get("usage")?;
-    let prompt = usage.get("prompt_tokens")?.as_u64()?;
-    let completion = usage
-        .get("completion_tokens")
-        .and_then(|c| c.as_u64())
-        .unwrap_or(0);
-    Some(Usage { prompt, completion })
+    let usage = ["usage", "response", "message"]
+        .iter()
+        .find_map(|at| match *at {
+            "usage" => value.get("usage"),
+            nested => value.get(nested)?.get("usage"),
+        })
+        .filter(|u| u.is_object())?;
+    let count = |names: [&str; 2]| names.iter().find_map(|n| usage.get(*n)?.as_u64());
+    let completion = count(["completion_tokens", "output_tokens"]);
+    // Rerank and score report only a total, all of it input.
+    let prompt = count(["prompt_tokens", "input_tokens"]).or_else(|| {
+        completion
+            .is_none()
+            .then(|| count(["total_tokens", "total_tokens"]))?
+    });
+    if prompt.is_none() && completion.is_none() {
+        return None;
+    }
+    Some(Usage {
+        prompt: prompt.unwrap_or(0),
+        completion: completion.unwrap_or(0),
+    })
+}
+
+impl Usage {
+    /// Counts reported in pieces over a stream (Anthropic reports input
+    /// tokens at the start and output tokens at the end): the largest of each.
+    fn merged(self, earlier: Option<Usage>) -> Usage {
+        match earlier {
+            None => self,
+            Some(e) => Usage {
+                prompt: self.prompt.max(e.prompt),
+                completion: self.completion.max(e.completion),
+            },
+        }
+    }
 }
 
 enum Mode {
@@ -206,7 +238,7 @@ impl UsageTap {
         let Some(usage) = usage_of(&value) else {
             return false;
         };
-        self.usage = Some(usage);
+        self.usage = Some(usage.merged(self.usage));
         value
             .get("choices")
             .and_then(|c| c.as_array())
@@ -431,6 +463,43 @@ mod tests {
             serde_json::from_str(last.trim_start_matches("data: ")).unwrap();
         assert_eq!(event["error"]["code"], UPSTREAM_CUT, "{body}");
         assert!(tap.finish.is_none(), "the request was accounted once");
+    }
+
+    #[test]
+    fn responses_and_anthropic_usage_is_read_and_merged_over_the_stream() {
+        let mut tap = UsageTap::new(full(""), true, false, finish());
+        tap.sse(Bytes::from(concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":11,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"hi\"}}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":5}}\n\n",
+        )));
+        assert_eq!(
+            tap.usage,
+            Some(Usage {
+                prompt: 11,
+                completion: 5
+            })
+        );
+        let completed = r#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":4,"output_tokens":6,"total_tokens":10}}}"#;
+        let value: serde_json::Value = serde_json::from_str(completed).unwrap();
+        assert_eq!(
+            usage_of(&value),
+            Some(Usage {
+                prompt: 4,
+                completion: 6
+            })
+        );
+        let rerank = r#"{"results":[],"usage":{"total_tokens":9}}"#;
+        assert_eq!(
+            usage_of(&serde_json::from_str(rerank).unwrap()),
+            Some(Usage {
+                prompt: 9,
+                completion: 0
+            })
+        );
     }
 
     #[tokio::test]

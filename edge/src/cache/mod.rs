@@ -21,7 +21,6 @@ use infermesh_proto::v1::CachePolicy;
 use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::sync::watch;
 
-use crate::openai::Endpoint;
 use crate::request::Parsed;
 use store::CacheStore;
 
@@ -172,9 +171,12 @@ impl ResponseCache {
             .get(CACHE_HEADER)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("force"));
+        if !request.endpoint.cacheable() {
+            return Decision::Bypass;
+        }
         let deterministic = policy.deterministic
             || forced
-            || request.endpoint == Endpoint::Embeddings
+            || request.endpoint.deterministic()
             || request.temperature == Some(0.0);
         if !deterministic {
             return Decision::Bypass;
@@ -266,6 +268,7 @@ impl ResponseCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::openai::Endpoint;
 
     fn cache() -> Arc<ResponseCache> {
         ResponseCache::new(

@@ -29,6 +29,48 @@ pub(crate) struct Attempts<'a> {
 /// The replica's answer and the engine fingerprint of the replica that gave it.
 pub(crate) type Answer = (Response<Body>, String);
 
+/// Largest 404 body read to tell an engine's own refusal from a path it lacks.
+const NOT_FOUND_READ: usize = 64 * 1024;
+
+/// An engine's 404 that is not an OpenAI-style error (FastAPI's
+/// `{"detail":"Not Found"}` for a path it does not serve) becomes a clear
+/// `endpoint_not_served`; any other answer passes as it is.
+async fn served(answer: Answer, model: &str, path: &str) -> Result<Answer, ApiError> {
+    let (response, fingerprint) = answer;
+    if response.status() != StatusCode::NOT_FOUND {
+        return Ok((response, fingerprint));
+    }
+    let (head, body) = response.into_parts();
+    let bytes = read_small(body).await;
+    let openai_error = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .is_ok_and(|v| v.get("error").is_some_and(serde_json::Value::is_object));
+    if openai_error {
+        let body = infermesh_runtime::http::full(bytes);
+        return Ok((Response::from_parts(head, body), fingerprint));
+    }
+    Err(ApiError::EndpointNotServed {
+        model: model.to_string(),
+        path: path.to_string(),
+    })
+}
+
+/// Up to `NOT_FOUND_READ` bytes of `body` (nothing if it is longer or fails).
+fn read_small(body: Body) -> futures_util::future::BoxFuture<'static, Bytes> {
+    Box::pin(async move {
+        let mut body = body;
+        let mut out = Vec::new();
+        while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > NOT_FOUND_READ {
+                    return Bytes::new();
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+        Bytes::from(out)
+    })
+}
+
 impl Gateway {
     /// Forwards to `upstream`, retrying elsewhere while the failure allows it.
     pub(crate) async fn forward(
@@ -70,10 +112,9 @@ impl Gateway {
                 upstream = next;
                 continue;
             }
-            return match forwarded {
-                Ok(response) => Ok((response, upstream.fingerprint.clone())),
-                Err(failure) => Err(failure.error),
-            };
+            let response = forwarded.map_err(|failure| failure.error)?;
+            let answer = (response, upstream.fingerprint.clone());
+            return served(answer, &route.model, request.head.uri.path()).await;
         }
     }
 

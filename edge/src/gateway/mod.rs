@@ -143,7 +143,8 @@ impl Gateway {
         openai::check_content_type(request.headers())?;
         let table = self.table().ok_or(ApiError::NotReady)?;
         let (mut head, body) = request.into_parts();
-        let request = crate::request::parse(endpoint, &body)?;
+        let for_cache = self.cache.is_some() && table.table.caching;
+        let request = crate::request::parse_with(endpoint, &body, for_cache)?;
         record.model = Some(request.model.clone());
         record.stream = request.stream;
         let principal = head.extensions.get::<Principal>().cloned();

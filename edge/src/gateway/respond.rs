@@ -67,7 +67,7 @@ impl Gateway {
             };
             response = response.map(|body| CacheTap::new(body, recording).boxed());
         }
-        let strip = request.stream && !request.include_usage;
+        let strip = request.usage_injected();
         let finish = Finish {
             admission: books.admission,
             record: record.clone(),

@@ -31,6 +31,8 @@ enum Answer {
     Ok,
     Unavailable,
     Refused,
+    /// A path the engine does not serve (FastAPI's 404).
+    Missing,
 }
 
 /// Replicas answering by port: `answers(port)`.
@@ -46,6 +48,10 @@ fn replicas(seen: Seen, answers: fn(u16) -> Answer) -> LocalService {
             seen.lock().unwrap().push((port.to_string(), value));
             match answers(port) {
                 Answer::Refused => Err("connection refused".into()),
+                Answer::Missing => Ok(Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .header("content-type", "application/json")
+                    .body(full(r#"{"detail":"Not Found"}"#))?),
                 Answer::Unavailable => Ok(Response::builder()
                     .status(StatusCode::SERVICE_UNAVAILABLE)
                     .body(full("engine not ready"))?),
@@ -318,4 +324,35 @@ async fn a_model_without_replicas_is_served_by_its_fallback() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(header(&response, "x-infermesh-fallback"), Some("small"));
     assert_eq!(seen.lock().unwrap()[0].1["model"], "small");
+}
+
+#[tokio::test]
+async fn other_openai_paths_are_routed_and_a_path_the_engine_lacks_is_named() {
+    let (mut gateway, seen) = serving(
+        model("rr", "r", RoutingPolicy::LeastOutstanding, false),
+        &[9006],
+        |_| Answer::Ok,
+    );
+    let (response, _) = send(
+        &mut gateway,
+        "/v1/rerank",
+        r#"{"model":"r","query":"q","documents":["a","b"]}"#,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(seen.lock().unwrap()[0].1["model"], "rr");
+    let (mut gateway, _) = serving(
+        model("rr", "r", RoutingPolicy::LeastOutstanding, false),
+        &[9006],
+        |_| Answer::Missing,
+    );
+    let (response, body) = send(
+        &mut gateway,
+        "/v1/messages",
+        r#"{"model":"rr","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["code"], "endpoint_not_served", "{error}");
 }

@@ -2,11 +2,10 @@
 //! a 400 that names the field to blame.
 
 use bytes::Bytes;
-use serde_json::Value;
 
-use super::layout::Span;
+use super::tree::Json;
 use super::wire::{Collected, Field};
-use super::{MAX_CHOICES, MAX_TOKENS_LIMIT, Parsed, Prompt};
+use super::{MAX_CHOICES, MAX_TOKENS_LIMIT, Parsed};
 use crate::error::ApiError;
 use crate::openai::Endpoint;
 
@@ -35,15 +34,9 @@ pub(super) fn envelope(body: &Bytes) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A failed pass: a syntax error blames the body, a shape error the
-/// field being decoded.
-pub(super) fn parse_error(error: &serde_json::Error, field: Option<&'static str>) -> ApiError {
-    match (error.classify(), field) {
-        (serde_json::error::Category::Data, Some(field)) => {
-            ApiError::invalid(field, error.to_string())
-        }
-        _ => invalid_body(format!("request body is not a valid JSON object: {error}")),
-    }
+/// A failed pass: the body is not JSON the edge can read.
+pub(super) fn parse_error(error: &serde_json::Error) -> ApiError {
+    invalid_body(format!("request body is not a valid JSON object: {error}"))
 }
 
 /// A field given twice is refused: engines differ on which one counts.
@@ -64,18 +57,17 @@ pub(super) fn fields<'a>(
     endpoint: Endpoint,
     body: &'a Bytes,
     c: Collected<'a>,
-    spans: Option<Vec<Span>>,
 ) -> Result<Parsed<'a>, ApiError> {
-    let model = model(c.model)?;
-    let stream = flag("stream", c.stream)?;
-    let include_usage = include_usage(c.stream_options, stream)?;
-    let max_tokens = token_count("max_tokens", c.max_tokens)?;
-    let max_completion_tokens = token_count("max_completion_tokens", c.max_completion_tokens)?;
-    let n = match c.n {
-        None | Some(Value::Null) => 1,
-        Some(Value::Number(n)) if n.as_u64().is_some_and(|v| (1..=MAX_CHOICES).contains(&v)) => {
-            n.as_u64().unwrap_or(1)
-        }
+    let model = model(c.get("model"))?;
+    let stream = flag("stream", c.get("stream"))?;
+    let include_usage = include_usage(c.get("stream_options"), stream)?;
+    let max_tokens = token_count("max_tokens", c.get("max_tokens"))?;
+    let max_completion_tokens =
+        token_count("max_completion_tokens", c.get("max_completion_tokens"))?;
+    let max_output_tokens = token_count("max_output_tokens", c.get("max_output_tokens"))?;
+    let n = match c.get("n") {
+        None | Some(Json::Null) => 1,
+        Some(Json::UInt(v)) if (1..=MAX_CHOICES).contains(v) => *v,
         Some(other) => {
             return Err(ApiError::invalid(
                 "n",
@@ -83,31 +75,41 @@ pub(super) fn fields<'a>(
             ));
         }
     };
-    let prompt = prompt(endpoint, c.messages, c.pieces, c.pieces_shape)?;
+    let prompt = super::extract::prompt(endpoint, &c)?;
+    // Endpoints that generate nothing have nothing to reserve beyond the prompt.
+    let budget = match endpoint.generates() {
+        true => max_completion_tokens.or(max_output_tokens).or(max_tokens),
+        false => Some(0),
+    };
+    let user = c
+        .get("user")
+        .and_then(Json::as_str)
+        .filter(|u| !u.is_empty())
+        .map(String::from);
+    let temperature = c.get("temperature").and_then(Json::as_f64);
+    let spans = super::layout::spans(body, &c.fields);
     Ok(Parsed {
         endpoint,
         model,
         stream,
         include_usage,
         n,
-        max_output_tokens: max_completion_tokens.or(max_tokens),
+        max_output_tokens: budget,
         prompt_tokens_estimate: prompt.text_bytes().div_ceil(4),
-        user: match c.user {
-            Some(Value::String(user)) if !user.is_empty() => Some(user),
-            _ => None,
-        },
-        temperature: c.temperature.as_ref().and_then(Value::as_f64),
+        user,
+        temperature,
         engine_fields: c.engine_fields,
         prompt,
         body,
         spans,
+        fields: c.whole.then_some(c.fields),
     })
 }
 
-fn model(value: Option<Value>) -> Result<String, ApiError> {
+fn model(value: Option<&Json<'_>>) -> Result<String, ApiError> {
     match value {
-        Some(Value::String(model)) if !model.is_empty() => Ok(model),
-        Some(Value::String(_)) | None | Some(Value::Null) => Err(ApiError::invalid(
+        Some(Json::Str(model)) if !model.is_empty() => Ok(model.to_string()),
+        Some(Json::Str(_)) | None | Some(Json::Null) => Err(ApiError::invalid(
             "model",
             "you must provide a model parameter",
         )),
@@ -118,10 +120,10 @@ fn model(value: Option<Value>) -> Result<String, ApiError> {
     }
 }
 
-fn flag(param: &'static str, value: Option<Value>) -> Result<bool, ApiError> {
+fn flag(param: &'static str, value: Option<&Json<'_>>) -> Result<bool, ApiError> {
     match value {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(b),
+        None | Some(Json::Null) => Ok(false),
+        Some(Json::Bool(b)) => Ok(*b),
         Some(other) => Err(ApiError::invalid(
             param,
             format!("{param} must be a boolean, got {other}"),
@@ -129,10 +131,10 @@ fn flag(param: &'static str, value: Option<Value>) -> Result<bool, ApiError> {
     }
 }
 
-fn include_usage(options: Option<Value>, stream: bool) -> Result<bool, ApiError> {
+fn include_usage(options: Option<&Json<'_>>, stream: bool) -> Result<bool, ApiError> {
     let options = match options {
-        None | Some(Value::Null) => return Ok(false),
-        Some(Value::Object(options)) => options,
+        None | Some(Json::Null) => return Ok(false),
+        Some(options @ Json::Object(_)) => options,
         Some(other) => {
             return Err(ApiError::invalid(
                 "stream_options",
@@ -147,8 +149,8 @@ fn include_usage(options: Option<Value>, stream: bool) -> Result<bool, ApiError>
         ));
     }
     match options.get("include_usage") {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
+        None | Some(Json::Null) => Ok(false),
+        Some(Json::Bool(b)) => Ok(*b),
         Some(other) => Err(ApiError::invalid(
             "stream_options",
             format!("stream_options.include_usage must be a boolean, got {other}"),
@@ -156,48 +158,17 @@ fn include_usage(options: Option<Value>, stream: bool) -> Result<bool, ApiError>
     }
 }
 
-fn token_count(param: &'static str, value: Option<Value>) -> Result<Option<u64>, ApiError> {
+fn token_count(param: &'static str, value: Option<&Json<'_>>) -> Result<Option<u64>, ApiError> {
     match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(v) if (1..=MAX_TOKENS_LIMIT).contains(&v) => Ok(Some(v)),
-            _ => Err(ApiError::invalid(
-                param,
-                format!("{param} must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {n}"),
-            )),
-        },
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::UInt(v)) if (1..=MAX_TOKENS_LIMIT).contains(v) => Ok(Some(*v)),
+        Some(n @ (Json::UInt(_) | Json::Int(_) | Json::Float(_))) => Err(ApiError::invalid(
+            param,
+            format!("{param} must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {n}"),
+        )),
         Some(other) => Err(ApiError::invalid(
             param,
             format!("{param} must be an integer, got {other}"),
-        )),
-    }
-}
-
-fn prompt<'a>(
-    endpoint: Endpoint,
-    messages: Option<Vec<super::Message<'a>>>,
-    pieces: Option<Vec<super::Piece<'a>>>,
-    shape: Option<&'static str>,
-) -> Result<Prompt<'a>, ApiError> {
-    let (param, article) = match endpoint {
-        Endpoint::ChatCompletions => {
-            return match messages {
-                Some(messages) => Ok(Prompt::Chat(messages)),
-                None => Err(ApiError::invalid("messages", "you must provide messages")),
-            };
-        }
-        Endpoint::Completions => ("prompt", "a prompt"),
-        Endpoint::Embeddings => ("input", "an input"),
-    };
-    match (pieces, shape) {
-        (Some(_), Some(shape)) if shape != "null" => Err(ApiError::invalid(
-            param,
-            format!("{param} must be a string or an array, got {shape}"),
-        )),
-        (Some(pieces), None) => Ok(Prompt::Text(pieces)),
-        _ => Err(ApiError::invalid(
-            param,
-            format!("you must provide {article}"),
         )),
     }
 }

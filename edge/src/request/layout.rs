@@ -58,35 +58,14 @@ fn trim_ws_back(body: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// `raw` JSON without whitespace outside strings.
-pub(crate) fn minified(raw: &[u8], out: &mut Vec<u8>) {
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in raw {
-        if in_string {
-            out.push(b);
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-        } else if !b.is_ascii_whitespace() {
-            in_string = b == b'"';
-            out.push(b);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::openai::Endpoint;
 
     fn spans_of(body: &str) -> Option<Vec<(String, String)>> {
-        let current = std::cell::Cell::new(None);
         let collected =
-            super::super::wire::collect(Endpoint::Completions, body.as_bytes(), &current).unwrap();
+            super::super::wire::collect(Endpoint::Completions, body.as_bytes(), false).unwrap();
         spans(body.as_bytes(), &collected.fields).map(|spans| {
             spans
                 .into_iter()
@@ -112,12 +91,5 @@ mod tests {
     #[test]
     fn an_escaped_field_name_has_no_known_place() {
         assert_eq!(spans_of(r#"{"mod\u0065l":"m","prompt":"p"}"#), None);
-    }
-
-    #[test]
-    fn minifying_keeps_strings_as_written() {
-        let mut out = Vec::new();
-        minified(br#"{ "a b" : [ 1 , "x \" y\\" ] }"#, &mut out);
-        assert_eq!(out, br#"{"a b":[1,"x \" y\\"]}"#);
     }
 }

@@ -8,12 +8,13 @@
 //! Unknown fields pass to the engine untouched.
 
 mod checks;
+mod extract;
+mod fields;
 mod layout;
 mod prompt;
 mod rewrite;
+mod tree;
 mod wire;
-
-use std::cell::Cell;
 
 use bytes::Bytes;
 use infermesh_runtime::engine_fields::FieldSet;
@@ -42,7 +43,8 @@ pub struct Parsed<'a> {
     pub include_usage: bool,
     /// Choices asked for (`n`, 1 when absent).
     pub n: u64,
-    /// The output budget: `max_completion_tokens`, else `max_tokens`.
+    /// The output budget: `max_completion_tokens`, else `max_output_tokens`
+    /// (Responses), else `max_tokens`; 0 for endpoints that generate nothing.
     pub max_output_tokens: Option<u64>,
     /// Prompt tokens, estimated from the text (about four bytes a token).
     pub prompt_tokens_estimate: u64,
@@ -57,18 +59,30 @@ pub struct Parsed<'a> {
     body: &'a Bytes,
     /// Every top-level field's place, unless a name was escaped.
     spans: Option<Vec<layout::Span>>,
+    /// Every top-level field read whole, when the cache may need them.
+    fields: Option<Vec<wire::Field<'a>>>,
 }
 
-/// Parses and checks `body` sent to `endpoint`.
+/// Parses and checks `body` sent to `endpoint`, reading every field so
+/// that the cache material can be made from it.
 pub fn parse(endpoint: Endpoint, body: &Bytes) -> Result<Parsed<'_>, ApiError> {
+    parse_with(endpoint, body, true)
+}
+
+/// Parses and checks `body` sent to `endpoint`; without `for_cache`, the
+/// fields the request path does not act on are skimmed, not read, and the
+/// request has no cache material.
+pub fn parse_with(
+    endpoint: Endpoint,
+    body: &Bytes,
+    for_cache: bool,
+) -> Result<Parsed<'_>, ApiError> {
     counter::count();
     checks::envelope(body)?;
-    let current = Cell::new(None);
-    let collected = wire::collect(endpoint, body, &current)
-        .map_err(|e| checks::parse_error(&e, current.get()))?;
-    let spans = layout::spans(body, &collected.fields);
+    let collected =
+        wire::collect(endpoint, body, for_cache).map_err(|e| checks::parse_error(&e))?;
     checks::no_duplicates(&collected.fields)?;
-    checks::fields(endpoint, body, collected, spans)
+    checks::fields(endpoint, body, collected)
 }
 
 impl Parsed<'_> {

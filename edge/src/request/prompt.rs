@@ -26,16 +26,15 @@ pub struct Message<'a> {
     pub parts: Vec<Piece<'a>>,
 }
 
-/// The prompt of a request.
+/// The prompt of a request: chat messages, and text from the endpoint's
+/// other prompt-carrying fields (a completion prompt, an embedding or
+/// response input, a system prompt, a rerank query and its documents).
 #[derive(Debug, Clone, PartialEq, Default)]
-pub enum Prompt<'a> {
+pub struct Prompt<'a> {
+    /// Text pieces, in the order their fields came.
+    pub pieces: Vec<Piece<'a>>,
     /// Chat messages.
-    Chat(Vec<Message<'a>>),
-    /// A completion prompt or an embedding input.
-    Text(Vec<Piece<'a>>),
-    /// None was given.
-    #[default]
-    None,
+    pub messages: Vec<Message<'a>>,
 }
 
 /// Bytes a message's role markers and separators stand for in the estimate.
@@ -66,31 +65,25 @@ impl Piece<'_> {
 impl Prompt<'_> {
     /// Bytes the prompt stands for, for the token estimate.
     pub fn text_bytes(&self) -> u64 {
-        match self {
-            Prompt::Chat(messages) => messages
-                .iter()
-                .map(|m| m.parts.iter().map(Piece::text_bytes).sum::<u64>() + MESSAGE_OVERHEAD)
-                .sum(),
-            Prompt::Text(pieces) => pieces.iter().map(Piece::text_bytes).sum(),
-            Prompt::None => 0,
-        }
+        let pieces: u64 = self.pieces.iter().map(Piece::text_bytes).sum();
+        let messages: u64 = self
+            .messages
+            .iter()
+            .map(|m| m.parts.iter().map(Piece::text_bytes).sum::<u64>() + MESSAGE_OVERHEAD)
+            .sum();
+        pieces + messages
     }
 
-    /// The prompt as one byte string, for prefix affinity: each message's
-    /// role and text in order (chat), else the prompt's or input's text.
+    /// The prompt as one byte string, for prefix affinity: the text pieces,
+    /// then each message's role and text in order.
     pub fn text(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.text_bytes() as usize);
-        match self {
-            Prompt::Chat(messages) => {
-                for message in messages {
-                    out.extend_from_slice(message.role.as_bytes());
-                    out.extend_from_slice(b": ");
-                    message.parts.iter().for_each(|p| p.write(&mut out));
-                    out.push(b'\n');
-                }
-            }
-            Prompt::Text(pieces) => pieces.iter().for_each(|p| p.write(&mut out)),
-            Prompt::None => {}
+        self.pieces.iter().for_each(|p| p.write(&mut out));
+        for message in &self.messages {
+            out.extend_from_slice(message.role.as_bytes());
+            out.extend_from_slice(b": ");
+            message.parts.iter().for_each(|p| p.write(&mut out));
+            out.push(b'\n');
         }
         out
     }
@@ -102,26 +95,32 @@ mod tests {
 
     #[test]
     fn chat_text_names_each_role_and_counts_overhead() {
-        let prompt = Prompt::Chat(vec![
-            Message {
-                role: "system".into(),
-                parts: vec![Piece::Text("be brief".into())],
-            },
-            Message {
-                role: "user".into(),
-                parts: vec![Piece::Text("hi".into()), Piece::Nothing],
-            },
-        ]);
+        let prompt = Prompt {
+            pieces: vec![],
+            messages: vec![
+                Message {
+                    role: "system".into(),
+                    parts: vec![Piece::Text("be brief".into())],
+                },
+                Message {
+                    role: "user".into(),
+                    parts: vec![Piece::Text("hi".into()), Piece::Nothing],
+                },
+            ],
+        };
         assert_eq!(prompt.text(), b"system: be brief\nuser: hi\n");
         assert_eq!(prompt.text_bytes(), 8 + 16 + 2 + 16);
     }
 
     #[test]
     fn token_ids_count_as_a_token_and_keep_their_digits() {
-        let prompt = Prompt::Text(vec![Piece::Many(vec![
-            Piece::Token("101".into()),
-            Piece::Token("7".into()),
-        ])]);
+        let prompt = Prompt {
+            pieces: vec![Piece::Many(vec![
+                Piece::Token("101".into()),
+                Piece::Token("7".into()),
+            ])],
+            messages: vec![],
+        };
         assert_eq!(prompt.text(), b"1017");
         assert_eq!(prompt.text_bytes(), 8);
     }

@@ -4,7 +4,8 @@
 use bytes::Bytes;
 use infermesh_runtime::engine_fields::FieldSet;
 
-use super::layout::{Span, minified};
+use super::layout::Span;
+use super::tree::write_json;
 use super::{Parsed, counter};
 use crate::error::ApiError;
 
@@ -20,6 +21,13 @@ enum Edit {
 }
 
 impl Parsed<'_> {
+    /// Whether the edge asks the engine for usage the client did not ask
+    /// for (and so removes it from the answer): streamed chat and text
+    /// completions without `stream_options.include_usage`.
+    pub fn usage_injected(&self) -> bool {
+        self.stream && !self.include_usage && self.endpoint.takes_stream_options()
+    }
+
     /// The body sent to the engine: the canonical model name in place of an
     /// alias (engines know a model only by the name they serve it as),
     /// engine fields the model does not allow removed, and, on streamed
@@ -30,7 +38,7 @@ impl Parsed<'_> {
     pub fn upstream_body(&self, canonical: &str, allowed: FieldSet) -> Result<Bytes, ApiError> {
         let refused = self.engine_fields.without(allowed);
         let rename = self.model != canonical;
-        let usage = self.stream && !self.include_usage;
+        let usage = self.usage_injected();
         if !rename && refused.is_empty() && !usage {
             return Ok(self.body.clone());
         }
@@ -75,34 +83,31 @@ impl Parsed<'_> {
         Ok(Bytes::from(out))
     }
 
-    /// The request as the cache key hashes it, or `None` when the places of
-    /// its fields are unknown: top-level fields sorted by name, without the
-    /// delivery fields, with the canonical model name, and without
-    /// whitespace outside strings. Two requests that differ only in the
-    /// order of top-level fields, spacing, alias or delivery share it.
+    /// The request as the cache key hashes it, or `None` when the body was
+    /// not read whole: every field but the delivery fields, sorted by name
+    /// at every level, without whitespace, with the canonical model name.
+    /// Two requests that differ only in the order of fields, spacing,
+    /// escapes, alias or delivery share it.
     pub fn cache_material(&self, canonical: &str) -> Option<Vec<u8>> {
-        let spans = self.spans.as_ref()?;
-        let body = &self.body[..];
-        let mut fields: Vec<&Span> = spans
+        let mut fields: Vec<_> = self
+            .fields
+            .as_ref()?
             .iter()
-            .filter(|s| {
-                let name = &body[s.key.start + 1..s.key.end - 1];
-                !DELIVERY_FIELDS.iter().any(|d| d.as_bytes() == name)
-            })
+            .filter(|f| !DELIVERY_FIELDS.contains(&&*f.name))
             .collect();
-        fields.sort_unstable_by_key(|s| &body[s.key.clone()]);
-        let mut out = Vec::with_capacity(body.len());
+        fields.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = Vec::with_capacity(self.body.len());
         out.push(b'{');
-        for span in fields {
-            if out.len() > 1 {
+        for (i, field) in fields.into_iter().enumerate() {
+            if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(&body[span.key.clone()]);
+            write_json(&mut out, &*field.name);
             out.push(b':');
-            if &body[span.key.clone()] == b"\"model\"" {
-                out.extend_from_slice(&json_string(canonical));
-            } else {
-                minified(&body[span.value.clone()], &mut out);
+            match (&*field.name, &field.value) {
+                ("model", _) => write_json(&mut out, canonical),
+                (_, Some(value)) => value.write_canonical(&mut out),
+                (_, None) => return None,
             }
         }
         out.push(b'}');

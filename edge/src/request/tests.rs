@@ -50,7 +50,7 @@ fn the_fields_the_edge_acts_on_are_read_and_the_rest_skipped() {
 #[test]
 fn prompt_text_is_borrowed_from_the_body_unless_escaped() {
     let f = completion(r#"{"model":"m","prompt":["plain","esc\"aped",[1,2]]}"#).unwrap();
-    let Prompt::Text(pieces) = &f.prompt else {
+    let Piece::Many(pieces) = &f.prompt.pieces[0] else {
         panic!("{:?}", f.prompt)
     };
     assert!(matches!(
@@ -197,9 +197,13 @@ fn engine_fields_pass_only_where_the_model_allows_them() {
     );
     // Numbers beyond what JSON tools read are copied, never re-read: the
     // field that must go still goes.
-    let huge =
-        completion(r#"{"model":"m","prompt":"p","chat_template_kwargs":1e99999,"x":2e99999}"#)
-            .unwrap();
+    let text = r#"{"model":"m","prompt":"p","chat_template_kwargs":1e99999,"x":2e99999}"#;
+    assert!(
+        completion(text).is_err(),
+        "read whole, such a number is refused"
+    );
+    let body: &'static Bytes = Box::leak(Box::new(Bytes::from(text)));
+    let huge = super::parse_with(Endpoint::Completions, body, false).unwrap();
     let out = huge.upstream_body("m", FieldSet::default()).unwrap();
     assert_eq!(&out[..], br#"{"model":"m","prompt":"p","x":2e99999}"#);
     // A field whose name is escaped is found and removed all the same.
@@ -245,14 +249,14 @@ fn every_rewrite_reads_back_as_the_same_request() {
 fn cache_material_ignores_order_spacing_alias_and_delivery() {
     let a = chat(r#"{"model":"l3","messages":[{"role":"user","content":"hi"}],"temperature":0,"stream":true}"#).unwrap();
     let b = chat(
-        r#"{ "temperature" : 0, "messages" : [ {"role":"user", "content":"hi"} ],
+        r#"{ "temperature" : 0, "messages" : [ {"content":"h\u0069", "role":"user"} ],
              "model": "llama", "user": "u-1" }"#,
     )
     .unwrap();
     assert_eq!(a.cache_material("llama"), b.cache_material("llama"));
     assert_eq!(
         a.cache_material("llama").unwrap(),
-        br#"{"messages":[{"role":"user","content":"hi"}],"model":"llama","temperature":0}"#
+        br#"{"messages":[{"content":"hi","role":"user"}],"model":"llama","temperature":0}"#
     );
     let c = chat(r#"{"model":"l3","messages":[{"role":"user","content":"hi "}],"temperature":0}"#)
         .unwrap();
@@ -267,4 +271,43 @@ fn one_parse_per_body() {
     f.cache_material("b").unwrap();
     let _ = f.prompt.text();
     assert_eq!(counter::parses() - before, 1);
+}
+
+#[test]
+fn each_endpoint_reads_its_own_prompt_fields() {
+    let responses = parse_as(
+        Endpoint::Responses,
+        r#"{"model":"m","instructions":"be brief","input":[{"role":"user","content":[{"type":"input_text","text":"hi"}]}],"max_output_tokens":12,"stream":true}"#,
+    )
+    .unwrap();
+    assert_eq!(responses.prompt.text(), b"be briefhi");
+    assert_eq!(responses.max_output_tokens, Some(12));
+    assert!(
+        !responses.usage_injected(),
+        "usage comes with response.completed"
+    );
+    assert_eq!(
+        param_of(parse_as(Endpoint::Responses, r#"{"model":"m"}"#)),
+        Some("input")
+    );
+    let anthropic = parse_as(
+        Endpoint::Messages,
+        r#"{"model":"m","system":"sys","max_tokens":9,"messages":[{"role":"user","content":[{"type":"text","text":"hey"}]}]}"#,
+    )
+    .unwrap();
+    assert_eq!(anthropic.prompt.text(), b"sysuser: hey\n");
+    assert_eq!(anthropic.max_output_tokens, Some(9));
+    let rerank = parse_as(
+        Endpoint::Rerank,
+        r#"{"model":"m","query":"q","documents":["d1",{"text":"d2"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(rerank.prompt.text(), b"qd1d2");
+    assert_eq!(rerank.max_output_tokens, Some(0), "nothing is generated");
+    let tokens = parse_as(Endpoint::Detokenize, r#"{"model":"m","tokens":[1,2,3]}"#).unwrap();
+    assert_eq!(tokens.prompt.text(), b"123");
+    assert_eq!(
+        param_of(parse_as(Endpoint::Tokenize, r#"{"prompt":"x"}"#)),
+        Some("model")
+    );
 }

@@ -118,6 +118,9 @@ impl EdgeTableBuilder {
         self.prefixes
             .retain(|model, _| table.models.iter().any(|m| &m.name == model));
         EdgeTable {
+            caching: routes
+                .values()
+                .any(|r: &Arc<ModelRoute>| r.cache.as_ref().is_some_and(|c| c.enabled)),
             routes,
             models,
             region: table.region,

@@ -113,6 +113,9 @@ pub struct EdgeTable {
     pub skipped: Vec<Skipped>,
     /// Ids of every endpoint in the table, in any state.
     pub endpoint_ids: std::collections::HashSet<String>,
+    /// Whether any model has a cache policy (requests are then read whole,
+    /// for their cache material).
+    pub caching: bool,
 }
 
 /// Another region's edge, reached when this region cannot serve a model.
