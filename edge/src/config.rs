@@ -149,7 +149,7 @@ pub struct Config {
 
     /// Longest gap between two chunks of a replica's response body,
     /// milliseconds; a stream past it ends with an error event (code
-    /// `upstream_cut`) and is logged and counted as cut. A model's own
+    /// `deadline`) and is logged and counted as cut. A model's own
     /// `timeouts.idle_ms` takes precedence.
     #[arg(
         long,

@@ -303,6 +303,17 @@ impl SendError {
     }
 }
 
+/// A response cut by one of the request's deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DeadlineExceeded {
+    /// No chunk came within the idle deadline.
+    #[error("no chunk from the replica within the idle timeout")]
+    Idle,
+    /// The request's total deadline passed.
+    #[error("the request's total timeout passed")]
+    Total,
+}
+
 pin_project_lite::pin_project! {
     /// A response body cut off when no chunk comes for `idle` or the
     /// request's total deadline passes; dropping the upstream body then
@@ -358,12 +369,10 @@ impl http_body::Body for TimedBody {
             Poll::Pending => {}
         }
         if this.idle.is_some() && this.next_chunk.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err(
-                "no chunk from the replica within the idle timeout".into(),
-            )));
+            return Poll::Ready(Some(Err(Box::new(DeadlineExceeded::Idle))));
         }
         if *this.has_total && this.total.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err("the request's total timeout passed".into())));
+            return Poll::Ready(Some(Err(Box::new(DeadlineExceeded::Total))));
         }
         Poll::Pending
     }

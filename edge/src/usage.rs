@@ -120,13 +120,15 @@ pub struct UsageTap {
 pub const UPSTREAM_CUT: &str = "upstream_cut";
 /// `error` of a response whose client went away before its end.
 pub const CLIENT_CANCELLED: &str = "client_cancelled";
+/// The error label of a response cut by its idle or total deadline.
+pub const DEADLINE: &str = "deadline";
 
 /// The last event of a stream the replica cut: an OpenAI-style error, so
 /// that clients see why it ended instead of a dropped connection.
-fn cut_event(reason: &str) -> Bytes {
+fn cut_event(reason: &str, code: &str) -> Bytes {
     let event = serde_json::json!({"error": {
         "message": format!("the replica stopped sending: {reason}"),
-        "type": "server_error", "param": null, "code": UPSTREAM_CUT}});
+        "type": "server_error", "param": null, "code": code}});
     let mut out = BytesMut::new();
     crate::sse::write_event(&mut out, event.to_string().as_bytes());
     out.freeze()
@@ -309,14 +311,21 @@ impl HttpBody for UsageTap {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(error = %e, "the replica's response was cut short");
+                    let deadline = e
+                        .downcast_ref::<crate::forward::DeadlineExceeded>()
+                        .is_some();
+                    let label = if deadline { DEADLINE } else { UPSTREAM_CUT };
                     if let Some(finish) = &mut this.finish {
-                        finish.record.error = Some(UPSTREAM_CUT.into());
+                        finish.record.error = Some(label.into());
                     }
                     this.end();
                     if matches!(this.mode, Mode::Sse { .. }) {
                         // A stream ends with an error event the client can read.
                         this.closed = true;
-                        return Poll::Ready(Some(Ok(Frame::data(cut_event(&e.to_string())))));
+                        return Poll::Ready(Some(Ok(Frame::data(cut_event(
+                            &e.to_string(),
+                            label,
+                        )))));
                     }
                     Poll::Ready(Some(Err(e)))
                 }
@@ -444,12 +453,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_cut_by_its_deadline_says_so() {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from(chunk("a")))),
+            Err(Box::new(crate::forward::DeadlineExceeded::Idle)),
+        ];
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let tap = UsageTap::new(http_body_util::BodyExt::boxed(inner), true, true, finish());
+        let body = collect(tap).await;
+        assert!(body.contains(r#""code":"deadline""#), "{body}");
+        assert!(body.contains("idle timeout"), "{body}");
+    }
+
+    #[tokio::test]
     async fn a_stream_the_replica_cuts_ends_with_an_error_event() {
         let first = Bytes::from(chunk("a"));
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
-            Ok(Frame::data(first)),
-            Err("no chunk from the replica within the idle timeout".into()),
-        ];
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            vec![Ok(Frame::data(first)), Err("connection reset".into())];
         let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
         let mut tap = UsageTap::new(http_body_util::BodyExt::boxed(inner), true, true, finish());
         let mut body = String::new();

@@ -369,7 +369,7 @@ async fn unknown_fields_reach_the_engine_untouched() {
 }
 
 #[tokio::test]
-async fn a_stream_past_the_idle_deadline_ends_with_an_error_event_and_is_counted_as_cut() {
+async fn a_stream_past_the_idle_deadline_ends_with_an_error_event_and_is_counted_as_a_deadline() {
     let mesh = Mesh::start().await;
     mesh.register("eu-west", "slow", "slow-eu").await;
     let _replica = mesh
@@ -402,18 +402,18 @@ async fn a_stream_past_the_idle_deadline_ends_with_an_error_event_and_is_counted
         .rfind(|l| l.starts_with("data:"))
         .expect("an event");
     let event: serde_json::Value = serde_json::from_str(last.trim_start_matches("data: ")).unwrap();
-    assert_eq!(event["error"]["code"], "upstream_cut", "{text}");
+    assert_eq!(event["error"]["code"], "deadline", "{text}");
     assert!(!text.contains("[DONE]"), "{text}");
     let metrics = wait::until("the cut to be counted", DEADLINE, || async {
         let text = mesh.http.get(&edge.metrics_url).await.ok()?.text();
-        text.contains(r#"error="upstream_cut""#).then_some(text)
+        text.contains(r#"error="deadline""#).then_some(text)
     })
     .await;
     assert_eq!(
         infermesh_integration_tests::scrape::value(
             &metrics,
             "infermesh_edge_requests_total",
-            &[("error", "upstream_cut"), ("model", "slow")]
+            &[("error", "deadline"), ("model", "slow")]
         ),
         Some(1.0),
         "{metrics}"
