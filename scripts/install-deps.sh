@@ -9,10 +9,12 @@
 #             redis-server; the service the package may start is stopped)
 #   promtool - checks and unit-tests the alerting rules (Debian's prometheus;
 #             the Prometheus server it also installs is stopped and disabled)
+#   openai  - the official Python SDK, in .tools/sdk-venv, for the SDK tests
 # Safe to run again: anything already present is left alone.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GRPCURL_WRAPPER_VERSION="1.8.6.post2"
+OPENAI_SDK_VERSION="2.54.0"
 
 packages=()
 command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
@@ -51,3 +53,11 @@ if [ ! -x "$root/.tools/bin/grpcurl" ]; then
     "$root/.tools/bin/grpcurl"
 fi
 "$root/.tools/bin/grpcurl" -version >&2
+
+# The official OpenAI Python SDK, for the tests that drive the edge as SDK
+# users do (integration-tests/sdk).
+if ! "$root/.tools/sdk-venv/bin/python" -c "import openai; assert openai.__version__ == '${OPENAI_SDK_VERSION}'" >/dev/null 2>&1; then
+  echo "installing the openai SDK ${OPENAI_SDK_VERSION} into .tools/sdk-venv" >&2
+  python3 -m venv "$root/.tools/sdk-venv"
+  "$root/.tools/sdk-venv/bin/pip" install --quiet "openai==${OPENAI_SDK_VERSION}"
+fi

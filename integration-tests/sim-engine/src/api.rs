@@ -7,14 +7,21 @@ use serde_json::{Value, json};
 use crate::engine::Usage;
 use crate::tokens::tokenize;
 
-/// The two generation endpoints.
+/// The generation endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// `/v1/chat/completions`.
     Chat,
     /// `/v1/completions`.
     Completion,
+    /// `/v1/responses` (OpenAI's Responses API).
+    Responses,
+    /// `/v1/messages` (Anthropic's Messages API).
+    Messages,
 }
+
+/// The engine's build, as `system_fingerprint` reports it.
+pub const SYSTEM_FINGERPRINT: &str = "fp_sim_engine";
 
 /// A refused request: status, message and the offending field.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +89,69 @@ fn text_of(content: &Value) -> Result<String, ApiError> {
     }
 }
 
+/// The chat messages as one prompt: each role and text on a line.
+fn chat_prompt(messages: Option<&Value>) -> Result<String, ApiError> {
+    let messages = messages
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::bad("messages", "messages must be an array"))?;
+    let mut prompt = String::new();
+    for m in messages {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad("messages", "every message needs a role"))?;
+        prompt.push_str(role);
+        prompt.push_str(": ");
+        prompt.push_str(&text_of(m.get("content").unwrap_or(&Value::Null))?);
+        prompt.push('\n');
+    }
+    Ok(prompt)
+}
+
+/// The text of a Responses API input: a string, or items whose content is
+/// a string or parts.
+fn input_text(input: Option<&Value>) -> Result<String, ApiError> {
+    match input {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(items)) => Ok(items
+            .iter()
+            .map(|item| text_of(item.get("content").unwrap_or(item)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")),
+        _ => Err(ApiError::bad("input", "input must be a string or an array")),
+    }
+}
+
+/// The prompt of a generation request of `kind`.
+fn prompt_of(kind: Kind, object: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
+    let text = |name: &str| object.get(name).map(|v| text_of(v).unwrap_or_default());
+    Ok(match kind {
+        Kind::Chat => chat_prompt(object.get("messages"))?,
+        Kind::Messages => {
+            text("system").unwrap_or_default() + &chat_prompt(object.get("messages"))?
+        }
+        Kind::Responses => {
+            text("instructions").unwrap_or_default() + &input_text(object.get("input"))?
+        }
+        Kind::Completion => match object.get("prompt") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(items)) => items
+                .first()
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ApiError::bad("prompt", "prompt must be a string or an array of strings")
+                })?
+                .to_string(),
+            _ => {
+                return Err(ApiError::bad(
+                    "prompt",
+                    "prompt must be a string or an array of strings",
+                ));
+            }
+        },
+    })
+}
+
 /// Parses a generation request for the engine serving `model`.
 pub fn parse_generation(
     kind: Kind,
@@ -115,45 +185,11 @@ pub fn parse_generation(
         }
         None => return Err(ApiError::bad("model", "model is required")),
     }
-    let prompt = match kind {
-        Kind::Chat => {
-            let messages = object
-                .get("messages")
-                .and_then(Value::as_array)
-                .ok_or_else(|| ApiError::bad("messages", "messages must be an array"))?;
-            let mut prompt = String::new();
-            for m in messages {
-                let role = m
-                    .get("role")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| ApiError::bad("messages", "every message needs a role"))?;
-                prompt.push_str(role);
-                prompt.push_str(": ");
-                prompt.push_str(&text_of(m.get("content").unwrap_or(&Value::Null))?);
-                prompt.push('\n');
-            }
-            prompt
-        }
-        Kind::Completion => match object.get("prompt") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(items)) => items
-                .first()
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    ApiError::bad("prompt", "prompt must be a string or an array of strings")
-                })?
-                .to_string(),
-            _ => {
-                return Err(ApiError::bad(
-                    "prompt",
-                    "prompt must be a string or an array of strings",
-                ));
-            }
-        },
-    };
+    let prompt = prompt_of(kind, object)?;
     let max_tokens =
         match object
             .get("max_completion_tokens")
+            .or_else(|| object.get("max_output_tokens"))
             .or_else(|| object.get("max_tokens"))
         {
             None | Some(Value::Null) => 16,
@@ -217,8 +253,36 @@ pub fn completion(kind: Kind, id: &str, created: u64, model: &str, text: &str, u
             "text_completion",
             json!({"index": 0, "text": text, "finish_reason": "length", "logprobs": null}),
         ),
+        Kind::Responses => return response(id, created, model, "completed", text, Some(u)),
+        Kind::Messages => {
+            return json!({"id": id, "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens",
+                "stop_sequence": null,
+                "usage": {"input_tokens": u.prompt, "output_tokens": u.completion}});
+        }
     };
-    json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage(u)})
+    json!({"id": id, "object": object, "created": created, "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [choice], "usage": usage(u)})
+}
+
+/// A Responses API response object.
+pub fn response(
+    id: &str,
+    created: u64,
+    model: &str,
+    status: &str,
+    text: &str,
+    u: Option<Usage>,
+) -> Value {
+    let usage = u.map(|u| {
+        json!({"input_tokens": u.prompt, "output_tokens": u.completion,
+            "total_tokens": u.prompt + u.completion})
+    });
+    json!({"id": id, "object": "response", "created_at": created, "model": model,
+        "status": status, "output": [{"type": "message", "id": format!("msg_{id}"),
+        "role": "assistant", "status": status,
+        "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": usage})
 }
 
 /// One streamed chunk; `delta` is the new text, `finish` the finish reason.
@@ -243,12 +307,13 @@ pub fn chunk(
                 json!({"index": 0, "delta": d, "finish_reason": finish, "logprobs": null}),
             )
         }
-        Kind::Completion => (
+        Kind::Completion | Kind::Responses | Kind::Messages => (
             "text_completion",
             json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null}),
         ),
     };
-    json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
+    json!({"id": id, "object": object, "created": created, "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [choice]})
 }
 
 /// The final usage chunk (empty `choices`).
@@ -258,7 +323,8 @@ pub fn usage_chunk(kind: Kind, id: &str, created: u64, model: &str, u: Usage) ->
     } else {
         "text_completion"
     };
-    json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage(u)})
+    json!({"id": id, "object": object, "created": created, "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [], "usage": usage(u)})
 }
 
 /// An embeddings response for `body`, with deterministic 16-dimension vectors.

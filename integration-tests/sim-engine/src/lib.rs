@@ -6,7 +6,9 @@
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod extras;
 pub mod metrics;
 pub mod prefix_cache;
 pub mod server;
+pub mod stream;
 pub mod tokens;

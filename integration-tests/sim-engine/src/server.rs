@@ -125,6 +125,22 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
         ),
         (Method::POST, "/v1/chat/completions") => generate(engine, request, Kind::Chat).await,
         (Method::POST, "/v1/completions") => generate(engine, request, Kind::Completion).await,
+        (Method::POST, "/v1/responses") => generate(engine, request, Kind::Responses).await,
+        (Method::POST, "/v1/messages") => generate(engine, request, Kind::Messages).await,
+        (
+            Method::POST,
+            "/v1/rerank" | "/rerank" | "/v2/rerank" | "/v1/score" | "/score" | "/tokenize"
+            | "/detokenize",
+        ) => match (traceparent(&request), read_body(request).await) {
+            (traceparent, Ok(body)) => {
+                engine.remember_request(&body, traceparent);
+                match crate::extras::answer(&path, &body, &engine.config) {
+                    Ok(v) => json_response(StatusCode::OK, &v),
+                    Err(e) => error_response(&e),
+                }
+            }
+            (_, Err(e)) => error_response(&e),
+        },
         (Method::POST, "/v1/embeddings") => match (traceparent(&request), read_body(request).await)
         {
             (traceparent, Ok(body)) => {
@@ -183,6 +199,15 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
             | "/v1/chat/completions"
             | "/v1/completions"
             | "/v1/embeddings"
+            | "/v1/responses"
+            | "/v1/messages"
+            | "/v1/rerank"
+            | "/rerank"
+            | "/v2/rerank"
+            | "/v1/score"
+            | "/score"
+            | "/tokenize"
+            | "/detokenize"
             | "/sim/last-request"
             | "/sim/health"
             | "/sim/fail",
@@ -192,12 +217,8 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
             param: None,
             code: None,
         }),
-        _ => error_response(&ApiError {
-            status: 404,
-            message: format!("no route for {path}"),
-            param: None,
-            code: Some("not_found"),
-        }),
+        // As vLLM's FastAPI server answers a path it does not have.
+        _ => json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not Found"})),
     }
 }
 
@@ -262,15 +283,17 @@ async fn generate(engine: Arc<Engine>, request: Request<Incoming>, kind: Kind) -
         Fate::Hang => std::future::pending::<()>().await,
     }
     let (tx, mut events) = mpsc::channel(64);
+    let prompt_tokens = generation.tokens.len();
     tokio::spawn(
         engine
             .clone()
             .generate(generation.tokens, generation.max_tokens, tx),
     );
-    let prefix = if kind == Kind::Chat {
-        "chatcmpl"
-    } else {
-        "cmpl"
+    let prefix = match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+        Kind::Responses => "resp",
+        Kind::Messages => "msg",
     };
     let id = format!("{prefix}-{:032x}", rand::random::<u128>());
     let created = now_secs();
@@ -296,37 +319,28 @@ async fn generate(engine: Arc<Engine>, request: Request<Incoming>, kind: Kind) -
         });
     }
     let (frames, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
-    let include_usage = generation.include_usage;
+    let mut stream = crate::stream::Stream::new(
+        kind,
+        &id,
+        created,
+        &model,
+        generation.include_usage,
+        prompt_tokens,
+    );
     tokio::spawn(async move {
-        let sse = |v: &Value| Ok(Frame::data(Bytes::from(format!("data: {v}\n\n"))));
-        let mut first = true;
+        let sse = |text: String| Ok(Frame::data(Bytes::from(text)));
+        for text in stream.start() {
+            if frames.send(sse(text)).await.is_err() {
+                return;
+            }
+        }
         while let Some(event) = events.recv().await {
             let frame = match event {
-                Event::Token(t) => {
-                    let c = api::chunk(kind, &id, created, &model, Some(&t), first, None);
-                    first = false;
-                    sse(&c)
-                }
+                Event::Token(t) => sse(stream.token(&t)),
                 Event::Done(u) => {
-                    let _ = frames
-                        .send(sse(&api::chunk(
-                            kind,
-                            &id,
-                            created,
-                            &model,
-                            None,
-                            false,
-                            Some("length"),
-                        )))
-                        .await;
-                    if include_usage {
-                        let _ = frames
-                            .send(sse(&api::usage_chunk(kind, &id, created, &model, u)))
-                            .await;
+                    for text in stream.done(u) {
+                        let _ = frames.send(sse(text)).await;
                     }
-                    let _ = frames
-                        .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
-                        .await;
                     return;
                 }
             };

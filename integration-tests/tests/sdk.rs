@@ -1,0 +1,74 @@
+//! The edge as the official OpenAI Python SDK sees it: the model list with
+//! aliases and access filtering, streams that keep every field the engine
+//! sends, the Responses API, and the other OpenAI-compatible paths vLLM
+//! serves (integration-tests/sdk/openai_client.py holds the expectations).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use infermesh_integration_tests::mesh::Mesh;
+use serde_json::json;
+
+#[tokio::test]
+async fn the_openai_sdk_sees_the_models_streams_and_paths_it_expects() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".tools/sdk-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: scripts/install-deps.sh installs it (the test command runs it first)",
+        python.display()
+    );
+    let mesh = Mesh::start().await;
+    mesh.admin(
+        "CreateModel",
+        json!({"model": {"name": "llama", "aliases": ["llama-8b"]}}),
+    )
+    .await
+    .expect("create model");
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    mesh.register("eu-west", "hidden", "hidden-eu").await;
+    let _replica = mesh
+        .start_replica("llama-0", "llama-eu", "llama", "eu-west", &[])
+        .await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let probe = json!({"model": "llama", "max_tokens": 1,
+        "messages": [{"role": "user", "content": "probe"}]});
+    mesh.wait_until_served(&url, &probe).await;
+    let key = mesh
+        .create_key("sdk", json!({"allowed_models": ["llama"]}))
+        .await;
+    // The key reaches the edge with the next table.
+    let models = format!("{}/v1/models", edge.url);
+    infermesh_integration_tests::wait::until(
+        "the key to reach the edge",
+        Duration::from_secs(20),
+        || async {
+            let reply = infermesh_integration_tests::client::Http::with_key(&key)
+                .get(&models)
+                .await
+                .ok()?;
+            (reply.status == 200).then_some(())
+        },
+    )
+    .await;
+    let run = tokio::process::Command::new(&python)
+        .arg(root.join("integration-tests/sdk/openai_client.py"))
+        .env("EDGE_URL", &edge.url)
+        .env("API_KEY", &key)
+        .env("MODEL", "llama")
+        .env("ALIAS", "llama-8b")
+        .env("HIDDEN", "hidden")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the SDK script finishes within two minutes")
+        .expect("the SDK script runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains(r#""ok": true"#),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+}
