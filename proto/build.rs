@@ -10,7 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "infermesh/v1/admin.proto",
         "infermesh/v1/identity.proto",
     ];
-    for f in &files {
+    // google/protobuf/field_mask.proto is vendored beside them so that the
+    // build needs protoc alone, not the system's well-known .proto files;
+    // its Rust type comes from prost-types.
+    for f in files.iter().chain(&["google/protobuf/field_mask.proto"]) {
         println!("cargo:rerun-if-changed={f}");
     }
     tonic_prost_build::configure()
