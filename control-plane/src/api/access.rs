@@ -60,7 +60,7 @@ impl Admin {
         r: pb::UpdateTenantRequest,
     ) -> Result<Response<Tenant>, Status> {
         let tenant = required(r.tenant, "tenant")?;
-        ok(self.registry.update_tenant(tenant).await)
+        ok(self.registry.update_tenant(tenant, r.update_mask).await)
     }
 
     pub(super) async fn do_delete_tenant(

@@ -96,8 +96,9 @@ impl AdminService for Admin {
         &self,
         r: Request<pb::UpdateModelRequest>,
     ) -> Result<Response<Model>, Status> {
-        let model = required(r.into_inner().model, "model")?;
-        ok(self.registry.update_model(model).await)
+        let r = r.into_inner();
+        let model = required(r.model, "model")?;
+        ok(self.registry.update_model(model, r.update_mask).await)
     }
 
     async fn delete_model(
@@ -149,8 +150,9 @@ impl AdminService for Admin {
         &self,
         r: Request<pb::UpdatePoolRequest>,
     ) -> Result<Response<Pool>, Status> {
-        let pool = required(r.into_inner().pool, "pool")?;
-        ok(self.registry.update_pool(pool).await)
+        let r = r.into_inner();
+        let pool = required(r.pool, "pool")?;
+        ok(self.registry.update_pool(pool, r.update_mask).await)
     }
 
     async fn delete_pool(
@@ -198,8 +200,9 @@ impl AdminService for Admin {
         &self,
         r: Request<pb::UpdateRegionRequest>,
     ) -> Result<Response<Region>, Status> {
-        let region = required(r.into_inner().region, "region")?;
-        ok(self.registry.update_region(region).await)
+        let r = r.into_inner();
+        let region = required(r.region, "region")?;
+        ok(self.registry.update_region(region, r.update_mask).await)
     }
 
     async fn delete_region(

@@ -9,7 +9,9 @@ use infermesh_proto::v1::{ApiKey, CreateApiKeyRequest, RateLimits, Tenant, Updat
 use infermesh_runtime::api_key;
 use infermesh_runtime::time::now_unix_ms;
 use prost::Message;
+use prost_types::FieldMask;
 
+use super::mask::UpdateMask;
 use super::{ATTEMPTS, Registry, RegistryError, validate};
 use crate::store::ObjectKind;
 
@@ -80,18 +82,18 @@ impl Registry {
         self.create_plain(tenant).await
     }
 
-    /// Replaces a tenant whose stored revision equals `tenant.revision`;
-    /// its id stays.
-    pub async fn update_tenant(&self, mut tenant: Tenant) -> Result<Tenant, RegistryError> {
+    /// Changes the fields `mask` names (without one, those set in `sent`)
+    /// of the tenant whose stored revision equals `sent.revision`; its id
+    /// stays.
+    pub async fn update_tenant(
+        &self,
+        sent: Tenant,
+        mask: Option<FieldMask>,
+    ) -> Result<Tenant, RegistryError> {
+        let mask = UpdateMask::parse(mask)?;
+        validate::dns_label("tenant.name", &sent.name)?;
+        let (_, tenant) = self.merged(&sent, &mask).await?;
         check_tenant(&tenant)?;
-        let current: Tenant = self.current(&tenant.name, tenant.revision, true).await?;
-        if !tenant.id.is_empty() && tenant.id != current.id {
-            return Err(RegistryError::invalid(
-                "tenant.id",
-                format!("cannot change (it is {:?})", current.id),
-            ));
-        }
-        tenant.id = current.id;
         self.update_plain(tenant).await
     }
 
@@ -148,30 +150,39 @@ impl Registry {
         Err(Self::contended::<ApiKey>("new key"))
     }
 
-    /// Changes a key's name, allowed models, limits or expiry.
+    /// Changes a key's name, allowed models, limits or expiry: those the
+    /// request's mask names, or without one those it sets.
     pub async fn update_api_key(
         &self,
         request: UpdateApiKeyRequest,
     ) -> Result<ApiKey, RegistryError> {
-        let now = now_unix_ms();
-        check_key_fields(
-            "",
-            &request.name,
-            &request.allowed_models,
-            request.expires_at_unix_ms,
-            now,
-        )?;
+        let mask = UpdateMask::parse(request.update_mask)?;
         if request.revision == 0 {
             return Err(RegistryError::invalid(
                 "revision",
                 "required for update: send the revision you read",
             ));
         }
-        let mut key: ApiKey = self.current(&request.id, request.revision, false).await?;
-        key.name = request.name;
-        key.allowed_models = request.allowed_models;
-        key.limits = Some(limits_or_default(request.limits));
-        key.expires_at_unix_ms = request.expires_at_unix_ms;
+        let sent = ApiKey {
+            id: request.id,
+            name: request.name,
+            allowed_models: request.allowed_models,
+            limits: request.limits,
+            expires_at_unix_ms: request.expires_at_unix_ms,
+            revision: request.revision,
+            ..Default::default()
+        };
+        let stored: ApiKey = self.current(&sent.id, sent.revision, false).await?;
+        let mut key = mask.apply(&stored, &sent)?;
+        key.limits = Some(limits_or_default(key.limits));
+        // An expiry the update keeps is not checked against the clock: the
+        // key may have expired since it was set.
+        let expiry = if key.expires_at_unix_ms == stored.expires_at_unix_ms {
+            0
+        } else {
+            key.expires_at_unix_ms
+        };
+        check_key_fields("", &key.name, &key.allowed_models, expiry, now_unix_ms())?;
         self.put_guarded(key).await
     }
 

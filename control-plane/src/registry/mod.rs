@@ -2,10 +2,13 @@
 //! models, pools and regions as etcd transactions. Each write reads what it
 //! depends on, then commits only if none of it changed (compare on
 //! revisions); when a guard fails the checks run again, so a refusal always
-//! describes the state the caller would see.
+//! describes the state the caller would see. An update merges the request
+//! into the object stored at the revision the caller read, as its update
+//! mask says, and validates the result before anything is written.
 
 mod access;
 mod error;
+mod mask;
 pub mod validate;
 
 use std::collections::BTreeSet;
@@ -13,9 +16,11 @@ use std::collections::BTreeSet;
 use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
 use infermesh_proto::v1::{Model, Pool, Region};
 use prost::Message;
+use prost_types::FieldMask;
 
 pub use access::redacted;
 pub use error::RegistryError;
+use mask::{Masked, UpdateMask};
 
 use crate::store::objects::Object;
 use crate::store::{ObjectKind, Store, prefix_end};
@@ -114,6 +119,18 @@ impl Registry {
         Ok(current)
     }
 
+    /// The stored object at the caller's revision with `sent` applied as
+    /// `mask` says: what an update writes, once validated.
+    async fn merged<T: Object + Masked>(
+        &self,
+        sent: &T,
+        mask: &UpdateMask<T>,
+    ) -> Result<(T, T), RegistryError> {
+        let current: T = self.current(sent.name(), sent.revision(), true).await?;
+        let next = mask.apply(&current, sent)?;
+        Ok((current, next))
+    }
+
     /// Creates a model; its name and aliases must be free.
     pub async fn create_model(&self, mut model: Model) -> Result<Model, RegistryError> {
         validate::model(&model)?;
@@ -158,12 +175,19 @@ impl Registry {
         Err(Self::contended::<Model>(&model.name))
     }
 
-    /// Replaces a model whose stored revision equals `model.revision`.
-    pub async fn update_model(&self, mut model: Model) -> Result<Model, RegistryError> {
-        validate::model(&model)?;
-        let given = model.revision;
+    /// Changes the fields `mask` names (without one, those set in `sent`)
+    /// of the model whose stored revision equals `sent.revision`.
+    pub async fn update_model(
+        &self,
+        sent: Model,
+        mask: Option<FieldMask>,
+    ) -> Result<Model, RegistryError> {
+        let mask = UpdateMask::parse(mask)?;
+        validate::model_name("model.name", &sent.name)?;
+        let given = sent.revision;
         for _ in 0..ATTEMPTS {
-            let current: Model = self.current(&model.name, given, true).await?;
+            let (current, mut model) = self.merged(&sent, &mask).await?;
+            validate::model(&model)?;
             let old: BTreeSet<&str> = current.aliases.iter().map(String::as_str).collect();
             let new: BTreeSet<&str> = model.aliases.iter().map(String::as_str).collect();
             let added: Vec<&str> = new.difference(&old).copied().collect();
@@ -196,7 +220,7 @@ impl Registry {
                 return Ok(model);
             }
         }
-        Err(Self::contended::<Model>(&model.name))
+        Err(Self::contended::<Model>(&sent.name))
     }
 
     /// Names of the pools that satisfy `uses`, and the revision of the read.
@@ -305,13 +329,20 @@ impl Registry {
         Err(Self::contended::<Pool>(&pool.name))
     }
 
-    /// Replaces a pool whose stored revision equals `pool.revision`.
-    pub async fn update_pool(&self, mut pool: Pool) -> Result<Pool, RegistryError> {
-        validate::pool(&pool)?;
-        let given = pool.revision;
-        let key = self.key(ObjectKind::Pool, &pool.name);
+    /// Changes the fields `mask` names (without one, those set in `sent`)
+    /// of the pool whose stored revision equals `sent.revision`.
+    pub async fn update_pool(
+        &self,
+        sent: Pool,
+        mask: Option<FieldMask>,
+    ) -> Result<Pool, RegistryError> {
+        let mask = UpdateMask::parse(mask)?;
+        validate::dns_label("pool.name", &sent.name)?;
+        let given = sent.revision;
+        let key = self.key(ObjectKind::Pool, &sent.name);
         for _ in 0..ATTEMPTS {
-            self.current::<Pool>(&pool.name, given, true).await?;
+            let (_, mut pool) = self.merged(&sent, &mask).await?;
+            validate::pool(&pool)?;
             let mut compares = self.pool_references(&pool).await?;
             compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, given));
             let ops = vec![put(key.clone(), pool.encode_to_vec())];
@@ -320,7 +351,7 @@ impl Registry {
                 return Ok(pool);
             }
         }
-        Err(Self::contended::<Pool>(&pool.name))
+        Err(Self::contended::<Pool>(&sent.name))
     }
 
     /// Deletes a pool; its endpoints stay registered but leave routing tables.
@@ -354,8 +385,16 @@ impl Registry {
         self.create_plain(region).await
     }
 
-    /// Replaces a region whose stored revision equals `region.revision`.
-    pub async fn update_region(&self, region: Region) -> Result<Region, RegistryError> {
+    /// Changes the fields `mask` names (without one, those set in `sent`)
+    /// of the region whose stored revision equals `sent.revision`.
+    pub async fn update_region(
+        &self,
+        sent: Region,
+        mask: Option<FieldMask>,
+    ) -> Result<Region, RegistryError> {
+        let mask = UpdateMask::parse(mask)?;
+        validate::dns_label("region.name", &sent.name)?;
+        let (_, region) = self.merged(&sent, &mask).await?;
         validate::region(&region)?;
         self.update_plain(region).await
     }
