@@ -393,6 +393,92 @@ async fn stale_and_invalid_admin_writes_are_refused_with_precise_codes() {
 }
 
 #[tokio::test]
+async fn a_partial_update_keeps_what_it_leaves_out_and_clears_only_what_its_mask_names() {
+    let mesh = Mesh::start().await;
+    let created = mesh
+        .admin(
+            "CreateModel",
+            json!({"model": {"name": "llama", "aliases": ["l3"], "fallbacks": ["small"],
+                   "cache_policy": {"enabled": true, "ttl_seconds": 600}}}),
+        )
+        .await
+        .unwrap();
+
+    // Only a description and no mask: every other field stays.
+    let described = mesh
+        .admin(
+            "UpdateModel",
+            json!({"model": {"name": "llama", "description": "v2", "revision": created["revision"]}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(described["description"], "v2", "{described}");
+    assert_eq!(described["aliases"], json!(["l3"]), "{described}");
+    assert_eq!(described["fallbacks"], json!(["small"]), "{described}");
+    assert_eq!(
+        described["cachePolicy"],
+        json!({"enabled": true, "ttlSeconds": 600}),
+        "{described}"
+    );
+
+    // A mask naming fallbacks, and none sent: they are cleared, nothing else.
+    let cleared = mesh
+        .admin(
+            "UpdateModel",
+            json!({"model": {"name": "llama", "revision": described["revision"]},
+                   "update_mask": {"paths": ["fallbacks"]}}),
+        )
+        .await
+        .unwrap();
+    assert!(cleared.get("fallbacks").is_none(), "{cleared}");
+    assert_eq!(cleared["description"], "v2", "{cleared}");
+    assert_eq!(cleared["aliases"], json!(["l3"]), "{cleared}");
+
+    // A path into the cache policy changes that one field of it.
+    let shorter = mesh
+        .admin(
+            "UpdateModel",
+            json!({"model": {"name": "llama", "cache_policy": {"ttl_seconds": 60},
+                             "revision": cleared["revision"]},
+                   "update_mask": {"paths": ["cache_policy.ttl_seconds"]}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        shorter["cachePolicy"],
+        json!({"enabled": true, "ttlSeconds": 60}),
+        "{shorter}"
+    );
+
+    // A path that is not a field, or one an update may not set, is refused
+    // by name and writes nothing.
+    for (path, says) in [
+        ("fallback", "\"fallback\" is not a field of model"),
+        ("name", "\"name\" cannot be changed"),
+        ("revision", "\"revision\" is set by the server"),
+    ] {
+        let refused = mesh
+            .admin(
+                "UpdateModel",
+                json!({"model": {"name": "llama", "description": "v3", "revision": shorter["revision"]},
+                       "update_mask": {"paths": ["description", path]}}),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, "InvalidArgument", "{refused:?}");
+        assert!(
+            refused.message.starts_with("update_mask: ") && refused.message.contains(says),
+            "{refused:?}"
+        );
+    }
+    let kept = mesh
+        .admin("GetModel", json!({"name": "llama"}))
+        .await
+        .unwrap();
+    assert_eq!(kept, shorter, "a refused update changed the model");
+}
+
+#[tokio::test]
 async fn after_a_control_plane_restart_edges_and_sidecars_reconnect_and_converge() {
     let mut mesh = Mesh::start().await;
     mesh.register("eu-west", "llama", "llama-eu").await;
