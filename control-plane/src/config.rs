@@ -242,117 +242,184 @@ pub enum Transport {
     },
 }
 
+/// A flag, or a combination of flags, that cannot work; the text names the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// --identity-ttl is outside its range.
+    #[error("--identity-ttl: {0:?} is outside 10s..=30days")]
+    IdentityTtl(Duration),
+    /// A numeric flag is outside its range.
+    #[error("{flag}: {value} is outside {range}")]
+    OutOfRange {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: u32,
+        /// The range allowed, as `low..=high`.
+        range: &'static str,
+    },
+    /// Token review without a CA to issue certificates with.
+    #[error("--kubernetes-token-review issues certificates: it needs --ca-cert and --ca-key")]
+    TokenReviewWithoutCa,
+    /// Issued sidecar identities without token review.
+    #[error(
+        "--sidecar-identity issued: sidecars get their identity for their pod's service-account token, which needs --kubernetes-token-review"
+    )]
+    IssuedWithoutTokenReview,
+    /// The webhook without its serving certificate.
+    #[error(
+        "--webhook-listen needs --webhook-tls-cert and --webhook-tls-key (the API server only calls webhooks over HTTPS)"
+    )]
+    WebhookWithoutTls,
+    /// No etcd endpoint.
+    #[error("--etcd-endpoints: at least one endpoint is required")]
+    NoEtcdEndpoints,
+    /// The etcd prefix is not absolute.
+    #[error("--etcd-prefix: {0:?} must start with '/'")]
+    EtcdPrefix(String),
+    /// An unknown scale actuator.
+    #[error("--scale-actuator: {0:?} must be none or kubernetes")]
+    ScaleActuator(String),
+    /// An empty token audience.
+    #[error("--token-audience: must not be empty")]
+    EmptyTokenAudience,
+    /// Only one of the etcd client certificate and key.
+    #[error("--etcd-cert and --etcd-key must be given together")]
+    EtcdPairIncomplete,
+    /// An etcd client certificate without the CA.
+    #[error("--etcd-cert needs --etcd-ca")]
+    EtcdCertWithoutCa,
+    /// The etcd TLS files are unusable.
+    #[error("--etcd-ca/--etcd-cert: {0}")]
+    EtcdTls(#[source] infermesh_runtime::tls::TlsError),
+    /// Plaintext without another way to authenticate admin calls.
+    #[error(
+        "--insecure-plaintext: admin calls need --admin-tokens-file (there are no client certificates without TLS)"
+    )]
+    PlaintextWithoutAdminTokens,
+    /// Plaintext together with TLS flags.
+    #[error(
+        "--insecure-plaintext cannot be combined with --tls-cert, --tls-key or --tls-client-ca"
+    )]
+    PlaintextWithTls,
+    /// Neither TLS nor plaintext asked for.
+    #[error(
+        "TLS is required: give --tls-cert, --tls-key and --tls-client-ca (or --insecure-plaintext for local development)"
+    )]
+    TlsRequired,
+    /// Only some of the TLS flags.
+    #[error("--tls-cert, --tls-key and --tls-client-ca must be given together")]
+    TlsIncomplete,
+    /// The Kubernetes API cannot be reached as configured.
+    #[error(transparent)]
+    Kube(#[from] crate::autoscale::kube::KubeError),
+}
+
 impl Config {
     /// Checks values clap cannot, naming the flag.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if !(std::time::Duration::from_secs(10)..=std::time::Duration::from_secs(30 * 86_400))
             .contains(&self.identity_ttl)
         {
-            return Err(format!(
-                "--identity-ttl: {:?} is outside 10s..=30days",
-                self.identity_ttl
-            ));
+            return Err(ConfigError::IdentityTtl(self.identity_ttl));
         }
         self.transport()?;
         self.etcd_tls()?;
         if self.kubernetes_token_review && self.ca_cert.is_none() {
-            return Err(
-                "--kubernetes-token-review issues certificates: it needs --ca-cert and --ca-key"
-                    .into(),
-            );
+            return Err(ConfigError::TokenReviewWithoutCa);
         }
         if self.sidecar_identity == SidecarIdentity::Issued && !self.kubernetes_token_review {
-            return Err("--sidecar-identity issued: sidecars get their identity for their pod's service-account token, which needs --kubernetes-token-review".into());
+            return Err(ConfigError::IssuedWithoutTokenReview);
         }
         if !(2..=60).contains(&self.leader_ttl_seconds) {
-            return Err(format!(
-                "--leader-ttl-seconds: {} is outside 2..=60",
-                self.leader_ttl_seconds
-            ));
+            return Err(ConfigError::OutOfRange {
+                flag: "--leader-ttl-seconds",
+                value: self.leader_ttl_seconds,
+                range: "2..=60",
+            });
         }
         if self.webhook_listen.is_some()
             && (self.webhook_tls_cert.is_none() || self.webhook_tls_key.is_none())
         {
-            return Err(
-                "--webhook-listen needs --webhook-tls-cert and --webhook-tls-key (the API server only calls webhooks over HTTPS)"
-                    .into(),
-            );
+            return Err(ConfigError::WebhookWithoutTls);
         }
         if self.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
-            return Err("--etcd-endpoints: at least one endpoint is required".into());
+            return Err(ConfigError::NoEtcdEndpoints);
         }
         if !self.etcd_prefix.starts_with('/') {
-            return Err(format!(
-                "--etcd-prefix: {:?} must start with '/'",
-                self.etcd_prefix
-            ));
+            return Err(ConfigError::EtcdPrefix(self.etcd_prefix.clone()));
         }
         if !(2..=300).contains(&self.endpoint_lease_ttl_seconds) {
-            return Err(format!(
-                "--endpoint-lease-ttl-seconds: {} is outside 2..=300",
-                self.endpoint_lease_ttl_seconds
-            ));
+            return Err(ConfigError::OutOfRange {
+                flag: "--endpoint-lease-ttl-seconds",
+                value: self.endpoint_lease_ttl_seconds,
+                range: "2..=300",
+            });
         }
         if !(100..=60_000).contains(&self.report_interval_ms) {
-            return Err(format!(
-                "--report-interval-ms: {} is outside 100..=60000",
-                self.report_interval_ms
-            ));
+            return Err(ConfigError::OutOfRange {
+                flag: "--report-interval-ms",
+                value: self.report_interval_ms,
+                range: "100..=60000",
+            });
         }
         if !(100..=60_000).contains(&self.load_exchange_interval_ms) {
-            return Err(format!(
-                "--load-exchange-interval-ms: {} is outside 100..=60000",
-                self.load_exchange_interval_ms
-            ));
+            return Err(ConfigError::OutOfRange {
+                flag: "--load-exchange-interval-ms",
+                value: self.load_exchange_interval_ms,
+                range: "100..=60000",
+            });
         }
         if !(100..=300_000).contains(&self.autoscale_interval_ms) {
-            return Err(format!(
-                "--autoscale-interval-ms: {} is outside 100..=300000",
-                self.autoscale_interval_ms
-            ));
+            return Err(ConfigError::OutOfRange {
+                flag: "--autoscale-interval-ms",
+                value: self.autoscale_interval_ms,
+                range: "100..=300000",
+            });
         }
         if !(1..=3600).contains(&self.gc_interval_seconds) {
-            return Err(format!(
-                "--gc-interval-seconds: {} is outside 1..=3600",
-                self.gc_interval_seconds
-            ));
+            return Err(ConfigError::OutOfRange {
+                flag: "--gc-interval-seconds",
+                value: self.gc_interval_seconds,
+                range: "1..=3600",
+            });
         }
         if !matches!(self.scale_actuator.as_str(), "none" | "kubernetes") {
-            return Err(format!(
-                "--scale-actuator: {:?} must be none or kubernetes",
-                self.scale_actuator
-            ));
+            return Err(ConfigError::ScaleActuator(self.scale_actuator.clone()));
         }
         Ok(())
     }
 
     /// The Kubernetes actuator, when --scale-actuator=kubernetes.
-    pub fn actuator(&self) -> Result<Option<crate::autoscale::kube::KubeClient>, String> {
+    pub fn actuator(&self) -> Result<Option<crate::autoscale::kube::KubeClient>, ConfigError> {
         if self.scale_actuator != "kubernetes" {
             return Ok(None);
         }
         let config = crate::autoscale::kube::KubeConfig::in_cluster(
+            "--scale-actuator=kubernetes",
             self.kubernetes_api.clone(),
             self.kubernetes_token_file.clone(),
             self.kubernetes_ca.clone(),
         )?;
-        crate::autoscale::kube::KubeClient::new(&config).map(Some)
+        Ok(Some(crate::autoscale::kube::KubeClient::new(&config)?))
     }
 
     /// The token reviewer, when --kubernetes-token-review is on.
-    pub fn token_reviewer(&self) -> Result<Option<crate::token_review::TokenReviewer>, String> {
+    pub fn token_reviewer(
+        &self,
+    ) -> Result<Option<crate::token_review::TokenReviewer>, ConfigError> {
         if !self.kubernetes_token_review {
             return Ok(None);
         }
         if self.token_audience.is_empty() {
-            return Err("--token-audience: must not be empty".into());
+            return Err(ConfigError::EmptyTokenAudience);
         }
         let config = crate::autoscale::kube::KubeConfig::in_cluster(
+            "--kubernetes-token-review",
             self.kubernetes_api.clone(),
             self.kubernetes_token_file.clone(),
             self.kubernetes_ca.clone(),
-        )
-        .map_err(|e| e.replace("--scale-actuator=kubernetes", "--kubernetes-token-review"))?;
+        )?;
         let client = crate::autoscale::kube::KubeClient::new(&config)?;
         Ok(Some(crate::token_review::TokenReviewer::new(
             client,
@@ -361,24 +428,24 @@ impl Config {
     }
 
     /// TLS to etcd, when --etcd-ca is given; files are read and checked now.
-    pub fn etcd_tls(&self) -> Result<Option<crate::store::EtcdTlsFiles>, String> {
+    pub fn etcd_tls(&self) -> Result<Option<crate::store::EtcdTlsFiles>, ConfigError> {
         let pair = match (&self.etcd_cert, &self.etcd_key) {
             (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
             (None, None) => None,
-            _ => return Err("--etcd-cert and --etcd-key must be given together".into()),
+            _ => return Err(ConfigError::EtcdPairIncomplete),
         };
         match (&self.etcd_ca, pair) {
             (Some(ca), pair) => {
                 let pair_paths = pair.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
                 // Read once now so that a bad file stops the process at start.
                 infermesh_runtime::tls::client_config(ca, pair_paths)
-                    .map_err(|e| format!("--etcd-ca/--etcd-cert: {e}"))?;
+                    .map_err(ConfigError::EtcdTls)?;
                 Ok(Some(crate::store::EtcdTlsFiles {
                     ca: ca.clone(),
                     pair,
                 }))
             }
-            (None, Some(_)) => Err("--etcd-cert needs --etcd-ca".into()),
+            (None, Some(_)) => Err(ConfigError::EtcdCertWithoutCa),
             (None, None) => Ok(None),
         }
     }
@@ -392,29 +459,23 @@ impl Config {
     }
 
     /// The transport the flags ask for.
-    pub fn transport(&self) -> Result<Transport, String> {
+    pub fn transport(&self) -> Result<Transport, ConfigError> {
         let tls = (&self.tls_cert, &self.tls_key, &self.tls_client_ca);
         match (tls, self.insecure_plaintext) {
             ((None, None, None), true) => {
                 if self.admin_tokens_file.is_none() {
-                    return Err("--insecure-plaintext: admin calls need --admin-tokens-file (there are no client certificates without TLS)".into());
+                    return Err(ConfigError::PlaintextWithoutAdminTokens);
                 }
                 Ok(Transport::Plaintext)
             }
-            (_, true) => Err(
-                "--insecure-plaintext cannot be combined with --tls-cert, --tls-key or --tls-client-ca"
-                    .into(),
-            ),
+            (_, true) => Err(ConfigError::PlaintextWithTls),
             ((Some(cert), Some(key), Some(client_ca)), false) => Ok(Transport::Tls {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: client_ca.clone(),
             }),
-            ((None, None, None), false) => Err(
-                "TLS is required: give --tls-cert, --tls-key and --tls-client-ca (or --insecure-plaintext for local development)"
-                    .into(),
-            ),
-            _ => Err("--tls-cert, --tls-key and --tls-client-ca must be given together".into()),
+            ((None, None, None), false) => Err(ConfigError::TlsRequired),
+            _ => Err(ConfigError::TlsIncomplete),
         }
     }
 

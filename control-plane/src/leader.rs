@@ -14,8 +14,34 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ControlPlaneMetrics;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use infermesh_runtime::backoff::Backoff;
+
+/// Why a term of leadership (or the campaign for it) ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ElectionError {
+    /// No lease could be granted.
+    #[error("lease: {0}")]
+    Grant(#[source] StoreError),
+    /// The lease's keep-alive stream could not be opened.
+    #[error("keep-alive: {0}")]
+    OpenKeepAlive(#[source] StoreError),
+    /// A keep-alive could not be sent or its answer read.
+    #[error("keep-alive: {0}")]
+    KeepAlive(#[source] etcd_client::Error),
+    /// The campaign call failed.
+    #[error("campaign: {0}")]
+    Campaign(#[source] etcd_client::Error),
+    /// etcd says the lease is gone.
+    #[error("the lease expired")]
+    Expired,
+    /// The keep-alive stream ended.
+    #[error("keep-alive stream closed")]
+    StreamClosed,
+    /// etcd did not answer the keep-alive in time.
+    #[error("no keep-alive answer within 5 s")]
+    Unanswered,
+}
 
 /// Starts campaigning as `node`; the receiver says whether this replica leads.
 pub fn spawn(
@@ -62,15 +88,15 @@ async fn term(
     leading: &watch::Sender<bool>,
     metrics: &ControlPlaneMetrics,
     cancel: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), ElectionError> {
     let lease = store
         .grant_lease(ttl_seconds)
         .await
-        .map_err(|e| format!("lease: {e}"))?;
+        .map_err(ElectionError::Grant)?;
     let (mut keeper, mut responses) = store
         .keep_alive(lease)
         .await
-        .map_err(|e| format!("keep-alive: {e}"))?;
+        .map_err(ElectionError::OpenKeepAlive)?;
     let mut tick = tokio::time::interval(Duration::from_secs((ttl_seconds as u64 / 3).max(1)));
     let mut election = store.client().election_client();
     // The lease must stay alive while the campaign waits for its turn.
@@ -82,7 +108,7 @@ async fn term(
                 let _ = store.revoke_lease(lease).await;
                 return Ok(());
             }
-            won = &mut campaign => break won.map_err(|e| format!("campaign: {e}"))?,
+            won = &mut campaign => break won.map_err(ElectionError::Campaign)?,
             _ = tick.tick() => renew(&mut keeper, &mut responses).await?,
         }
     };
@@ -108,16 +134,16 @@ async fn term(
 async fn renew(
     keeper: &mut LeaseKeeper,
     responses: &mut LeaseKeepAliveStream,
-) -> Result<(), String> {
+) -> Result<(), ElectionError> {
     keeper
         .keep_alive()
         .await
-        .map_err(|e| format!("keep-alive: {e}"))?;
+        .map_err(ElectionError::KeepAlive)?;
     match tokio::time::timeout(Duration::from_secs(5), responses.message()).await {
         Ok(Ok(Some(response))) if response.ttl() > 0 => Ok(()),
-        Ok(Ok(Some(_))) => Err("the lease expired".into()),
-        Ok(Ok(None)) => Err("keep-alive stream closed".into()),
-        Ok(Err(error)) => Err(format!("keep-alive: {error}")),
-        Err(_) => Err("no keep-alive answer within 5 s".into()),
+        Ok(Ok(Some(_))) => Err(ElectionError::Expired),
+        Ok(Ok(None)) => Err(ElectionError::StreamClosed),
+        Ok(Err(error)) => Err(ElectionError::KeepAlive(error)),
+        Err(_) => Err(ElectionError::Unanswered),
     }
 }

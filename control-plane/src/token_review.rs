@@ -60,7 +60,7 @@ impl TokenReviewer {
             .client
             .call(http::Method::GET, &path, None)
             .await
-            .map_err(Status::unavailable)?;
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         if status == http::StatusCode::NOT_FOUND {
             return Err(Status::permission_denied(format!(
                 "pod {}/{} no longer exists",
@@ -92,7 +92,7 @@ impl TokenReviewer {
                 Some(request.to_string().into_bytes()),
             )
             .await
-            .map_err(Status::unavailable)?;
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         if !status.is_success() {
             return Err(Status::unavailable(format!(
                 "TokenReview: the Kubernetes API answered {status}"

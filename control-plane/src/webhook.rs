@@ -38,6 +38,45 @@ const RUN_VOLUME: &str = "infermesh-run";
 const RUN_MOUNT: &str = "/var/run/infermesh";
 const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
 
+/// Why a labelled pod cannot be injected; the text is the refusal the
+/// API server shows whoever created the pod.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InjectionError {
+    /// The pod object has no containers list.
+    #[error("the pod has no spec.containers")]
+    NoContainers,
+    /// Annotations the sidecar needs are absent or empty.
+    #[error("pods labelled {}=true need the annotations {}", INJECT_LABEL, .names.join(", "))]
+    MissingAnnotations {
+        /// The full annotation names missing.
+        names: Vec<String>,
+    },
+    /// The engine annotation names an engine the sidecar does not know.
+    #[error("{}engine: {engine:?} is not vllm or sglang", PREFIX)]
+    UnknownEngine {
+        /// The value given.
+        engine: String,
+    },
+    /// The engine-port annotation is not a port number.
+    #[error("{}engine-port: {port:?} is not a port number", PREFIX)]
+    BadEnginePort {
+        /// The value given.
+        port: String,
+    },
+    /// A container of the pod already uses a port the sidecar needs.
+    #[error("port {port} is taken by another container; the sidecar needs it")]
+    PortTaken {
+        /// The port.
+        port: u16,
+    },
+    /// The pod already has a volume of the name the sidecar adds.
+    #[error("the pod already has a volume named {name}")]
+    VolumeExists {
+        /// The volume name.
+        name: String,
+    },
+}
+
 /// What the injected container looks like.
 #[derive(Debug, Clone)]
 pub struct Injection {
@@ -89,7 +128,7 @@ pub fn answer(review: &Value, injection: &Injection) -> Value {
                     "patch": base64::engine::general_purpose::STANDARD.encode(bytes),
                 })
             }
-            Err(message) => refuse(&uid, &message),
+            Err(error) => refuse(&uid, &error.to_string()),
         },
     };
     json!({
@@ -105,7 +144,7 @@ fn refuse(uid: &Value, message: &str) -> Value {
 
 /// The JSON patch injecting the sidecar into `pod`; `None` when nothing is
 /// to change (not labelled, or already injected).
-pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, String> {
+pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, InjectionError> {
     let labelled = pod
         .pointer("/metadata/labels")
         .and_then(|l| l.get(INJECT_LABEL))
@@ -117,7 +156,7 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, S
     let containers = pod
         .pointer("/spec/containers")
         .and_then(Value::as_array)
-        .ok_or("the pod has no spec.containers")?;
+        .ok_or(InjectionError::NoContainers)?;
     if containers
         .iter()
         .any(|c| c.get("name").and_then(Value::as_str) == Some(CONTAINER))
@@ -138,20 +177,19 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, S
         .map(|name| format!("{PREFIX}{name}"))
         .collect();
     if !missing.is_empty() {
-        return Err(format!(
-            "pods labelled {INJECT_LABEL}=true need the annotations {}",
-            missing.join(", ")
-        ));
+        return Err(InjectionError::MissingAnnotations { names: missing });
     }
     let engine = annotation("engine").unwrap_or("vllm");
     if !matches!(engine, "vllm" | "sglang") {
-        return Err(format!("{PREFIX}engine: {engine:?} is not vllm or sglang"));
+        return Err(InjectionError::UnknownEngine {
+            engine: engine.to_string(),
+        });
     }
     let engine_port = annotation("engine-port").unwrap_or("8000");
     if engine_port.parse::<u16>().map_or(true, |p| p == 0) {
-        return Err(format!(
-            "{PREFIX}engine-port: {engine_port:?} is not a port number"
-        ));
+        return Err(InjectionError::BadEnginePort {
+            port: engine_port.to_string(),
+        });
     }
     for port in [injection.proxy_port, injection.metrics_port] {
         let taken = containers.iter().any(|c| {
@@ -164,9 +202,7 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, S
                 })
         });
         if taken {
-            return Err(format!(
-                "port {port} is taken by another container; the sidecar needs it"
-            ));
+            return Err(InjectionError::PortTaken { port });
         }
     }
 
@@ -299,7 +335,9 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, S
                     .iter()
                     .any(|v| v.get("name").and_then(Value::as_str) == Some(name))
                 {
-                    return Err(format!("the pod already has a volume named {name}"));
+                    return Err(InjectionError::VolumeExists {
+                        name: name.to_string(),
+                    });
                 }
                 ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
             }
@@ -628,6 +666,7 @@ mod tests {
         assert!(
             patch(&clash, &injection(false))
                 .unwrap_err()
+                .to_string()
                 .contains("8081")
         );
     }

@@ -251,73 +251,134 @@ pub struct Config {
     pub shutdown_grace_seconds: u64,
 }
 
+/// A flag, or a combination of flags, that cannot work; the text names the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required flag is empty.
+    #[error("{flag}: required")]
+    Required {
+        /// The flag.
+        flag: &'static str,
+    },
+    /// No control-plane address.
+    #[error("--control-plane: at least one address is required")]
+    NoControlPlane,
+    /// A flag that must be positive is zero.
+    #[error("{flag}: must be positive")]
+    NotPositive {
+        /// The flag.
+        flag: &'static str,
+    },
+    /// One of flags that must all be positive is zero.
+    #[error("{flags} must be positive")]
+    NotAllPositive {
+        /// The flags, as a list in words.
+        flags: &'static str,
+    },
+    /// The TLS or enrolment flags for the control plane do not fit together.
+    #[error("{0}")]
+    ControlPlane(String),
+    /// The mesh listener without a certificate to serve.
+    #[error("--mesh-listen: {0}")]
+    MeshWithoutIdentity(String),
+    /// Mutual TLS to replicas without a certificate to present.
+    #[error("--upstream-tls mutual: {0} (or --upstream-tls off)")]
+    MutualWithoutIdentity(String),
+    /// The Redis cache without its URL.
+    #[error("--cache redis: --cache-redis-url is required")]
+    NoRedisUrl,
+    /// The retry budget is not a fraction.
+    #[error("--retry-budget-ratio: must be between 0 and 1")]
+    RetryBudgetRatio,
+    /// The header limit is below what any client needs.
+    #[error(
+        "--max-header-bytes: {bytes} is below the minimum of {}",
+        ServeOptions::MIN_HEADER_BYTES
+    )]
+    HeaderBytes {
+        /// The value given.
+        bytes: usize,
+    },
+}
+
 impl Config {
     /// Checks values clap cannot, naming the flag.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.region.is_empty() {
-            return Err("--region: required".into());
+            return Err(ConfigError::Required { flag: "--region" });
         }
         if self.control_plane.iter().all(|a| a.trim().is_empty()) {
-            return Err("--control-plane: at least one address is required".into());
+            return Err(ConfigError::NoControlPlane);
         }
         if self.usage_report_interval_ms == 0 {
-            return Err("--usage-report-interval-ms: must be positive".into());
+            return Err(ConfigError::NotPositive {
+                flag: "--usage-report-interval-ms",
+            });
         }
-        self.control_plane_tls.client().map_err(|e| e.to_string())?;
+        self.control_plane_tls
+            .client()
+            .map_err(|e| ConfigError::ControlPlane(e.to_string()))?;
         self.enroll
             .check(&self.control_plane_tls)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ConfigError::ControlPlane(e.to_string()))?;
         if self.mesh_listen.is_some() && self.enroll.identity_dir.is_none() {
             self.control_plane_tls
                 .identity_files()
-                .map_err(|e| format!("--mesh-listen: {e}"))?;
+                .map_err(|e| ConfigError::MeshWithoutIdentity(e.to_string()))?;
         }
         if self.upstream_tls == MeshTls::Mutual && self.enroll.identity_dir.is_none() {
             self.control_plane_tls
                 .identity_files()
-                .map_err(|e| format!("--upstream-tls mutual: {e} (or --upstream-tls off)"))?;
+                .map_err(|e| ConfigError::MutualWithoutIdentity(e.to_string()))?;
         }
         if self.cache == CacheBackend::Redis && self.cache_redis_url.is_none() {
-            return Err("--cache redis: --cache-redis-url is required".into());
+            return Err(ConfigError::NoRedisUrl);
         }
         if self.cache_redis_timeout_ms == 0 || self.cache_default_ttl_seconds == 0 {
-            return Err(
-                "--cache-redis-timeout-ms and --cache-default-ttl-seconds must be positive".into(),
-            );
+            return Err(ConfigError::NotAllPositive {
+                flags: "--cache-redis-timeout-ms and --cache-default-ttl-seconds",
+            });
         }
         if !(0.0..=1.0).contains(&self.retry_budget_ratio) {
-            return Err("--retry-budget-ratio: must be between 0 and 1".into());
+            return Err(ConfigError::RetryBudgetRatio);
         }
         if self.eject_after_failures == 0 || self.ejection_ms == 0 {
-            return Err("--eject-after-failures and --ejection-ms must be positive".into());
+            return Err(ConfigError::NotAllPositive {
+                flags: "--eject-after-failures and --ejection-ms",
+            });
         }
         if self.tls_reload_interval_ms == 0 {
-            return Err("--tls-reload-interval-ms: must be positive".into());
+            return Err(ConfigError::NotPositive {
+                flag: "--tls-reload-interval-ms",
+            });
         }
         if self.header_read_timeout_ms == 0 {
-            return Err("--header-read-timeout-ms: must be positive".into());
+            return Err(ConfigError::NotPositive {
+                flag: "--header-read-timeout-ms",
+            });
         }
         if self.max_header_bytes < ServeOptions::MIN_HEADER_BYTES {
-            return Err(format!(
-                "--max-header-bytes: {} is below the minimum of {}",
-                self.max_header_bytes,
-                ServeOptions::MIN_HEADER_BYTES
-            ));
+            return Err(ConfigError::HeaderBytes {
+                bytes: self.max_header_bytes,
+            });
         }
         if self.body_timeout.is_zero() {
-            return Err("--body-timeout: must be positive".into());
+            return Err(ConfigError::NotPositive {
+                flag: "--body-timeout",
+            });
         }
         if self.max_body_bytes == 0 {
-            return Err("--max-body-bytes: must be positive".into());
+            return Err(ConfigError::NotPositive {
+                flag: "--max-body-bytes",
+            });
         }
         if self.upstream_connect_timeout_ms == 0
             || self.upstream_response_timeout_ms == 0
             || self.upstream_idle_timeout_ms == 0
         {
-            return Err(
-                "--upstream-connect-timeout-ms, --upstream-response-timeout-ms and --upstream-idle-timeout-ms must be positive"
-                    .into(),
-            );
+            return Err(ConfigError::NotAllPositive {
+                flags: "--upstream-connect-timeout-ms, --upstream-response-timeout-ms and --upstream-idle-timeout-ms",
+            });
         }
         Ok(())
     }

@@ -9,6 +9,27 @@ use std::path::PathBuf;
 use infermesh_proto::v1::RoutingTable;
 use prost::Message;
 
+/// Why the stored table could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum TableStoreError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file does not hold a routing table.
+    #[error("{}: not a routing table: {source}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What prost said.
+        source: prost::DecodeError,
+    },
+}
+
 /// Where the table is kept.
 #[derive(Debug, Clone)]
 pub struct TableStore {
@@ -22,13 +43,19 @@ impl TableStore {
     }
 
     /// The stored table, if there is one; an unreadable or corrupt file is an error.
-    pub fn load(&self) -> Result<Option<RoutingTable>, String> {
+    pub fn load(&self) -> Result<Option<RoutingTable>, TableStoreError> {
         match std::fs::read(&self.path) {
             Ok(bytes) => RoutingTable::decode(bytes.as_slice())
                 .map(Some)
-                .map_err(|e| format!("{}: not a routing table: {e}", self.path.display())),
+                .map_err(|source| TableStoreError::Corrupt {
+                    path: self.path.clone(),
+                    source,
+                }),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(format!("{}: {error}", self.path.display())),
+            Err(source) => Err(TableStoreError::Read {
+                path: self.path.clone(),
+                source,
+            }),
         }
     }
 
@@ -58,6 +85,12 @@ mod tests {
         store.save(&table).unwrap();
         assert_eq!(store.load().unwrap(), Some(table));
         std::fs::write(dir.path().join("edge/table.pb"), b"\xff\xff\xff").unwrap();
-        assert!(store.load().unwrap_err().contains("not a routing table"));
+        assert!(
+            store
+                .load()
+                .unwrap_err()
+                .to_string()
+                .contains("not a routing table")
+        );
     }
 }

@@ -13,36 +13,61 @@ pub struct Assignment {
     pub state: EndpointState,
 }
 
+/// Why a sidecar table cannot say how edges see this replica.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssignmentError {
+    /// This replica's entry has a state this build does not know.
+    #[error("endpoint {endpoint:?}: unknown state {state}")]
+    UnknownState {
+        /// The endpoint id.
+        endpoint: String,
+        /// The state's wire value.
+        state: i32,
+    },
+    /// The table lists endpoints, but not this replica.
+    #[error("sidecar table holds other endpoints but not {endpoint_id:?}")]
+    NotListed {
+        /// This replica's endpoint id.
+        endpoint_id: String,
+    },
+}
+
 /// Reads this replica's entry out of sidecar tables.
 pub struct AssignmentReader {
     /// This replica's endpoint id.
     pub endpoint_id: String,
 }
 
-impl ApplyTable for AssignmentReader {
-    type Table = Assignment;
-    type Error = String;
-
-    fn apply(&mut self, table: RoutingTable) -> Result<Assignment, String> {
+impl AssignmentReader {
+    /// This replica's entry in `table`.
+    pub fn read(&self, table: &RoutingTable) -> Result<Assignment, AssignmentError> {
         match table.endpoints.iter().find(|e| e.id == self.endpoint_id) {
             Some(endpoint) => Ok(Assignment {
                 listed: true,
                 state: EndpointState::try_from(endpoint.state).map_err(|_| {
-                    format!(
-                        "endpoint {:?}: unknown state {}",
-                        endpoint.id, endpoint.state
-                    )
+                    AssignmentError::UnknownState {
+                        endpoint: endpoint.id.clone(),
+                        state: endpoint.state,
+                    }
                 })?,
             }),
             None if table.endpoints.is_empty() => Ok(Assignment {
                 listed: false,
                 state: EndpointState::Unspecified,
             }),
-            None => Err(format!(
-                "sidecar table holds other endpoints but not {:?}",
-                self.endpoint_id
-            )),
+            None => Err(AssignmentError::NotListed {
+                endpoint_id: self.endpoint_id.clone(),
+            }),
         }
+    }
+}
+
+impl ApplyTable for AssignmentReader {
+    type Table = Assignment;
+    type Error = AssignmentError;
+
+    fn apply(&mut self, table: RoutingTable) -> Result<Assignment, AssignmentError> {
+        self.read(&table)
     }
 }
 

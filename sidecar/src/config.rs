@@ -147,18 +147,63 @@ pub struct Config {
     pub body_timeout: std::time::Duration,
 }
 
+/// A flag, or a combination of flags, that cannot work; the text names the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No endpoint id and no host name to default to.
+    #[error("--endpoint-id: required (or set $HOSTNAME)")]
+    NoEndpointId,
+    /// $POD_IP is not an IP address.
+    #[error("$POD_IP {ip:?}: {source}")]
+    PodIp {
+        /// The value of $POD_IP.
+        ip: String,
+        /// What the parser said.
+        source: std::net::AddrParseError,
+    },
+    /// Nothing says which address edges should use.
+    #[error(
+        "--advertise-address: required when --listen is a wildcard address and $POD_IP is unset"
+    )]
+    NoAdvertiseAddress,
+    /// A zero body timeout.
+    #[error("--body-timeout: must be positive")]
+    BodyTimeout,
+    /// The TLS or enrolment flags for the control plane do not fit together.
+    #[error("{0}")]
+    ControlPlane(String),
+    /// Mutual TLS to edges without a certificate to serve.
+    #[error("--serve-tls mutual: {0} (or --serve-tls off)")]
+    MutualWithoutIdentity(String),
+    /// A required flag is empty.
+    #[error("{flag}: required")]
+    Required {
+        /// The flag.
+        flag: &'static str,
+    },
+    /// The engine URL is not `http://host:port`.
+    #[error("--engine-url: {0} must be http://host:port")]
+    EngineUrl(Uri),
+    /// The scrape interval is too short.
+    #[error("--scrape-interval-ms: must be at least 100")]
+    ScrapeInterval,
+    /// The scrape timeout is zero or longer than the interval.
+    #[error("--scrape-timeout-ms: must be positive and at most --scrape-interval-ms")]
+    ScrapeTimeout,
+}
+
 impl Config {
     /// The endpoint id in use.
-    pub fn endpoint_id(&self) -> Result<String, String> {
+    pub fn endpoint_id(&self) -> Result<String, ConfigError> {
         self.endpoint_id
             .clone()
             .or_else(|| std::env::var("HOSTNAME").ok())
             .filter(|id| !id.is_empty())
-            .ok_or_else(|| "--endpoint-id: required (or set $HOSTNAME)".to_string())
+            .ok_or(ConfigError::NoEndpointId)
     }
 
     /// The address edges are told to use.
-    pub fn advertise_address(&self) -> Result<String, String> {
+    pub fn advertise_address(&self) -> Result<String, ConfigError> {
         if let Some(address) = self.advertise_address.clone().filter(|a| !a.is_empty()) {
             return Ok(address);
         }
@@ -166,31 +211,36 @@ impl Config {
             && !ip.is_empty()
         {
             return Ok(SocketAddr::new(
-                ip.parse().map_err(|e| format!("$POD_IP {ip:?}: {e}"))?,
+                ip.parse().map_err(|source| ConfigError::PodIp {
+                    ip: ip.clone(),
+                    source,
+                })?,
                 self.listen.port(),
             )
             .to_string());
         }
         if self.listen.ip().is_unspecified() {
-            return Err("--advertise-address: required when --listen is a wildcard address and $POD_IP is unset".into());
+            return Err(ConfigError::NoAdvertiseAddress);
         }
         Ok(self.listen.to_string())
     }
 
     /// Checks values clap cannot, naming the flag.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         self.endpoint_id()?;
         if self.body_timeout.is_zero() {
-            return Err("--body-timeout: must be positive".into());
+            return Err(ConfigError::BodyTimeout);
         }
-        self.control_plane_tls.client().map_err(|e| e.to_string())?;
+        self.control_plane_tls
+            .client()
+            .map_err(|e| ConfigError::ControlPlane(e.to_string()))?;
         self.enroll
             .check(&self.control_plane_tls)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ConfigError::ControlPlane(e.to_string()))?;
         if self.serve_tls == MeshTls::Mutual && self.enroll.identity_dir.is_none() {
             self.control_plane_tls
                 .identity_files()
-                .map_err(|e| format!("--serve-tls mutual: {e} (or --serve-tls off)"))?;
+                .map_err(|e| ConfigError::MutualWithoutIdentity(e.to_string()))?;
         }
         self.advertise_address()?;
         for (flag, value) in [
@@ -199,22 +249,17 @@ impl Config {
             ("--region", &self.region),
         ] {
             if value.is_empty() {
-                return Err(format!("{flag}: required"));
+                return Err(ConfigError::Required { flag });
             }
         }
         if self.engine_url.scheme_str() != Some("http") || self.engine_url.authority().is_none() {
-            return Err(format!(
-                "--engine-url: {} must be http://host:port",
-                self.engine_url
-            ));
+            return Err(ConfigError::EngineUrl(self.engine_url.clone()));
         }
         if self.scrape_interval_ms < 100 {
-            return Err("--scrape-interval-ms: must be at least 100".into());
+            return Err(ConfigError::ScrapeInterval);
         }
         if self.scrape_timeout_ms == 0 || self.scrape_timeout_ms > self.scrape_interval_ms {
-            return Err(
-                "--scrape-timeout-ms: must be positive and at most --scrape-interval-ms".into(),
-            );
+            return Err(ConfigError::ScrapeTimeout);
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use nvml_wrapper::Nvml;
+use nvml_wrapper::error::NvmlError;
 
 /// One GPU's figures at one moment.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +23,44 @@ pub struct GpuReading {
     pub memory_used: u64,
     /// Device memory in all, bytes.
     pub memory_total: u64,
+}
+
+/// Why GPU figures could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// There is no NVML to read from; the reason it is unavailable.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The blocking task reading NVML failed.
+    #[error("GPU read task: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// NVML could not count the devices.
+    #[error("device count: {0}")]
+    DeviceCount(#[source] NvmlError),
+    /// A device could not be opened.
+    #[error("GPU {index}: {source}")]
+    Device {
+        /// NVML device index.
+        index: u32,
+        /// What NVML said.
+        source: NvmlError,
+    },
+    /// A device's utilisation could not be read.
+    #[error("GPU {index} utilisation: {source}")]
+    Utilization {
+        /// NVML device index.
+        index: u32,
+        /// What NVML said.
+        source: NvmlError,
+    },
+    /// A device's memory could not be read.
+    #[error("GPU {index} memory: {source}")]
+    Memory {
+        /// NVML device index.
+        index: u32,
+        /// What NVML said.
+        source: NvmlError,
+    },
 }
 
 /// Where GPU figures come from.
@@ -68,32 +107,30 @@ impl GpuTelemetry {
     }
 
     /// Reads every GPU; NVML calls block, so this runs on the blocking pool.
-    pub async fn read(&self) -> Result<Vec<GpuReading>, String> {
+    pub async fn read(&self) -> Result<Vec<GpuReading>, GpuError> {
         let nvml = match self {
             GpuTelemetry::Nvml(nvml) => nvml.clone(),
-            GpuTelemetry::Unavailable(why) => return Err(why.clone()),
+            GpuTelemetry::Unavailable(why) => return Err(GpuError::Unavailable(why.clone())),
         };
         tokio::task::spawn_blocking(move || read_all(&nvml))
             .await
-            .map_err(|e| format!("GPU read task: {e}"))?
+            .map_err(GpuError::Task)?
     }
 }
 
-fn read_all(nvml: &Nvml) -> Result<Vec<GpuReading>, String> {
-    let count = nvml
-        .device_count()
-        .map_err(|e| format!("device count: {e}"))?;
+fn read_all(nvml: &Nvml) -> Result<Vec<GpuReading>, GpuError> {
+    let count = nvml.device_count().map_err(GpuError::DeviceCount)?;
     let mut readings = Vec::with_capacity(count as usize);
     for index in 0..count {
         let device = nvml
             .device_by_index(index)
-            .map_err(|e| format!("GPU {index}: {e}"))?;
+            .map_err(|source| GpuError::Device { index, source })?;
         let utilization = device
             .utilization_rates()
-            .map_err(|e| format!("GPU {index} utilisation: {e}"))?;
+            .map_err(|source| GpuError::Utilization { index, source })?;
         let memory = device
             .memory_info()
-            .map_err(|e| format!("GPU {index} memory: {e}"))?;
+            .map_err(|source| GpuError::Memory { index, source })?;
         readings.push(GpuReading {
             index,
             uuid: device.uuid().unwrap_or_default(),

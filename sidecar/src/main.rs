@@ -15,7 +15,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{answer}");
                 Ok(())
             }
-            Err(error) => Err(anyhow::anyhow!(error)),
+            Err(error) => Err(anyhow::Error::msg(error)),
         };
     }
     let config = Config::parse();

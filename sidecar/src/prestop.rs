@@ -146,25 +146,45 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     response
 }
 
+/// Why the preStop hook could not get the sidecar to drain.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The socket could not be reached, written or read.
+    #[error("preStop socket {}: {source}", path.display())]
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The sidecar answered with something other than 200.
+    #[error("the sidecar answered: {head}")]
+    Refused {
+        /// The answer's status line and headers.
+        head: String,
+    },
+}
+
 /// The hook itself (`--prestop-hook <socket>`): asks the sidecar at
 /// `socket` to drain and waits for its answer; prints it. Errors say why.
-pub async fn run_hook(socket: &Path) -> Result<String, String> {
-    let mut stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("preStop socket {}: {e}", socket.display()))?;
+pub async fn run_hook(socket: &Path) -> Result<String, HookError> {
+    let failed = |source| HookError::Socket {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).await.map_err(failed)?;
     stream
         .write_all(b"GET /prestop HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
         .await
-        .map_err(|e| format!("preStop socket {}: {e}", socket.display()))?;
+        .map_err(failed)?;
     let mut reply = Vec::new();
-    stream
-        .read_to_end(&mut reply)
-        .await
-        .map_err(|e| format!("preStop socket {}: {e}", socket.display()))?;
+    stream.read_to_end(&mut reply).await.map_err(failed)?;
     let reply = String::from_utf8_lossy(&reply).into_owned();
     let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("the sidecar answered: {head}"));
+        return Err(HookError::Refused {
+            head: head.to_string(),
+        });
     }
     Ok(body.to_string())
 }

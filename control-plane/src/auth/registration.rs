@@ -82,7 +82,7 @@ impl RegistrationPolicy {
                 );
             }
         }
-        own_address(&register.address, remote).or_else(denied)?;
+        own_address(&register.address, remote).or_else(|e| denied(e.to_string()))?;
         if !self.limiter.admit(&peer.uri()) {
             return Err(Status::resource_exhausted(format!(
                 "{}: more than {} registrations in a minute; retry later",
@@ -94,25 +94,49 @@ impl RegistrationPolicy {
     }
 }
 
+/// Why a registration's advertised address is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AdvertisedAddressError {
+    /// The stream's peer address is not known.
+    #[error("the caller's address is unknown, so the advertised address cannot be checked")]
+    UnknownCaller,
+    /// The address is not `host:port`.
+    #[error(transparent)]
+    Malformed(#[from] infermesh_runtime::address::AddressError),
+    /// The host is a name, not an IP literal.
+    #[error("advertised address {address:?} must be this pod's IP address, not a name")]
+    NotAnIp {
+        /// The advertised address.
+        address: String,
+    },
+    /// The IP is not the one the stream comes from.
+    #[error("advertised address {address:?} is not this sidecar's own address ({remote})")]
+    NotOwn {
+        /// The advertised address.
+        address: String,
+        /// The caller's IP.
+        remote: IpAddr,
+    },
+}
+
 /// The advertised address must be an IP literal equal to the caller's.
-fn own_address(address: &str, remote: Option<IpAddr>) -> Result<(), String> {
+fn own_address(address: &str, remote: Option<IpAddr>) -> Result<(), AdvertisedAddressError> {
     let Some(remote) = remote.map(|ip| ip.to_canonical()) else {
-        return Err(
-            "the caller's address is unknown, so the advertised address cannot be checked".into(),
-        );
+        return Err(AdvertisedAddressError::UnknownCaller);
     };
-    let authority = infermesh_runtime::address::host_port(address).map_err(|e| e.to_string())?;
+    let authority = infermesh_runtime::address::host_port(address)?;
     let host = authority
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
-    let advertised: IpAddr = host.parse().map_err(|_| {
-        format!("advertised address {address:?} must be this pod's IP address, not a name")
+    let advertised: IpAddr = host.parse().map_err(|_| AdvertisedAddressError::NotAnIp {
+        address: address.to_string(),
     })?;
     if advertised.to_canonical() != remote {
-        return Err(format!(
-            "advertised address {address:?} is not this sidecar's own address ({remote})"
-        ));
+        return Err(AdvertisedAddressError::NotOwn {
+            address: address.to_string(),
+            remote,
+        });
     }
     Ok(())
 }

@@ -7,9 +7,28 @@ use jiff::Timestamp;
 use jiff::civil::Weekday;
 use jiff::tz::TimeZone;
 
+/// Why a floor window's time or a pool's time zone is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FloorError {
+    /// Not an "HH:MM" time of day.
+    #[error("{text:?} is not a time of day \"HH:MM\" (00:00 to 23:59)")]
+    NotATime {
+        /// The text given.
+        text: String,
+    },
+    /// Not a time zone of the IANA database.
+    #[error("{name:?} is not an IANA time zone name")]
+    UnknownTimeZone {
+        /// The name given.
+        name: String,
+    },
+}
+
 /// Minutes after midnight of an "HH:MM" time, or why it is not one.
-pub fn parse_time(text: &str) -> Result<u16, String> {
-    let bad = || format!("{text:?} is not a time of day \"HH:MM\" (00:00 to 23:59)");
+pub fn parse_time(text: &str) -> Result<u16, FloorError> {
+    let bad = || FloorError::NotATime {
+        text: text.to_string(),
+    };
     let (h, m) = text.split_once(':').ok_or_else(bad)?;
     if h.len() != 2 || m.len() != 2 {
         return Err(bad());
@@ -23,11 +42,13 @@ pub fn parse_time(text: &str) -> Result<u16, String> {
 }
 
 /// The pool's time zone; empty means UTC.
-pub fn time_zone(name: &str) -> Result<TimeZone, String> {
+pub fn time_zone(name: &str) -> Result<TimeZone, FloorError> {
     if name.is_empty() {
         return Ok(TimeZone::UTC);
     }
-    TimeZone::get(name).map_err(|_| format!("{name:?} is not an IANA time zone name"))
+    TimeZone::get(name).map_err(|_| FloorError::UnknownTimeZone {
+        name: name.to_string(),
+    })
 }
 
 fn iso(day: Weekday) -> i32 {

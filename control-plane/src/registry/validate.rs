@@ -223,7 +223,8 @@ pub fn pool(p: &Pool) -> Result<(), RegistryError> {
 /// Floors, time zone, behaviour, scale to zero and the scale target.
 fn pool_scaling(p: &Pool) -> Result<(), RegistryError> {
     use crate::autoscale::floors;
-    floors::time_zone(&p.time_zone).map_err(|e| RegistryError::invalid("pool.time_zone", e))?;
+    floors::time_zone(&p.time_zone)
+        .map_err(|e| RegistryError::invalid("pool.time_zone", e.to_string()))?;
     if p.floors.len() > 32 {
         return Err(RegistryError::invalid(
             "pool.floors",
@@ -231,10 +232,11 @@ fn pool_scaling(p: &Pool) -> Result<(), RegistryError> {
         ));
     }
     for (i, w) in p.floors.iter().enumerate() {
-        floors::parse_time(&w.start)
-            .map_err(|e| RegistryError::invalid(format!("pool.floors[{i}].start"), e))?;
+        floors::parse_time(&w.start).map_err(|e| {
+            RegistryError::invalid(format!("pool.floors[{i}].start"), e.to_string())
+        })?;
         floors::parse_time(&w.end)
-            .map_err(|e| RegistryError::invalid(format!("pool.floors[{i}].end"), e))?;
+            .map_err(|e| RegistryError::invalid(format!("pool.floors[{i}].end"), e.to_string()))?;
         if let Some(day) = w
             .days
             .iter()

@@ -6,7 +6,7 @@ use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 use infermesh_proto::v1::Endpoint;
 use prost::Message;
 
-use super::{ObjectKind, Store, StoreError};
+use super::{LeaseError, ObjectKind, Store, StoreError};
 
 /// Whether `error` says the lease it concerns no longer exists: NOT_FOUND,
 /// or the client's own "lease not found" when a keep-alive answers TTL 0.
@@ -39,7 +39,7 @@ impl Store {
 
     /// Renews a lease once; an error when it has expired or etcd cannot be reached.
     pub async fn renew_lease(&self, lease: i64) -> Result<(), StoreError> {
-        let expired = || StoreError::Lease(format!("lease {lease} has expired"));
+        let expired = || StoreError::from(LeaseError::Expired { lease });
         let gone = |error: etcd_client::Error| {
             if lease_gone(&error) {
                 expired()
@@ -52,16 +52,12 @@ impl Store {
         keeper.keep_alive().await.map_err(gone)?;
         let answer = tokio::time::timeout(std::time::Duration::from_secs(5), responses.message())
             .await
-            .map_err(|_| {
-                StoreError::Lease(format!("lease {lease}: no keep-alive answer within 5 s"))
-            })?
+            .map_err(|_| LeaseError::Unanswered { lease })?
             .map_err(gone)?;
         match answer {
             Some(response) if response.ttl() > 0 => Ok(()),
             Some(_) => Err(expired()),
-            None => Err(StoreError::Lease(format!(
-                "lease {lease}: the keep-alive stream closed without an answer"
-            ))),
+            None => Err(LeaseError::StreamClosed { lease }.into()),
         }
     }
 

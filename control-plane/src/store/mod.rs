@@ -34,10 +34,33 @@ pub enum StoreError {
     },
     /// A lease could not be kept.
     #[error("etcd: {0}")]
-    Lease(String),
+    Lease(#[from] LeaseError),
     /// The TLS files for etcd are unusable.
-    #[error("{0}")]
-    Tls(String),
+    #[error("--etcd-ca/--etcd-cert: {0}")]
+    Tls(#[source] infermesh_runtime::tls::TlsError),
+}
+
+/// Why a lease could not be renewed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// etcd says the lease is gone.
+    #[error("lease {lease} has expired")]
+    Expired {
+        /// The lease.
+        lease: i64,
+    },
+    /// etcd did not answer the keep-alive in time.
+    #[error("lease {lease}: no keep-alive answer within 5 s")]
+    Unanswered {
+        /// The lease.
+        lease: i64,
+    },
+    /// The keep-alive stream ended before answering.
+    #[error("lease {lease}: the keep-alive stream closed without an answer")]
+    StreamClosed {
+        /// The lease.
+        lease: i64,
+    },
 }
 
 /// A connection to etcd scoped to one key prefix.
@@ -61,10 +84,9 @@ pub struct EtcdTlsFiles {
 }
 
 impl EtcdTlsFiles {
-    fn config(&self) -> Result<tonic::transport::ClientTlsConfig, String> {
+    fn config(&self) -> Result<tonic::transport::ClientTlsConfig, StoreError> {
         let pair = self.pair.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
-        infermesh_runtime::tls::client_config(&self.ca, pair)
-            .map_err(|e| format!("--etcd-ca/--etcd-cert: {e}"))
+        infermesh_runtime::tls::client_config(&self.ca, pair).map_err(StoreError::Tls)
     }
 
     async fn read(&self) -> Vec<Option<Vec<u8>>> {
@@ -102,10 +124,7 @@ impl Store {
         prefix: &str,
         tls: Option<&EtcdTlsFiles>,
     ) -> Result<Self, StoreError> {
-        let tls = tls
-            .map(EtcdTlsFiles::config)
-            .transpose()
-            .map_err(StoreError::Tls)?;
+        let tls = tls.map(EtcdTlsFiles::config).transpose()?;
         let client = connect_client(endpoints, tls).await?;
         Ok(Self {
             client: Arc::new(ArcSwap::from_pointee(client)),

@@ -230,7 +230,7 @@ impl ResponseCache {
         }
     }
 
-    fn failed(&self, op: &str, error: &str) {
+    fn failed(&self, op: &str, error: &store::CacheStoreError) {
         tracing::debug!(backend = self.store.backend(), op, %error, "cache call failed");
         self.errors
             .with_label_values(&[self.store.backend(), op])

@@ -15,14 +15,46 @@ use tokio_util::sync::CancellationToken;
 
 use infermesh_runtime::backoff::Backoff;
 
+/// Why a cache store could not be set up or a call to it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheStoreError {
+    /// The Redis URL is unusable.
+    #[error("redis URL {url:?}: {source}")]
+    Url {
+        /// The URL, its password hidden.
+        url: String,
+        /// What the client said.
+        source: redis::RedisError,
+    },
+    /// The first connection to Redis has not been made yet.
+    #[error("not connected to Redis")]
+    NotConnected,
+    /// A call took longer than the store's timeout.
+    #[error("{op} took over {after:?}")]
+    Timeout {
+        /// The command (`GET`, `SET`).
+        op: &'static str,
+        /// The timeout.
+        after: Duration,
+    },
+    /// Redis answered with an error or the connection failed.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+}
+
 /// A store of cached response bodies by key.
 pub trait CacheStore: Send + Sync + 'static {
     /// The backend's name, for metrics (`memory`, `redis`).
     fn backend(&self) -> &'static str;
     /// The value under `key`, if present and fresh.
-    fn get(&self, key: String) -> BoxFuture<'_, Result<Option<Bytes>, String>>;
+    fn get(&self, key: String) -> BoxFuture<'_, Result<Option<Bytes>, CacheStoreError>>;
     /// Stores `value` under `key` for `ttl`.
-    fn put(&self, key: String, value: Bytes, ttl: Duration) -> BoxFuture<'_, Result<(), String>>;
+    fn put(
+        &self,
+        key: String,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<(), CacheStoreError>>;
 }
 
 #[derive(Clone)]
@@ -80,11 +112,16 @@ impl CacheStore for MemoryStore {
         "memory"
     }
 
-    fn get(&self, key: String) -> BoxFuture<'_, Result<Option<Bytes>, String>> {
+    fn get(&self, key: String) -> BoxFuture<'_, Result<Option<Bytes>, CacheStoreError>> {
         Box::pin(async move { Ok(self.cache.get(&key).await.map(|s| s.value)) })
     }
 
-    fn put(&self, key: String, value: Bytes, ttl: Duration) -> BoxFuture<'_, Result<(), String>> {
+    fn put(
+        &self,
+        key: String,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<(), CacheStoreError>> {
         Box::pin(async move {
             self.cache.insert(key, Stored { value, ttl }).await;
             Ok(())
@@ -131,9 +168,11 @@ impl RedisStore {
         url: &str,
         timeout: Duration,
         cancel: CancellationToken,
-    ) -> Result<Self, String> {
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("redis URL {:?}: {e}", redacted_url(url)))?;
+    ) -> Result<Self, CacheStoreError> {
+        let client = redis::Client::open(url).map_err(|source| CacheStoreError::Url {
+            url: redacted_url(url),
+            source,
+        })?;
         let connection = Arc::new(ArcSwapOption::empty());
         let slot = connection.clone();
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -166,11 +205,11 @@ impl RedisStore {
         })
     }
 
-    fn manager(&self) -> Result<redis::aio::ConnectionManager, String> {
+    fn manager(&self) -> Result<redis::aio::ConnectionManager, CacheStoreError> {
         self.connection
             .load_full()
             .map(|m| (*m).clone())
-            .ok_or_else(|| "not connected to Redis".to_string())
+            .ok_or(CacheStoreError::NotConnected)
     }
 }
 
@@ -179,28 +218,39 @@ impl CacheStore for RedisStore {
         "redis"
     }
 
-    fn get(&self, key: String) -> BoxFuture<'_, Result<Option<Bytes>, String>> {
+    fn get(&self, key: String) -> BoxFuture<'_, Result<Option<Bytes>, CacheStoreError>> {
         Box::pin(async move {
             let mut manager = self.manager()?;
             let key = format!("{}{key}", self.prefix);
             let read = manager.get::<_, Option<Vec<u8>>>(key);
             match tokio::time::timeout(self.timeout, read).await {
-                Err(_) => Err(format!("GET took over {:?}", self.timeout)),
-                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err(CacheStoreError::Timeout {
+                    op: "GET",
+                    after: self.timeout,
+                }),
+                Ok(Err(error)) => Err(error.into()),
                 Ok(Ok(value)) => Ok(value.map(Bytes::from)),
             }
         })
     }
 
-    fn put(&self, key: String, value: Bytes, ttl: Duration) -> BoxFuture<'_, Result<(), String>> {
+    fn put(
+        &self,
+        key: String,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<(), CacheStoreError>> {
         Box::pin(async move {
             let mut manager = self.manager()?;
             let key = format!("{}{key}", self.prefix);
             let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
             let write = manager.pset_ex::<_, _, ()>(key, value.as_ref(), millis);
             match tokio::time::timeout(self.timeout, write).await {
-                Err(_) => Err(format!("SET took over {:?}", self.timeout)),
-                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err(CacheStoreError::Timeout {
+                    op: "SET",
+                    after: self.timeout,
+                }),
+                Ok(Err(error)) => Err(error.into()),
                 Ok(Ok(())) => Ok(()),
             }
         })
@@ -231,7 +281,7 @@ mod tests {
         ) else {
             panic!("a URL with a bad port is refused");
         };
-        assert!(!error.contains("s3cret"), "{error}");
+        assert!(!error.to_string().contains("s3cret"), "{error}");
     }
 
     use super::*;
@@ -282,7 +332,7 @@ mod tests {
             cancel.clone(),
         )
         .unwrap();
-        let error = store.get("k".into()).await.unwrap_err();
+        let error = store.get("k".into()).await.unwrap_err().to_string();
         assert!(error.contains("not connected"), "{error}");
         cancel.cancel();
     }

@@ -52,9 +52,9 @@ impl EdgeTableBuilder {
 
 impl ApplyTable for EdgeTableBuilder {
     type Table = EdgeTable;
-    type Error = String;
+    type Error = std::convert::Infallible;
 
-    fn apply(&mut self, table: RoutingTable) -> Result<EdgeTable, String> {
+    fn apply(&mut self, table: RoutingTable) -> Result<EdgeTable, Self::Error> {
         let saved = self.store.as_ref().map(|_| table.clone());
         let built = self.build(table);
         for skipped in &built.skipped {
@@ -238,28 +238,35 @@ impl EdgeTableBuilder {
     }
 }
 
+/// Why an endpoint's mesh identity cannot be named.
+#[derive(Debug, thiserror::Error)]
+enum MeshAuthorityError {
+    /// Region, pool or endpoint id do not make a sidecar identity.
+    #[error(transparent)]
+    Identity(#[from] infermesh_runtime::tls::IdentityError),
+    /// The identity does not make an authority.
+    #[error(transparent)]
+    Authority(#[from] http::uri::InvalidUri),
+}
+
 /// The address carrying the identity an endpoint's sidecar certificate
 /// must name (its own region, else the table's).
 fn mesh_authority(
     table: &RoutingTable,
     endpoint: &Endpoint,
     authority: &Authority,
-) -> Result<Authority, String> {
+) -> Result<Authority, MeshAuthorityError> {
     let region = if endpoint.region.is_empty() {
         &table.region
     } else {
         &endpoint.region
     };
-    match PeerIdentity::sidecar(
+    let identity = PeerIdentity::sidecar(
         region.as_str(),
         endpoint.pool.as_str(),
         endpoint.id.as_str(),
-    ) {
-        Ok(identity) => expected_authority(&identity, authority.as_str())
-            .parse::<Authority>()
-            .map_err(|e| e.to_string()),
-        Err(error) => Err(error.to_string()),
-    }
+    )?;
+    Ok(expected_authority(&identity, authority.as_str()).parse::<Authority>()?)
 }
 
 /// The model's balancing policy; `None`, with the model skipped, when the
