@@ -66,6 +66,7 @@ impl LoadView {
                 .iter()
                 .map(|e| (e.key().clone(), *e.value()))
                 .collect(),
+            ..Default::default()
         }
     }
 }

@@ -163,7 +163,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         cancel.clone(),
     ));
     let autoscaling = tokio::spawn(autoscaler.run(leading, cancel.clone()));
-    let subscribers = Arc::new(dashmap::DashMap::new());
+    let subscribers = Arc::new(crate::fleet::SubscriberBook::default());
 
     let admin = Admin::new(
         Registry::new(store.clone()),
