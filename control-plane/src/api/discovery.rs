@@ -382,6 +382,7 @@ impl Session {
             }
             Some(subscribe_request::Kind::Nack(nack)) => {
                 tracing::warn!(%node, version = nack.version, reason = %nack.reason, "subscriber refused a routing table");
+                self.metrics.nacked(self.role, &self.hello.region);
                 self.subscribers.update(stream, |state| {
                     state.nacked(nack.version, &nack.reason, now_unix_ms())
                 });
