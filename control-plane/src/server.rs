@@ -177,6 +177,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         Registry::new(store.clone()),
         snapshots.clone(),
         loads.clone(),
+        subscribers.clone(),
     );
     let quotas = Arc::new(QuotaBook::new(snapshots.clone()));
     let quota_task = tokio::spawn(

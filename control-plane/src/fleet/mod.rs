@@ -1,8 +1,10 @@
-//! The fleet as operators ask for it: each routing-table stream's
-//! subscriber state, kept by the replica the stream is attached to and
-//! shared with the other replicas through the load digests, so that every
-//! replica lists every replica's subscribers. Nothing here decides routing.
+//! The fleet as operators ask for it (AdminService GetFleetStatus and
+//! ListSubscribers): each routing-table stream's subscriber state, kept by
+//! the replica the stream is attached to and shared with the other
+//! replicas through the load digests; and the registry's regions, pools
+//! and endpoints with their latest load. Nothing here decides routing.
 
+pub mod status;
 pub mod subscribers;
 pub mod view;
 
