@@ -12,10 +12,12 @@ use prost::Message;
 
 use super::subscribers::{SubscriberBook, with_lag};
 
-/// Most bytes of subscriber entries one replica puts in its digest: the
+/// Most bytes of subscriber entries one replica puts in its digest. The
 /// digest is one etcd value (etcd refuses requests over 1.5 MiB by
-/// default) rewritten every round. About 150 bytes an entry fit 1,700.
-pub const DIGEST_BYTES: usize = 256 * 1024;
+/// default) rewritten every round, whose loads already take about 600 KB
+/// at 10,000 endpoints (docs/benchmarks.md); an entry takes about 135
+/// bytes, so about 950 fit.
+pub const DIGEST_BYTES: usize = 128 * 1024;
 
 /// Which subscribers an answer lists.
 #[derive(Debug, Clone, Default)]
