@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "infermesh/v1/registry.proto",
         "infermesh/v1/access.proto",
         "infermesh/v1/discovery.proto",
+        "infermesh/v1/fleet.proto",
         "infermesh/v1/load.proto",
         "infermesh/v1/admin.proto",
         "infermesh/v1/identity.proto",

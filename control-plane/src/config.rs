@@ -173,8 +173,8 @@ pub struct Config {
     #[arg(long, env = "INFERMESH_REPORT_INTERVAL_MS", default_value_t = 1000)]
     pub report_interval_ms: u32,
 
-    /// How often replicas exchange the loads their sidecars report (through
-    /// etcd), milliseconds.
+    /// How often replicas exchange the loads their sidecars report and the
+    /// state of their subscribers (through etcd), milliseconds.
     #[arg(
         long,
         env = "INFERMESH_LOAD_EXCHANGE_INTERVAL_MS",

@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod autoscale;
 pub mod config;
+pub mod fleet;
 pub mod gc;
 pub mod identity;
 pub mod leader;

@@ -1,9 +1,10 @@
-//! Every replica's view of every replica's load. A sidecar streams its
-//! load to one control-plane replica; each replica writes what it holds
-//! to `loads/<node>` under its own lease at a coarse interval and reads
-//! the others', so that admin reads and the leader's autoscaler see the
-//! whole fleet whichever replica the sidecars chose. A replica that dies
-//! takes its digest with it when its lease expires.
+//! Every replica's view of every replica's load and subscribers. A sidecar
+//! streams its load to one control-plane replica, and every subscriber its
+//! routing tables; each replica writes what it holds to `loads/<node>`
+//! under its own lease at a coarse interval and reads the others', so that
+//! admin reads and the leader's autoscaler see the whole fleet whichever
+//! replica the sidecars and edges chose. A replica that dies takes its
+//! digest with it when its lease expires.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -15,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use etcd_client::KeyValue;
 
+use crate::fleet::SubscriberView;
+use crate::metrics::ControlPlaneMetrics;
 use crate::store::{ObjectKind, Store, StoreError, decode};
 
 /// Latest load per endpoint id, as reported on this replica's streams.
@@ -66,6 +69,7 @@ impl LoadView {
                 .iter()
                 .map(|e| (e.key().clone(), *e.value()))
                 .collect(),
+            ..Default::default()
         }
     }
 }
@@ -119,15 +123,29 @@ impl Peers {
     }
 }
 
+/// What one replica shares with the others.
+pub struct Shared {
+    /// Its sidecars' loads.
+    pub loads: Arc<LoadView>,
+    /// Its routing-table subscribers.
+    pub subscribers: Arc<SubscriberView>,
+}
+
 /// Writes this replica's digest and reads the others' every `interval`
-/// until cancelled; etcd failures are logged and retried next round.
+/// until cancelled; etcd failures are logged and retried next round. Each
+/// round also refreshes the subscriber lag gauge.
 pub async fn exchange(
     store: Store,
     node: String,
-    view: Arc<LoadView>,
+    shared: Shared,
+    metrics: Arc<ControlPlaneMetrics>,
     interval: Duration,
     cancel: CancellationToken,
 ) {
+    let Shared {
+        loads: view,
+        subscribers,
+    } = shared;
     let mut peers = Peers::new(store, ObjectKind::LoadDigest, &node, interval);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -136,8 +154,20 @@ pub async fn exchange(
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
-        match peers.exchange(view.digest(&node).encode_to_vec()).await {
-            Ok(kvs) => view.set_peers(merge(&kvs)),
+        let local = subscribers.local().states();
+        metrics.subscriber_lags(
+            local
+                .iter()
+                .map(|s| (s.role, s.region.as_str(), s.lag_versions())),
+        );
+        let mut digest = view.digest(&node);
+        (digest.subscribers, digest.subscribers_left_out) = subscribers.digest();
+        match peers.exchange(digest.encode_to_vec()).await {
+            Ok(kvs) => {
+                let digests = decoded(&kvs);
+                view.set_peers(merge(&digests));
+                subscribers.set_peers(&digests);
+            }
             Err(error) => {
                 tracing::warn!(%error, "load exchange round failed; trying again next round")
             }
@@ -146,22 +176,28 @@ pub async fn exchange(
     peers.leave().await;
 }
 
+/// The other replicas' digests that decode.
+fn decoded(kvs: &[KeyValue]) -> Vec<LoadDigest> {
+    kvs.iter()
+        .filter_map(|kv| {
+            decode::<LoadDigest>(kv)
+                .inspect_err(|error| tracing::warn!(%error, "skipping an undecodable load digest"))
+                .ok()
+        })
+        .collect()
+}
+
 /// The newest load of every endpoint in other replicas' digests.
-fn merge(kvs: &[KeyValue]) -> HashMap<String, Load> {
+fn merge(digests: &[LoadDigest]) -> HashMap<String, Load> {
     let mut peers = HashMap::new();
-    for kv in kvs {
-        match decode::<LoadDigest>(kv) {
-            Ok(digest) => {
-                for (endpoint, load) in digest.loads {
-                    let newer = peers
-                        .get(&endpoint)
-                        .is_none_or(|l: &Load| load.observed_at_unix_ms > l.observed_at_unix_ms);
-                    if newer {
-                        peers.insert(endpoint, load);
-                    }
-                }
+    for digest in digests {
+        for (endpoint, load) in &digest.loads {
+            let newer = peers
+                .get(endpoint)
+                .is_none_or(|l: &Load| load.observed_at_unix_ms > l.observed_at_unix_ms);
+            if newer {
+                peers.insert(endpoint.clone(), *load);
             }
-            Err(error) => tracing::warn!(%error, "skipping an undecodable load digest"),
         }
     }
     peers

@@ -1,9 +1,9 @@
-//! The control plane's Prometheus metrics: subscribers by role and region,
-//! the table version, push latency (an etcd write committed by this replica
+//! The control plane's Prometheus metrics: subscribers by role and region
+//! with their largest lag and their refusals, the table version, push latency (an etcd write committed by this replica
 //! until a subscriber ACKs a table that includes it), etcd request latency,
 //! leadership, load reports, and serving replicas per pool.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Mutex;
 use tokio::time::Instant;
@@ -22,6 +22,10 @@ const WRITES_KEPT: usize = 4096;
 #[derive(Debug)]
 pub struct ControlPlaneMetrics {
     subscribers: IntGaugeVec,
+    subscriber_lag: IntGaugeVec,
+    /// The (role, region) label pairs `subscriber_lag` holds now.
+    lag_labels: Mutex<HashSet<(String, String)>>,
+    subscriber_nacks: IntCounterVec,
     table_version: IntGauge,
     push_latency: HistogramVec,
     etcd: HistogramVec,
@@ -91,6 +95,21 @@ impl ControlPlaneMetrics {
                 Opts::new(
                     "infermesh_control_plane_subscribers",
                     "Open routing-table streams, by subscriber role and region.",
+                ),
+                &["role", "region"],
+            )?,
+            subscriber_lag: IntGaugeVec::new(
+                Opts::new(
+                    "infermesh_control_plane_subscriber_lag_versions",
+                    "Largest lag of this replica's subscribers, by role and region: table version offered minus version acknowledged (etcd revisions), refreshed every load-exchange round.",
+                ),
+                &["role", "region"],
+            )?,
+            lag_labels: Mutex::default(),
+            subscriber_nacks: IntCounterVec::new(
+                Opts::new(
+                    "infermesh_control_plane_subscriber_nacks_total",
+                    "Routing tables refused (NACKed) by this replica's subscribers, by role and region.",
                 ),
                 &["role", "region"],
             )?,
@@ -164,6 +183,8 @@ impl ControlPlaneMetrics {
             writes: Mutex::new(VecDeque::with_capacity(WRITES_KEPT)),
         };
         registry.register(Box::new(metrics.subscribers.clone()))?;
+        registry.register(Box::new(metrics.subscriber_lag.clone()))?;
+        registry.register(Box::new(metrics.subscriber_nacks.clone()))?;
         registry.register(Box::new(metrics.table_version.clone()))?;
         registry.register(Box::new(metrics.push_latency.clone()))?;
         registry.register(Box::new(metrics.etcd.clone()))?;
@@ -225,6 +246,41 @@ impl ControlPlaneMetrics {
             .with_label_values(&[role_label(role), region]);
         gauge.inc();
         SubscriberGuard(gauge)
+    }
+
+    /// A subscriber of `role` in `region` refused a table.
+    pub fn nacked(&self, role: SubscriberRole, region: &str) {
+        self.subscriber_nacks
+            .with_label_values(&[role_label(role), region])
+            .inc();
+    }
+
+    /// Sets the lag gauge to the largest lag of each role and region among
+    /// `lags` (role, region, versions behind); a role and region with no
+    /// subscriber left loses its series.
+    pub fn subscriber_lags<'a>(
+        &self,
+        lags: impl IntoIterator<Item = (SubscriberRole, &'a str, u64)>,
+    ) {
+        let mut largest: HashMap<(String, String), u64> = HashMap::new();
+        for (role, region, lag) in lags {
+            let entry = largest
+                .entry((role_label(role).to_string(), region.to_string()))
+                .or_default();
+            *entry = (*entry).max(lag);
+        }
+        let mut held = self.lag_labels.lock().unwrap_or_else(|e| e.into_inner());
+        for (role, region) in held.iter() {
+            if !largest.contains_key(&(role.clone(), region.clone())) {
+                let _ = self.subscriber_lag.remove_label_values(&[role, region]);
+            }
+        }
+        for ((role, region), lag) in &largest {
+            self.subscriber_lag
+                .with_label_values(&[role, region])
+                .set(i64::try_from(*lag).unwrap_or(i64::MAX));
+        }
+        *held = largest.into_keys().collect();
     }
 
     /// A table of `bytes` went out to one subscriber.
@@ -302,6 +358,36 @@ mod tests {
         );
         assert!(
             !text.contains(r#"push_latency_seconds_count{role="sidecar"}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_lag_gauge_holds_the_largest_lag_per_role_and_region_and_forgets_empty_ones() {
+        let registry = Registry::new();
+        let metrics = ControlPlaneMetrics::register(&registry).unwrap();
+        metrics.subscriber_lags([
+            (SubscriberRole::Edge, "eu", 0),
+            (SubscriberRole::Edge, "eu", 5),
+            (SubscriberRole::Sidecar, "us", 2),
+        ]);
+        metrics.nacked(SubscriberRole::Sidecar, "us");
+        let text = infermesh_runtime::metrics::render(&registry);
+        for line in [
+            r#"infermesh_control_plane_subscriber_lag_versions{region="eu",role="edge"} 5"#,
+            r#"infermesh_control_plane_subscriber_lag_versions{region="us",role="sidecar"} 2"#,
+            r#"infermesh_control_plane_subscriber_nacks_total{region="us",role="sidecar"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        metrics.subscriber_lags([(SubscriberRole::Edge, "eu", 0)]);
+        let text = infermesh_runtime::metrics::render(&registry);
+        assert!(
+            text.contains(r#"subscriber_lag_versions{region="eu",role="edge"} 0"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"subscriber_lag_versions{region="us""#),
             "{text}"
         );
     }

@@ -18,6 +18,7 @@ use crate::api::discovery::Discovery;
 use crate::api::load_reports::{LeaseSettings, LoadReports};
 use crate::auth::{Authorizer, RegistrationPolicy};
 use crate::config::{Config, Transport};
+use crate::fleet::{SubscriberBook, SubscriberView};
 use crate::identity::IdentityApi;
 use crate::metrics::ControlPlaneMetrics;
 use crate::quota::QuotaBook;
@@ -139,10 +140,18 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         cancel.clone(),
     ));
     let loads = Arc::new(crate::loads::LoadView::default());
+    let subscribers = Arc::new(SubscriberView::new(
+        &config.node_id(),
+        Arc::new(SubscriberBook::default()),
+    ));
     let exchange = tokio::spawn(crate::loads::exchange(
         store.clone(),
         config.node_id(),
-        loads.clone(),
+        crate::loads::Shared {
+            loads: loads.clone(),
+            subscribers: subscribers.clone(),
+        },
+        metrics.clone(),
         Duration::from_millis(u64::from(config.load_exchange_interval_ms)),
         cancel.clone(),
     ));
@@ -163,12 +172,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         cancel.clone(),
     ));
     let autoscaling = tokio::spawn(autoscaler.run(leading, cancel.clone()));
-    let subscribers = Arc::new(dashmap::DashMap::new());
 
     let admin = Admin::new(
         Registry::new(store.clone()),
         snapshots.clone(),
         loads.clone(),
+        subscribers.clone(),
     );
     let quotas = Arc::new(QuotaBook::new(snapshots.clone()));
     let quota_task = tokio::spawn(
@@ -183,7 +192,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     ));
     let discovery = Discovery::new(
         snapshots.clone(),
-        subscribers,
+        subscribers.local().clone(),
         quotas,
         authorizer.clone(),
         metrics.clone(),

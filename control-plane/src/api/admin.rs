@@ -12,6 +12,7 @@ use infermesh_proto::v1::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::fleet::SubscriberView;
 use crate::loads::LoadView;
 use crate::registry::{Registry, RegistryError, redacted};
 use crate::snapshot::Snapshot;
@@ -22,24 +23,29 @@ use crate::tables;
 pub struct Admin {
     pub(super) registry: Registry,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    loads: Arc<LoadView>,
+    pub(super) loads: Arc<LoadView>,
+    pub(super) subscribers: Arc<SubscriberView>,
 }
 
 impl Admin {
-    /// An admin service over `registry`, reading endpoints from `snapshots`.
+    /// An admin service over `registry`, reading endpoints from
+    /// `snapshots`, their load from `loads` and every replica's
+    /// subscribers from `subscribers`.
     pub fn new(
         registry: Registry,
         snapshots: watch::Receiver<Arc<Snapshot>>,
         loads: Arc<LoadView>,
+        subscribers: Arc<SubscriberView>,
     ) -> Self {
         Self {
             registry,
             snapshots,
             loads,
+            subscribers,
         }
     }
 
-    fn snapshot(&self) -> Result<Arc<Snapshot>, Status> {
+    pub(super) fn snapshot(&self) -> Result<Arc<Snapshot>, Status> {
         let snapshot = self.snapshots.borrow().clone();
         if !snapshot.is_synced() {
             return Err(Status::unavailable(
@@ -299,6 +305,20 @@ impl AdminService for Admin {
             *key = redacted(std::mem::take(key));
         }
         Ok(Response::new(table))
+    }
+
+    async fn get_fleet_status(
+        &self,
+        r: Request<pb::GetFleetStatusRequest>,
+    ) -> Result<Response<pb::FleetStatus>, Status> {
+        self.do_get_fleet_status(r.into_inner())
+    }
+
+    async fn list_subscribers(
+        &self,
+        r: Request<pb::ListSubscribersRequest>,
+    ) -> Result<Response<pb::ListSubscribersResponse>, Status> {
+        self.do_list_subscribers(r.into_inner())
     }
 
     async fn create_tenant(

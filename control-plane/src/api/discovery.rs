@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use dashmap::DashMap;
 use infermesh_proto::v1::{
     Hello, RoutingTable, SubscribeRequest, SubscribeResponse, SubscriberRole, TableDelta,
     discovery_service_server::DiscoveryService, subscribe_request,
@@ -22,33 +21,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::first_message;
+use super::{first_message, now_unix_ms};
 use crate::auth::Authorizer;
 use crate::autoscale::DemandBook;
+use crate::fleet::{StreamId, Subscriber, SubscriberBook, SubscriberState};
 use crate::metrics::{ControlPlaneMetrics, PushKind};
 use crate::quota::{QuotaBook, SessionId};
 use crate::registry::validate;
 use crate::snapshot::Snapshot;
 use crate::tables;
 use infermesh_runtime::tls::peer_identity;
-
-/// What the control plane knows of one connected subscriber.
-#[derive(Debug, Clone)]
-pub struct SubscriberState {
-    /// Edge or sidecar.
-    pub role: SubscriberRole,
-    /// Region served.
-    pub region: String,
-    /// Last version sent.
-    pub sent: u64,
-    /// Last version acknowledged.
-    pub acked: u64,
-    /// Last refusal: version and reason.
-    pub nacked: Option<(u64, String)>,
-}
-
-/// Connected subscribers by node id.
-pub type SubscriberBook = DashMap<String, SubscriberState>;
 
 /// The discovery service.
 pub struct Discovery {
@@ -116,6 +98,7 @@ impl DiscoveryService for Discovery {
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let peer = peer_identity(&request);
+        let remote_address = request.remote_addr();
         let presented = Authorizer::presented(&request);
         let mut inbound = request.into_inner();
         let hello = match first_message(&mut inbound, "hello").await?.kind {
@@ -133,8 +116,16 @@ impl DiscoveryService for Discovery {
         }
         let revoked = Box::pin(self.auth.until_revoked(presented));
         let (tx, rx) = mpsc::channel(4);
+        let subscriber = Subscriber {
+            role,
+            region: hello.region.clone(),
+            node_id: hello.node_id.clone(),
+            identity: peer.as_ref().map(|p| p.to_string()),
+            remote_address,
+        };
         let session = Session {
             role,
+            subscriber,
             hello,
             snapshots: self.snapshots.clone(),
             subscribers: self.subscribers.clone(),
@@ -151,6 +142,7 @@ impl DiscoveryService for Discovery {
 
 struct Session {
     role: SubscriberRole,
+    subscriber: Subscriber,
     hello: Hello,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     subscribers: Arc<SubscriberBook>,
@@ -247,16 +239,11 @@ impl Session {
         let node = self.hello.node_id.clone();
         let _counted = self.metrics.subscriber(self.role, &self.hello.region);
         tracing::info!(%node, role = ?self.role, region = %self.hello.region, held = self.hello.version_held, "subscriber connected");
-        self.subscribers.insert(
-            node.clone(),
-            SubscriberState {
-                role: self.role,
-                region: self.hello.region.clone(),
-                sent: self.hello.version_held,
-                acked: self.hello.version_held,
-                nacked: None,
-            },
-        );
+        let stream = self.subscribers.open(SubscriberState::connected(
+            self.subscriber.clone(),
+            self.hello.version_held,
+            now_unix_ms(),
+        ));
         let mut held = self.hello.version_held;
         // The table this stream sent last, with its content encoding.
         let mut last_sent: Option<SharedTable> = None;
@@ -291,9 +278,8 @@ impl Session {
                     }
                     held = version;
                     last_sent = Some((table, body));
-                    if let Some(mut state) = self.subscribers.get_mut(&node) {
-                        state.sent = version;
-                    }
+                    self.subscribers
+                        .update(stream, |state| state.offered(version, now_unix_ms()));
                 }
             }
             tokio::select! {
@@ -315,7 +301,7 @@ impl Session {
                     }
                 }
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.record(&node, quota_session, message),
+                    Ok(Some(message)) => self.record(&node, stream, quota_session, message),
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(%node, %status, "subscriber stream failed");
@@ -327,7 +313,7 @@ impl Session {
         if let Some(id) = quota_session {
             self.quotas.close(id);
         }
-        self.subscribers.remove(&node);
+        self.subscribers.close(stream);
         tracing::info!(%node, "subscriber disconnected");
     }
 
@@ -360,7 +346,13 @@ impl Session {
         }
     }
 
-    fn record(&self, node: &str, quota_session: Option<SessionId>, message: SubscribeRequest) {
+    fn record(
+        &self,
+        node: &str,
+        stream: StreamId,
+        quota_session: Option<SessionId>,
+        message: SubscribeRequest,
+    ) {
         if let Some(subscribe_request::Kind::Usage(report)) = message.kind {
             match quota_session {
                 Some(id) => self.quotas.report(id, report),
@@ -378,19 +370,22 @@ impl Session {
             }
             return;
         }
-        let Some(mut state) = self.subscribers.get_mut(node) else {
-            return;
-        };
         match message.kind {
             Some(subscribe_request::Kind::Ack(ack)) => {
-                if ack.version > state.acked {
-                    self.metrics.acked(self.role, state.acked, ack.version);
+                let previous = self
+                    .subscribers
+                    .update(stream, |state| state.acked(ack.version, now_unix_ms()))
+                    .flatten();
+                if let Some(previous) = previous {
+                    self.metrics.acked(self.role, previous, ack.version);
                 }
-                state.acked = state.acked.max(ack.version);
             }
             Some(subscribe_request::Kind::Nack(nack)) => {
                 tracing::warn!(%node, version = nack.version, reason = %nack.reason, "subscriber refused a routing table");
-                state.nacked = Some((nack.version, nack.reason));
+                self.metrics.nacked(self.role, &self.hello.region);
+                self.subscribers.update(stream, |state| {
+                    state.nacked(nack.version, &nack.reason, now_unix_ms())
+                });
             }
             Some(
                 subscribe_request::Kind::Hello(_)

@@ -4,6 +4,7 @@
 mod access;
 pub mod admin;
 pub mod discovery;
+mod fleet;
 pub mod load_reports;
 
 use std::time::Duration;
