@@ -3,7 +3,8 @@
 # the tests need (protoc, etcd, grpcurl, promtool), checks the alerting
 # rules (promtool unit tests) and the dashboard, lints and renders the Helm
 # chart and validates its manifests (kubernetes-validate, which the webhook
-# test also uses), checks formatting and lints,
+# test also uses), checks the shape of the sources (file and function
+# length, import cycles between modules), checks formatting and lints,
 # builds the binaries the whole-system tests start, runs all tests, then
 # fuzzes the edge's request parser for a bounded time (cargo-fuzz).
 set -euo pipefail
@@ -14,6 +15,7 @@ export PATH="$root/.tools/bin:$PATH"
 
 scripts/check-monitoring.sh
 scripts/check-helm.sh
+scripts/check-structure.py
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
