@@ -1,3 +1,6 @@
+//! Generates the infermesh.v1 types and gRPC services from the `.proto` files
+//! and the descriptor set server reflection serves.
+
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

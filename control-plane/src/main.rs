@@ -1,3 +1,6 @@
+//! The control plane binary: parses its flags and runs the server until a
+//! shutdown signal.
+
 use clap::Parser;
 use infermesh_control_plane::{config::Config, server};
 

@@ -168,30 +168,7 @@ impl Forwarder {
         let first_byte = deadlines.total.map_or(deadlines.first_byte, |total| {
             total.min(deadlines.first_byte)
         });
-        let mut parts = copy_parts(request);
-        let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
-        let (scheme, authority) = match (&self.mesh, &upstream.mesh_authority) {
-            (Some(_), Some(mesh_authority)) => ("https", mesh_authority),
-            _ => ("http", &upstream.authority),
-        };
-        parts.uri = Uri::builder()
-            .scheme(scheme)
-            .authority(authority.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| Failure {
-                error: ApiError::UpstreamFailed {
-                    endpoint: upstream.id.clone(),
-                    reason: format!("cannot build upstream URI: {e}"),
-                },
-                retryable: false,
-            })?;
-        parts.version = http::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::HOST);
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, body.len().into());
+        let mut parts = self.upstream_head(request, &upstream, body.len())?;
         let span = tracing::info_span!(
             "upstream",
             otel.name = %format!("{} {}", parts.method, parts.uri.path()),
@@ -251,6 +228,43 @@ impl Forwarder {
 }
 
 impl Forwarder {
+    /// The head of the request to `upstream`: the client's, addressed to
+    /// the replica (its mesh address under mutual TLS) over HTTP/1.1,
+    /// without hop-by-hop headers or the client's Host, with the length
+    /// of the body as read.
+    fn upstream_head(
+        &self,
+        request: &http::request::Parts,
+        upstream: &Upstream,
+        body_len: usize,
+    ) -> Result<http::request::Parts, Failure> {
+        let mut parts = copy_parts(request);
+        let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
+        let (scheme, authority) = match (&self.mesh, &upstream.mesh_authority) {
+            (Some(_), Some(mesh_authority)) => ("https", mesh_authority),
+            _ => ("http", &upstream.authority),
+        };
+        parts.uri = Uri::builder()
+            .scheme(scheme)
+            .authority(authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| Failure {
+                error: ApiError::UpstreamFailed {
+                    endpoint: upstream.id.clone(),
+                    reason: format!("cannot build upstream URI: {e}"),
+                },
+                retryable: false,
+            })?;
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, body_len.into());
+        Ok(parts)
+    }
+
     /// Sends `request` over the pooled client for `connect`, or to the
     /// local service.
     async fn send(

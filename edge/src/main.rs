@@ -1,3 +1,5 @@
+//! The edge binary: parses its flags and serves until a shutdown signal.
+
 use clap::Parser;
 use infermesh_edge::{config::Config, server};
 

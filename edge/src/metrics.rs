@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -20,35 +21,50 @@ pub const UNKNOWN_MODEL: &str = "unknown";
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct EdgeMetrics {
+    outcomes: Outcomes,
+    in_flight: IntGaugeVec,
+    rate_limited: IntCounterVec,
+    upstream: HistogramVec,
+    retries: IntCounterVec,
+    ejections: IntCounterVec,
+    spillovers: IntCounterVec,
+    /// The routing table in use and the stream it comes on.
+    pub table: TableGauges,
+    /// Failed authentications, and requests refused for too many of them.
+    pub auth_failures: IntCounterVec,
+    /// Requests whose handling panicked (answered 500).
+    pub panics: IntCounter,
+}
+
+/// What finished requests came to, per model: counted from each access
+/// record.
+#[derive(Debug, Clone)]
+struct Outcomes {
     requests: IntCounterVec,
     duration: HistogramVec,
     first_token: HistogramVec,
     per_token: HistogramVec,
     prompt_tokens: IntCounterVec,
     completion_tokens: IntCounterVec,
-    in_flight: IntGaugeVec,
-    rate_limited: IntCounterVec,
-    upstream: HistogramVec,
     cache: IntCounterVec,
-    retries: IntCounterVec,
-    ejections: IntCounterVec,
-    spillovers: IntCounterVec,
+}
+
+/// The routing table in use, and the stream to the control plane it came
+/// on; kept current by the task that follows the subscription.
+#[derive(Debug, Clone)]
+pub struct TableGauges {
     /// Version of the routing table in use.
-    pub table_version: IntGauge,
+    pub version: IntGauge,
     /// 1 while a stream to a control plane is open.
     pub control_plane_connected: IntGauge,
     /// 1 while the table in use is the one saved to disk, not yet replaced by a push.
-    pub table_stale: IntGauge,
+    pub stale: IntGauge,
     /// Objects of the table in use that were left out, by kind.
-    pub table_skipped: IntGaugeVec,
+    pub skipped: IntGaugeVec,
     /// Pushed tables refused since start.
-    pub table_refusals: IntCounter,
+    pub refusals: IntCounter,
     /// How long a newer version than the one in use has been offered.
-    pub table_lag: Gauge,
-    /// Failed authentications, and requests refused for too many of them.
-    pub auth_failures: IntCounterVec,
-    /// Requests whose handling panicked (answered 500).
-    pub panics: IntCounter,
+    pub lag: Gauge,
 }
 
 fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
@@ -63,10 +79,154 @@ fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter definition")
 }
 
+fn register_all(
+    registry: &Registry,
+    collectors: Vec<Box<dyn Collector>>,
+) -> prometheus::Result<()> {
+    for collector in collectors {
+        registry.register(collector)?;
+    }
+    Ok(())
+}
+
 impl EdgeMetrics {
     /// Creates the metrics and registers them with `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let metrics = Self {
+            outcomes: Outcomes::register(registry)?,
+            in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "infermesh_edge_requests_in_flight",
+                    "Requests routed to a replica whose response has not ended.",
+                ),
+                &["model"],
+            )
+            .expect("valid gauge definition"),
+            rate_limited: counter(
+                "infermesh_edge_rate_limited_total",
+                "Requests refused with 429, by the limit that refused them (requests, tokens, insufficient_quota).",
+                &["model", "limit"],
+            ),
+            upstream: histogram(
+                "infermesh_edge_upstream_request_duration_seconds",
+                "Time from sending a request to a replica until its response headers, by replica.",
+                REQUEST_SECONDS,
+                &["model", "endpoint"],
+            ),
+            retries: counter(
+                "infermesh_edge_retries_total",
+                "Attempts on another replica after a refused connection, a connection lost before the response, or a 502/503.",
+                &["model"],
+            ),
+            ejections: counter(
+                "infermesh_edge_ejections_total",
+                "Replicas ejected after consecutive failures, by endpoint.",
+                &["endpoint"],
+            ),
+            spillovers: counter(
+                "infermesh_edge_spillovers_total",
+                "Requests forwarded to another region's edge because this region had no serving replica of the model.",
+                &["model", "to_region"],
+            ),
+            table: TableGauges::register(registry)?,
+            panics: IntCounter::new(
+                "infermesh_edge_panics_total",
+                "Requests whose handling panicked; each got a 500 and the edge kept serving.",
+            )
+            .expect("valid counter definition"),
+            auth_failures: counter(
+                "infermesh_edge_auth_failures_total",
+                "Requests refused for their credentials, by outcome (unauthorized: 401; blocked: 429 for a client address past its failed attempts).",
+                &["outcome"],
+            ),
+        };
+        register_all(
+            registry,
+            vec![
+                Box::new(metrics.in_flight.clone()),
+                Box::new(metrics.rate_limited.clone()),
+                Box::new(metrics.upstream.clone()),
+                Box::new(metrics.retries.clone()),
+                Box::new(metrics.spillovers.clone()),
+                Box::new(metrics.ejections.clone()),
+                Box::new(metrics.auth_failures.clone()),
+                Box::new(metrics.panics.clone()),
+            ],
+        )?;
+        Ok(metrics)
+    }
+
+    /// Counts a finished request.
+    pub fn finished(&self, record: &AccessRecord) {
+        self.outcomes.count(record);
+    }
+
+    /// A request routed to `model` is in flight until the guard drops.
+    pub fn in_flight(&self, model: &str) -> InFlight {
+        let gauge = self.in_flight.with_label_values(&[model]);
+        gauge.inc();
+        InFlight(gauge)
+    }
+
+    /// A request for `model` refused by the `limit` limit.
+    pub fn rate_limited(&self, model: &str, limit: &str) {
+        self.rate_limited.with_label_values(&[model, limit]).inc();
+    }
+
+    /// A request for `model` was retried on another replica.
+    pub fn retried(&self, model: &str) {
+        self.retries.with_label_values(&[model]).inc();
+    }
+
+    /// A request for `model` was forwarded to the edge of `region`.
+    pub fn spilled(&self, model: &str, region: &str) {
+        self.spillovers.with_label_values(&[model, region]).inc();
+    }
+
+    /// Drops the per-endpoint series of `endpoint`, which left the table:
+    /// a fleet that churns must not grow the edge's metrics without bound.
+    pub fn forget_endpoint(&self, endpoint: &str) {
+        let _ = self.ejections.remove_label_values(&[endpoint]);
+        let models: Vec<String> = self
+            .upstream
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|metric| {
+                metric
+                    .get_label()
+                    .iter()
+                    .any(|l| l.name() == "endpoint" && l.value() == endpoint)
+            })
+            .filter_map(|metric| {
+                metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "model")
+                    .map(|l| l.value().to_string())
+            })
+            .collect();
+        for model in models {
+            let _ = self.upstream.remove_label_values(&[&model, endpoint]);
+        }
+    }
+
+    /// `endpoint` was ejected.
+    pub fn ejected(&self, endpoint: &str) {
+        self.ejections.with_label_values(&[endpoint]).inc();
+    }
+
+    /// A replica's response headers came after `elapsed`.
+    pub fn upstream(&self, model: &str, endpoint: &str, elapsed: Duration) {
+        self.upstream
+            .with_label_values(&[model, endpoint])
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Outcomes {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let outcomes = Self {
             requests: counter(
                 "infermesh_edge_requests_total",
                 "Requests answered, by model, HTTP status code and OpenAI error code (none when it succeeded).",
@@ -100,109 +260,29 @@ impl EdgeMetrics {
                 "Completion tokens, as the engine's usage reported them.",
                 &["model"],
             ),
-            in_flight: IntGaugeVec::new(
-                Opts::new(
-                    "infermesh_edge_requests_in_flight",
-                    "Requests routed to a replica whose response has not ended.",
-                ),
-                &["model"],
-            )
-            .expect("valid gauge definition"),
-            rate_limited: counter(
-                "infermesh_edge_rate_limited_total",
-                "Requests refused with 429, by the limit that refused them (requests, tokens, insufficient_quota).",
-                &["model", "limit"],
-            ),
-            upstream: histogram(
-                "infermesh_edge_upstream_request_duration_seconds",
-                "Time from sending a request to a replica until its response headers, by replica.",
-                REQUEST_SECONDS,
-                &["model", "endpoint"],
-            ),
             cache: counter(
                 "infermesh_edge_cache_requests_total",
                 "Requests of models with a cache policy, by outcome (hit, miss, bypass).",
                 &["model", "outcome"],
             ),
-            retries: counter(
-                "infermesh_edge_retries_total",
-                "Attempts on another replica after a refused connection, a connection lost before the response, or a 502/503.",
-                &["model"],
-            ),
-            ejections: counter(
-                "infermesh_edge_ejections_total",
-                "Replicas ejected after consecutive failures, by endpoint.",
-                &["endpoint"],
-            ),
-            spillovers: counter(
-                "infermesh_edge_spillovers_total",
-                "Requests forwarded to another region's edge because this region had no serving replica of the model.",
-                &["model", "to_region"],
-            ),
-            table_version: IntGauge::new(
-                "infermesh_edge_routing_table_version",
-                "Version of the routing table in use (0 before the first).",
-            )?,
-            table_stale: IntGauge::new(
-                "infermesh_edge_routing_table_stale",
-                "1 while the edge routes with the table saved to disk, no control plane having pushed one since it started.",
-            )?,
-            control_plane_connected: IntGauge::new(
-                "infermesh_edge_control_plane_connected",
-                "1 while the routing-table stream to a control plane is open.",
-            )?,
-            table_skipped: IntGaugeVec::new(
-                Opts::new(
-                    "infermesh_edge_routing_table_objects_skipped",
-                    "Objects of the routing table in use that the edge left out because it could not use them, by kind.",
-                ),
-                &["kind"],
-            )?,
-            table_refusals: IntCounter::new(
-                "infermesh_edge_routing_table_refusals_total",
-                "Pushed routing tables this edge refused (NACKed), keeping the one it had.",
-            )?,
-            panics: IntCounter::new(
-                "infermesh_edge_panics_total",
-                "Requests whose handling panicked; each got a 500 and the edge kept serving.",
-            )
-            .expect("valid counter definition"),
-            auth_failures: counter(
-                "infermesh_edge_auth_failures_total",
-                "Requests refused for their credentials, by outcome (unauthorized: 401; blocked: 429 for a client address past its failed attempts).",
-                &["outcome"],
-            ),
-            table_lag: Gauge::new(
-                "infermesh_edge_routing_table_lag_seconds",
-                "Seconds since a control plane offered a newer routing table than the one in use (0 when current).",
-            )?,
         };
-        registry.register(Box::new(metrics.requests.clone()))?;
-        registry.register(Box::new(metrics.duration.clone()))?;
-        registry.register(Box::new(metrics.first_token.clone()))?;
-        registry.register(Box::new(metrics.per_token.clone()))?;
-        registry.register(Box::new(metrics.prompt_tokens.clone()))?;
-        registry.register(Box::new(metrics.completion_tokens.clone()))?;
-        registry.register(Box::new(metrics.in_flight.clone()))?;
-        registry.register(Box::new(metrics.rate_limited.clone()))?;
-        registry.register(Box::new(metrics.upstream.clone()))?;
-        registry.register(Box::new(metrics.cache.clone()))?;
-        registry.register(Box::new(metrics.retries.clone()))?;
-        registry.register(Box::new(metrics.spillovers.clone()))?;
-        registry.register(Box::new(metrics.ejections.clone()))?;
-        registry.register(Box::new(metrics.table_version.clone()))?;
-        registry.register(Box::new(metrics.control_plane_connected.clone()))?;
-        registry.register(Box::new(metrics.table_stale.clone()))?;
-        registry.register(Box::new(metrics.table_skipped.clone()))?;
-        registry.register(Box::new(metrics.table_refusals.clone()))?;
-        registry.register(Box::new(metrics.table_lag.clone()))?;
-        registry.register(Box::new(metrics.auth_failures.clone()))?;
-        registry.register(Box::new(metrics.panics.clone()))?;
-        Ok(metrics)
+        register_all(
+            registry,
+            vec![
+                Box::new(outcomes.requests.clone()),
+                Box::new(outcomes.duration.clone()),
+                Box::new(outcomes.first_token.clone()),
+                Box::new(outcomes.per_token.clone()),
+                Box::new(outcomes.prompt_tokens.clone()),
+                Box::new(outcomes.completion_tokens.clone()),
+                Box::new(outcomes.cache.clone()),
+            ],
+        )?;
+        Ok(outcomes)
     }
 
     /// Counts a finished request.
-    pub fn finished(&self, record: &AccessRecord) {
+    fn count(&self, record: &AccessRecord) {
         let model = record.served_model.as_deref().unwrap_or(UNKNOWN_MODEL);
         let status = http::StatusCode::from_u16(record.status).ok();
         let code = status.as_ref().map_or("000", http::StatusCode::as_str);
@@ -239,68 +319,51 @@ impl EdgeMetrics {
                 .inc_by(tokens);
         }
     }
+}
 
-    /// A request routed to `model` is in flight until the guard drops.
-    pub fn in_flight(&self, model: &str) -> InFlight {
-        let gauge = self.in_flight.with_label_values(&[model]);
-        gauge.inc();
-        InFlight(gauge)
-    }
-
-    /// A request for `model` refused by the `limit` limit.
-    pub fn rate_limited(&self, model: &str, limit: &str) {
-        self.rate_limited.with_label_values(&[model, limit]).inc();
-    }
-
-    /// A request for `model` was retried on another replica.
-    pub fn retried(&self, model: &str) {
-        self.retries.with_label_values(&[model]).inc();
-    }
-
-    /// A request for `model` was forwarded to the edge of `region`.
-    pub fn spilled(&self, model: &str, region: &str) {
-        self.spillovers.with_label_values(&[model, region]).inc();
-    }
-
-    /// Drops the per-endpoint series of `endpoint`, which left the table:
-    /// a fleet that churns must not grow the edge's metrics without bound.
-    pub fn forget_endpoint(&self, endpoint: &str) {
-        let _ = self.ejections.remove_label_values(&[endpoint]);
-        use prometheus::core::Collector;
-        let models: Vec<String> = self
-            .upstream
-            .collect()
-            .iter()
-            .flat_map(|family| family.get_metric())
-            .filter(|metric| {
-                metric
-                    .get_label()
-                    .iter()
-                    .any(|l| l.name() == "endpoint" && l.value() == endpoint)
-            })
-            .filter_map(|metric| {
-                metric
-                    .get_label()
-                    .iter()
-                    .find(|l| l.name() == "model")
-                    .map(|l| l.value().to_string())
-            })
-            .collect();
-        for model in models {
-            let _ = self.upstream.remove_label_values(&[&model, endpoint]);
-        }
-    }
-
-    /// `endpoint` was ejected.
-    pub fn ejected(&self, endpoint: &str) {
-        self.ejections.with_label_values(&[endpoint]).inc();
-    }
-
-    /// A replica's response headers came after `elapsed`.
-    pub fn upstream(&self, model: &str, endpoint: &str, elapsed: Duration) {
-        self.upstream
-            .with_label_values(&[model, endpoint])
-            .observe(elapsed.as_secs_f64());
+impl TableGauges {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let gauges = Self {
+            version: IntGauge::new(
+                "infermesh_edge_routing_table_version",
+                "Version of the routing table in use (0 before the first).",
+            )?,
+            stale: IntGauge::new(
+                "infermesh_edge_routing_table_stale",
+                "1 while the edge routes with the table saved to disk, no control plane having pushed one since it started.",
+            )?,
+            control_plane_connected: IntGauge::new(
+                "infermesh_edge_control_plane_connected",
+                "1 while the routing-table stream to a control plane is open.",
+            )?,
+            skipped: IntGaugeVec::new(
+                Opts::new(
+                    "infermesh_edge_routing_table_objects_skipped",
+                    "Objects of the routing table in use that the edge left out because it could not use them, by kind.",
+                ),
+                &["kind"],
+            )?,
+            refusals: IntCounter::new(
+                "infermesh_edge_routing_table_refusals_total",
+                "Pushed routing tables this edge refused (NACKed), keeping the one it had.",
+            )?,
+            lag: Gauge::new(
+                "infermesh_edge_routing_table_lag_seconds",
+                "Seconds since a control plane offered a newer routing table than the one in use (0 when current).",
+            )?,
+        };
+        register_all(
+            registry,
+            vec![
+                Box::new(gauges.version.clone()),
+                Box::new(gauges.control_plane_connected.clone()),
+                Box::new(gauges.stale.clone()),
+                Box::new(gauges.skipped.clone()),
+                Box::new(gauges.refusals.clone()),
+                Box::new(gauges.lag.clone()),
+            ],
+        )?;
+        Ok(gauges)
     }
 }
 

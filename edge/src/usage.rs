@@ -277,6 +277,26 @@ impl UsageTap {
         finish.record.total_ms = millis(finish.started.elapsed());
         finish.observer.finished(&finish.record);
     }
+
+    /// The replica's body failed: the request is recorded as cut short, by
+    /// its deadline or by the replica, and a stream gets a closing event.
+    fn cut_short(&mut self, e: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        tracing::warn!(error = %e, "the replica's response was cut short");
+        let deadline = e
+            .downcast_ref::<crate::forward::DeadlineExceeded>()
+            .is_some();
+        let label = if deadline { DEADLINE } else { UPSTREAM_CUT };
+        if let Some(finish) = &mut self.finish {
+            finish.record.error = Some(label.into());
+        }
+        self.end();
+        if matches!(self.mode, Mode::Sse { .. }) {
+            // A stream ends with an error event the client can read.
+            self.closed = true;
+            return Poll::Ready(Some(Ok(Frame::data(cut_event(&e.to_string(), label)))));
+        }
+        Poll::Ready(Some(Err(e)))
+    }
 }
 
 impl HttpBody for UsageTap {
@@ -309,26 +329,7 @@ impl HttpBody for UsageTap {
                     this.end();
                     Poll::Ready(None)
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "the replica's response was cut short");
-                    let deadline = e
-                        .downcast_ref::<crate::forward::DeadlineExceeded>()
-                        .is_some();
-                    let label = if deadline { DEADLINE } else { UPSTREAM_CUT };
-                    if let Some(finish) = &mut this.finish {
-                        finish.record.error = Some(label.into());
-                    }
-                    this.end();
-                    if matches!(this.mode, Mode::Sse { .. }) {
-                        // A stream ends with an error event the client can read.
-                        this.closed = true;
-                        return Poll::Ready(Some(Ok(Frame::data(cut_event(
-                            &e.to_string(),
-                            label,
-                        )))));
-                    }
-                    Poll::Ready(Some(Err(e)))
-                }
+                Poll::Ready(Some(Err(e))) => this.cut_short(e),
                 Poll::Ready(Some(Ok(frame))) => {
                     let frame = match frame.into_data() {
                         Ok(data) => {

@@ -4,7 +4,12 @@
 
 /// Generated code of package `infermesh.v1`.
 pub mod v1 {
-    #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+    // Generated: its docs are the .proto comments, and not every field has one.
+    #![allow(
+        missing_docs,
+        clippy::large_enum_variant,
+        clippy::doc_lazy_continuation
+    )]
     tonic::include_proto!("infermesh.v1");
 }
 

@@ -100,9 +100,11 @@ pub struct Config {
     )]
     pub control_plane: Vec<String>,
 
+    /// TLS to the control plane (its CA, and the client identity for mutual TLS).
     #[command(flatten)]
     pub control_plane_tls: ControlPlaneTlsArgs,
 
+    /// Getting and renewing an identity issued by the control plane.
     #[command(flatten)]
     pub enroll: EnrollArgs,
 

@@ -1,3 +1,6 @@
+//! The sidecar binary: parses its flags and runs until a shutdown signal, or
+//! runs once as the pod's preStop hook.
+
 use clap::Parser;
 use infermesh_sidecar::{config::Config, server};
 

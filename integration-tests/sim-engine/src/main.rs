@@ -1,3 +1,6 @@
+//! The simulated engine binary: serves on its listen address, prints the
+//! address it got (for tests that ask for port 0) and runs until Ctrl-C.
+
 use std::io::Write;
 
 use clap::Parser;

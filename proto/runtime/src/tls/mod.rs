@@ -2,7 +2,7 @@
 //! (ring provider), the reloading HTTPS server configuration, tonic client
 //! and server configurations for the control plane's gRPC, peer identities
 //! carried in client certificates (`spiffe://infermesh/<role>/<name>`), and
-//! a local CA for tests and development. Deciding what an identity may do
+//! a local CA for the control plane, tests and development (feature `pki`). Deciding what an identity may do
 //! belongs to each process, not here.
 //!
 //! - edge/sidecar HTTPS: `server::server_config` → `ServerTls::acceptor` →

@@ -103,7 +103,7 @@ pub fn write_dev_pki(dir: &Path, spec: &DevPki) -> Result<DevPkiPaths, PkiError>
     // Validate every name before writing anything, so a typo leaves the directory untouched.
     let (dns, ips) = server_names(&spec.hosts);
     for name in &dns {
-        super::dns_name(name)?;
+        super::ca::dns_name(name)?;
     }
     let edges = identities(PeerRole::Edge, &spec.edges)?;
     let sidecars = identities(PeerRole::Sidecar, &spec.sidecars)?;

@@ -28,10 +28,9 @@ use std::time::Duration;
 use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
 use infermesh_proto::v1::{
     CreateJoinTokenRequest, CreateJoinTokenResponse, DeleteJoinTokenRequest, DeleteResponse,
-    Endpoint, IssueRequest, IssueResponse, IssuedCertificate, IssuedIdentity, JoinToken,
-    ListIssuedIdentitiesRequest, ListIssuedIdentitiesResponse, ListJoinTokensRequest,
-    ListJoinTokensResponse, Revocation, RevokeIdentityRequest, RevokeIdentityResponse,
-    identity_service_server::IdentityService,
+    Endpoint, IssueRequest, IssueResponse, IssuedIdentity, JoinToken, ListIssuedIdentitiesRequest,
+    ListIssuedIdentitiesResponse, ListJoinTokensRequest, ListJoinTokensResponse, Revocation,
+    RevokeIdentityRequest, RevokeIdentityResponse, identity_service_server::IdentityService,
 };
 use infermesh_runtime::api_key;
 use infermesh_runtime::time::now_unix_ms;
@@ -44,9 +43,11 @@ use crate::auth::Authorizer;
 use crate::registry::validate;
 use crate::store::{ObjectKind, Store, decode, identity_name as stored_name};
 use crate::token_review::TokenReviewer;
+use join_token::{PREFIX, redacted};
 
-/// The visible start of every join-token secret.
-const PREFIX: &str = "imjt_";
+mod issued;
+mod join_token;
+
 /// Attempts at a contended use before giving up.
 const ATTEMPTS: usize = 8;
 
@@ -76,155 +77,6 @@ impl IdentityApi {
         self.tokens = reviewer;
         self
     }
-
-    fn token_key(&self, id: &str) -> String {
-        self.store.keys().object(ObjectKind::JoinToken, id)
-    }
-
-    /// The identity a token yields for `endpoint_id`.
-    fn identity_for(token: &JoinToken, endpoint_id: &str) -> Result<PeerIdentity, Status> {
-        let bad =
-            |e: infermesh_runtime::tls::IdentityError| Status::invalid_argument(e.to_string());
-        match token.role.as_str() {
-            "edge" => PeerIdentity::new(PeerRole::Edge, token.region.as_str()).map_err(bad),
-            "sidecar" => {
-                validate::endpoint_id("endpoint_id", endpoint_id)?;
-                PeerIdentity::sidecar(token.region.as_str(), token.pool.as_str(), endpoint_id)
-                    .map_err(bad)
-            }
-            other => Err(Status::failed_precondition(format!(
-                "join token {} has an unknown role {other:?}",
-                token.id
-            ))),
-        }
-    }
-
-    /// Spends one use of the token whose secret is `secret`; returns it.
-    /// Records the certificate `pem` issued to `identity` (pruning expired
-    /// ones); returns its serial.
-    async fn record(
-        &self,
-        identity: &PeerIdentity,
-        pem: &str,
-        via: String,
-    ) -> Result<String, Status> {
-        let issued = issued_certificate(pem, via)
-            .ok_or_else(|| Status::internal("the issued certificate does not parse"))?;
-        let key = self
-            .store
-            .keys()
-            .object(ObjectKind::IssuedIdentity, &stored_name(identity));
-        for _ in 0..ATTEMPTS {
-            let kv = self
-                .store
-                .get(&key)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            let (mut record, compare) = match &kv {
-                Some(kv) => (
-                    decode::<IssuedIdentity>(kv).map_err(|e| Status::internal(e.to_string()))?,
-                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
-                ),
-                None => (
-                    IssuedIdentity {
-                        identity: identity.to_string(),
-                        ..Default::default()
-                    },
-                    Compare::version(key.clone(), CompareOp::Equal, 0),
-                ),
-            };
-            let now = now_unix_ms();
-            record.certificates.retain(|c| c.not_after_unix_ms > now);
-            record.certificates.push(issued.clone());
-            record.revision = 0;
-            let ops = vec![TxnOp::put(
-                key.clone(),
-                record.encode_to_vec(),
-                None::<PutOptions>,
-            )];
-            if self
-                .store
-                .guarded(vec![compare], ops)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?
-                .is_some()
-            {
-                return Ok(issued.serial);
-            }
-        }
-        Err(Status::aborted(
-            "the record of issued certificates kept changing; retry",
-        ))
-    }
-
-    async fn spend(&self, secret: &str) -> Result<JoinToken, Status> {
-        let refused = || Status::unauthenticated("join token not recognised");
-        let id = claimed_id(secret).ok_or_else(refused)?;
-        let key = self.token_key(id);
-        for _ in 0..ATTEMPTS {
-            let kv = self
-                .store
-                .get(&key)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?
-                .ok_or_else(refused)?;
-            let mut token: JoinToken = decode(&kv).map_err(|e| Status::internal(e.to_string()))?;
-            if !api_key::matches(secret, &token.secret_sha256) {
-                return Err(refused());
-            }
-            if token.expires_at_unix_ms <= now_unix_ms() {
-                return Err(Status::permission_denied(format!(
-                    "join token {} has expired",
-                    token.id
-                )));
-            }
-            if token.uses_left == 0 {
-                return Err(Status::permission_denied(format!(
-                    "join token {} is used up",
-                    token.id
-                )));
-            }
-            token.uses_left -= 1;
-            let compares = vec![Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                kv.mod_revision(),
-            )];
-            let ops = vec![TxnOp::put(
-                key.clone(),
-                token.encode_to_vec(),
-                None::<PutOptions>,
-            )];
-            match self.store.guarded(compares, ops).await {
-                Ok(Some(_)) => return Ok(token),
-                Ok(None) => continue,
-                Err(error) => return Err(Status::unavailable(error.to_string())),
-            }
-        }
-        Err(Status::aborted(
-            "join token used concurrently by many callers; retry",
-        ))
-    }
-}
-
-/// The token id a secret claims, if it has a join token's shape.
-fn claimed_id(secret: &str) -> Option<&str> {
-    let rest = secret.strip_prefix(PREFIX)?;
-    let (id, random) = rest.split_once('_')?;
-    (api_key::is_valid_id(id) && !random.is_empty()).then_some(id)
-}
-
-/// `token` without its hash, for answers.
-/// Serial and validity of the certificate in `pem`.
-fn issued_certificate(pem: &str, via: String) -> Option<IssuedCertificate> {
-    let (serial, not_before_unix_ms, not_after_unix_ms) =
-        infermesh_runtime::tls::identity::serial_and_validity(pem)?;
-    Some(IssuedCertificate {
-        serial,
-        not_before_unix_ms,
-        not_after_unix_ms,
-        via,
-    })
 }
 
 /// `identity` as given to the admin API: `sidecar/<region>/<pool>/<endpoint>`,
@@ -242,11 +94,6 @@ fn parse_identity(identity: &str) -> Result<PeerIdentity, Status> {
         ));
     }
     Ok(parsed)
-}
-
-fn redacted(mut token: JoinToken) -> JoinToken {
-    token.secret_sha256.clear();
-    token
 }
 
 #[tonic::async_trait]
@@ -602,23 +449,5 @@ impl IdentityService for IdentityApi {
         Err(Status::aborted(
             "the identity's records kept changing; retry",
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_secrets_of_the_join_token_shape_claim_an_id() {
-        assert_eq!(claimed_id("imjt_abcdefghijkl_xyz"), Some("abcdefghijkl"));
-        for not in [
-            "imk_abcdefghijkl_xyz",
-            "imjt_short_xyz",
-            "imjt_abcdefghijkl_",
-            "imjt_abcdefghijkl",
-        ] {
-            assert_eq!(claimed_id(not), None, "{not}");
-        }
     }
 }
