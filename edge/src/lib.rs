@@ -16,6 +16,7 @@ pub mod openai;
 pub mod prefix;
 pub mod quota;
 pub mod receipt;
+pub mod replica;
 pub mod request;
 pub mod route;
 pub mod server;

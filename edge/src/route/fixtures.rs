@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::health::EjectionPolicy;
-use crate::table::Upstream;
+use crate::replica::Upstream;
 
 /// A serving replica named `id`, idle, healthy, with no load sample.
 pub(super) fn replica(id: &str) -> Arc<Upstream> {

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use rand::{Rng, RngCore};
 
 use super::{Balancer, Candidates, Pick, Reason, RouteHints};
-use crate::table::Upstream;
+use crate::replica::Upstream;
 
 /// Power of two choices over the load score.
 #[derive(Debug, Default, Clone, Copy)]

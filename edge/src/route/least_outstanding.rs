@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use rand::{Rng, RngCore};
 
 use super::{Balancer, Candidates, Pick, Reason, RouteHints};
-use crate::table::Upstream;
+use crate::replica::Upstream;
 
 /// The candidate with the fewest requests in flight.
 #[derive(Debug, Default, Clone, Copy)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rand::RngCore;
 
-use crate::table::{ModelRoute, Upstream};
+use crate::replica::Upstream;
 
 mod least_load;
 mod least_outstanding;
@@ -140,39 +140,11 @@ impl<'a> Candidates<'a> {
     }
 }
 
-impl ModelRoute {
-    /// The replica for an attempt under the model's policy, and why;
-    /// `None` when every replica was tried or none is serving.
-    pub fn choose(&self, hints: &RouteHints, tried: &[String]) -> Option<(Arc<Upstream>, Reason)> {
-        self.choose_with(hints, tried, &mut rand::rng())
-    }
-
-    /// `choose` drawing its randomness from `rng`.
-    pub fn choose_with(
-        &self,
-        hints: &RouteHints,
-        tried: &[String],
-        rng: &mut dyn RngCore,
-    ) -> Option<(Arc<Upstream>, Reason)> {
-        let candidates = Candidates::new(&self.upstreams, tried);
-        let pick = match self.policy {
-            Policy::LeastOutstanding => LeastOutstanding.pick(&candidates, hints, rng),
-            Policy::RoundRobin => self.turns.pick(&candidates, hints, rng),
-            Policy::PrefixAffinity => {
-                PrefixAffinity::new(&self.prefixes).pick(&candidates, hints, rng)
-            }
-            Policy::LeastLoad => LeastLoad.pick(&candidates, hints, rng),
-            Policy::SessionAffinity => SessionAffinity.pick(&candidates, hints, rng),
-        }?;
-        Some((pick.upstream, pick.reason))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::fixtures::{eject, replicas, rng};
     use super::*;
-    use crate::table::EdgeTableBuilder;
+    use crate::table::{EdgeTableBuilder, ModelRoute};
     use infermesh_proto::v1::{Endpoint, EndpointState, Model, Pool, RoutingPolicy, RoutingTable};
     use infermesh_runtime::discovery::ApplyTable;
     use std::sync::atomic::Ordering;

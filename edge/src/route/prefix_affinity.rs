@@ -75,7 +75,7 @@ impl Balancer for PrefixAffinity<'_> {
 mod tests {
     use super::super::fixtures::{busy, eject, replicas, rng};
     use super::*;
-    use crate::table::Upstream;
+    use crate::replica::Upstream;
 
     const PROMPT: [u64; 3] = [11, 12, 13];
 

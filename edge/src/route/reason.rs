@@ -5,7 +5,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::table::Upstream;
+use crate::replica::Upstream;
 
 /// Why a policy chose its replica.
 #[derive(Debug, Clone)]

@@ -41,7 +41,7 @@ mod tests {
 
     use super::super::fixtures::{busy, eject, replicas, rng};
     use super::*;
-    use crate::table::Upstream;
+    use crate::replica::Upstream;
 
     fn turns(
         balancer: &RoundRobin,

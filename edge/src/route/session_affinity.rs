@@ -63,7 +63,7 @@ mod tests {
 
     use super::super::fixtures::{busy, eject, replicas, rng};
     use super::*;
-    use crate::table::Upstream;
+    use crate::replica::Upstream;
 
     fn session(name: &str) -> RouteHints {
         RouteHints {

@@ -4,47 +4,23 @@
 //! be used, is `build`'s job; choosing a replica for a request is
 //! `crate::route`'s.
 
+use rand::RngCore;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
 use http::uri::Authority;
 
 use crate::access::Access;
-use crate::health::Health;
 use crate::prefix::PrefixIndex;
-use crate::route::RoundRobin;
+use crate::route::{self, Balancer, RoundRobin};
 
 pub(crate) mod build;
-pub(crate) mod load;
 pub(crate) mod skips;
 
+pub use crate::replica::{LoadSample, Upstream};
 pub use crate::route::{Policy, RouteHints};
 pub use build::EdgeTableBuilder;
-pub use load::LoadSample;
 pub use skips::{ObjectKind, Skipped};
-
-/// One replica the edge may send to.
-#[derive(Debug)]
-pub struct Upstream {
-    /// Endpoint id.
-    pub id: String,
-    /// Pool it belongs to.
-    pub pool: String,
-    /// Its sidecar's `host:port`.
-    pub authority: Authority,
-    /// The same address carrying the identity its certificate must name
-    /// under mutual TLS (`tls::mesh::expected_authority`).
-    pub mesh_authority: Option<Authority>,
-    /// Requests this edge has in flight to it.
-    pub in_flight: Arc<AtomicUsize>,
-    /// Its passive health (ejection), kept across pushes.
-    pub health: Arc<Health>,
-    /// Its engine's latest load as the sidecar stamped it, kept across pushes.
-    pub load: Arc<LoadSample>,
-    /// Its engine fingerprint (what makes cached answers interchangeable).
-    pub fingerprint: String,
-}
 
 /// Everything needed to route one model.
 #[derive(Debug)]
@@ -134,6 +110,38 @@ impl EdgeTable {
     /// The route for a model name or alias.
     pub fn route(&self, name: &str) -> Option<&Arc<ModelRoute>> {
         self.routes.get(name)
+    }
+}
+
+impl ModelRoute {
+    /// The replica for an attempt under the model's policy, and why;
+    /// `None` when every replica was tried or none is serving.
+    pub fn choose(
+        &self,
+        hints: &RouteHints,
+        tried: &[String],
+    ) -> Option<(Arc<Upstream>, route::Reason)> {
+        self.choose_with(hints, tried, &mut rand::rng())
+    }
+
+    /// `choose` drawing its randomness from `rng`.
+    pub fn choose_with(
+        &self,
+        hints: &RouteHints,
+        tried: &[String],
+        rng: &mut dyn RngCore,
+    ) -> Option<(Arc<Upstream>, route::Reason)> {
+        let candidates = route::Candidates::new(&self.upstreams, tried);
+        let pick = match self.policy {
+            Policy::LeastOutstanding => route::LeastOutstanding.pick(&candidates, hints, rng),
+            Policy::RoundRobin => self.turns.pick(&candidates, hints, rng),
+            Policy::PrefixAffinity => {
+                route::PrefixAffinity::new(&self.prefixes).pick(&candidates, hints, rng)
+            }
+            Policy::LeastLoad => route::LeastLoad.pick(&candidates, hints, rng),
+            Policy::SessionAffinity => route::SessionAffinity.pick(&candidates, hints, rng),
+        }?;
+        Some((pick.upstream, pick.reason))
     }
 }
 
