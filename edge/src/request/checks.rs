@@ -87,7 +87,6 @@ pub(super) fn fields<'a>(
         .filter(|u| !u.is_empty())
         .map(String::from);
     let temperature = c.get("temperature").and_then(Json::as_f64);
-    let spans = super::layout::spans(body, &c.fields);
     Ok(Parsed {
         endpoint,
         model,
@@ -101,8 +100,7 @@ pub(super) fn fields<'a>(
         engine_fields: c.engine_fields,
         prompt,
         body,
-        spans,
-        fields: c.whole.then_some(c.fields),
+        fields: c.fields,
     })
 }
 

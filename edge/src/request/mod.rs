@@ -57,10 +57,8 @@ pub struct Parsed<'a> {
     /// The prompt, viewed in place.
     pub prompt: Prompt<'a>,
     body: &'a Bytes,
-    /// Every top-level field's place, unless a name was escaped.
-    spans: Option<Vec<layout::Span>>,
-    /// Every top-level field read whole, when the cache may need them.
-    fields: Option<Vec<wire::Field<'a>>>,
+    /// Every top-level field: where its key starts, and its value when read.
+    fields: Vec<wire::Field<'a>>,
 }
 
 /// Parses and checks `body` sent to `endpoint`, reading every field so

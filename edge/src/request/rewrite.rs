@@ -42,15 +42,15 @@ impl Parsed<'_> {
         if !rename && refused.is_empty() && !usage {
             return Ok(self.body.clone());
         }
-        let Some(spans) = &self.spans else {
+        let body = &self.body[..];
+        let Some(spans) = super::layout::spans(body, &self.fields) else {
             return reparsed(self.body, canonical, refused, usage);
         };
-        let body = &self.body[..];
         let name = |span: &Span| &body[span.key.start + 1..span.key.end - 1];
         let mut out = Vec::with_capacity(body.len() + 48);
         out.push(b'{');
         let mut options_seen = false;
-        for span in spans {
+        for span in &spans {
             let field = name(span);
             let edit = match field {
                 b"model" if rename => Edit::Replace(json_string(canonical)),
@@ -83,15 +83,14 @@ impl Parsed<'_> {
         Ok(Bytes::from(out))
     }
 
-    /// The request as the cache key hashes it, or `None` when the body was
-    /// not read whole: every field but the delivery fields, sorted by name
+    /// The request as the cache key hashes it, or `None` when a field was
+    /// skimmed rather than read: every field but the delivery fields, sorted by name
     /// at every level, without whitespace, with the canonical model name.
     /// Two requests that differ only in the order of fields, spacing,
     /// escapes, alias or delivery share it.
     pub fn cache_material(&self, canonical: &str) -> Option<Vec<u8>> {
         let mut fields: Vec<_> = self
             .fields
-            .as_ref()?
             .iter()
             .filter(|f| !DELIVERY_FIELDS.contains(&&*f.name))
             .collect();

@@ -152,6 +152,20 @@ fn prompt_of(kind: Kind, object: &serde_json::Map<String, Value>) -> Result<Stri
     })
 }
 
+/// Refuses a request whose `model` is missing or not the one served, as vLLM does.
+pub fn check_model(request: &Value, model: &str) -> Result<(), ApiError> {
+    match request.get("model").and_then(Value::as_str) {
+        Some(m) if m == model => Ok(()),
+        Some(m) => Err(ApiError {
+            status: 404,
+            message: format!("The model `{m}` does not exist."),
+            param: Some("model"),
+            code: Some("model_not_found"),
+        }),
+        None => Err(ApiError::bad("model", "model is required")),
+    }
+}
+
 /// Parses a generation request for the engine serving `model`.
 pub fn parse_generation(
     kind: Kind,
@@ -173,18 +187,7 @@ pub fn parse_generation(
             code: None,
         });
     };
-    match object.get("model").and_then(Value::as_str) {
-        Some(m) if m == model => {}
-        Some(m) => {
-            return Err(ApiError {
-                status: 404,
-                message: format!("The model `{m}` does not exist."),
-                param: Some("model"),
-                code: Some("model_not_found"),
-            });
-        }
-        None => return Err(ApiError::bad("model", "model is required")),
-    }
+    check_model(&request, model)?;
     let prompt = prompt_of(kind, object)?;
     let max_tokens =
         match object

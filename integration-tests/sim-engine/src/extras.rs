@@ -15,18 +15,7 @@ pub fn answer(path: &str, body: &[u8], config: &Config) -> Result<Value, ApiErro
         param: None,
         code: None,
     })?;
-    match request.get("model").and_then(Value::as_str) {
-        Some(m) if m == config.model => {}
-        Some(m) => {
-            return Err(ApiError {
-                status: 404,
-                message: format!("The model `{m}` does not exist."),
-                param: Some("model"),
-                code: Some("model_not_found"),
-            });
-        }
-        None => return Err(ApiError::bad("model", "model is required")),
-    }
+    crate::api::check_model(&request, &config.model)?;
     let text = |v: Option<&Value>| match v {
         Some(Value::String(s)) => s.clone(),
         Some(other) => other
