@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "infermesh/v1/registry.proto",
         "infermesh/v1/access.proto",
+        "infermesh/v1/explain.proto",
         "infermesh/v1/discovery.proto",
         "infermesh/v1/fleet.proto",
         "infermesh/v1/load.proto",

@@ -173,12 +173,14 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     ));
     let autoscaling = tokio::spawn(autoscaler.run(leading, cancel.clone()));
 
+    let explain = Arc::new(crate::fleet::ExplainDesk::default());
     let admin = Admin::new(
         Registry::new(store.clone()),
         snapshots.clone(),
         loads.clone(),
         subscribers.clone(),
-    );
+    )
+    .explaining_through(explain.clone());
     let quotas = Arc::new(QuotaBook::new(snapshots.clone()));
     let quota_task = tokio::spawn(
         quotas
@@ -198,7 +200,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         metrics.clone(),
         Arc::new(crate::autoscale::DemandBook::new(store.clone())),
         cancel.clone(),
-    );
+    )
+    .explaining_through(explain);
     let settings = LeaseSettings {
         ttl_seconds: config.endpoint_lease_ttl_seconds,
         report_interval: config.report_interval(),

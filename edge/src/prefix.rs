@@ -65,6 +65,14 @@ impl PrefixIndex {
         })
     }
 
+    /// How many leading blocks of `keys` `endpoint` holds: the blocks up
+    /// to the last one it was recorded for.
+    pub fn held_by(&self, keys: &[u64], endpoint: &str) -> usize {
+        keys.iter()
+            .rposition(|key| self.owners.get(key).is_some_and(|o| &*o == endpoint))
+            .map_or(0, |i| i + 1)
+    }
+
     /// `endpoint` now holds every block of `keys`.
     pub fn record(&self, keys: &[u64], endpoint: &Arc<str>) {
         for key in keys {

@@ -22,7 +22,7 @@ use crate::cache::{CacheConfig, ResponseCache};
 use crate::config::CacheBackend;
 use crate::config::Config;
 use crate::forward::Forwarder;
-use crate::gateway::{Gateway, Resilience};
+use crate::gateway::{Explaining, Gateway, Resilience};
 use crate::health::{EjectionPolicy, RetryBudget};
 use crate::layers::auth::AuthLayer;
 use crate::layers::auth_failures::AuthFailures;
@@ -44,8 +44,12 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
     let demand = Arc::new(DemandBoard::default());
     let discovery_config = discovery_config(&config, &node_id, limiter.clone(), demand.clone())?;
     let (builder, initial) = saved_table(config.table_cache.as_deref());
-    let (subscription, discovery_task) =
-        discovery::subscribe_from(discovery_config, builder, initial, cancel.child_token());
+    let (subscription, discovery_task) = discovery::subscribe_from(
+        discovery_config,
+        Explaining(builder),
+        initial,
+        cancel.child_token(),
+    );
     let log = access_log(&config);
     let registry = infermesh_runtime::metrics::registry(&[("region", &config.region)]);
     let metrics = Arc::new(EdgeMetrics::register(&registry)?);

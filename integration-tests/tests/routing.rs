@@ -2,7 +2,10 @@
 //! no replica of a model forwards to the next region's edge in its failover
 //! order (and says so), a forwarded request is never forwarded again, and a
 //! model with no replica reachable is served by its fallback (and says so).
-//! Edges reach each other over mutual TLS on their mesh listeners.
+//! Edges reach each other over mutual TLS on their mesh listeners. The
+//! policies keep conversations and sessions on one replica, and the admin
+//! API's ExplainRoute, asked through grpcurl, names the replica an edge
+//! would choose and why, without sending or recording anything.
 
 use std::time::Duration;
 
@@ -294,4 +297,140 @@ async fn sessions_stick_to_a_replica_and_receipts_say_how_each_answer_was_routed
         3,
         "sessions spread over the replicas: {owners:?}"
     );
+}
+
+#[tokio::test]
+async fn explain_route_names_the_replica_holding_a_conversation_and_why() {
+    let mesh = Mesh::start().await;
+    let (replicas, edge) =
+        three_replicas(&mesh, json!({"routing_policy": "PREFIX_AFFINITY"})).await;
+    let url = format!("{}/v1/chat/completions", edge.url);
+    let system = "You are a careful assistant for the routing team; keep answers short. ".repeat(8);
+    let body = json!({"model": "chat", "max_tokens": 2, "messages": [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "which replica holds this conversation?"}]});
+    let before = finished(&mesh, &replicas).await;
+    let reply = mesh.http.post_json(&url, &body).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let after = finished(&mesh, &replicas).await;
+    let served = after
+        .iter()
+        .zip(&before)
+        .position(|(a, b)| a > b)
+        .expect("one replica served it");
+    let holder = format!("chat-{served}");
+
+    // One grpcurl line: the same body, as a client sent it.
+    let explained = mesh
+        .admin(
+            "ExplainRoute",
+            json!({"region": "eu-west", "body": body.to_string()}),
+        )
+        .await
+        .expect("explain");
+    assert_eq!(explained["chosen"], holder.as_str(), "{explained}");
+    assert_eq!(explained["policy"], "prefix_affinity");
+    assert_eq!(explained["model"], "chat");
+    assert!(
+        explained["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("prefix match")),
+        "{explained}"
+    );
+    assert!(explained["edge"].as_str().is_some_and(|e| !e.is_empty()));
+    let candidates = explained["candidates"].as_array().expect("candidates");
+    assert_eq!(candidates.len(), 3, "{explained}");
+    let blocks = |id: &str| {
+        candidates
+            .iter()
+            .find(|c| c["endpoint"] == id)
+            .and_then(|c| c["prefixBlocks"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(blocks(&holder) > 0, "{explained}");
+    assert_eq!(
+        explained["promptBlocks"].as_u64(),
+        Some(blocks(&holder)),
+        "the holder has the whole prompt: {explained}"
+    );
+    let holder_entry = candidates.iter().find(|c| c["endpoint"] == holder.as_str());
+    let holder_entry = holder_entry.expect("the holder is a candidate");
+    assert!(
+        holder_entry["load"].is_object() && holder_entry["loadAgeMs"] != "-1",
+        "the holder's sidecar stamped its load on the answer: {holder_entry}"
+    );
+
+    // Explaining sent nothing and recorded nothing: a new prompt is not held.
+    let unchanged = finished(&mesh, &replicas).await;
+    assert_eq!(unchanged, after, "nothing was sent to an engine");
+    let fresh = json!({"region": "eu-west", "model": "chat",
+        "prompt": "an entirely new prompt that no replica has seen, long enough for two blocks of it"});
+    let first = mesh.admin("ExplainRoute", fresh.clone()).await.unwrap();
+    assert!(
+        first["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("no prefix match")),
+        "{first}"
+    );
+    let second = mesh.admin("ExplainRoute", fresh).await.unwrap();
+    assert!(
+        second["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("no prefix match")),
+        "explaining recorded no prefix: {second}"
+    );
+
+    // Bad questions are refused by name; only an admin may ask.
+    for (request, code, starts) in [
+        (json!({"region": "eu-west"}), "InvalidArgument", "model:"),
+        (
+            json!({"region": "eu-west", "model": "nope"}),
+            "NotFound",
+            "model",
+        ),
+        (
+            json!({"region": "mars", "model": "chat"}),
+            "NotFound",
+            "region",
+        ),
+        (
+            json!({"region": "eu-west", "body": "[1]"}),
+            "InvalidArgument",
+            "body:",
+        ),
+        (
+            json!({"region": "eu-west", "model": "chat", "edge": "no-such-edge"}),
+            "FailedPrecondition",
+            "edge",
+        ),
+    ] {
+        let refused = mesh
+            .admin("ExplainRoute", request.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, code, "{request}: {refused:?}");
+        assert!(
+            refused.message.starts_with(starts),
+            "{request}: {refused:?}"
+        );
+    }
+    let not_admin = mesh
+        .admin
+        .with_identity(mesh.pki.sidecar("eu-west", "chat-eu", "chat-0"))
+        .raw(
+            &[
+                "-d",
+                &json!({"region": "eu-west", "model": "chat"}).to_string(),
+            ],
+            &["infermesh.v1.AdminService/ExplainRoute"],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(not_admin.code, "PermissionDenied", "{not_admin:?}");
+    let described = mesh
+        .admin
+        .raw(&[], &["describe", "infermesh.v1.AdminService.ExplainRoute"])
+        .await
+        .expect("describe");
+    assert!(described.contains("RouteExplanation"), "{described}");
 }

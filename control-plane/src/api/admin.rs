@@ -12,7 +12,7 @@ use infermesh_proto::v1::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::fleet::SubscriberView;
+use crate::fleet::{ExplainDesk, SubscriberView};
 use crate::loads::LoadView;
 use crate::registry::{Registry, RegistryError, redacted};
 use crate::snapshot::Snapshot;
@@ -25,6 +25,7 @@ pub struct Admin {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     pub(super) loads: Arc<LoadView>,
     pub(super) subscribers: Arc<SubscriberView>,
+    pub(super) explain: Arc<ExplainDesk>,
 }
 
 impl Admin {
@@ -42,7 +43,15 @@ impl Admin {
             snapshots,
             loads,
             subscribers,
+            explain: Arc::default(),
         }
+    }
+
+    /// Asks edges ExplainRoute's questions through `desk` (the one the
+    /// discovery service attaches edge streams to).
+    pub fn explaining_through(mut self, desk: Arc<ExplainDesk>) -> Self {
+        self.explain = desk;
+        self
     }
 
     pub(super) fn snapshot(&self) -> Result<Arc<Snapshot>, Status> {
@@ -319,6 +328,13 @@ impl AdminService for Admin {
         r: Request<pb::ListSubscribersRequest>,
     ) -> Result<Response<pb::ListSubscribersResponse>, Status> {
         self.do_list_subscribers(r.into_inner())
+    }
+
+    async fn explain_route(
+        &self,
+        r: Request<pb::ExplainRouteRequest>,
+    ) -> Result<Response<pb::RouteExplanation>, Status> {
+        self.do_explain_route(r.into_inner()).await
     }
 
     async fn create_tenant(

@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{first_message, now_unix_ms};
 use crate::auth::Authorizer;
 use crate::autoscale::DemandBook;
-use crate::fleet::{StreamId, Subscriber, SubscriberBook, SubscriberState};
+use crate::fleet::{ExplainDesk, StreamId, Subscriber, SubscriberBook, SubscriberState};
 use crate::metrics::{ControlPlaneMetrics, PushKind};
 use crate::quota::{QuotaBook, SessionId};
 use crate::registry::validate;
@@ -41,6 +41,7 @@ pub struct Discovery {
     metrics: Arc<ControlPlaneMetrics>,
     edge_tables: Arc<EdgeTables>,
     demand: Arc<DemandBook>,
+    explain: Arc<ExplainDesk>,
     cancel: CancellationToken,
 }
 
@@ -63,8 +64,15 @@ impl Discovery {
             metrics,
             edge_tables: Arc::default(),
             demand,
+            explain: Arc::default(),
             cancel,
         }
+    }
+
+    /// Sends ExplainRoute's questions to edges through `desk`.
+    pub fn explaining_through(mut self, desk: Arc<ExplainDesk>) -> Self {
+        self.explain = desk;
+        self
     }
 }
 
@@ -133,6 +141,7 @@ impl DiscoveryService for Discovery {
             metrics: self.metrics.clone(),
             edge_tables: self.edge_tables.clone(),
             demand: self.demand.clone(),
+            explain: self.explain.clone(),
             tx,
         };
         tokio::spawn(session.run(inbound, revoked, self.cancel.clone()));
@@ -150,6 +159,7 @@ struct Session {
     metrics: Arc<ControlPlaneMetrics>,
     edge_tables: Arc<EdgeTables>,
     demand: Arc<DemandBook>,
+    explain: Arc<ExplainDesk>,
     tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
 }
 
@@ -255,6 +265,11 @@ impl Session {
             }
             _ => (None, mpsc::channel(1).1),
         };
+        // Only edges route requests, so only they are asked to explain.
+        let mut questions = match self.role {
+            SubscriberRole::Edge => self.explain.attach(stream, &self.hello.region, &node),
+            _ => mpsc::channel(1).1,
+        };
         loop {
             let snapshot = self.snapshots.borrow_and_update().clone();
             if snapshot.is_synced() {
@@ -300,6 +315,12 @@ impl Session {
                         }
                     }
                 }
+                Some(query) = questions.recv() => {
+                    let response = SubscribeResponse { explain: Some(query), ..Default::default() };
+                    if self.tx.send(Ok(response)).await.is_err() {
+                        break;
+                    }
+                }
                 message = inbound.message() => match message {
                     Ok(Some(message)) => self.record(&node, stream, quota_session, message),
                     Ok(None) => break,
@@ -313,6 +334,7 @@ impl Session {
         if let Some(id) = quota_session {
             self.quotas.close(id);
         }
+        self.explain.detach(stream);
         self.subscribers.close(stream);
         tracing::info!(%node, "subscriber disconnected");
     }
@@ -370,6 +392,12 @@ impl Session {
             }
             return;
         }
+        if let Some(subscribe_request::Kind::Explained(answer)) = message.kind {
+            if !self.explain.answered(stream, answer) {
+                tracing::debug!(%node, "ignoring an answer to no question of this stream");
+            }
+            return;
+        }
         match message.kind {
             Some(subscribe_request::Kind::Ack(ack)) => {
                 let previous = self
@@ -390,7 +418,8 @@ impl Session {
             Some(
                 subscribe_request::Kind::Hello(_)
                 | subscribe_request::Kind::Usage(_)
-                | subscribe_request::Kind::Demand(_),
+                | subscribe_request::Kind::Demand(_)
+                | subscribe_request::Kind::Explained(_),
             )
             | None => {
                 tracing::debug!(%node, "ignoring a repeated hello");

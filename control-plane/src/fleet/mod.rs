@@ -4,9 +4,11 @@
 //! replicas through the load digests; and the registry's regions, pools
 //! and endpoints with their latest load. Nothing here decides routing.
 
+pub mod explain;
 pub mod status;
 pub mod subscribers;
 pub mod view;
 
+pub use explain::{AskError, ExplainDesk};
 pub use subscribers::{StreamId, Subscriber, SubscriberBook, SubscriberState};
 pub use view::{SubscriberFilter, SubscriberList, SubscriberView};

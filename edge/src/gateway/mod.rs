@@ -6,6 +6,7 @@
 
 mod admit;
 mod attempts;
+mod explain;
 mod lookup;
 mod pick;
 mod probes;
@@ -38,7 +39,9 @@ use crate::metrics::Observer;
 use crate::openai;
 use crate::quota::Limiter;
 use crate::table::EdgeTable;
+
 use attempts::Attempts;
+pub use explain::{Explaining, explain};
 use lookup::Cached;
 use resolve::Resolution;
 use respond::Books;

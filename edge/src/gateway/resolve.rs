@@ -194,7 +194,7 @@ impl Gateway {
 
 /// The first of `route`'s fallbacks that is served here and that
 /// `principal` may use.
-fn fallback(
+pub(super) fn fallback(
     table: &EdgeTable,
     route: &ModelRoute,
     principal: Option<&Principal>,

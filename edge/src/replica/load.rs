@@ -55,6 +55,14 @@ impl LoadSample {
     }
 }
 
+impl LoadSample {
+    /// Milliseconds since the last sample at `now_ms`; `None` when none arrived.
+    pub fn age_ms_at(&self, now_ms: i64) -> Option<i64> {
+        let at = self.at_ms.load(Ordering::Relaxed);
+        (at > 0).then(|| (now_ms - at).max(0))
+    }
+}
+
 /// (running, waiting, KV use) of a well-formed stamp: all three fields,
 /// KV use within 0 to 1.
 fn parse(stamp: &str) -> Option<(u32, u32, f64)> {

@@ -18,7 +18,7 @@ pub struct LeastLoad;
 /// Load score: this edge's requests in flight, plus the engine's queue
 /// (weighted: a queued request waits for a slot) and KV-cache pressure,
 /// when a fresh sample is known.
-fn score(upstream: &Upstream) -> f64 {
+pub fn score(upstream: &Upstream) -> f64 {
     let in_flight = upstream.in_flight.load(Ordering::Relaxed) as f64;
     match upstream.load.fresh() {
         Some((_running, waiting, kv)) => in_flight + 2.0 * f64::from(waiting) + 4.0 * kv,

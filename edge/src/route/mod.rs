@@ -13,15 +13,15 @@ use rand::RngCore;
 
 use crate::replica::Upstream;
 
-mod least_load;
+pub mod least_load;
 mod least_outstanding;
 mod prefix_affinity;
 mod reason;
 mod round_robin;
-mod session_affinity;
+pub mod session_affinity;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 
 pub use least_load::LeastLoad;
 pub use least_outstanding::LeastOutstanding;
@@ -142,44 +142,18 @@ impl<'a> Candidates<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::fixtures::{eject, replicas, rng};
+    use super::fixtures::{eject, replicas, rng, serving_table};
     use super::*;
     use crate::table::{EdgeTableBuilder, ModelRoute};
-    use infermesh_proto::v1::{Endpoint, EndpointState, Model, Pool, RoutingPolicy, RoutingTable};
+    use infermesh_proto::v1::RoutingPolicy;
     use infermesh_runtime::discovery::ApplyTable;
     use std::sync::atomic::Ordering;
 
     /// A built route for model `llama` under `policy` over serving replicas `ids`.
     fn route(policy: RoutingPolicy, ids: &[&str]) -> Arc<ModelRoute> {
-        let table = RoutingTable {
-            version: 7,
-            region: "eu".into(),
-            models: vec![Model {
-                name: "llama".into(),
-                routing_policy: policy as i32,
-                ..Default::default()
-            }],
-            pools: vec![Pool {
-                name: "llama-eu".into(),
-                model: "llama".into(),
-                region: "eu".into(),
-                ..Default::default()
-            }],
-            endpoints: ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| Endpoint {
-                    id: id.to_string(),
-                    pool: "llama-eu".into(),
-                    model: "llama".into(),
-                    address: format!("127.0.0.1:{}", 1000 + i),
-                    state: EndpointState::Serving as i32,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        };
-        let table = EdgeTableBuilder::default().apply(table).unwrap();
+        let table = EdgeTableBuilder::default()
+            .apply(serving_table(policy, ids))
+            .unwrap();
         table.route("llama").unwrap().clone()
     }
 

@@ -18,12 +18,26 @@ use crate::prefix::PrefixIndex;
 #[derive(Debug, Clone, Copy)]
 pub struct PrefixAffinity<'a> {
     index: &'a PrefixIndex,
+    /// Whether a pick records the prompt as held by the replica chosen.
+    record: bool,
 }
 
 impl<'a> PrefixAffinity<'a> {
     /// Prefix affinity over `index`, the model's record of who holds what.
     pub fn new(index: &'a PrefixIndex) -> Self {
-        Self { index }
+        Self {
+            index,
+            record: true,
+        }
+    }
+
+    /// Prefix affinity over `index` that records nothing: what a pick
+    /// would be, for explaining it.
+    pub fn preview(index: &'a PrefixIndex) -> Self {
+        Self {
+            index,
+            record: false,
+        }
     }
 }
 
@@ -62,8 +76,10 @@ impl Balancer for PrefixAffinity<'_> {
             }
             None => (least, Reason::NoPrefixMatch { least_in_flight }),
         };
-        let id: Arc<str> = Arc::from(chosen.id.as_str());
-        self.index.record(keys, &id);
+        if self.record {
+            let id: Arc<str> = Arc::from(chosen.id.as_str());
+            self.index.record(keys, &id);
+        }
         Some(Pick {
             upstream: chosen.clone(),
             reason,

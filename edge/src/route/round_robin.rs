@@ -14,6 +14,15 @@ pub struct RoundRobin {
     next: AtomicUsize,
 }
 
+impl RoundRobin {
+    /// A copy at the same turn, whose picks leave this one's turn alone.
+    pub fn peek(&self) -> RoundRobin {
+        RoundRobin {
+            next: AtomicUsize::new(self.next.load(Ordering::Relaxed)),
+        }
+    }
+}
+
 impl Balancer for RoundRobin {
     fn pick(
         &self,

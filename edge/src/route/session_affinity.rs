@@ -5,16 +5,29 @@
 //! sessions), unless it is much busier than the least busy candidate.
 //! Without a session the request is balanced by least load.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use rand::RngCore;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::{AFFINITY_LOAD_SLACK, Balancer, Candidates, LeastLoad, Pick, Reason, RouteHints};
+use crate::replica::Upstream;
 
 /// The session's replica, bounded by load.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SessionAffinity;
+
+/// The replica among `replicas` that `session` hashes highest with.
+pub fn owner<'r, 'a>(
+    replicas: &'r [&'a Arc<Upstream>],
+    session: &str,
+) -> Option<&'r &'a Arc<Upstream>> {
+    let session_key = xxh3_64(session.as_bytes());
+    replicas
+        .iter()
+        .max_by_key(|u| xxh3_64_with_seed(u.id.as_bytes(), session_key))
+}
 
 impl Balancer for SessionAffinity {
     fn pick(
@@ -27,10 +40,7 @@ impl Balancer for SessionAffinity {
             return LeastLoad.pick(candidates, hints, rng);
         };
         let replicas = candidates.replicas();
-        let session_key = xxh3_64(session.as_bytes());
-        let owner = replicas
-            .iter()
-            .max_by_key(|u| xxh3_64_with_seed(u.id.as_bytes(), session_key))?;
+        let owner = owner(replicas, session)?;
         let least = replicas
             .iter()
             .min_by_key(|u| u.in_flight.load(Ordering::Relaxed))?;

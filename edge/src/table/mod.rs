@@ -143,6 +143,25 @@ impl ModelRoute {
         }?;
         Some((pick.upstream, pick.reason))
     }
+
+    /// The replica a first attempt would go to now, and why, changing no
+    /// state: round robin's turn is not taken and prefix affinity records
+    /// nothing.
+    pub fn preview(
+        &self,
+        hints: &RouteHints,
+        rng: &mut dyn RngCore,
+    ) -> Option<(Arc<Upstream>, route::Reason)> {
+        let candidates = route::Candidates::new(&self.upstreams, &[]);
+        let pick = match self.policy {
+            Policy::RoundRobin => self.turns.peek().pick(&candidates, hints, rng),
+            Policy::PrefixAffinity => {
+                route::PrefixAffinity::preview(&self.prefixes).pick(&candidates, hints, rng)
+            }
+            _ => return self.choose_with(hints, &[], rng),
+        }?;
+        Some((pick.upstream, pick.reason))
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,8 @@ use crate::backoff::Backoff;
 use crate::control_plane::ControlPlaneClient;
 use crate::table_delta;
 use infermesh_proto::v1::{
-    Ack, Hello, Nack, QuotaGrants, RoutingTable, SubscribeRequest, SubscriberRole, UsageReport,
+    Ack, ExplainAnswer, ExplainQuery, Hello, Nack, QuotaGrants, RouteExplanation, RoutingTable,
+    SubscribeRequest, SubscriberRole, UsageReport,
     discovery_service_client::DiscoveryServiceClient, subscribe_request,
 };
 use tokio::sync::{mpsc, watch};
@@ -31,6 +32,17 @@ pub trait ApplyTable: Send + 'static {
     type Error: std::fmt::Display;
     /// Validates a table; an `Err` is sent back as the NACK reason.
     fn apply(&mut self, table: RoutingTable) -> Result<Self::Table, Self::Error>;
+
+    /// Which replica a request would go to under `table`, and why, for the
+    /// control plane's ExplainRoute; `Err` says why there is no answer.
+    /// Subscribers that route no requests keep this default.
+    fn explain(
+        &self,
+        _table: &Self::Table,
+        _query: &ExplainQuery,
+    ) -> Result<RouteExplanation, String> {
+        Err("this subscriber routes no requests".to_string())
+    }
 }
 
 /// The rate-limit side of an edge's stream.
@@ -365,6 +377,10 @@ impl<A: ApplyTable> Session<'_, A> {
             if let (Some(grants), Some(quota)) = (response.quotas, &config.quota) {
                 quota.grants(grants);
             }
+            if let Some(query) = response.explain {
+                let answer = self.explain(&query, &config.identity.node_id);
+                send(tx, subscribe_request::Kind::Explained(answer)).await?;
+            }
             let table = match (response.table, response.delta) {
                 (Some(table), _) => table,
                 (None, Some(delta)) => {
@@ -404,6 +420,33 @@ impl<A: ApplyTable> Session<'_, A> {
                     send(tx, subscribe_request::Kind::Nack(Nack { version, reason })).await?;
                 }
             }
+        }
+    }
+}
+
+impl<A: ApplyTable> Session<'_, A> {
+    /// The answer to `query` from the table applied last.
+    fn explain(&self, query: &ExplainQuery, node_id: &str) -> ExplainAnswer {
+        let applied = self.tables.borrow().clone();
+        let explained = match &applied {
+            Some(applied) => self.applier.explain(&applied.table, query),
+            None => Err("no routing table applied yet".to_string()),
+        };
+        match explained {
+            Ok(mut explanation) => {
+                explanation.edge = node_id.to_string();
+                explanation.table_version = applied.map_or(0, |a| a.version);
+                ExplainAnswer {
+                    id: query.id,
+                    explanation: Some(explanation),
+                    error: String::new(),
+                }
+            }
+            Err(error) => ExplainAnswer {
+                id: query.id,
+                explanation: None,
+                error,
+            },
         }
     }
 }

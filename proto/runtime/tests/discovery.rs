@@ -3,6 +3,8 @@
 //! the old one stays, table changes are applied to the table the stream
 //! sent, a change that does not fit it breaks the stream, and after the
 //! stream breaks the client comes back saying which version it holds.
+//! Explain queries are answered from the table held, with the node id and
+//! the version filled in.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -10,8 +12,8 @@ use std::time::Duration;
 
 use infermesh_proto::v1::discovery_service_server::{DiscoveryService, DiscoveryServiceServer};
 use infermesh_proto::v1::{
-    Pool, RoutingTable, SubscribeRequest, SubscribeResponse, SubscriberRole, TableDelta,
-    subscribe_request,
+    ExplainQuery, Pool, RouteExplanation, RoutingTable, SubscribeRequest, SubscribeResponse,
+    SubscriberRole, TableDelta, subscribe_request,
 };
 use infermesh_runtime::backoff::Backoff;
 use infermesh_runtime::control_plane::ControlPlaneClient;
@@ -30,6 +32,8 @@ enum Seen {
     },
     Ack(u64),
     Nack(u64, String),
+    /// An explain answer: its id and what it said.
+    Explained(u64, String),
 }
 
 /// Each connection gets the next script of tables, then the stream ends
@@ -71,6 +75,13 @@ impl DiscoveryService for FakeControlPlane {
                     },
                     Some(subscribe_request::Kind::Ack(a)) => Seen::Ack(a.version),
                     Some(subscribe_request::Kind::Nack(n)) => Seen::Nack(n.version, n.reason),
+                    Some(subscribe_request::Kind::Explained(a)) => Seen::Explained(
+                        a.id,
+                        match a.explanation {
+                            Some(e) => format!("{}@{}: {}", e.edge, e.table_version, e.chosen),
+                            None => format!("error: {}", a.error),
+                        },
+                    ),
                     Some(
                         subscribe_request::Kind::Usage(_) | subscribe_request::Kind::Demand(_),
                     )
@@ -111,6 +122,27 @@ impl ApplyTable for RegionTables {
         let held = format!("{}:{}", table.region, pools.join(","));
         self.0.lock().unwrap().push(held.clone());
         Ok(held)
+    }
+
+    fn explain(&self, table: &String, query: &ExplainQuery) -> Result<RouteExplanation, String> {
+        if query.model.is_empty() {
+            return Err("model: required".into());
+        }
+        Ok(RouteExplanation {
+            chosen: format!("{table}/{}", query.model),
+            ..Default::default()
+        })
+    }
+}
+
+fn explain(id: u64, model: &str) -> SubscribeResponse {
+    SubscribeResponse {
+        explain: Some(ExplainQuery {
+            id,
+            model: model.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 
@@ -159,7 +191,11 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
                 delta(3, 4, "b"),
                 delta(9, 10, "x"),
             ],
-            vec![table(5, "eu-new", &["a", "b", "c"])],
+            vec![
+                table(5, "eu-new", &["a", "b", "c"]),
+                explain(7, "llama"),
+                explain(8, ""),
+            ],
         ]),
         seen: seen.clone(),
     };
@@ -211,12 +247,14 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
         "the change to version 4 applied to version 3, the one from 9 never"
     );
 
-    // The table is published before its ACK leaves; wait for the fake to record it.
+    // The table is published before its ACK leaves; wait for the fake to
+    // record it and the answers to the questions that follow it.
+    let last = Seen::Explained(8, "error: model: required".into());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !seen.lock().unwrap().contains(&Seen::Ack(5)) {
+    while !seen.lock().unwrap().contains(&last) {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "ACK of version 5 never arrived"
+            "the answers after version 5 never arrived"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -232,6 +270,8 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
             Seen::Ack(4),
             hello(4),
             Seen::Ack(5),
+            Seen::Explained(7, "edge-0@5: eu-new:a,b,c/llama".into()),
+            last,
         ],
         "the refused version 2 was never held"
     );
