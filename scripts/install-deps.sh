@@ -10,6 +10,7 @@
 #   promtool - checks and unit-tests the alerting rules (Debian's prometheus;
 #             the Prometheus server it also installs is stopped and disabled)
 #   openai  - the official Python SDK, in .tools/sdk-venv, for the SDK tests
+#   jq      - reads grpcurl's answers in the documented commands
 # Safe to run again: anything already present is left alone.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +22,8 @@ command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || packages+=(etcd-client)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
+# The README's commands read grpcurl's JSON answers with jq.
+command -v jq >/dev/null 2>&1 || packages+=(jq)
 command -v python3 >/dev/null 2>&1 || packages+=(python3 python3-pip)
 # scripts/check-helm.sh makes a virtual environment; Debian splits venv out.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || packages+=(python3-venv)

@@ -7,8 +7,9 @@
 # length, import cycles between modules), checks formatting and lints,
 # checks the dependencies (none unused, licenses allowed: cargo-machete and
 # cargo-deny, installed into .tools), builds the binaries the whole-system
-# tests start, runs all tests, then fuzzes the edge's request parser for a
-# bounded time (cargo-fuzz).
+# tests start, runs all tests, runs every shell block of the README and
+# docs/ against a live local system (scripts/check-docs.py), then fuzzes
+# the edge's request parser for a bounded time (cargo-fuzz).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -23,4 +24,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 scripts/check-deps.sh
 cargo build --workspace --bins --locked
 cargo test --workspace --locked
+scripts/check-docs.py
 scripts/fuzz.sh "${FUZZ_SECONDS:-60}"
