@@ -80,6 +80,12 @@ enum Mode {
         /// The last event was the usage chunk, removed: the LF that may
         /// still follow its CR goes with it.
         removed: bool,
+        /// While stripping: the chunks that finished a choice, held until
+        /// the next event. vLLM writes `system_fingerprint` on the usage
+        /// chunk alone when the request asked for usage, and on the
+        /// finishing chunks otherwise; when the usage chunk the edge asked
+        /// for is removed, its fingerprint goes onto them.
+        held: Vec<Bytes>,
     },
 }
 
@@ -134,6 +140,44 @@ fn cut_event(reason: &str, code: &str) -> Bytes {
     out.freeze()
 }
 
+/// Whether a chunk finishes a choice: a `finish_reason` that is a string.
+fn finishes(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"finish_reason\"";
+    memchr::memmem::find_iter(data, KEY).any(|at| {
+        let after = data[at + KEY.len()..].trim_ascii_start();
+        after
+            .strip_prefix(b":")
+            .is_some_and(|value| value.trim_ascii_start().starts_with(b"\""))
+    })
+}
+
+/// `event` (a chunk's raw bytes) carrying `fingerprint` as its
+/// `system_fingerprint`, unless it has one already.
+fn with_fingerprint(event: &Bytes, fingerprint: &str) -> Bytes {
+    const NULL: &[u8] = b"\"system_fingerprint\":null";
+    let value = serde_json::Value::from(fingerprint).to_string();
+    if let Some(at) = memchr::memmem::find(event, NULL) {
+        let mut out = BytesMut::with_capacity(event.len() + value.len());
+        out.extend_from_slice(&event[..at]);
+        out.extend_from_slice(b"\"system_fingerprint\":");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(&event[at + NULL.len()..]);
+        return out.freeze();
+    }
+    if memchr::memmem::find(event, b"\"system_fingerprint\"").is_some() {
+        return event.clone();
+    }
+    let Some(end) = memchr::memrchr(b'}', event) else {
+        return event.clone();
+    };
+    let mut out = BytesMut::with_capacity(event.len() + value.len() + 24);
+    out.extend_from_slice(&event[..end]);
+    out.extend_from_slice(b",\"system_fingerprint\":");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(&event[end..]);
+    out.freeze()
+}
+
 /// The chunk with its `,"usage":null` taken out, for a client that did not
 /// ask for usage; every other byte is kept.
 fn without_null_usage(raw: &Bytes) -> Bytes {
@@ -161,6 +205,7 @@ impl UsageTap {
                 framer: Framer::default(),
                 strip,
                 removed: false,
+                held: Vec::new(),
             }
         } else {
             Mode::Json(Vec::new())
@@ -199,52 +244,96 @@ impl UsageTap {
     }
 
     /// What of `part` goes to the client: all of it, except the usage chunk
-    /// (and the `"usage":null` of the others) when stripping.
+    /// (and the `"usage":null` of the others) when stripping; chunks that
+    /// finish a choice wait for the next event then.
     fn pass(&mut self, part: Part) -> Option<Bytes> {
         let event = match part {
             Part::Event(event) => event,
             Part::LineEndTail(raw) => {
-                let removed = matches!(self.mode, Mode::Sse { removed: true, .. });
-                return (!removed).then_some(raw);
+                if matches!(self.mode, Mode::Sse { removed: true, .. }) {
+                    return None;
+                }
+                if let Mode::Sse { held, .. } = &mut self.mode
+                    && !held.is_empty()
+                {
+                    held.push(raw);
+                    return None;
+                }
+                return Some(raw);
             }
             Part::Oversize(raw) | Part::Unfinished(raw) => {
                 self.set_removed(false);
-                return Some(raw);
+                return Some(self.released(None, raw));
             }
         };
         let strip = matches!(self.mode, Mode::Sse { strip: true, .. });
-        let remove = self.read_usage(&event) && strip;
+        let (usage_only, fingerprint) = self.read_usage(&event);
+        let remove = usage_only && strip;
         self.set_removed(remove);
         if remove {
-            None
-        } else if strip && event.data().is_some() {
-            Some(without_null_usage(event.raw()))
-        } else {
-            Some(event.raw().clone())
+            let held = self.released(fingerprint.as_deref(), Bytes::new());
+            return (!held.is_empty()).then_some(held);
         }
+        if !strip || event.data().is_none() {
+            return Some(self.released(None, event.raw().clone()));
+        }
+        let chunk = without_null_usage(event.raw());
+        if event.data().is_some_and(|data| finishes(data)) {
+            if let Mode::Sse { held, .. } = &mut self.mode {
+                held.push(chunk);
+            }
+            return None;
+        }
+        Some(self.released(None, chunk))
+    }
+
+    /// The chunks held back (given `fingerprint`, when the removed usage
+    /// chunk had one), then `next`.
+    fn released(&mut self, fingerprint: Option<&str>, next: Bytes) -> Bytes {
+        let Mode::Sse { held, .. } = &mut self.mode else {
+            return next;
+        };
+        if held.is_empty() {
+            return next;
+        }
+        let mut out = BytesMut::new();
+        for chunk in held.drain(..) {
+            match fingerprint {
+                Some(fingerprint) => out.extend_from_slice(&with_fingerprint(&chunk, fingerprint)),
+                None => out.extend_from_slice(&chunk),
+            }
+        }
+        out.extend_from_slice(&next);
+        out.freeze()
     }
 
     /// Takes the usage from a chunk that carries one; returns whether the
-    /// chunk is nothing else (no choices), i.e. the usage-only last chunk.
-    fn read_usage(&mut self, event: &Event) -> bool {
+    /// chunk is nothing else (no choices), i.e. the usage-only last chunk,
+    /// and its `system_fingerprint`.
+    fn read_usage(&mut self, event: &Event) -> (bool, Option<String>) {
         let Some(data) = event.data().filter(|_| event.carries_usage()) else {
-            return false;
+            return (false, None);
         };
         #[cfg(test)]
         {
             self.decoded += 1;
         }
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
-            return false;
+            return (false, None);
         };
         let Some(usage) = usage_of(&value) else {
-            return false;
+            return (false, None);
         };
         self.usage = Some(usage.merged(self.usage));
-        value
+        let usage_only = value
             .get("choices")
             .and_then(|c| c.as_array())
-            .is_none_or(|c| c.is_empty())
+            .is_none_or(|c| c.is_empty());
+        let fingerprint = value
+            .get("system_fingerprint")
+            .and_then(|f| f.as_str())
+            .map(String::from);
+        (usage_only, fingerprint)
     }
 
     fn set_removed(&mut self, now: bool) {
@@ -291,9 +380,11 @@ impl UsageTap {
         }
         self.end();
         if matches!(self.mode, Mode::Sse { .. }) {
-            // A stream ends with an error event the client can read.
+            // A stream ends with an error event the client can read, after
+            // the chunks held back.
             self.closed = true;
-            return Poll::Ready(Some(Ok(Frame::data(cut_event(&e.to_string(), label)))));
+            let last = self.released(None, cut_event(&e.to_string(), label));
+            return Poll::Ready(Some(Ok(Frame::data(last))));
         }
         Poll::Ready(Some(Err(e)))
     }
@@ -315,6 +406,10 @@ impl HttpBody for UsageTap {
             return match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) => {
+                    let held = this.released(None, Bytes::new());
+                    if !held.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(held))));
+                    }
                     if let Mode::Sse { framer, .. } = &mut this.mode
                         && let Some(rest) = framer.finish()
                     {
@@ -585,6 +680,51 @@ mod tests {
             assert_eq!(String::from_utf8(out).unwrap(), expected, "split at {at}");
             assert_eq!(tap.usage.map(|u| u.completion), Some(2), "split at {at}");
         }
+    }
+
+    #[test]
+    fn the_fingerprint_of_a_removed_usage_chunk_goes_onto_the_finishing_chunk() {
+        // As vLLM streams when asked for usage: the fingerprint only on the
+        // usage chunk. A client that did not ask gets it where vLLM puts
+        // it for such a client: on the chunk that finishes the choice.
+        let content = r#"data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#;
+        let last = r#"data: {"id":"c","choices":[{"index":0,"delta":{"content":""},"finish_reason": "length"}]}"#;
+        let usage = r#"data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4},"system_fingerprint":"vllm-0.32.0-abc"}"#;
+        for line_end in ["\n", "\r\n"] {
+            let end = line_end.repeat(2);
+            let stream = format!("{content}{end}{last}{end}{usage}{end}data: [DONE]{end}");
+            let stamped = last.replacen(
+                "\"length\"}]}",
+                "\"length\"}],\"system_fingerprint\":\"vllm-0.32.0-abc\"}",
+                1,
+            );
+            let expected = format!("{content}{end}{stamped}{end}data: [DONE]{end}");
+            for at in 0..=stream.len() {
+                let mut tap = UsageTap::new(full(""), true, true, finish());
+                let mut out = tap
+                    .sse(Bytes::copy_from_slice(&stream.as_bytes()[..at]))
+                    .to_vec();
+                out.extend_from_slice(&tap.sse(Bytes::copy_from_slice(&stream.as_bytes()[at..])));
+                assert_eq!(String::from_utf8(out).unwrap(), expected, "split at {at}");
+                assert_eq!(tap.usage.map(|u| u.completion), Some(1));
+            }
+        }
+        // A finishing chunk that already has one keeps it; a null is filled.
+        assert_eq!(
+            with_fingerprint(&Bytes::from_static(br#"{"system_fingerprint":"x"}"#), "y"),
+            Bytes::from_static(br#"{"system_fingerprint":"x"}"#)
+        );
+        assert_eq!(
+            with_fingerprint(&Bytes::from_static(br#"{"system_fingerprint":null}"#), "y"),
+            Bytes::from_static(br#"{"system_fingerprint":"y"}"#)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_finishing_chunk_is_sent_when_the_stream_ends_without_usage() {
+        let last = "data: {\"choices\":[{\"index\":0,\"finish_reason\":\"stop\"}]}\n\n";
+        let body = collect(UsageTap::new(full(last), true, true, finish())).await;
+        assert_eq!(body, last);
     }
 
     impl UsageTap {

@@ -315,8 +315,7 @@ pub fn chunk(
             json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null}),
         ),
     };
-    json!({"id": id, "object": object, "created": created, "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [choice]})
+    json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
 }
 
 /// The final usage chunk (empty `choices`).

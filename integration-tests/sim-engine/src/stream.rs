@@ -111,7 +111,7 @@ impl Stream {
     pub fn done(&self, u: Usage) -> Vec<String> {
         match self.kind {
             Kind::Chat | Kind::Completion => {
-                let finish = api::chunk(
+                let mut finish = api::chunk(
                     self.kind,
                     &self.id,
                     self.created,
@@ -120,6 +120,11 @@ impl Stream {
                     false,
                     Some("length"),
                 );
+                // As vLLM: the fingerprint comes once, on the last chunk
+                // with choices, or on the usage chunk when one follows.
+                if !self.include_usage {
+                    finish["system_fingerprint"] = json!(api::SYSTEM_FINGERPRINT);
+                }
                 let mut out = vec![data(&finish)];
                 if self.include_usage {
                     out.push(data(&api::usage_chunk(
