@@ -205,6 +205,12 @@ pub struct Config {
     )]
     pub usage_report_interval_ms: u64,
 
+    /// How long an admission this edge's share of a rate limit cannot cover
+    /// waits for a loan from the control plane's reserve before it refuses,
+    /// milliseconds. One round trip on the edge's stream.
+    #[arg(long, env = "INFERMESH_QUOTA_BORROW_WAIT_MS", default_value_t = 20)]
+    pub quota_borrow_wait_ms: u64,
+
     /// Write one JSON access-log line per request to stdout.
     #[arg(
         long,

@@ -34,6 +34,8 @@ pub struct EdgeMetrics {
     pub auth_failures: IntCounterVec,
     /// Requests whose handling panicked (answered 500).
     pub panics: IntCounter,
+    /// Loans asked of the control plane's quota reserve, by outcome.
+    pub loans: IntCounterVec,
 }
 
 /// What finished requests came to, per model: counted from each access
@@ -139,6 +141,11 @@ impl EdgeMetrics {
                 "Requests refused for their credentials, by outcome (unauthorized: 401; blocked: 429 for a client address past its failed attempts).",
                 &["outcome"],
             ),
+            loans: counter(
+                "infermesh_edge_quota_loans_total",
+                "Loans asked of the control plane's quota reserve by admissions this edge's grant could not cover, by outcome (lent; refused: the reserve was spent; unanswered: no stream, or no answer within 20 ms).",
+                &["outcome"],
+            ),
         };
         register_all(
             registry,
@@ -151,6 +158,7 @@ impl EdgeMetrics {
                 Box::new(metrics.ejections.clone()),
                 Box::new(metrics.auth_failures.clone()),
                 Box::new(metrics.panics.clone()),
+                Box::new(metrics.loans.clone()),
             ],
         )?;
         Ok(metrics)

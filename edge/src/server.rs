@@ -11,6 +11,7 @@ use infermesh_runtime::discovery::{
     self, Applied, DemandBoard, DiscoveryConfig, Identity, Subscription,
 };
 use infermesh_runtime::http::{HttpService, ServeOptions};
+use infermesh_runtime::loans::LoanDesk;
 use infermesh_runtime::tls::server::{HTTP_ALPN, ServerTls};
 use infermesh_runtime::tls::{self, ClientAuth};
 use tokio::task::JoinHandle;
@@ -40,9 +41,22 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
     config.validate().map_err(anyhow::Error::msg)?;
     let _renewal = enroll(&mut config, &cancel).await?;
     let node_id = config.node_id();
-    let limiter = Arc::new(Limiter::new(config.default_completion_reserve));
+    let log = access_log(&config);
+    let registry = infermesh_runtime::metrics::registry(&[("region", &config.region)]);
+    let metrics = Arc::new(EdgeMetrics::register(&registry)?);
+    let loans = Arc::new(LoanDesk::default());
+    let limiter = Arc::new(
+        Limiter::new(config.default_completion_reserve)
+            .borrowing_through(
+                loans.clone(),
+                Duration::from_millis(config.quota_borrow_wait_ms),
+            )
+            .counting_loans_in(metrics.loans.clone()),
+    );
     let demand = Arc::new(DemandBoard::default());
-    let discovery_config = discovery_config(&config, &node_id, limiter.clone(), demand.clone())?;
+    let mut discovery_config =
+        discovery_config(&config, &node_id, limiter.clone(), demand.clone())?;
+    discovery_config.loans = Some(loans);
     let (builder, initial) = saved_table(config.table_cache.as_deref());
     let (subscription, discovery_task) = discovery::subscribe_from(
         discovery_config,
@@ -50,9 +64,6 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
         initial,
         cancel.child_token(),
     );
-    let log = access_log(&config);
-    let registry = infermesh_runtime::metrics::registry(&[("region", &config.region)]);
-    let metrics = Arc::new(EdgeMetrics::register(&registry)?);
     let (_, metrics_task) = infermesh_runtime::metrics::spawn(
         config.metrics_listen,
         registry.clone(),
@@ -173,6 +184,7 @@ fn discovery_config(
         quota: Some(limiter),
         usage_interval: Duration::from_millis(config.usage_report_interval_ms),
         demand: Some(demand),
+        loans: None,
     })
 }
 

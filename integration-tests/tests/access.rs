@@ -1,7 +1,8 @@
 //! API keys and rate limits through the real processes: keys made and
 //! revoked with grpcurl, checked at every edge, and one key's request limit
 //! held across three edges under uneven load, and across edges connected
-//! to different control-plane replicas.
+//! to different control-plane replicas. An idle edge takes a burst the
+//! global remainder covers, borrowing from the control plane's reserve.
 
 use std::time::{Duration, Instant};
 
@@ -308,6 +309,92 @@ async fn request_limit_holds_across_three_edges_under_uneven_load() {
     assert!(
         admitted[0] > LIMIT / 3 + 5,
         "the busy edge got more than a third: {admitted:?}"
+    );
+}
+
+/// `x-ratelimit-remaining-requests` of a reply.
+fn remaining_requests(reply: &Reply) -> Option<i64> {
+    reply
+        .headers
+        .get("x-ratelimit-remaining-requests")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn an_idle_edge_takes_a_burst_the_global_remainder_covers() {
+    const LIMIT: u64 = 120;
+    let mesh = Mesh::start().await;
+    let _r = one_fast_replica(&mesh).await;
+    // A loan is one round trip on the edge's stream; the default wait of
+    // 20 ms is widened for debug builds sharing two cores with the fleet.
+    let wait = ["--quota-borrow-wait-ms", "200"];
+    let edges = [
+        mesh.start_edge("eu-west", &wait).await,
+        mesh.start_edge("eu-west", &wait).await,
+    ];
+    for edge in &edges {
+        until_served(&mesh.http, edge, "llama").await;
+    }
+    let http = limited_key(&mesh, &edges, LIMIT).await;
+    // Traffic at the first edge until it admits from a share-out: its
+    // remaining count then falls by one a request, where its cold-start
+    // half of the limit, scaled to the whole, falls by two. The same
+    // share-out gave the idle edge its small part.
+    let mut previous = None;
+    let mut shared_out = false;
+    let started = Instant::now();
+    while !shared_out && started.elapsed() < DEADLINE {
+        let reply = post(&http, &edges[0], &chat("llama"), &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let now = remaining_requests(&reply);
+        shared_out = matches!((previous, now), (Some(a), Some(b)) if a - b == 1);
+        previous = now;
+    }
+    assert!(shared_out, "the first edge never admitted from a grant");
+    let used = LIMIT as i64 - previous.unwrap_or(0);
+    // A burst at the idle edge, all at once, well within what is left.
+    let burst: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, edge) = (http.clone(), edges[1].url.clone());
+            tokio::spawn(async move {
+                http.send(
+                    Method::POST,
+                    &format!("{edge}/v1/chat/completions"),
+                    Some(bytes::Bytes::from(chat("llama").to_string())),
+                    &[],
+                )
+                .await
+                .expect("edge answers")
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for reply in burst {
+        let reply = reply.await.unwrap();
+        if reply.status != 200 {
+            refused.push(format!("{} {}", reply.status, reply.text()));
+        }
+    }
+    let metrics = mesh.http.get(&edges[1].metrics_url).await.unwrap().text();
+    let loans: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("infermesh_edge_quota_loans_total"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "about {used} of {LIMIT} used; refused: {refused:?}; loans: {loans:?}"
+    );
+    let lent = infermesh_integration_tests::scrape::value(
+        &metrics,
+        "infermesh_edge_quota_loans_total",
+        &[("outcome", "lent")],
+    );
+    assert!(
+        lent.unwrap_or(0.0) >= 1.0,
+        "the idle edge borrowed: {lent:?}"
     );
 }
 

@@ -32,6 +32,9 @@ use crate::snapshot::Snapshot;
 use crate::tables;
 use infermesh_runtime::tls::peer_identity;
 
+/// Loans lent on one stream and not yet sent.
+const LOANS_QUEUED: usize = 256;
+
 /// The discovery service.
 pub struct Discovery {
     snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -265,6 +268,7 @@ impl Session {
             }
             _ => (None, mpsc::channel(1).1),
         };
+        let (loans_tx, mut loans_rx) = mpsc::channel(LOANS_QUEUED);
         // Only edges route requests, so only they are asked to explain.
         let mut questions = match self.role {
             SubscriberRole::Edge => self.explain.attach(stream, &self.hello.region, &node),
@@ -315,6 +319,12 @@ impl Session {
                         }
                     }
                 }
+                Some(loan) = loans_rx.recv() => {
+                    let response = SubscribeResponse { loan: Some(loan), ..Default::default() };
+                    if self.tx.send(Ok(response)).await.is_err() {
+                        break;
+                    }
+                }
                 Some(query) = questions.recv() => {
                     let response = SubscribeResponse { explain: Some(query), ..Default::default() };
                     if self.tx.send(Ok(response)).await.is_err() {
@@ -322,7 +332,7 @@ impl Session {
                     }
                 }
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.record(&node, stream, quota_session, message),
+                    Ok(Some(message)) => self.record(&node, stream, quota_session, &loans_tx, message),
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(%node, %status, "subscriber stream failed");
@@ -373,6 +383,7 @@ impl Session {
         node: &str,
         stream: StreamId,
         quota_session: Option<SessionId>,
+        loans: &mpsc::Sender<infermesh_proto::v1::Loan>,
         message: SubscribeRequest,
     ) {
         if let Some(subscribe_request::Kind::Usage(report)) = message.kind {
@@ -389,6 +400,19 @@ impl Session {
                     .note(&snapshot, &self.hello.region, demand.pools);
             } else {
                 tracing::debug!(%node, "ignoring demand from a non-edge subscriber");
+            }
+            return;
+        }
+        if let Some(subscribe_request::Kind::Borrow(borrow)) = &message.kind {
+            if quota_session.is_some() {
+                // Lent now, sent by the session loop; past LOANS_QUEUED
+                // answers waiting, one is dropped and its borrower refuses
+                // as it would have without a reserve.
+                if loans.try_send(self.quotas.lend(borrow)).is_err() {
+                    tracing::debug!(%node, "too many loans waiting to be sent; one dropped");
+                }
+            } else {
+                tracing::debug!(%node, "ignoring a borrow from a non-edge subscriber");
             }
             return;
         }
@@ -419,7 +443,8 @@ impl Session {
                 subscribe_request::Kind::Hello(_)
                 | subscribe_request::Kind::Usage(_)
                 | subscribe_request::Kind::Demand(_)
-                | subscribe_request::Kind::Explained(_),
+                | subscribe_request::Kind::Explained(_)
+                | subscribe_request::Kind::Borrow(_),
             )
             | None => {
                 tracing::debug!(%node, "ignoring a repeated hello");

@@ -21,6 +21,10 @@ const DEMAND_SMOOTHING: f64 = 0.5;
 /// Fraction of the mean demand every edge gets on top of its own, so that
 /// an edge that was idle can admit its first requests before the next share-out.
 const FLOOR_SHARE: f64 = 0.05;
+/// Fraction of what is left that a share-out keeps back as the reserve:
+/// edges that run dry before the next share-out borrow from it instead of
+/// refusing while the limit is far away.
+pub const RESERVE_FRACTION: f64 = 0.5;
 
 /// A quota's limit: units per window.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +63,10 @@ struct QuotaState {
     last_demand: Instant,
     window: Duration,
     edges: HashMap<SessionId, EdgeCounters>,
+    /// Units the last share-out kept back, less what was lent since. Zero
+    /// until a first share-out: before it, edges admit from their local
+    /// cold-start buckets, which the ledger does not see.
+    reserve: f64,
 }
 
 impl QuotaState {
@@ -74,6 +82,7 @@ impl QuotaState {
             last_demand: now,
             window,
             edges: HashMap::new(),
+            reserve: 0.0,
         }
     }
 
@@ -212,13 +221,17 @@ impl Ledger {
             let weights: Vec<f64> = rates.iter().map(|r| r + floor).collect();
             let weight_sum: f64 = weights.iter().sum();
             let available = state.level.max(0.0);
+            let allocated = available * (1.0 - RESERVE_FRACTION);
+            let mut granted = 0.0;
             for (session, weight) in sessions.iter().zip(&weights) {
                 let share = weight / weight_sum;
                 let consumed_seen = state.edges.get(session).map_or(0, |e| e.consumed);
+                let allowance = (allocated * share).floor();
+                granted += allowance;
                 if let Some(list) = grants.get_mut(session) {
                     list.push(QuotaGrant {
                         quota: quota.clone(),
-                        allowance: (available * share).floor() as i64,
+                        allowance: allowance as i64,
                         consumed_seen,
                         limit: state.global as i64,
                         global_remaining: available.floor() as i64,
@@ -227,8 +240,24 @@ impl Ledger {
                     });
                 }
             }
+            state.reserve = (available - granted).max(0.0);
         }
         grants
+    }
+
+    /// Lends up to `amount` units of `quota` from its reserve to an edge
+    /// that ran dry: (units lent, units left globally, ms until full). A
+    /// quota no share-out has covered yet lends nothing.
+    pub fn lend(&mut self, quota: &str, amount: i64, now: Instant) -> (i64, i64, u64) {
+        let Some(state) = self.quotas.get_mut(quota) else {
+            return (0, 0, 0);
+        };
+        state.refill(now);
+        state.last_demand = now;
+        let lent = (amount.max(0) as f64).min(state.reserve.floor());
+        state.reserve -= lent;
+        let left = (state.level - lent).max(0.0).floor() as i64;
+        (lent as i64, left, state.reset_ms())
     }
 
     /// Units left globally for a quota, if it is being tracked.
@@ -258,6 +287,36 @@ mod tests {
     }
 
     #[test]
+    fn the_reserve_lends_what_the_share_out_kept_back_and_no_more() {
+        let mut ledger = Ledger::default();
+        let now = Instant::now();
+        assert_eq!(
+            ledger.lend("q", 5, now),
+            (0, 0, 0),
+            "untracked: nothing to lend"
+        );
+        ledger.report(1, "q", per_minute(100), 10, 10, now);
+        ledger.report(2, "q", per_minute(100), 0, 0, now);
+        let grants = ledger.share_out(&[1, 2], Duration::from_millis(250), MINUTE, now);
+        let granted = allowance(&grants, 1) + allowance(&grants, 2);
+        assert!(
+            granted <= 45,
+            "at most half of the 90 left is shared out: {granted}"
+        );
+        let reserve = 90 - granted;
+        // The idle edge runs dry and borrows; the reserve is all it can get.
+        let (lent, left, _) = ledger.lend("q", 5, now);
+        assert_eq!((lent, left), (5, 85));
+        let (rest, _, _) = ledger.lend("q", 1_000, now);
+        assert_eq!(rest, reserve - 5);
+        assert_eq!(ledger.lend("q", 1, now).0, 0, "the reserve is spent");
+        assert!(
+            granted + reserve <= 90,
+            "grants and loans stay within what was left"
+        );
+    }
+
+    #[test]
     fn allowances_of_one_share_out_never_exceed_what_is_left() {
         let mut ledger = Ledger::default();
         let t0 = Instant::now();
@@ -265,8 +324,14 @@ mod tests {
         ledger.report(2, "key/k/rpm", per_minute(100), 10, 10, t0);
         let grants = ledger.share_out(&[1, 2, 3], TICK, IDLE, t0);
         let total: i64 = [1, 2, 3].iter().map(|s| allowance(&grants, *s)).sum();
-        assert!(total <= 60, "granted {total} of 60 left");
-        assert!(total >= 57, "granted only {total} of 60 left");
+        // Half of what is left is shared out; the rest is the reserve.
+        assert!(
+            total <= 30,
+            "granted {total} of the 30 shared out of 60 left"
+        );
+        assert!(total >= 27, "granted only {total} of 30");
+        let (reserve, _, _) = ledger.lend("key/k/rpm", 1_000, t0);
+        assert_eq!(total + reserve, 60, "grants and reserve are what is left");
         let g1 = &grants[&1][0];
         assert_eq!(g1.consumed_seen, 30);
         assert_eq!(g1.global_remaining, 60);
@@ -306,7 +371,8 @@ mod tests {
         assert_eq!(grants[&1][0].reset_ms, 60_000);
         let later = t0 + Duration::from_secs(10);
         let grants = ledger.share_out(&[1], TICK, IDLE, later);
-        assert_eq!(grants[&1][0].allowance, 10);
+        assert_eq!(grants[&1][0].allowance, 5, "half of the 10 refilled");
+        assert_eq!(ledger.lend("key/k/rpm", 9, later).0, 5, "the other half");
     }
 
     #[test]

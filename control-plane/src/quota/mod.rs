@@ -213,6 +213,23 @@ impl QuotaBook {
         }
     }
 
+    /// Lends an edge that ran dry what it asks of a quota's reserve, as far
+    /// as the reserve goes.
+    pub fn lend(&self, borrow: &infermesh_proto::v1::Borrow) -> infermesh_proto::v1::Loan {
+        let (amount, global_remaining, reset_ms) = self
+            .ledger
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lend(&borrow.quota, borrow.amount, Instant::now());
+        infermesh_proto::v1::Loan {
+            id: borrow.id,
+            quota: borrow.quota.clone(),
+            amount,
+            global_remaining,
+            reset_ms,
+        }
+    }
+
     fn share_out(&self, elapsed: Duration) {
         let snapshot = self.snapshots.borrow().clone();
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);

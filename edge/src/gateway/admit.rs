@@ -9,7 +9,7 @@ impl Gateway {
     /// Admits a request of `prompt_tokens` with `max_tokens` of output for
     /// `principal` on `model`; a refusal is counted. Unauthenticated edges
     /// admit everything.
-    pub(crate) fn admit_counted(
+    pub(crate) async fn admit_counted(
         &self,
         principal: Option<&Principal>,
         model: &str,
@@ -20,7 +20,8 @@ impl Gateway {
             return Ok(None);
         };
         self.limiter
-            .admit(principal, prompt_tokens, max_tokens)
+            .admit_or_borrow(principal, prompt_tokens, max_tokens)
+            .await
             .map(Some)
             .inspect_err(|error| {
                 if let (ApiError::RateLimited { kind, .. }, Some(metrics)) =

@@ -77,6 +77,7 @@ impl Gateway {
             if let Some(answer) = cached {
                 return self
                     .serve_cached(answer, request, principal, record)
+                    .await
                     .map(Cached::Hit);
             }
         }
@@ -88,7 +89,7 @@ impl Gateway {
 
     /// Answers from the cache: as stored, or replayed as a stream. The
     /// request counts against the caller's request limits, not its tokens.
-    fn serve_cached(
+    async fn serve_cached(
         &self,
         answer: Bytes,
         request: &Parsed<'_>,
@@ -96,7 +97,7 @@ impl Gateway {
         record: &mut AccessRecord,
     ) -> Result<Response<Body>, ApiError> {
         let model = record.served_model.as_deref().unwrap_or("");
-        let admission = self.admit_counted(principal, model, 0, Some(0))?;
+        let admission = self.admit_counted(principal, model, 0, Some(0)).await?;
         let (body, content_type) = if request.stream {
             let value: serde_json::Value =
                 serde_json::from_slice(&answer).map_err(|e| ApiError::UpstreamFailed {

@@ -7,6 +7,12 @@
 //!
 //! Token quotas reserve the prompt estimate plus max_tokens at admission;
 //! the reservation is settled against the response's `usage`.
+//!
+//! A quota this edge's grant cannot admit is not refused at once while the
+//! control plane is reachable: the edge borrows from the reserve the
+//! control plane keeps out of every share-out, in one round trip on its
+//! stream bounded by `--quota-borrow-wait-ms`, and refuses only when
+//! nothing covers the request.
 
 mod bucket;
 mod headers;
@@ -29,6 +35,9 @@ pub use headers::reset_text;
 
 /// A grant is trusted this long without a newer share-out.
 const GRANT_FRESH_FOR: Duration = Duration::from_secs(2);
+/// The least a loan asks for, as a fraction of the limit, so that an edge
+/// that ran dry does not ask again for every request until the next share-out.
+const BORROW_AT_LEAST: f64 = 0.02;
 
 #[derive(Debug, Clone)]
 struct Grant {
@@ -48,6 +57,10 @@ struct QuotaState {
     grant: Option<Grant>,
     local: Bucket,
     local_capacity: f64,
+    /// Units lent on top of the fresh grant, until the next share-out.
+    lent_to_grant: f64,
+    /// Units lent while no grant was fresh, used up by what is admitted.
+    lent_to_local: f64,
 }
 
 impl QuotaState {
@@ -61,6 +74,8 @@ impl QuotaState {
             grant: None,
             local: Bucket::new(local_capacity, window, now),
             local_capacity,
+            lent_to_grant: 0.0,
+            lent_to_local: 0.0,
         }
     }
 
@@ -79,8 +94,19 @@ impl QuotaState {
     /// Units this edge may still admit.
     fn available(&mut self, now: Instant) -> f64 {
         match self.fresh_grant(now) {
-            Some(g) => (g.allowance - (self.consumed - g.consumed_seen)) as f64,
-            None => self.local.available(now),
+            Some(g) => {
+                (g.allowance - (self.consumed - g.consumed_seen)) as f64 + self.lent_to_grant
+            }
+            None => self.local.available(now) + self.lent_to_local,
+        }
+    }
+
+    /// A loan of `amount` units arrived.
+    fn lent(&mut self, amount: f64, now: Instant) {
+        if self.fresh_grant(now).is_some() {
+            self.lent_to_grant += amount;
+        } else {
+            self.lent_to_local += amount;
         }
     }
 
@@ -100,13 +126,15 @@ impl QuotaState {
         }
     }
 
-    /// How long until `amount` could be admitted.
+    /// How long until `amount` could be admitted: until the global bucket
+    /// refills what it lacks, or the next share-out when it holds enough
+    /// but none of it is this edge's.
     fn retry_after(&mut self, amount: f64, now: Instant) -> Duration {
         match self.fresh_grant(now) {
-            // The next share-out brings what refilled meanwhile.
             Some(_) => {
                 let per_sec = self.limit as f64 / self.window.as_secs_f64();
-                Duration::from_secs_f64((amount / per_sec).max(0.25))
+                let missing = (amount - self.remaining(now) as f64).max(0.0);
+                Duration::from_secs_f64((missing / per_sec).max(0.25))
             }
             None => self.local.wait_for(amount, now),
         }
@@ -115,7 +143,13 @@ impl QuotaState {
     fn charge(&mut self, amount: i64, now: Instant) {
         self.consumed += amount;
         if self.fresh_grant(now).is_none() {
-            self.local.take(amount as f64, now);
+            let mut rest = amount as f64;
+            if rest > 0.0 {
+                let from_loan = rest.min(self.lent_to_local);
+                self.lent_to_local -= from_loan;
+                rest -= from_loan;
+            }
+            self.local.take(rest, now);
         }
     }
 }
@@ -165,6 +199,15 @@ impl Admission {
     }
 }
 
+/// A refusal, with the quota that refused and by how much.
+struct Refused {
+    error: ApiError,
+    quota: String,
+    state: Arc<Mutex<QuotaState>>,
+    short: f64,
+    limit: u64,
+}
+
 /// The edge's quotas.
 #[derive(Debug)]
 pub struct Limiter {
@@ -173,6 +216,11 @@ pub struct Limiter {
     dirty: AtomicBool,
     /// Completion tokens reserved when a request sets no max_tokens.
     default_completion_reserve: u64,
+    /// Where loans are asked for, when the edge has a control plane, and
+    /// how long an admission waits for one.
+    loans: Option<(Arc<infermesh_runtime::loans::LoanDesk>, Duration)>,
+    /// Loans by outcome: `lent`, `refused`, `unanswered`.
+    loan_outcomes: Option<prometheus::IntCounterVec>,
 }
 
 impl Limiter {
@@ -184,6 +232,81 @@ impl Limiter {
             edges: AtomicU32::new(1),
             dirty: AtomicBool::new(false),
             default_completion_reserve,
+            loans: None,
+            loan_outcomes: None,
+        }
+    }
+
+    /// Counts loans by outcome in `counter` (label `outcome`).
+    pub fn counting_loans_in(mut self, counter: prometheus::IntCounterVec) -> Self {
+        self.loan_outcomes = Some(counter);
+        self
+    }
+
+    fn loan_outcome(&self, outcome: &str) {
+        if let Some(counter) = &self.loan_outcomes {
+            counter.with_label_values(&[outcome]).inc();
+        }
+    }
+
+    /// Borrows through `desk` before refusing, waiting up to `wait`.
+    pub fn borrowing_through(
+        mut self,
+        desk: Arc<infermesh_runtime::loans::LoanDesk>,
+        wait: Duration,
+    ) -> Self {
+        self.loans = Some((desk, wait));
+        self
+    }
+
+    /// Admits as `admit` does; a quota that would refuse is first topped
+    /// up from the control plane's reserve, once per quota.
+    pub async fn admit_or_borrow(
+        &self,
+        principal: &Principal,
+        prompt_tokens: u64,
+        max_tokens: Option<u64>,
+    ) -> Result<Admission, ApiError> {
+        let tokens = prompt_tokens + max_tokens.unwrap_or(self.default_completion_reserve);
+        let mut asked = Vec::new();
+        loop {
+            let refused = match self.try_admit(principal, tokens, asked.is_empty()) {
+                Ok(admission) => return Ok(admission),
+                Err(refused) => refused,
+            };
+            let Some((desk, wait)) = self
+                .loans
+                .as_ref()
+                .filter(|_| !asked.contains(&refused.quota))
+            else {
+                return Err(refused.error);
+            };
+            let amount = refused
+                .short
+                .max(refused.limit as f64 * BORROW_AT_LEAST)
+                .ceil() as i64;
+            // Loans are applied as they arrive, in stream order: one lent
+            // to a request ahead of this one is in the state by the time
+            // this one's answer is read.
+            let state = refused.state.clone();
+            let apply = Box::new(move |loan: &infermesh_proto::v1::Loan| {
+                if loan.amount > 0 {
+                    state
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .lent(loan.amount as f64, Instant::now());
+                }
+            });
+            let outcome = match desk.borrow(&refused.quota, amount, *wait, apply).await {
+                None => "unanswered",
+                Some(loan) if loan.amount > 0 => "lent",
+                Some(_) => "refused",
+            };
+            self.loan_outcome(outcome);
+            tracing::debug!(quota = %refused.quota, outcome, "asked the control plane's reserve");
+            // Tried again even without a loan of its own: loans to the
+            // requests ahead of it may cover it.
+            asked.push(refused.quota);
         }
     }
 
@@ -254,8 +377,19 @@ impl Limiter {
         prompt_tokens: u64,
         max_tokens: Option<u64>,
     ) -> Result<Admission, ApiError> {
-        let now = Instant::now();
         let tokens = prompt_tokens + max_tokens.unwrap_or(self.default_completion_reserve);
+        self.try_admit(principal, tokens, true).map_err(|r| r.error)
+    }
+
+    /// Admits or refuses; `count_demand` is false when the same request
+    /// tries again after asking for a loan.
+    fn try_admit(
+        &self,
+        principal: &Principal,
+        tokens: u64,
+        count_demand: bool,
+    ) -> Result<Admission, Refused> {
+        let now = Instant::now();
         let charges = Self::charges(principal, tokens);
         let states: Vec<_> = charges
             .iter()
@@ -273,21 +407,29 @@ impl Limiter {
         });
         if let Some(i) = refused {
             let charge = &charges[i];
+            let needed = charge.amount.min(charge.limit) as f64;
+            let short = needed - guards[i].available(now);
             let retry = guards[i].retry_after(charge.amount as f64, now);
-            for (c, g) in charges.iter().zip(guards.iter_mut()) {
-                g.demand += c.amount;
+            if count_demand {
+                for (c, g) in charges.iter().zip(guards.iter_mut()) {
+                    g.demand += c.amount;
+                }
             }
             let mut headers = headers::limits(&charges, &mut guards, now);
-            return Err(headers::refusal(
-                &charge.id,
-                charge.limit,
-                tokens,
-                retry,
-                &mut headers,
-            ));
+            let error = headers::refusal(&charge.id, charge.limit, tokens, retry, &mut headers);
+            drop(guards);
+            return Err(Refused {
+                error,
+                quota: charge.id.to_string(),
+                state: states[i].clone(),
+                short,
+                limit: charge.limit,
+            });
         }
         for (c, g) in charges.iter().zip(guards.iter_mut()) {
-            g.demand += c.amount;
+            if count_demand {
+                g.demand += c.amount;
+            }
             g.charge(c.amount as i64, now);
         }
         let headers = headers::limits(&charges, &mut guards, now);
@@ -351,6 +493,8 @@ impl QuotaExchange for Limiter {
             };
             let state = self.state(&id, grant.limit.max(0) as u64, now);
             let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+            s.lent_to_grant = 0.0;
+            s.lent_to_local = 0.0;
             s.grant = Some(Grant {
                 allowance: grant.allowance,
                 consumed_seen: grant.consumed_seen,

@@ -173,3 +173,102 @@ async fn a_new_stream_restarts_the_counters_it_reports() {
     let report = limiter.usage().unwrap();
     assert!(report.quotas.iter().all(|q| q.consumed == 1));
 }
+
+/// A control plane answering every borrow on `desk` with `lend(amount)`.
+fn lender(
+    desk: Arc<infermesh_runtime::loans::LoanDesk>,
+    lend: impl Fn(i64) -> i64 + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            desk.signalled.notified().await;
+            for borrow in desk.take() {
+                desk.answer(infermesh_proto::v1::Loan {
+                    id: borrow.id,
+                    quota: borrow.quota.clone(),
+                    amount: lend(borrow.amount),
+                    global_remaining: 50,
+                    reset_ms: 1_000,
+                });
+            }
+        }
+    })
+}
+
+fn granted(
+    limiter: &Limiter,
+    quota: &str,
+    allowance: i64,
+    consumed_seen: i64,
+    global_remaining: i64,
+) {
+    limiter.grants(QuotaGrants {
+        sequence: 1,
+        edges: 2,
+        grants: vec![QuotaGrant {
+            quota: quota.to_string(),
+            allowance,
+            consumed_seen,
+            limit: 100,
+            global_remaining,
+            reset_ms: 30_000,
+            share: 0.05,
+        }],
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_edge_that_ran_dry_borrows_from_the_reserve_before_it_refuses() {
+    let desk = Arc::new(infermesh_runtime::loans::LoanDesk::default());
+    desk.opened();
+    let limiter = Limiter::new(16).borrowing_through(desk.clone(), Duration::from_millis(20));
+    let p = principal(rpm(100), None);
+    let quota = format!("key/{}/rpm", p.key.id);
+    // An idle edge's share: nothing of its own, though 90 are left globally.
+    granted(&limiter, &quota, 0, 0, 90);
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = asked.clone();
+    let _lender = lender(desk.clone(), move |amount| {
+        log.lock().unwrap().push(amount);
+        amount
+    });
+    // Asks for at least 2% of the limit, so the next request needs no loan.
+    limiter.admit_or_borrow(&p, 1, Some(1)).await.unwrap();
+    limiter.admit_or_borrow(&p, 1, Some(1)).await.unwrap();
+    assert_eq!(
+        *asked.lock().unwrap(),
+        vec![2],
+        "one loan of 2 for two requests"
+    );
+    // A new share-out, which saw the 2 admitted, replaces the loan.
+    granted(&limiter, &quota, 1, 2, 88);
+    limiter.admit_or_borrow(&p, 1, Some(1)).await.unwrap();
+    assert_eq!(asked.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spent_reserve_or_an_absent_control_plane_refuses_at_once() {
+    let desk = Arc::new(infermesh_runtime::loans::LoanDesk::default());
+    desk.opened();
+    let limiter = Limiter::new(16).borrowing_through(desk.clone(), Duration::from_millis(20));
+    let p = principal(rpm(100), None);
+    let quota = format!("key/{}/rpm", p.key.id);
+    granted(&limiter, &quota, 0, 0, 0);
+    let lender = lender(desk.clone(), |_| 0);
+    let refused = limiter.admit_or_borrow(&p, 1, Some(1)).await.unwrap_err();
+    assert!(
+        matches!(refused, ApiError::RateLimited { .. }),
+        "{refused:?}"
+    );
+    // Nothing left globally: Retry-After is the refill time of one request.
+    let ApiError::RateLimited { headers, .. } = refused else {
+        unreachable!()
+    };
+    assert_eq!(header(&headers, "retry-after"), "1");
+    lender.abort();
+    // Stream closed: no question is asked, no wait.
+    desk.closed();
+    let started = Instant::now();
+    assert!(limiter.admit_or_borrow(&p, 1, Some(1)).await.is_err());
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}

@@ -96,6 +96,8 @@ pub struct DiscoveryConfig {
     pub usage_interval: Duration,
     /// Edges: pools requests are held for, sent as `Demand`.
     pub demand: Option<Arc<DemandBoard>>,
+    /// Edges: quota units asked of the control plane's reserve.
+    pub loans: Option<Arc<crate::loans::LoanDesk>>,
 }
 
 /// Pools an edge holds requests for because they have no replica (scaled
@@ -339,7 +341,13 @@ impl<A: ApplyTable> Session<'_, A> {
         if let Some(quota) = &config.quota {
             quota.stream_opened();
         }
+        if let Some(loans) = &config.loans {
+            loans.opened();
+        }
         let result = self.follow(&mut inbound, &tx, config).await;
+        if let Some(loans) = &config.loans {
+            loans.closed();
+        }
         if let Some(quota) = &config.quota {
             quota.stream_closed();
         }
@@ -367,6 +375,12 @@ impl<A: ApplyTable> Session<'_, A> {
                     }
                     continue;
                 }
+                _ = async { config.loans.as_ref()?.signalled.notified().await; Some(()) }, if config.loans.is_some() => {
+                    for borrow in config.loans.as_ref().map(|l| l.take()).unwrap_or_default() {
+                        send(tx, subscribe_request::Kind::Borrow(borrow)).await?;
+                    }
+                    continue;
+                }
                 _ = usage_tick.tick(), if config.quota.is_some() => {
                     if let Some(report) = config.quota.as_ref().and_then(|q| q.usage()) {
                         send(tx, subscribe_request::Kind::Usage(report)).await?;
@@ -376,6 +390,9 @@ impl<A: ApplyTable> Session<'_, A> {
             };
             if let (Some(grants), Some(quota)) = (response.quotas, &config.quota) {
                 quota.grants(grants);
+            }
+            if let (Some(loan), Some(loans)) = (response.loan, &config.loans) {
+                loans.answer(loan);
             }
             if let Some(query) = response.explain {
                 let answer = self.explain(&query, &config.identity.node_id);

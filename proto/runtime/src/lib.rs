@@ -12,6 +12,7 @@ pub mod engine_fields;
 pub mod enroll;
 pub mod fs;
 pub mod http;
+pub mod loans;
 pub mod metrics;
 pub mod quota;
 pub mod shutdown;

@@ -83,7 +83,9 @@ impl DiscoveryService for FakeControlPlane {
                         },
                     ),
                     Some(
-                        subscribe_request::Kind::Usage(_) | subscribe_request::Kind::Demand(_),
+                        subscribe_request::Kind::Usage(_)
+                        | subscribe_request::Kind::Demand(_)
+                        | subscribe_request::Kind::Borrow(_),
                     )
                     | None => {
                         continue;
@@ -224,6 +226,7 @@ async fn tables_are_acked_refusals_nacked_and_the_held_version_survives_a_reconn
         quota: None,
         usage_interval: Duration::from_millis(200),
         demand: None,
+        loans: None,
     };
     let cancel = CancellationToken::new();
     let applier = RegionTables::default();
