@@ -121,6 +121,16 @@ impl ApiError {
         }
     }
 
+    /// Whether a refusal of this kind spends one of the caller's requests
+    /// (a 403 or 404 before admission: an unknown model or path, or a
+    /// model the key may not use).
+    pub fn counts_as_request(&self) -> bool {
+        matches!(
+            self,
+            ApiError::ModelNotFound(_) | ApiError::ModelNotAllowed { .. } | ApiError::NotFound(_)
+        )
+    }
+
     /// HTTP status of the error.
     pub fn status(&self) -> StatusCode {
         match self {

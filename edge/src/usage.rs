@@ -18,8 +18,25 @@ use crate::metrics::{InFlight, Observer};
 use crate::quota::Admission;
 use crate::sse::{Event, Framer, Part};
 
-/// Non-streamed bodies larger than this are passed on without looking for usage.
+/// Non-streamed bodies up to this size are read whole for their usage;
+/// past it, only the last `JSON_TAIL` bytes are kept, where engines write
+/// `usage` (after the choices).
 const JSON_SCAN_LIMIT: usize = 4 * 1024 * 1024;
+/// Bytes of a larger body's end kept to find its usage in.
+const JSON_TAIL: usize = 64 * 1024;
+
+/// The usage in the last bytes of a JSON body: the value of its last
+/// `"usage"` member.
+fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
+    let at = memchr::memmem::rfind(tail, b"\"usage\"")?;
+    let rest = tail[at + b"\"usage\"".len()..].trim_ascii_start();
+    let rest = rest.strip_prefix(b":")?;
+    let value = serde_json::Deserializer::from_slice(rest)
+        .into_iter::<serde_json::Value>()
+        .next()?
+        .ok()?;
+    usage_of(&serde_json::json!({ "usage": value }))
+}
 
 /// Token counts from an engine's `usage` object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +90,12 @@ impl Usage {
 }
 
 enum Mode {
-    Json(Vec<u8>),
+    Json {
+        /// The body, while it is within JSON_SCAN_LIMIT.
+        whole: Vec<u8>,
+        /// Its last JSON_TAIL bytes, once it is not.
+        tail: Option<Vec<u8>>,
+    },
     Sse {
         framer: Framer,
         strip: bool,
@@ -105,6 +127,9 @@ pub struct Finish {
     pub started: Instant,
     /// Whether the engine answered with an error status.
     pub failed: bool,
+    /// The prompt tokens the admission estimated: what a request cut short
+    /// without a usage report is charged, with what was streamed.
+    pub prompt_estimate: u64,
 }
 
 /// See the module docs.
@@ -115,6 +140,8 @@ pub struct UsageTap {
     finish: Option<Finish>,
     /// The stream was cut and its closing error event sent: nothing follows.
     closed: bool,
+    /// Chunks of generated output passed on (about a token each).
+    chunks: u64,
     /// Chunks decoded as JSON, which only a non-null `usage` calls for.
     #[cfg(test)]
     decoded: usize,
@@ -138,6 +165,34 @@ fn cut_event(reason: &str, code: &str) -> Bytes {
     let mut out = BytesMut::new();
     crate::sse::write_event(&mut out, event.to_string().as_bytes());
     out.freeze()
+}
+
+/// What a finished request is charged, in tokens, or `None` to let its
+/// reservation stand: the engine's usage; nothing for an engine error;
+/// for a response cut short (by the replica, a deadline, or the client
+/// going away) before any usage, the prompt and what was streamed
+/// (`produced`); a whole answer without usage keeps its reservation.
+fn charge(usage: Option<Usage>, failed: bool, cut_short: bool, produced: u64) -> Option<u64> {
+    match (usage, failed, cut_short) {
+        (Some(usage), _, _) => Some(usage.prompt + usage.completion),
+        (None, true, _) => Some(0),
+        (None, false, true) => Some(produced),
+        (None, false, false) => None,
+    }
+}
+
+/// Keeps what finding a JSON body's usage needs: the body while it is
+/// within the scan limit, then its last bytes.
+fn keep_for_usage(whole: &mut Vec<u8>, tail: &mut Option<Vec<u8>>, data: &[u8]) {
+    if tail.is_none() && whole.len() + data.len() <= JSON_SCAN_LIMIT {
+        whole.extend_from_slice(data);
+        return;
+    }
+    let kept = tail.get_or_insert_with(|| std::mem::take(whole));
+    kept.extend_from_slice(data);
+    if kept.len() > 2 * JSON_TAIL {
+        kept.drain(..kept.len() - JSON_TAIL);
+    }
 }
 
 /// Whether a chunk finishes a choice: a `finish_reason` that is a string.
@@ -208,7 +263,10 @@ impl UsageTap {
                 held: Vec::new(),
             }
         } else {
-            Mode::Json(Vec::new())
+            Mode::Json {
+                whole: Vec::new(),
+                tail: None,
+            }
         };
         Self {
             inner,
@@ -216,6 +274,7 @@ impl UsageTap {
             usage: None,
             finish: Some(finish),
             closed: false,
+            chunks: 0,
             #[cfg(test)]
             decoded: 0,
         }
@@ -239,7 +298,7 @@ impl UsageTap {
     fn next_part(&mut self) -> Option<Part> {
         match &mut self.mode {
             Mode::Sse { framer, .. } => framer.next_part(),
-            Mode::Json(_) => None,
+            Mode::Json { .. } => None,
         }
     }
 
@@ -268,6 +327,9 @@ impl UsageTap {
         };
         let strip = matches!(self.mode, Mode::Sse { strip: true, .. });
         let (usage_only, fingerprint) = self.read_usage(&event);
+        if !usage_only && event.data().is_some_and(|d| d.as_ref() != b"[DONE]") {
+            self.chunks += 1;
+        }
         let remove = usage_only && strip;
         self.set_removed(remove);
         if remove {
@@ -346,22 +408,30 @@ impl UsageTap {
         let Some(mut finish) = self.finish.take() else {
             return;
         };
-        if let Mode::Json(buf) = &self.mode
-            && let Ok(value) = serde_json::from_slice::<serde_json::Value>(buf)
-        {
-            self.usage = usage_of(&value);
+        match &self.mode {
+            Mode::Json {
+                tail: Some(tail), ..
+            } => self.usage = usage_in_tail(tail),
+            Mode::Json { whole, .. } => {
+                if let Ok(value) = serde_json::from_slice::<serde_json::Value>(whole) {
+                    self.usage = usage_of(&value);
+                }
+            }
+            Mode::Sse { .. } => {}
         }
         if let Some(usage) = self.usage {
             finish.record.tokens_in = Some(usage.prompt);
             finish.record.tokens_out = Some(usage.completion);
         }
-        if let Some(admission) = finish.admission.take() {
-            match (self.usage, finish.failed) {
-                (Some(usage), _) => admission.settle(usage.prompt + usage.completion),
-                (None, true) => admission.settle(0),
-                // No usage from a cut-short stream: the reservation stands.
-                (None, false) => {}
-            }
+        if let Some(admission) = finish.admission.take()
+            && let Some(tokens) = charge(
+                self.usage,
+                finish.failed,
+                finish.record.error.is_some(),
+                finish.prompt_estimate + self.chunks,
+            )
+        {
+            admission.settle(tokens);
         }
         finish.record.total_ms = millis(finish.started.elapsed());
         finish.observer.finished(&finish.record);
@@ -435,10 +505,8 @@ impl HttpBody for UsageTap {
                                 finish.record.ttft_ms = Some(millis(finish.started.elapsed()));
                             }
                             let data = match &mut this.mode {
-                                Mode::Json(buf) => {
-                                    if buf.len() + data.len() <= JSON_SCAN_LIMIT {
-                                        buf.extend_from_slice(&data);
-                                    }
+                                Mode::Json { whole, tail } => {
+                                    keep_for_usage(whole, tail, &data);
                                     data
                                 }
                                 Mode::Sse { .. } => this.sse(data),
@@ -448,7 +516,8 @@ impl HttpBody for UsageTap {
                             }
                             // A body of known length is whole once its last
                             // frame is out; the server need not poll again.
-                            if matches!(this.mode, Mode::Json(_)) && this.inner.is_end_stream() {
+                            if matches!(this.mode, Mode::Json { .. }) && this.inner.is_end_stream()
+                            {
                                 this.end();
                             }
                             Frame::data(data)
@@ -467,7 +536,7 @@ impl HttpBody for UsageTap {
 
     fn size_hint(&self) -> SizeHint {
         match self.mode {
-            Mode::Json(_) => self.inner.size_hint(),
+            Mode::Json { .. } => self.inner.size_hint(),
             Mode::Sse { .. } => SizeHint::default(),
         }
     }
@@ -500,6 +569,7 @@ mod tests {
             span: tracing::Span::none(),
             started: Instant::now(),
             failed: false,
+            prompt_estimate: 0,
         }
     }
 
@@ -642,6 +712,56 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn the_usage_of_a_body_past_the_scan_limit_is_found_at_its_end() {
+        let text = "x".repeat(JSON_SCAN_LIMIT + 3 * JSON_TAIL);
+        let json = format!(
+            r#"{{"choices":[{{"message":{{"content":"{text}"}}}}],"usage":{{"prompt_tokens":9,"completion_tokens":1200000}}}}"#
+        );
+        let mut tap = UsageTap::new(full(""), false, false, finish());
+        for piece in json.as_bytes().chunks(100_000) {
+            if let Mode::Json { whole, tail } = &mut tap.mode {
+                keep_for_usage(whole, tail, piece);
+            }
+        }
+        let Mode::Json { whole, tail } = &tap.mode else {
+            unreachable!()
+        };
+        assert!(whole.is_empty());
+        let kept = tail.as_ref().unwrap().len();
+        assert!(kept <= 2 * JSON_TAIL, "bounded: {kept}");
+        assert_eq!(
+            usage_in_tail(tail.as_ref().unwrap()),
+            Some(Usage {
+                prompt: 9,
+                completion: 1_200_000
+            })
+        );
+    }
+
+    #[test]
+    fn a_response_cut_short_is_charged_its_prompt_and_what_was_streamed() {
+        let usage = Some(Usage {
+            prompt: 5,
+            completion: 7,
+        });
+        assert_eq!(charge(usage, false, true, 3), Some(12), "usage wins");
+        assert_eq!(charge(None, true, false, 3), Some(0), "engine error");
+        assert_eq!(
+            charge(None, false, true, 3),
+            Some(3),
+            "cut: prompt + streamed"
+        );
+        assert_eq!(charge(None, false, false, 3), None, "whole, no usage");
+        let mut tap = UsageTap::new(full(""), true, true, finish());
+        tap.sse(Bytes::from(format!("{}{}", chunk("a"), chunk("b"))));
+        tap.sse(Bytes::from(format!("{USAGE}data: [DONE]\n\n")));
+        assert_eq!(
+            tap.chunks, 2,
+            "content chunks, not the usage chunk or [DONE]"
+        );
+    }
+
     #[test]
     fn only_a_chunk_with_non_null_usage_is_decoded() {
         let mut tap = UsageTap::new(full(""), true, false, finish());
@@ -729,8 +849,11 @@ mod tests {
 
     impl UsageTap {
         fn end_for_test(&mut self) {
-            if let Mode::Json(buf) = &self.mode {
-                self.usage = serde_json::from_slice(buf).ok().as_ref().and_then(usage_of);
+            if let Mode::Json { whole, .. } = &self.mode {
+                self.usage = serde_json::from_slice(whole)
+                    .ok()
+                    .as_ref()
+                    .and_then(usage_of);
             }
         }
     }

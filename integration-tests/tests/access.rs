@@ -312,6 +312,25 @@ async fn request_limit_holds_across_three_edges_under_uneven_load() {
     );
 }
 
+#[tokio::test]
+async fn probing_for_models_spends_the_keys_requests() {
+    let mesh = Mesh::start().await;
+    let _r = one_fast_replica(&mesh).await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    until_served(&mesh.http, &edge, "llama").await;
+    let http = limited_key(&mesh, std::slice::from_ref(&edge), 3).await;
+    // Two probes spend two of the three requests.
+    for model in ["no-such-model", "another-guess"] {
+        let probe = post(&http, &edge, &chat(model), &[]).await;
+        assert_eq!(probe.status, 404, "{}", probe.text());
+    }
+    let last = post(&http, &edge, &chat("llama"), &[]).await;
+    assert_eq!(last.status, 200, "{}", last.text());
+    let refused = post(&http, &edge, &chat("llama"), &[]).await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(refused.headers.contains_key("retry-after"));
+}
+
 /// `x-ratelimit-remaining-requests` of a reply.
 fn remaining_requests(reply: &Reply) -> Option<i64> {
     reply

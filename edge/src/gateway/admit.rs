@@ -6,21 +6,22 @@ use crate::error::ApiError;
 use crate::quota::Admission;
 
 impl Gateway {
-    /// Admits a request of `prompt_tokens` with `max_tokens` of output for
-    /// `principal` on `model`; a refusal is counted. Unauthenticated edges
-    /// admit everything.
+    /// Admits a request of `prompt_tokens` with `choices` completions of
+    /// up to `max_tokens` each for `principal` on `model`; a refusal is
+    /// counted. Unauthenticated edges admit everything.
     pub(crate) async fn admit_counted(
         &self,
         principal: Option<&Principal>,
         model: &str,
         prompt_tokens: u64,
         max_tokens: Option<u64>,
+        choices: u64,
     ) -> Result<Option<Admission>, ApiError> {
         let Some(principal) = principal else {
             return Ok(None);
         };
         self.limiter
-            .admit_or_borrow(principal, prompt_tokens, max_tokens)
+            .admit_or_borrow(principal, prompt_tokens, max_tokens, choices)
             .await
             .map(Some)
             .inspect_err(|error| {

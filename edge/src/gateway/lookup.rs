@@ -97,7 +97,7 @@ impl Gateway {
         record: &mut AccessRecord,
     ) -> Result<Response<Body>, ApiError> {
         let model = record.served_model.as_deref().unwrap_or("");
-        let admission = self.admit_counted(principal, model, 0, Some(0)).await?;
+        let admission = self.admit_counted(principal, model, 0, Some(0), 1).await?;
         let (body, content_type) = if request.stream {
             let value: serde_json::Value =
                 serde_json::from_slice(&answer).map_err(|e| ApiError::UpstreamFailed {

@@ -174,7 +174,9 @@ impl Gateway {
         // refused before it counts against any limit.
         let sent = request.upstream_body(model, target.route.engine_fields)?;
         let (prompt, output) = (request.prompt_tokens_estimate, request.max_output_tokens);
-        let admission = self.admit_counted(principal, model, prompt, output).await?;
+        let admission = self
+            .admit_counted(principal, model, prompt, output, request.n)
+            .await?;
         let in_flight = self.observer.metrics().map(|m| m.in_flight(model));
         // No stage after this one needs them, so no copy of the head is made.
         crate::forward::strip_client_credentials(&mut head.headers);
@@ -268,6 +270,8 @@ impl tower::Service<Request<Bytes>> for Gateway {
             let mut record = AccessRecord::begin(&request);
             let probe = matches!(request.uri().path(), "/livez" | "/readyz");
             let observer = gateway.observer.clone();
+            let limiter = gateway.limiter.clone();
+            let principal = request.extensions().get::<Principal>().cloned();
             let span = request_span(&request);
             let outcome = gateway
                 .handle(request, &mut record)
@@ -292,6 +296,12 @@ impl tower::Service<Request<Bytes>> for Gateway {
                         tracing::warn!(%error, "request failed");
                     }
                     record.error = Some(error.code().to_string());
+                    // A recognised key asking for what does not exist or
+                    // is not its own still spends a request: probing for
+                    // models is not free.
+                    if let (Some(principal), true) = (&principal, error.counts_as_request()) {
+                        limiter.count_request(principal);
+                    }
                     let response = error.into_response();
                     record.status = response.status().as_u16();
                     record.total_ms = millis(started.elapsed());

@@ -66,8 +66,17 @@ impl Gateway {
             }));
         }
         // A pool that scaled to zero comes back for this request, even
-        // when another region or a fallback serves it meanwhile.
+        // when another region or a fallback serves it meanwhile; not for a
+        // caller whose quota is spent, who would be refused anyway.
         if let Some(cold) = &route.cold_start {
+            if let Some(principal) = principal {
+                self.limiter.peek(
+                    principal,
+                    request.prompt_tokens_estimate,
+                    request.max_output_tokens,
+                    request.n,
+                )?;
+            }
             self.demand.signal(&cold.pool);
         }
         // Nothing serves the model here: its region's failover edges first

@@ -76,6 +76,7 @@ impl Gateway {
             span: tracing::Span::current(),
             started: books.started,
             failed: !response.status().is_success(),
+            prompt_estimate: request.prompt_tokens_estimate,
         };
         // The tap writes the access line when the body ends.
         record.deferred = true;

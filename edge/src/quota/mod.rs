@@ -199,6 +199,17 @@ impl Admission {
     }
 }
 
+/// How an admission is tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Try {
+    /// A request's first try: its demand is counted.
+    First,
+    /// The same request again, after asking for a loan.
+    Again,
+    /// Only whether it would be admitted: nothing is charged or counted.
+    Peek,
+}
+
 /// A refusal, with the quota that refused and by how much.
 struct Refused {
     error: ApiError,
@@ -259,18 +270,26 @@ impl Limiter {
         self
     }
 
-    /// Admits as `admit` does; a quota that would refuse is first topped
-    /// up from the control plane's reserve, once per quota.
+    /// Admits as `admit` does, for a request asking for `choices`
+    /// completions of up to `max_tokens` each; a quota that would refuse is
+    /// first topped up from the control plane's reserve, once per quota.
     pub async fn admit_or_borrow(
         &self,
         principal: &Principal,
         prompt_tokens: u64,
         max_tokens: Option<u64>,
+        choices: u64,
     ) -> Result<Admission, ApiError> {
-        let tokens = prompt_tokens + max_tokens.unwrap_or(self.default_completion_reserve);
+        let output = max_tokens.unwrap_or(self.default_completion_reserve);
+        let tokens = prompt_tokens + output.saturating_mul(choices.max(1));
         let mut asked = Vec::new();
         loop {
-            let refused = match self.try_admit(principal, tokens, asked.is_empty()) {
+            let how = if asked.is_empty() {
+                Try::First
+            } else {
+                Try::Again
+            };
+            let refused = match self.try_admit(principal, tokens, how) {
                 Ok(admission) => return Ok(admission),
                 Err(refused) => refused,
             };
@@ -368,6 +387,23 @@ impl Limiter {
         charges
     }
 
+    /// Counts one request of `principal` that was refused before admission
+    /// (an unknown model, a model it may not use): its request quotas are
+    /// charged, never refused, and it shows in the demand reported.
+    pub fn count_request(&self, principal: &Principal) {
+        let now = Instant::now();
+        let requests = Self::charges(principal, 0)
+            .into_iter()
+            .filter(|c| c.id.dimension == Dimension::Requests);
+        for charge in requests {
+            let state = self.state(&charge.id, charge.limit, now);
+            let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+            s.demand += 1;
+            s.charge(1, now);
+        }
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
     /// Admits a request of `principal` whose prompt is about
     /// `prompt_tokens` and that may generate `max_tokens`, or says which
     /// limit refuses it and when to retry.
@@ -378,17 +414,35 @@ impl Limiter {
         max_tokens: Option<u64>,
     ) -> Result<Admission, ApiError> {
         let tokens = prompt_tokens + max_tokens.unwrap_or(self.default_completion_reserve);
-        self.try_admit(principal, tokens, true).map_err(|r| r.error)
+        self.try_admit(principal, tokens, Try::First)
+            .map_err(|r| r.error)
     }
 
-    /// Admits or refuses; `count_demand` is false when the same request
-    /// tries again after asking for a loan.
+    /// Whether a request of `principal` would be admitted now, charging
+    /// nothing: a request held for a pool to scale up from zero is refused
+    /// first when its quota is spent, so that it wakes nothing.
+    pub fn peek(
+        &self,
+        principal: &Principal,
+        prompt_tokens: u64,
+        max_tokens: Option<u64>,
+        choices: u64,
+    ) -> Result<(), ApiError> {
+        let output = max_tokens.unwrap_or(self.default_completion_reserve);
+        let tokens = prompt_tokens + output.saturating_mul(choices.max(1));
+        self.try_admit(principal, tokens, Try::Peek)
+            .map(|_| ())
+            .map_err(|r| r.error)
+    }
+
+    /// Admits or refuses (`Try::Peek`: says which, changing nothing).
     fn try_admit(
         &self,
         principal: &Principal,
         tokens: u64,
-        count_demand: bool,
+        how: Try,
     ) -> Result<Admission, Refused> {
+        let count_demand = how == Try::First;
         let now = Instant::now();
         let charges = Self::charges(principal, tokens);
         let states: Vec<_> = charges
@@ -400,7 +454,9 @@ impl Limiter {
             .iter()
             .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner))
             .collect();
-        self.dirty.store(true, Ordering::Relaxed);
+        if how != Try::Peek {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
         let refused = (0..charges.len()).find(|&i| {
             let c = &charges[i];
             c.limit > 0 && guards[i].available(now) < c.amount.min(c.limit) as f64
@@ -424,6 +480,13 @@ impl Limiter {
                 state: states[i].clone(),
                 short,
                 limit: charge.limit,
+            });
+        }
+        if how == Try::Peek {
+            return Ok(Admission {
+                token_quotas: Vec::new(),
+                reserved_tokens: 0,
+                headers: HeaderMap::new(),
             });
         }
         for (c, g) in charges.iter().zip(guards.iter_mut()) {

@@ -233,8 +233,8 @@ async fn an_edge_that_ran_dry_borrows_from_the_reserve_before_it_refuses() {
         amount
     });
     // Asks for at least 2% of the limit, so the next request needs no loan.
-    limiter.admit_or_borrow(&p, 1, Some(1)).await.unwrap();
-    limiter.admit_or_borrow(&p, 1, Some(1)).await.unwrap();
+    limiter.admit_or_borrow(&p, 1, Some(1), 1).await.unwrap();
+    limiter.admit_or_borrow(&p, 1, Some(1), 1).await.unwrap();
     assert_eq!(
         *asked.lock().unwrap(),
         vec![2],
@@ -242,7 +242,7 @@ async fn an_edge_that_ran_dry_borrows_from_the_reserve_before_it_refuses() {
     );
     // A new share-out, which saw the 2 admitted, replaces the loan.
     granted(&limiter, &quota, 1, 2, 88);
-    limiter.admit_or_borrow(&p, 1, Some(1)).await.unwrap();
+    limiter.admit_or_borrow(&p, 1, Some(1), 1).await.unwrap();
     assert_eq!(asked.lock().unwrap().len(), 1);
 }
 
@@ -255,7 +255,10 @@ async fn a_spent_reserve_or_an_absent_control_plane_refuses_at_once() {
     let quota = format!("key/{}/rpm", p.key.id);
     granted(&limiter, &quota, 0, 0, 0);
     let lender = lender(desk.clone(), |_| 0);
-    let refused = limiter.admit_or_borrow(&p, 1, Some(1)).await.unwrap_err();
+    let refused = limiter
+        .admit_or_borrow(&p, 1, Some(1), 1)
+        .await
+        .unwrap_err();
     assert!(
         matches!(refused, ApiError::RateLimited { .. }),
         "{refused:?}"
@@ -269,6 +272,60 @@ async fn a_spent_reserve_or_an_absent_control_plane_refuses_at_once() {
     // Stream closed: no question is asked, no wait.
     desk.closed();
     let started = Instant::now();
-    assert!(limiter.admit_or_borrow(&p, 1, Some(1)).await.is_err());
+    assert!(limiter.admit_or_borrow(&p, 1, Some(1), 1).await.is_err());
     assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_choice_asked_for_is_reserved() {
+    let limiter = Limiter::new(16);
+    let p = principal(
+        RateLimits {
+            tokens_per_minute: 1_000,
+            ..Default::default()
+        },
+        None,
+    );
+    // Cold with one edge: the whole limit. 10 + 4 x 100 = 410 reserved.
+    let four = limiter.admit_or_borrow(&p, 10, Some(100), 4).await.unwrap();
+    assert_eq!(four.reserved_tokens(), 410);
+    // Without max_tokens: the default reserve per choice.
+    let two = limiter.admit_or_borrow(&p, 10, None, 2).await.unwrap();
+    assert_eq!(two.reserved_tokens(), 10 + 2 * 16);
+    assert!(
+        limiter.admit_or_borrow(&p, 10, Some(300), 2).await.is_err(),
+        "610 asked, 548 left"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_probe_spends_a_request() {
+    let limiter = Limiter::new(16);
+    let p = principal(rpm(2), None);
+    limiter.count_request(&p);
+    limiter.count_request(&p);
+    assert!(
+        limiter.admit(&p, 1, Some(1)).is_err(),
+        "both requests spent on probes"
+    );
+    let quota = format!("key/{}/rpm", p.key.id);
+    let report = limiter.usage().unwrap();
+    let usage = report.quotas.iter().find(|q| q.quota == quota).unwrap();
+    assert_eq!((usage.consumed, usage.demand), (2, 3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peek_charges_nothing_and_refuses_as_admission_would() {
+    let limiter = Limiter::new(16);
+    let p = principal(rpm(1), None);
+    for _ in 0..3 {
+        limiter.peek(&p, 1, Some(1), 1).unwrap();
+    }
+    assert!(limiter.usage().is_none(), "nothing to report");
+    limiter.admit(&p, 1, Some(1)).unwrap();
+    let refused = limiter.peek(&p, 1, Some(1), 1).unwrap_err();
+    assert!(
+        matches!(refused, ApiError::RateLimited { .. }),
+        "{refused:?}"
+    );
 }
