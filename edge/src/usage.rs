@@ -423,14 +423,14 @@ impl UsageTap {
             finish.record.tokens_in = Some(usage.prompt);
             finish.record.tokens_out = Some(usage.completion);
         }
-        if let Some(admission) = finish.admission.take()
-            && let Some(tokens) = charge(
+        if let Some(admission) = finish.admission.take() {
+            let tokens = charge(
                 self.usage,
                 finish.failed,
                 finish.record.error.is_some(),
                 finish.prompt_estimate + self.chunks,
             )
-        {
+            .unwrap_or(admission.reserved_tokens());
             admission.settle(tokens);
         }
         finish.record.total_ms = millis(finish.started.elapsed());

@@ -174,9 +174,14 @@ impl Gateway {
         // refused before it counts against any limit.
         let sent = request.upstream_body(model, target.route.engine_fields)?;
         let (prompt, output) = (request.prompt_tokens_estimate, request.max_output_tokens);
-        let admission = self
+        let mut admission = self
             .admit_counted(principal, model, prompt, output, request.n)
             .await?;
+        // Until the answer's body takes over the settling, a client that
+        // leaves is charged its prompt.
+        if let Some(admission) = &mut admission {
+            admission.charge_if_dropped(prompt);
+        }
         let in_flight = self.observer.metrics().map(|m| m.in_flight(model));
         // No stage after this one needs them, so no copy of the head is made.
         crate::forward::strip_client_credentials(&mut head.headers);

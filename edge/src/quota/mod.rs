@@ -167,6 +167,9 @@ pub struct Admission {
     reserved_tokens: u64,
     /// x-ratelimit-* headers for the response.
     pub headers: HeaderMap,
+    /// What it is charged if dropped unsettled (the client left before the
+    /// answer began); `None` keeps the reservation.
+    if_dropped: Option<u64>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -179,7 +182,19 @@ impl std::fmt::Debug for Admission {
 
 impl Admission {
     /// Replaces the token reservation with what the request really used.
-    pub fn settle(self, actual_tokens: u64) {
+    pub fn settle(mut self, actual_tokens: u64) {
+        self.if_dropped = None;
+        self.apply(actual_tokens);
+    }
+
+    /// Charges `tokens` instead of the reservation if the request is
+    /// dropped before it settles: a request whose client went away before
+    /// any answer is charged its prompt, not what it might have generated.
+    pub fn charge_if_dropped(&mut self, tokens: u64) {
+        self.if_dropped = Some(tokens);
+    }
+
+    fn apply(&self, actual_tokens: u64) {
         let delta = actual_tokens as i64 - self.reserved_tokens as i64;
         if delta == 0 {
             return;
@@ -196,6 +211,14 @@ impl Admission {
     /// Tokens reserved at admission.
     pub fn reserved_tokens(&self) -> u64 {
         self.reserved_tokens
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(tokens) = self.if_dropped.take() {
+            self.apply(tokens);
+        }
     }
 }
 
@@ -487,6 +510,7 @@ impl Limiter {
                 token_quotas: Vec::new(),
                 reserved_tokens: 0,
                 headers: HeaderMap::new(),
+                if_dropped: None,
             });
         }
         for (c, g) in charges.iter().zip(guards.iter_mut()) {
@@ -507,6 +531,7 @@ impl Limiter {
             token_quotas,
             reserved_tokens: tokens,
             headers,
+            if_dropped: None,
         })
     }
 }

@@ -329,3 +329,39 @@ async fn a_peek_charges_nothing_and_refuses_as_admission_would() {
         "{refused:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_admission_dropped_unsettled_keeps_its_reservation_or_its_fallback_charge() {
+    let limiter = Limiter::new(16);
+    let p = principal(
+        RateLimits {
+            tokens_per_minute: 1_000,
+            ..Default::default()
+        },
+        None,
+    );
+    let quota = format!("key/{}/tpm", p.key.id);
+    let consumed = |limiter: &Limiter| {
+        let report = limiter.usage().unwrap();
+        report
+            .quotas
+            .iter()
+            .find(|q| q.quota == quota)
+            .unwrap()
+            .consumed
+    };
+    drop(limiter.admit(&p, 10, Some(100)).unwrap());
+    assert_eq!(
+        consumed(&limiter),
+        110,
+        "no fallback: the reservation stands"
+    );
+    let mut left = limiter.admit(&p, 10, Some(100)).unwrap();
+    left.charge_if_dropped(10);
+    drop(left);
+    assert_eq!(consumed(&limiter), 120, "the client left: its prompt only");
+    let mut settled = limiter.admit(&p, 10, Some(100)).unwrap();
+    settled.charge_if_dropped(10);
+    settled.settle(42);
+    assert_eq!(consumed(&limiter), 162, "settled once, to what was used");
+}
