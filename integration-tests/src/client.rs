@@ -201,3 +201,36 @@ impl Http {
         tokio::time::timeout(Duration::from_secs(60), fetch).await?
     }
 }
+
+/// Sends `body` as a POST to `path` of the plain-HTTP `base_url` with
+/// `key`, over a connection of its own that is returned open: for tests
+/// that hang up before the answer ends.
+pub async fn open_post(base_url: &str, path: &str, key: &str, body: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address = base_url.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.expect("send");
+    socket
+}
+
+/// Reads from `socket` until an SSE `data: ` line has arrived.
+pub async fn read_first_event(socket: &mut tokio::net::TcpStream, deadline: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = tokio::time::timeout(deadline, socket.read(&mut buf))
+            .await
+            .expect("the first event in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+}

@@ -5,11 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use infermesh_integration_tests::client::Http;
+use infermesh_integration_tests::client::{Http, open_post, read_first_event};
 use infermesh_integration_tests::mesh::{Edge, Mesh, Replica};
 use infermesh_integration_tests::{scrape, wait};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -65,20 +64,11 @@ async fn slow_fleet() -> (Mesh, Replica, Edge, String) {
     (mesh, replica, edge, key)
 }
 
-/// Sends a 500-token chat request over a raw connection, returning it open.
+/// Sends a 500-token chat request over a connection of its own.
 async fn send_long(edge: &Edge, key: &str, stream: bool) -> TcpStream {
-    let address = edge.url.trim_start_matches("http://").to_string();
     let body = json!({"model": "llama", "stream": stream, "max_tokens": 500,
-        "messages": [{"role": "user", "content": "a long answer"}]})
-    .to_string();
-    let mut socket = TcpStream::connect(&address).await.unwrap();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {key}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    socket.write_all(request.as_bytes()).await.unwrap();
-    socket
+        "messages": [{"role": "user", "content": "a long answer"}]});
+    open_post(&edge.url, "/v1/chat/completions", key, &body.to_string()).await
 }
 
 /// Waits until the engine counts one more abort than `before`, within
@@ -122,16 +112,7 @@ async fn a_streamed_request_whose_client_leaves_is_aborted_and_charged_what_it_s
     let before = engine_metric(&mesh, &replica, "vllm:request_success_total", &abort).await;
     let generated = engine_metric(&mesh, &replica, "vllm:generation_tokens_total", &[]).await;
     let mut socket = send_long(&edge, &key, true).await;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("data: ") {
-        let n = tokio::time::timeout(DEADLINE, socket.read(&mut buf))
-            .await
-            .expect("the first chunk in time")
-            .unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_first_event(&mut socket, DEADLINE).await;
     drop(socket);
     aborted(&mesh, &replica, before, Instant::now()).await;
     let produced =

@@ -11,11 +11,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use infermesh_integration_tests::client::Http;
+use infermesh_integration_tests::client::{Http, open_post, read_first_event};
 use infermesh_integration_tests::mesh::{Edge, Mesh, Sidecar};
 use infermesh_integration_tests::wait;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const POOL: &str = "tiny-eu";
@@ -240,30 +239,15 @@ async fn a_client_that_goes_away_aborts_its_request_inside_vllm() {
     let finished_before = per_engine(&fleet, "vllm:request_success_total", None).await;
     let tokens_before = per_engine(&fleet, "vllm:generation_tokens_total", None).await;
     let body = json!({"model": ALIAS, "stream": true, "max_tokens": 1500, "ignore_eos": true,
-        "messages": [{"role": "user", "content": "a long answer, please"}]})
-    .to_string();
-    let address = fleet.edge.url.trim_start_matches("http://").to_string();
-    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {key}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    socket.write_all(request.as_bytes()).await.unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("data: ") {
-        let n = tokio::time::timeout(DEADLINE, socket.read(&mut buf))
-            .await
-            .expect("the first chunk in time")
-            .unwrap();
-        assert!(
-            n > 0,
-            "the edge closed first: {}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
+        "messages": [{"role": "user", "content": "a long answer, please"}]});
+    let mut socket = open_post(
+        &fleet.edge.url,
+        "/v1/chat/completions",
+        &key,
+        &body.to_string(),
+    )
+    .await;
+    read_first_event(&mut socket, DEADLINE).await;
     drop(socket);
     wait::until("vLLM to stop running the request", DEADLINE, || async {
         let running = per_engine(&fleet, "vllm:num_requests_running", None).await;
