@@ -36,6 +36,15 @@ pub enum ApiError {
     /// The model exists but no replica in this region is serving.
     #[error("no healthy replica of model `{0}` is available in this region")]
     NoHealthyReplica(String),
+    /// Every replica of the model is full and the request was not let wait
+    /// (sheddable) or did not get its turn within the model's queue deadline.
+    #[error("model {model:?} is at capacity: {why}; retry later")]
+    Overloaded {
+        /// The model.
+        model: String,
+        /// Why it was not served, for the client.
+        why: &'static str,
+    },
     /// The model's pool had scaled to zero and no replica came up in time.
     #[error(
         "model {model:?} has no replica: pool {pool:?} is scaling up from zero and no replica became ready within {after:?}; retry later"
@@ -146,6 +155,7 @@ impl ApiError {
             | ApiError::EndpointNotServed { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NoHealthyReplica(_)
+            | ApiError::Overloaded { .. }
             | ApiError::NotReady
             | ApiError::ColdStartTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -177,6 +187,7 @@ impl ApiError {
                 ("invalid_request_error", Some("method_not_allowed"))
             }
             ApiError::NoHealthyReplica(_) => ("server_error", Some("no_healthy_replica")),
+            ApiError::Overloaded { .. } => ("server_error", Some("overloaded")),
             ApiError::ColdStartTimeout { .. } => ("server_error", Some("cold_start_timeout")),
             ApiError::NotReady => ("server_error", Some("not_ready")),
             ApiError::UpstreamTimeout { .. } => ("server_error", Some("upstream_timeout")),

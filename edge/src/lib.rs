@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod flow;
 pub mod forward;
 pub mod gateway;
 pub mod health;

@@ -121,6 +121,8 @@ pub struct Finish {
     pub observer: Observer,
     /// Holds the request in the in-flight gauge until the body ends.
     pub in_flight: Option<InFlight>,
+    /// Its turn at a full model: the next waiter goes when the body ends.
+    pub ticket: Option<crate::flow::Ticket>,
     /// The request's server span, which ends with the body.
     pub span: tracing::Span,
     /// When the request arrived.
@@ -566,6 +568,7 @@ mod tests {
             record: AccessRecord::default(),
             observer: Observer::disabled(),
             in_flight: None,
+            ticket: None,
             span: tracing::Span::none(),
             started: Instant::now(),
             failed: false,

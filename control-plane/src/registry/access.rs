@@ -21,7 +21,20 @@ const MAX_ALLOWED_MODELS: usize = 256;
 /// Checks a tenant as sent to create or update.
 pub fn check_tenant(t: &Tenant) -> Result<(), RegistryError> {
     validate::dns_label("tenant.name", &t.name)?;
-    validate::description("tenant.description", &t.description)
+    validate::description("tenant.description", &t.description)?;
+    check_priority("tenant.priority", t.priority)
+}
+
+/// A priority the registry knows (unset included).
+fn check_priority(field: &str, priority: i32) -> Result<(), RegistryError> {
+    infermesh_proto::v1::Priority::try_from(priority)
+        .map(|_| ())
+        .map_err(|_| {
+            RegistryError::invalid(
+                field,
+                format!("{priority} is not a priority (CRITICAL, STANDARD, SHEDDABLE, or unset)"),
+            )
+        })
 }
 
 fn check_key_fields(
@@ -116,6 +129,7 @@ impl Registry {
             request.expires_at_unix_ms,
             now,
         )?;
+        check_priority("priority", request.priority)?;
         // Bound to the tenant as it is now; a tenant made later under the
         // same name is another tenant.
         let tenant_id = self
@@ -136,6 +150,7 @@ impl Registry {
                 limits: Some(limits_or_default(request.limits)),
                 created_at_unix_ms: now,
                 expires_at_unix_ms: request.expires_at_unix_ms,
+                priority: request.priority,
                 ..Default::default()
             };
             let k = self.key(ObjectKind::ApiKey, &key.id);
@@ -169,6 +184,7 @@ impl Registry {
             allowed_models: request.allowed_models,
             limits: request.limits,
             expires_at_unix_ms: request.expires_at_unix_ms,
+            priority: request.priority,
             revision: request.revision,
             ..Default::default()
         };
@@ -183,6 +199,7 @@ impl Registry {
             key.expires_at_unix_ms
         };
         check_key_fields("", &key.name, &key.allowed_models, expiry, now_unix_ms())?;
+        check_priority("priority", key.priority)?;
         self.put_guarded(key).await
     }
 
@@ -274,5 +291,26 @@ impl Registry {
                 Some((id, at))
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_priority_that_is_not_one_is_refused_naming_the_field() {
+        assert!(check_priority("priority", 0).is_ok(), "unset");
+        assert!(check_priority("priority", 3).is_ok(), "sheddable");
+        let refused = check_priority("tenant.priority", 9).unwrap_err();
+        let message = refused.to_string();
+        assert!(message.contains("tenant.priority"), "{message}");
+        assert!(message.contains("9 is not a priority"), "{message}");
+        let tenant = Tenant {
+            name: "acme".into(),
+            priority: 7,
+            ..Default::default()
+        };
+        assert!(check_tenant(&tenant).is_err());
     }
 }

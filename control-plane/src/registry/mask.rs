@@ -149,6 +149,7 @@ masked! {
         first_byte_ms: value,
         idle_ms: value,
         total_ms: value,
+        queue_ms: value,
     }
     Pool {
         name: immutable,
@@ -164,6 +165,7 @@ masked! {
         scale_to_zero_idle_seconds: value,
         cold_start_timeout_seconds: value,
         scale_target: message,
+        max_concurrency: value,
         revision: output_only,
     }
     ScalingTargets {
@@ -192,6 +194,7 @@ masked! {
         limits: message,
         description: value,
         id: immutable,
+        priority: value,
         revision: output_only,
     }
     RateLimits {
@@ -213,6 +216,7 @@ masked! {
         last_used_at_unix_ms: output_only,
         prefix: output_only,
         tenant_id: output_only,
+        priority: value,
         revision: output_only,
     }
 }

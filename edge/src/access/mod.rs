@@ -7,10 +7,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use http::HeaderMap;
-use infermesh_proto::v1::{RateLimits, RoutingTable};
+use infermesh_proto::v1::{Priority, RateLimits, RoutingTable};
 use infermesh_runtime::api_key;
 
 use crate::error::ApiError;
+use crate::flow::Band;
 use crate::table::skips::{ObjectKind, SkipLog};
 
 /// One usable key.
@@ -33,6 +34,8 @@ pub struct KeyEntry {
     /// The key's own limits.
     pub limits: RateLimits,
     expires_at_unix_ms: i64,
+    /// The key's own priority (unset: its tenant's).
+    priority: Priority,
 }
 
 impl KeyEntry {
@@ -53,14 +56,16 @@ pub struct Principal {
     /// immutable id (`id:<id>`), or for a key made before tenant ids, the
     /// tenant's name (`name:<name>`).
     pub cache_scope: Arc<str>,
+    /// Its requests' priority band: the key's, else its tenant's, else standard.
+    pub band: Band,
 }
 
 /// Keys and tenants of one table version.
 #[derive(Debug, Default)]
 pub struct Access {
     keys: HashMap<String, Arc<KeyEntry>>,
-    /// Tenants by name: their id and limits.
-    tenants: HashMap<String, (String, RateLimits)>,
+    /// Tenants by name: their id, limits and priority.
+    tenants: HashMap<String, (String, RateLimits, Priority)>,
 }
 
 /// Hash compared against when the claimed id is unknown, so that an
@@ -109,6 +114,7 @@ impl Access {
                 allowed,
                 limits: key.limits.unwrap_or_default(),
                 expires_at_unix_ms: key.expires_at_unix_ms,
+                priority: key.priority(),
             };
             if keys.insert(key.id.clone(), Arc::new(entry)).is_some() {
                 twice.insert(key.id.clone());
@@ -121,7 +127,10 @@ impl Access {
         let tenants = table
             .tenants
             .iter()
-            .map(|t| (t.name.clone(), (t.id.clone(), t.limits.unwrap_or_default())))
+            .map(|t| {
+                let entry = (t.id.clone(), t.limits.unwrap_or_default(), t.priority());
+                (t.name.clone(), entry)
+            })
             .collect();
         Self { keys, tenants }
     }
@@ -175,11 +184,16 @@ impl Access {
         let tenant = self
             .tenants
             .get(&entry.tenant)
-            .filter(|(id, _)| entry.tenant_id.is_empty() || *id == entry.tenant_id);
+            .filter(|(id, _, _)| entry.tenant_id.is_empty() || *id == entry.tenant_id);
+        let priority = match (entry.priority, tenant) {
+            (Priority::Unspecified, Some((_, _, tenant))) => *tenant,
+            (own, _) => own,
+        };
         Ok(Principal {
             key: entry.clone(),
-            tenant_limits: tenant.map(|(_, limits)| *limits),
+            tenant_limits: tenant.map(|(_, limits, _)| *limits),
             cache_scope: entry.cache_scope.clone(),
+            band: Band::of(priority),
         })
     }
 }

@@ -14,6 +14,7 @@ mod resolve;
 mod respond;
 #[cfg(test)]
 mod tests;
+mod wait;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -60,6 +61,8 @@ pub struct Gateway {
     resilience: Resilience,
     demand: Arc<DemandBoard>,
     sync: Arc<SyncState>,
+    /// Flow-control queues by model, kept across table pushes.
+    queues: Arc<dashmap::DashMap<String, Arc<crate::flow::Queue>>>,
 }
 
 /// Retries and ejection settings.
@@ -93,6 +96,7 @@ impl Gateway {
             resilience,
             demand: Arc::default(),
             sync: Arc::default(),
+            queues: Arc::default(),
         }
     }
 
@@ -168,6 +172,9 @@ impl Gateway {
             Cached::Hit(response) => return Ok(response),
             Cached::Miss(capture) => capture,
         };
+        let ticket = self
+            .wait_turn(&target, &request, principal, &head.headers)
+            .await?;
         let hints = pick::hints(target.route.policy, &request, &head.headers);
         let upstream = pick::first(&target, &hints)?;
         // Rewritten before admission: a body that cannot be rewritten is
@@ -203,6 +210,7 @@ impl Gateway {
         let books = Books {
             admission,
             in_flight,
+            ticket,
             capture,
             started,
         };

@@ -171,6 +171,7 @@ impl Gateway {
                 health: Arc::default(),
                 load: Arc::default(),
                 fingerprint: String::new(),
+                max_concurrency: 0,
             });
             let deadlines = self.forwarder.deadlines(None);
             match self

@@ -25,6 +25,8 @@ pub(crate) struct Books {
     pub admission: Option<Admission>,
     /// Holds the request in the in-flight gauge until the body ends.
     pub in_flight: Option<InFlight>,
+    /// Its turn at a full model, held until the body ends.
+    pub ticket: Option<crate::flow::Ticket>,
     /// How the answer is captured for the cache.
     pub capture: Capture,
     /// When the request arrived.
@@ -73,6 +75,7 @@ impl Gateway {
             record: record.clone(),
             observer: self.observer.clone(),
             in_flight: books.in_flight,
+            ticket: books.ticket,
             span: tracing::Span::current(),
             started: books.started,
             failed: !response.status().is_success(),

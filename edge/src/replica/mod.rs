@@ -33,4 +33,6 @@ pub struct Upstream {
     pub load: Arc<LoadSample>,
     /// Its engine fingerprint (what makes cached answers interchangeable).
     pub fingerprint: String,
+    /// Requests its engine runs at once (its pool's), 0 when unknown.
+    pub max_concurrency: u32,
 }

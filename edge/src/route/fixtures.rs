@@ -22,6 +22,7 @@ pub(crate) fn replica(id: &str) -> Arc<Upstream> {
         health: Arc::default(),
         load: Arc::default(),
         fingerprint: String::new(),
+        max_concurrency: 0,
     })
 }
 

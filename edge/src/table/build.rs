@@ -142,6 +142,8 @@ impl EdgeTableBuilder {
     ) -> HashMap<&'t str, Vec<Arc<Upstream>>> {
         let mut upstreams_by_pool: HashMap<&str, Vec<Arc<Upstream>>> = HashMap::new();
         let mut counters = HashMap::new();
+        let pools: HashMap<&str, &infermesh_proto::v1::Pool> =
+            table.pools.iter().map(|p| (p.name.as_str(), p)).collect();
         for endpoint in &table.endpoints {
             let authority = match address::host_port(&endpoint.address) {
                 Ok(authority) => authority,
@@ -184,6 +186,9 @@ impl EdgeTableBuilder {
                         health,
                         load,
                         fingerprint: endpoint.fingerprint.clone(),
+                        max_concurrency: pools
+                            .get(endpoint.pool.as_str())
+                            .map_or(0, |p| p.max_concurrency),
                     }));
             }
         }

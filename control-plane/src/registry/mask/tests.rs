@@ -317,6 +317,7 @@ fn stored_tenant() -> Tenant {
         }),
         description: "the acme team".into(),
         id: "abcdefgh1234".into(),
+        priority: infermesh_proto::v1::Priority::Critical as i32,
         revision: 4,
     }
 }

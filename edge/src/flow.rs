@@ -1,0 +1,564 @@
+//! Flow control: who waits, and who goes next, when a model's replicas are
+//! full. A replica is full at its pool's concurrency bound, counting the
+//! requests this edge has in flight to it and what its sidecar last
+//! stamped, or while that stamp shows requests waiting in the engine; when
+//! every replica of the route is full, a new request waits here instead of
+//! joining an engine queue, in
+//! the order the edge decides rather than arrival order at the engines:
+//!
+//! - by priority band (critical, then standard); sheddable requests are
+//!   not held at all: they get 503 at once, so they go first when the
+//!   fleet is full;
+//! - within a band, tenants share by a virtual token counter (VTC): the
+//!   waiting tenant that has been served the fewest weighted tokens goes
+//!   next, a tenant that starts waiting is raised to the least counter of
+//!   those already waiting (no banking of idle time), and decode tokens
+//!   weigh twice prefill tokens;
+//! - within a tenant, first come first served.
+//!
+//! A waiter goes when a request of the route finishes (its ticket drops)
+//! or, while requests wait, at each short tick on which the route is no
+//! longer full. One goes per event, so the engines are refilled one slot
+//! at a time. A request that cannot start within the model's queue
+//! deadline gets 503 with `Retry-After`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::table::ModelRoute;
+
+/// How often a route with waiters is looked at again without any request
+/// finishing (a load sample may have gone stale or shown room).
+const TICK: Duration = Duration::from_millis(25);
+/// Weight of an output token against a prompt token in the fair share.
+const DECODE_WEIGHT: f64 = 2.0;
+
+/// A request's priority band, most urgent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Band {
+    /// Never shed, served first.
+    Critical,
+    /// The default.
+    Standard,
+    /// Shed when the fleet is full.
+    Sheddable,
+}
+
+impl Band {
+    /// The band's name in metrics and headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Band::Critical => "critical",
+            Band::Standard => "standard",
+            Band::Sheddable => "sheddable",
+        }
+    }
+
+    /// A band named in a request header (`critical`, `standard`, `sheddable`).
+    pub fn parse(name: &str) -> Option<Band> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "critical" => Some(Band::Critical),
+            "standard" => Some(Band::Standard),
+            "sheddable" => Some(Band::Sheddable),
+            _ => None,
+        }
+    }
+
+    /// The band of the registry's priority (unset: standard).
+    pub fn of(priority: infermesh_proto::v1::Priority) -> Band {
+        use infermesh_proto::v1::Priority;
+        match priority {
+            Priority::Critical => Band::Critical,
+            Priority::Sheddable => Band::Sheddable,
+            Priority::Standard | Priority::Unspecified => Band::Standard,
+        }
+    }
+}
+
+/// Why a request was not let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// A sheddable request while the route is full.
+    Sheddable,
+    /// No room within the queue deadline.
+    Timeout,
+}
+
+impl Shed {
+    /// The reason's name in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shed::Sheddable => "sheddable",
+            Shed::Timeout => "timeout",
+        }
+    }
+}
+
+/// Whether every replica of `route` is full: at its pool's concurrency
+/// bound, counting the larger of what its engine last reported (running
+/// and waiting) and what this edge has in flight to it; or, without a
+/// bound, with requests waiting in its engine as its latest fresh load
+/// sample shows.
+pub fn full(route: &ModelRoute) -> bool {
+    let mut candidates = route
+        .upstreams
+        .iter()
+        .filter(|u| !u.health.is_ejected())
+        .peekable();
+    candidates.peek().is_some() && candidates.all(|u| replica_full(u))
+}
+
+fn replica_full(upstream: &crate::replica::Upstream) -> bool {
+    let in_flight = upstream
+        .in_flight
+        .load(std::sync::atomic::Ordering::Relaxed) as u64;
+    let reported = upstream.load.fresh();
+    if reported.is_some_and(|(_, waiting, _)| waiting > 0) {
+        return true;
+    }
+    let bound = u64::from(upstream.max_concurrency);
+    let busy = reported.map_or(0, |(running, waiting, _)| u64::from(running + waiting));
+    bound > 0 && in_flight.max(busy) >= bound
+}
+
+struct Waiter {
+    go: oneshot::Sender<()>,
+    cost: f64,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Waiters by band, then tenant, in arrival order.
+    waiting: BTreeMap<Band, BTreeMap<String, VecDeque<Waiter>>>,
+    /// Weighted tokens served per tenant.
+    served: HashMap<String, f64>,
+    /// The route to judge fullness by (the latest table's).
+    route: Option<Arc<ModelRoute>>,
+    ticking: bool,
+    /// Tickets out: requests let through and not finished, some of which
+    /// may not have reached a replica (or its in-flight count) yet.
+    active: usize,
+}
+
+impl Inner {
+    /// Whether the route has room for one more, counting the tickets out
+    /// against the replicas' bounds when every replica has one.
+    fn room(&self, route: &ModelRoute) -> bool {
+        let bound: Option<u64> = route
+            .upstreams
+            .iter()
+            .map(|u| (u.max_concurrency > 0).then_some(u64::from(u.max_concurrency)))
+            .sum();
+        !full(route) && bound.is_none_or(|bound| (self.active as u64) < bound)
+    }
+
+    fn depth(&self, band: Band) -> usize {
+        self.waiting
+            .get(&band)
+            .map_or(0, |t| t.values().map(VecDeque::len).sum())
+    }
+
+    /// The least counter among tenants waiting in `band`.
+    fn least_waiting(&self, band: Band) -> Option<f64> {
+        self.waiting
+            .get(&band)?
+            .keys()
+            .map(|t| self.counter(t))
+            .reduce(f64::min)
+    }
+
+    fn counter(&self, tenant: &str) -> f64 {
+        self.served.get(tenant).copied().unwrap_or(0.0)
+    }
+
+    /// Takes the next waiter: the most urgent band, the tenant with the
+    /// least counter, the oldest of its requests; charged to its tenant.
+    fn next(&mut self) -> Option<Waiter> {
+        loop {
+            let band = *self.waiting.keys().next()?;
+            let tenants = self.waiting.get_mut(&band)?;
+            let served = &self.served;
+            let tenant = tenants
+                .keys()
+                .min_by(|a, b| {
+                    let (ca, cb) = (
+                        served.get(*a).copied().unwrap_or(0.0),
+                        served.get(*b).copied().unwrap_or(0.0),
+                    );
+                    ca.total_cmp(&cb)
+                })?
+                .clone();
+            let queue = tenants.get_mut(&tenant)?;
+            let waiter = queue.pop_front();
+            if queue.is_empty() {
+                tenants.remove(&tenant);
+            }
+            if tenants.is_empty() {
+                self.waiting.remove(&band);
+            }
+            let Some(waiter) = waiter else { continue };
+            if waiter.go.is_closed() {
+                // Gave up (deadline, client gone) without being removed yet.
+                continue;
+            }
+            *self.served.entry(tenant).or_default() += waiter.cost;
+            return Some(waiter);
+        }
+    }
+}
+
+/// What the queue reports to metrics.
+pub trait FlowObserver: Send + Sync {
+    /// Requests of `band` waiting now.
+    fn depth(&self, band: Band, depth: usize);
+    /// A request of `band` waited `waited` and went on.
+    fn waited(&self, band: Band, waited: Duration);
+    /// A request of `band` was shed.
+    fn shed(&self, band: Band, why: Shed);
+}
+
+/// One model's queue, kept across table pushes.
+pub struct Queue {
+    inner: Mutex<Inner>,
+    observer: Option<Arc<dyn FlowObserver>>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.lock();
+        f.debug_struct("Queue")
+            .field(
+                "waiting",
+                &inner.waiting.values().map(|t| t.len()).sum::<usize>(),
+            )
+            .finish()
+    }
+}
+
+/// Held while a request let through is being answered; dropping it lets
+/// the next waiter go.
+#[derive(Debug)]
+pub struct Ticket {
+    queue: Arc<Queue>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.queue.release_one();
+    }
+}
+
+impl Queue {
+    /// An empty queue reporting to `observer`.
+    pub fn new(observer: Option<Arc<dyn FlowObserver>>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::default(),
+            observer,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lets a request of `tenant` in `band`, of `prompt` tokens asking up
+    /// to `output`, through to `route` now or when its turn comes, within
+    /// `deadline`.
+    pub async fn enter(
+        self: &Arc<Self>,
+        route: &Arc<ModelRoute>,
+        band: Band,
+        tenant: &str,
+        prompt: u64,
+        output: u64,
+        deadline: Duration,
+    ) -> Result<Ticket, Shed> {
+        let cost = prompt as f64 + DECODE_WEIGHT * output as f64;
+        let (go, wait) = oneshot::channel();
+        {
+            let mut inner = self.lock();
+            inner.route = Some(route.clone());
+            let nobody_waits = inner.waiting.is_empty();
+            if nobody_waits && inner.room(route) {
+                *inner.served.entry(tenant.to_string()).or_default() += cost;
+                inner.active += 1;
+                return Ok(self.ticket());
+            }
+            if band == Band::Sheddable {
+                drop(inner);
+                self.observe_shed(band, Shed::Sheddable);
+                return Err(Shed::Sheddable);
+            }
+            // No banking: a tenant that starts waiting is raised to the
+            // least counter of the tenants already waiting in its band.
+            let joining = inner
+                .waiting
+                .get(&band)
+                .is_none_or(|t| !t.contains_key(tenant));
+            if joining && let Some(least) = inner.least_waiting(band) {
+                let counter = inner.served.entry(tenant.to_string()).or_default();
+                *counter = counter.max(least);
+            }
+            inner
+                .waiting
+                .entry(band)
+                .or_default()
+                .entry(tenant.to_string())
+                .or_default()
+                .push_back(Waiter { go, cost });
+            let depth = inner.depth(band);
+            let start_ticking = !std::mem::replace(&mut inner.ticking, true);
+            drop(inner);
+            if let Some(observer) = &self.observer {
+                observer.depth(band, depth);
+            }
+            if start_ticking {
+                tokio::spawn(self.clone().tick());
+            }
+        }
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(deadline, wait).await;
+        let depth = self.lock().depth(band);
+        if let Some(observer) = &self.observer {
+            observer.depth(band, depth);
+        }
+        match outcome {
+            Ok(Ok(())) => {
+                if let Some(observer) = &self.observer {
+                    observer.waited(band, started.elapsed());
+                }
+                // Counted in `active` by whoever let it go.
+                Ok(self.ticket())
+            }
+            // Timed out (the waiter is skipped when its turn comes), or the
+            // queue went away.
+            _ => {
+                self.observe_shed(band, Shed::Timeout);
+                Err(Shed::Timeout)
+            }
+        }
+    }
+
+    fn ticket(self: &Arc<Self>) -> Ticket {
+        Ticket {
+            queue: self.clone(),
+        }
+    }
+
+    fn observe_shed(&self, band: Band, why: Shed) {
+        if let Some(observer) = &self.observer {
+            observer.shed(band, why);
+        }
+    }
+
+    /// A request finished: the next waiter goes in its place.
+    fn release_one(&self) {
+        let mut inner = self.lock();
+        inner.active = inner.active.saturating_sub(1);
+        let waiter = inner.next();
+        if waiter.is_some() {
+            inner.active += 1;
+        }
+        drop(inner);
+        if let Some(waiter) = waiter {
+            // A waiter that gave up meanwhile returns its place on drop of
+            // the message: it never holds a ticket.
+            if waiter.go.send(()).is_err() {
+                self.lock().active -= 1;
+            }
+        }
+    }
+
+    /// While requests wait: lets one go whenever the route has room.
+    async fn tick(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut inner = self.lock();
+            if inner.waiting.is_empty() {
+                inner.ticking = false;
+                return;
+            }
+            let room = inner.route.clone().is_some_and(|r| inner.room(&r));
+            let waiter = if room { inner.next() } else { None };
+            if waiter.is_some() {
+                inner.active += 1;
+            }
+            drop(inner);
+            if let Some(waiter) = waiter
+                && waiter.go.send(()).is_err()
+            {
+                self.lock().active -= 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::fixtures::serving_table;
+    use crate::table::EdgeTableBuilder;
+    use infermesh_proto::v1::RoutingPolicy;
+
+    fn route(ids: &[&str]) -> Arc<ModelRoute> {
+        let table = EdgeTableBuilder::default().build(serving_table(RoutingPolicy::LeastLoad, ids));
+        table.route("llama").unwrap().clone()
+    }
+
+    fn fill(route: &ModelRoute, waiting: u32) {
+        for u in &route.upstreams {
+            u.load.update(&format!("r=4;w={waiting};kv=0.500"));
+        }
+    }
+
+    /// Starts a waiter and returns its outcome's handle once it waits.
+    async fn waiting(
+        queue: &Arc<Queue>,
+        route: &Arc<ModelRoute>,
+        band: Band,
+        tenant: &str,
+        cost: u64,
+    ) -> tokio::task::JoinHandle<Result<Ticket, Shed>> {
+        let before = queue.lock().depth(band);
+        let handle = tokio::spawn({
+            let (queue, route, tenant) = (queue.clone(), route.clone(), tenant.to_string());
+            async move {
+                queue
+                    .enter(&route, band, &tenant, cost, 0, Duration::from_secs(60))
+                    .await
+            }
+        });
+        while queue.lock().depth(band) == before {
+            tokio::task::yield_now().await;
+        }
+        handle
+    }
+
+    #[test]
+    fn a_replica_is_full_at_its_bound_or_with_a_queue_in_its_engine() {
+        let mut table = serving_table(RoutingPolicy::LeastLoad, &["a"]);
+        table.pools[0].max_concurrency = 2;
+        let table = EdgeTableBuilder::default().build(table);
+        let bounded = table.route("llama").unwrap().clone();
+        let a = &bounded.upstreams[0];
+        assert!(!full(&bounded), "idle");
+        a.in_flight.store(2, std::sync::atomic::Ordering::Relaxed);
+        assert!(full(&bounded), "two in flight from this edge");
+        a.in_flight.store(0, std::sync::atomic::Ordering::Relaxed);
+        a.load.update("r=2;w=0;kv=0.100");
+        assert!(full(&bounded), "two running, sent by other edges");
+        let unbounded = route(&["b"]);
+        unbounded.upstreams[0]
+            .in_flight
+            .store(50, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            !full(&unbounded),
+            "no bound: only a queue in the engine counts"
+        );
+        fill(&unbounded, 1);
+        assert!(full(&unbounded));
+    }
+
+    #[tokio::test]
+    async fn with_room_a_request_goes_at_once_and_a_sheddable_one_too() {
+        let queue = Queue::new(None);
+        let route = route(&["a", "b"]);
+        fill(&route, 0);
+        assert!(!full(&route));
+        for band in [Band::Critical, Band::Standard, Band::Sheddable] {
+            let ticket = queue
+                .enter(&route, band, "acme", 10, 10, Duration::from_millis(1))
+                .await;
+            assert!(ticket.is_ok(), "{band:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn when_full_sheddable_requests_are_shed_and_others_wait_their_turn() {
+        let queue = Queue::new(None);
+        let route = route(&["a", "b"]);
+        fill(&route, 2);
+        assert!(full(&route));
+        let shed = queue
+            .enter(
+                &route,
+                Band::Sheddable,
+                "acme",
+                1,
+                1,
+                Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(shed.unwrap_err(), Shed::Sheddable);
+        let standard = waiting(&queue, &route, Band::Standard, "acme", 1).await;
+        let critical = waiting(&queue, &route, Band::Critical, "acme", 1).await;
+        // One request finishes: the critical one goes first.
+        queue.release_one();
+        let critical = critical.await.unwrap().expect("critical went");
+        assert!(!standard.is_finished());
+        drop(critical);
+        standard.await.unwrap().expect("then the standard one");
+    }
+
+    #[tokio::test]
+    async fn tenants_share_by_served_tokens_not_by_arrival() {
+        let queue = Queue::new(None);
+        let route = route(&["a"]);
+        fill(&route, 1);
+        // The noisy tenant queued five first; the quiet one arrives last.
+        let mut noisy = Vec::new();
+        for _ in 0..5 {
+            noisy.push(waiting(&queue, &route, Band::Standard, "noisy", 100).await);
+        }
+        let quiet = waiting(&queue, &route, Band::Standard, "quiet", 100).await;
+        queue.release_one();
+        let _first = noisy.remove(0).await.unwrap().unwrap();
+        queue.release_one();
+        let _second = quiet
+            .await
+            .unwrap()
+            .expect("the quiet tenant's first request goes second");
+        tokio::task::yield_now().await;
+        assert!(noisy.iter().all(|n| !n.is_finished()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_cannot_start_in_time_is_refused_and_skipped() {
+        let queue = Queue::new(None);
+        let route = route(&["a"]);
+        fill(&route, 1);
+        let late = queue
+            .enter(
+                &route,
+                Band::Standard,
+                "acme",
+                1,
+                1,
+                Duration::from_millis(100),
+            )
+            .await;
+        assert_eq!(late.unwrap_err(), Shed::Timeout);
+        let next = waiting(&queue, &route, Band::Standard, "acme", 1).await;
+        queue.release_one();
+        next.await
+            .unwrap()
+            .expect("the timed-out waiter was skipped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_route_with_room_again_lets_waiters_go_without_a_finish() {
+        let queue = Queue::new(None);
+        let route = route(&["a"]);
+        fill(&route, 1);
+        let waiter = waiting(&queue, &route, Band::Standard, "acme", 1).await;
+        fill(&route, 0);
+        tokio::time::advance(TICK * 2).await;
+        waiter.await.unwrap().expect("the tick let it go");
+    }
+}
