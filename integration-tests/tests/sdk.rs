@@ -1,7 +1,9 @@
 //! The edge as the official OpenAI Python SDK sees it: the model list with
 //! aliases and access filtering, streams that keep every field the engine
 //! sends, the Responses API, and the other OpenAI-compatible paths vLLM
-//! serves (integration-tests/sdk/openai_client.py holds the expectations).
+//! serves (integration-tests/sdk/openai_client.py holds the expectations);
+//! and the SDK's own retry waiting as a 429's `Retry-After` says
+//! (integration-tests/sdk/retry_after.py).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -59,6 +61,60 @@ async fn the_openai_sdk_sees_the_models_streams_and_paths_it_expects() {
         .env("MODEL", "llama")
         .env("ALIAS", "llama-8b")
         .env("HIDDEN", "hidden")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the SDK script finishes within two minutes")
+        .expect("the SDK script runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains(r#""ok": true"#),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_openai_sdk_waits_as_retry_after_says_and_gets_through() {
+    const LIMIT: u64 = 60;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".tools/sdk-venv/bin/python");
+    let mesh = Mesh::start().await;
+    mesh.register("eu-west", "llama", "llama-eu").await;
+    let _replica = mesh
+        .start_replica(
+            "llama-0",
+            "llama-eu",
+            "llama",
+            "eu-west",
+            &["--decode-ms-per-token", "0"],
+        )
+        .await;
+    let edge = mesh.start_edge("eu-west", &[]).await;
+    let key = mesh
+        .create_key("retry", json!({"limits": {"requests_per_minute": LIMIT}}))
+        .await;
+    let models = format!("{}/v1/models", edge.url);
+    infermesh_integration_tests::wait::until(
+        "the key to reach the edge",
+        Duration::from_secs(20),
+        || async {
+            let reply = infermesh_integration_tests::client::Http::with_key(&key)
+                .get(&models)
+                .await
+                .ok()?;
+            (reply.status == 200).then_some(())
+        },
+    )
+    .await;
+    let run = tokio::process::Command::new(&python)
+        .arg(root.join("integration-tests/sdk/retry_after.py"))
+        .env("EDGE_URL", &edge.url)
+        .env("API_KEY", &key)
+        .env("MODEL", "llama")
+        .env("LIMIT", LIMIT.to_string())
+        .env("EDGE_METRICS_URL", &edge.metrics_url)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(120), run)
