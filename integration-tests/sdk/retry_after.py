@@ -35,7 +35,7 @@ client = openai.OpenAI(base_url=f"{edge}/v1", api_key=key, max_retries=3, timeou
 # Until the SDK's first attempt meets a refusal (a share-out can refill the
 # edge between the spending and the SDK's call): spend the key's requests
 # over plain HTTP until the edge refuses, then call through the SDK.
-for attempt in range(5):
+for attempt in range(10):
     refused = None
     for _ in range(limit * 2):
         reply = http.post("/v1/chat/completions",

@@ -8,11 +8,25 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use infermesh_integration_tests::mesh::Mesh;
+use infermesh_integration_tests::client::Http;
+use infermesh_integration_tests::mesh::{Edge, Mesh};
+use infermesh_integration_tests::wait;
 use serde_json::json;
 
-#[tokio::test]
-async fn the_openai_sdk_sees_the_models_streams_and_paths_it_expects() {
+/// Waits until `key` is in the table `edge` holds.
+async fn key_at_edge(key: &str, edge: &Edge) {
+    let models = format!("{}/v1/models", edge.url);
+    wait::until(
+        "the key to reach the edge",
+        Duration::from_secs(20),
+        || async { (Http::with_key(key).get(&models).await.ok()?.status == 200).then_some(()) },
+    )
+    .await;
+}
+
+/// Runs `script` of integration-tests/sdk with the SDK's venv and `env`;
+/// asserts it succeeded and said so.
+async fn run_script(script: &str, env: &[(&str, &str)]) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = root.join(".tools/sdk-venv/bin/python");
     assert!(
@@ -20,6 +34,25 @@ async fn the_openai_sdk_sees_the_models_streams_and_paths_it_expects() {
         "{} missing: scripts/install-deps.sh installs it (the test command runs it first)",
         python.display()
     );
+    let run = tokio::process::Command::new(&python)
+        .arg(root.join("integration-tests/sdk").join(script))
+        .envs(env.iter().copied())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the SDK script finishes within two minutes")
+        .expect("the SDK script runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains(r#""ok": true"#),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_openai_sdk_sees_the_models_streams_and_paths_it_expects() {
     let mesh = Mesh::start().await;
     mesh.admin(
         "CreateModel",
@@ -40,46 +73,23 @@ async fn the_openai_sdk_sees_the_models_streams_and_paths_it_expects() {
     let key = mesh
         .create_key("sdk", json!({"allowed_models": ["llama"]}))
         .await;
-    // The key reaches the edge with the next table.
-    let models = format!("{}/v1/models", edge.url);
-    infermesh_integration_tests::wait::until(
-        "the key to reach the edge",
-        Duration::from_secs(20),
-        || async {
-            let reply = infermesh_integration_tests::client::Http::with_key(&key)
-                .get(&models)
-                .await
-                .ok()?;
-            (reply.status == 200).then_some(())
-        },
+    key_at_edge(&key, &edge).await;
+    run_script(
+        "openai_client.py",
+        &[
+            ("EDGE_URL", &edge.url),
+            ("API_KEY", &key),
+            ("MODEL", "llama"),
+            ("ALIAS", "llama-8b"),
+            ("HIDDEN", "hidden"),
+        ],
     )
     .await;
-    let run = tokio::process::Command::new(&python)
-        .arg(root.join("integration-tests/sdk/openai_client.py"))
-        .env("EDGE_URL", &edge.url)
-        .env("API_KEY", &key)
-        .env("MODEL", "llama")
-        .env("ALIAS", "llama-8b")
-        .env("HIDDEN", "hidden")
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the SDK script finishes within two minutes")
-        .expect("the SDK script runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains(r#""ok": true"#),
-        "stdout: {stdout}\nstderr: {stderr}"
-    );
 }
 
 #[tokio::test]
 async fn the_openai_sdk_waits_as_retry_after_says_and_gets_through() {
     const LIMIT: u64 = 60;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let python = root.join(".tools/sdk-venv/bin/python");
     let mesh = Mesh::start().await;
     mesh.register("eu-west", "llama", "llama-eu").await;
     let _replica = mesh
@@ -95,36 +105,16 @@ async fn the_openai_sdk_waits_as_retry_after_says_and_gets_through() {
     let key = mesh
         .create_key("retry", json!({"limits": {"requests_per_minute": LIMIT}}))
         .await;
-    let models = format!("{}/v1/models", edge.url);
-    infermesh_integration_tests::wait::until(
-        "the key to reach the edge",
-        Duration::from_secs(20),
-        || async {
-            let reply = infermesh_integration_tests::client::Http::with_key(&key)
-                .get(&models)
-                .await
-                .ok()?;
-            (reply.status == 200).then_some(())
-        },
+    key_at_edge(&key, &edge).await;
+    run_script(
+        "retry_after.py",
+        &[
+            ("EDGE_URL", &edge.url),
+            ("EDGE_METRICS_URL", &edge.metrics_url),
+            ("API_KEY", &key),
+            ("MODEL", "llama"),
+            ("LIMIT", &LIMIT.to_string()),
+        ],
     )
     .await;
-    let run = tokio::process::Command::new(&python)
-        .arg(root.join("integration-tests/sdk/retry_after.py"))
-        .env("EDGE_URL", &edge.url)
-        .env("API_KEY", &key)
-        .env("MODEL", "llama")
-        .env("LIMIT", LIMIT.to_string())
-        .env("EDGE_METRICS_URL", &edge.metrics_url)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the SDK script finishes within two minutes")
-        .expect("the SDK script runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains(r#""ok": true"#),
-        "stdout: {stdout}\nstderr: {stderr}"
-    );
 }
