@@ -36,6 +36,8 @@ use crate::table::ModelRoute;
 const TICK: Duration = Duration::from_millis(25);
 /// Weight of an output token against a prompt token in the fair share.
 const DECODE_WEIGHT: f64 = 2.0;
+/// A tenant let through this recently counts in the fair share of slots.
+const RECENT: Duration = Duration::from_secs(1);
 
 /// A request's priority band, most urgent first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -142,18 +144,102 @@ struct Inner {
     /// Tickets out: requests let through and not finished, some of which
     /// may not have reached a replica (or its in-flight count) yet.
     active: usize,
+    /// Tickets out by tenant.
+    active_by_tenant: HashMap<String, usize>,
+    /// When each tenant was last let through.
+    last_seen: HashMap<String, Instant>,
+}
+
+/// Whether a request may go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// A slot no other tenant's share is kept for.
+    Shared,
+    /// A slot of its tenant's own fair share.
+    Headroom,
+    /// None.
+    Full,
 }
 
 impl Inner {
-    /// Whether the route has room for one more, counting the tickets out
-    /// against the replicas' bounds when every replica has one.
-    fn room(&self, route: &ModelRoute) -> bool {
+    /// Whether a request of `tenant` has room on the route now. Without
+    /// bounds on every replica, room is what the engines' load shows. With
+    /// them, the tickets out count against their sum, and each tenant let
+    /// through in the last second has a fair share of the slots (their sum
+    /// over those tenants): a tenant under its share may take a slot at
+    /// once, even ahead of others' waiters; one at or over it only a slot
+    /// that no other tenant's unused share is kept for. A light tenant does
+    /// not wait behind a heavy one's backlog, and a tenant alone may use
+    /// every slot.
+    ///
+    /// Right after a request finished (`finished`), the engines' load is
+    /// not asked: the stamps are older than the slot that just freed.
+    fn room(&self, route: &ModelRoute, tenant: &str, now: Instant, finished: bool) -> Room {
+        if !finished && full(route) {
+            return Room::Full;
+        }
         let bound: Option<u64> = route
             .upstreams
             .iter()
             .map(|u| (u.max_concurrency > 0).then_some(u64::from(u.max_concurrency)))
             .sum();
-        !full(route) && bound.is_none_or(|bound| (self.active as u64) < bound)
+        let Some(bound) = bound else {
+            return Room::Shared;
+        };
+        let active = self.active as u64;
+        if active >= bound {
+            return Room::Full;
+        }
+        let holding = |t: &str| self.active_by_tenant.get(t).copied().unwrap_or(0) as u64;
+        let recent = |t: &str| {
+            holding(t) > 0
+                || self
+                    .last_seen
+                    .get(t)
+                    .is_some_and(|at| now.saturating_duration_since(*at) < RECENT)
+        };
+        let others: Vec<&String> = self
+            .last_seen
+            .keys()
+            .filter(|t| t.as_str() != tenant && recent(t))
+            .collect();
+        let share = bound.div_ceil(others.len() as u64 + 1);
+        let mine = holding(tenant);
+        if mine < share {
+            return Room::Headroom;
+        }
+        let kept_for_others: u64 = others
+            .iter()
+            .map(|t| share.saturating_sub(holding(t)))
+            .sum();
+        if active + kept_for_others < bound {
+            Room::Shared
+        } else {
+            Room::Full
+        }
+    }
+
+    /// Whether `tenant` has requests waiting in any band.
+    fn waits(&self, tenant: &str) -> bool {
+        self.waiting.values().any(|t| t.contains_key(tenant))
+    }
+
+    /// Counts a ticket of `tenant` out.
+    fn let_through(&mut self, tenant: &str, now: Instant) {
+        self.active += 1;
+        *self.active_by_tenant.entry(tenant.to_string()).or_default() += 1;
+        self.last_seen.insert(tenant.to_string(), now);
+    }
+
+    /// Counts a ticket of `tenant` back in.
+    fn returned(&mut self, tenant: &str) {
+        self.active = self.active.saturating_sub(1);
+        if let Some(n) = self.active_by_tenant.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.active_by_tenant.remove(tenant);
+            }
+        }
     }
 
     fn depth(&self, band: Band) -> usize {
@@ -175,9 +261,34 @@ impl Inner {
         self.served.get(tenant).copied().unwrap_or(0.0)
     }
 
+    /// Takes the next waiter if it has room on `route`: the most urgent
+    /// band, the tenant with the least counter, the oldest of its requests;
+    /// charged to its tenant and counted out. None when the one whose turn
+    /// it is has no room.
+    fn next_with_room(
+        &mut self,
+        route: &ModelRoute,
+        now: Instant,
+        finished: bool,
+    ) -> Option<(String, Waiter)> {
+        let band = *self.waiting.keys().next()?;
+        let tenant = self
+            .waiting
+            .get(&band)?
+            .keys()
+            .min_by(|a, b| self.counter(a).total_cmp(&self.counter(b)))?
+            .clone();
+        if self.room(route, &tenant, now, finished) == Room::Full {
+            return None;
+        }
+        let (tenant, waiter) = self.next()?;
+        self.let_through(&tenant, now);
+        Some((tenant, waiter))
+    }
+
     /// Takes the next waiter: the most urgent band, the tenant with the
     /// least counter, the oldest of its requests; charged to its tenant.
-    fn next(&mut self) -> Option<Waiter> {
+    fn next(&mut self) -> Option<(String, Waiter)> {
         loop {
             let band = *self.waiting.keys().next()?;
             let tenants = self.waiting.get_mut(&band)?;
@@ -205,8 +316,8 @@ impl Inner {
                 // Gave up (deadline, client gone) without being removed yet.
                 continue;
             }
-            *self.served.entry(tenant).or_default() += waiter.cost;
-            return Some(waiter);
+            *self.served.entry(tenant.clone()).or_default() += waiter.cost;
+            return Some((tenant, waiter));
         }
     }
 }
@@ -244,11 +355,12 @@ impl std::fmt::Debug for Queue {
 #[derive(Debug)]
 pub struct Ticket {
     queue: Arc<Queue>,
+    tenant: String,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.queue.release_one();
+        self.queue.release_one(&self.tenant);
     }
 }
 
@@ -282,11 +394,18 @@ impl Queue {
         {
             let mut inner = self.lock();
             inner.route = Some(route.clone());
-            let nobody_waits = inner.waiting.is_empty();
-            if nobody_waits && inner.room(route) {
+            let now = Instant::now();
+            // Within its share a tenant goes ahead of others' waiters
+            // (never of its own); beyond it only when nobody waits.
+            let at_once = match inner.room(route, tenant, now, false) {
+                Room::Shared => inner.waiting.is_empty(),
+                Room::Headroom => !inner.waits(tenant),
+                Room::Full => false,
+            };
+            if at_once {
                 *inner.served.entry(tenant.to_string()).or_default() += cost;
-                inner.active += 1;
-                return Ok(self.ticket());
+                inner.let_through(tenant, now);
+                return Ok(self.ticket(tenant));
             }
             if band == Band::Sheddable {
                 drop(inner);
@@ -331,8 +450,8 @@ impl Queue {
                 if let Some(observer) = &self.observer {
                     observer.waited(band, started.elapsed());
                 }
-                // Counted in `active` by whoever let it go.
-                Ok(self.ticket())
+                // Counted out by whoever let it go.
+                Ok(self.ticket(tenant))
             }
             // Timed out (the waiter is skipped when its turn comes), or the
             // queue went away.
@@ -343,9 +462,10 @@ impl Queue {
         }
     }
 
-    fn ticket(self: &Arc<Self>) -> Ticket {
+    fn ticket(self: &Arc<Self>, tenant: &str) -> Ticket {
         Ticket {
             queue: self.clone(),
+            tenant: tenant.to_string(),
         }
     }
 
@@ -355,21 +475,28 @@ impl Queue {
         }
     }
 
-    /// A request finished: the next waiter goes in its place.
-    fn release_one(&self) {
+    /// A request of `tenant` finished: the next waiter goes in its place.
+    fn release_one(&self, tenant: &str) {
         let mut inner = self.lock();
-        inner.active = inner.active.saturating_sub(1);
-        let waiter = inner.next();
-        if waiter.is_some() {
-            inner.active += 1;
-        }
+        inner.returned(tenant);
+        self.send_next(inner, true);
+    }
+
+    /// Lets the next waiter with room go, if any; `finished` when a request
+    /// just finished.
+    fn send_next(&self, mut inner: std::sync::MutexGuard<'_, Inner>, finished: bool) {
+        let Some(route) = inner.route.clone() else {
+            return;
+        };
+        let next = inner.next_with_room(&route, Instant::now(), finished);
+        let Some((tenant, waiter)) = next else {
+            return;
+        };
         drop(inner);
-        if let Some(waiter) = waiter {
-            // A waiter that gave up meanwhile returns its place on drop of
-            // the message: it never holds a ticket.
-            if waiter.go.send(()).is_err() {
-                self.lock().active -= 1;
-            }
+        // A waiter that gave up meanwhile never holds its ticket: its
+        // place is given back.
+        if waiter.go.send(()).is_err() {
+            self.lock().returned(&tenant);
         }
     }
 
@@ -384,17 +511,7 @@ impl Queue {
                 inner.ticking = false;
                 return;
             }
-            let room = inner.route.clone().is_some_and(|r| inner.room(&r));
-            let waiter = if room { inner.next() } else { None };
-            if waiter.is_some() {
-                inner.active += 1;
-            }
-            drop(inner);
-            if let Some(waiter) = waiter
-                && waiter.go.send(()).is_err()
-            {
-                self.lock().active -= 1;
-            }
+            self.send_next(inner, false);
         }
     }
 }
@@ -466,6 +583,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_light_tenant_gets_its_share_of_the_slots_past_a_heavy_ones_backlog() {
+        let mut table = serving_table(RoutingPolicy::LeastLoad, &["a", "b"]);
+        table.pools[0].max_concurrency = 4;
+        let table = EdgeTableBuilder::default().build(table);
+        let route = table.route("llama").unwrap().clone();
+        let queue = Queue::new(None);
+        let enter = |tenant: &'static str| {
+            let (queue, route) = (queue.clone(), route.clone());
+            async move {
+                queue
+                    .enter(
+                        &route,
+                        Band::Standard,
+                        tenant,
+                        1,
+                        1,
+                        Duration::from_millis(1),
+                    )
+                    .await
+            }
+        };
+        // Alone, the heavy tenant's fair share is every slot.
+        let mut heavy = Vec::new();
+        for _ in 0..6 {
+            heavy.push(enter("heavy").await.expect("alone: its share is all 8"));
+        }
+        let seventh = enter("heavy").await.expect("alone: its share is all 8");
+        drop(seventh);
+        // A light tenant comes: half the slots are its share, and the slots
+        // of it the light tenant does not use are kept: the heavy one waits.
+        let light = enter("light").await.expect("under its fair share");
+        assert_eq!(enter("heavy").await.unwrap_err(), Shed::Timeout);
+        let light_again = enter("light").await.expect("still under its share");
+        assert_eq!(
+            enter("light").await.unwrap_err(),
+            Shed::Timeout,
+            "all 8 taken"
+        );
+        drop((light, light_again, heavy));
+    }
+
+    #[tokio::test]
     async fn with_room_a_request_goes_at_once_and_a_sheddable_one_too() {
         let queue = Queue::new(None);
         let route = route(&["a", "b"]);
@@ -499,7 +658,7 @@ mod tests {
         let standard = waiting(&queue, &route, Band::Standard, "acme", 1).await;
         let critical = waiting(&queue, &route, Band::Critical, "acme", 1).await;
         // One request finishes: the critical one goes first.
-        queue.release_one();
+        queue.release_one("acme");
         let critical = critical.await.unwrap().expect("critical went");
         assert!(!standard.is_finished());
         drop(critical);
@@ -517,9 +676,9 @@ mod tests {
             noisy.push(waiting(&queue, &route, Band::Standard, "noisy", 100).await);
         }
         let quiet = waiting(&queue, &route, Band::Standard, "quiet", 100).await;
-        queue.release_one();
+        queue.release_one("acme");
         let _first = noisy.remove(0).await.unwrap().unwrap();
-        queue.release_one();
+        queue.release_one("acme");
         let _second = quiet
             .await
             .unwrap()
@@ -545,7 +704,7 @@ mod tests {
             .await;
         assert_eq!(late.unwrap_err(), Shed::Timeout);
         let next = waiting(&queue, &route, Band::Standard, "acme", 1).await;
-        queue.release_one();
+        queue.release_one("acme");
         next.await
             .unwrap()
             .expect("the timed-out waiter was skipped");

@@ -1,8 +1,8 @@
 //! The innermost service of the edge: dispatches probes and `/v1/models`,
 //! and runs inference calls through named stages, each in its own module:
-//! parse (`request`), resolve, cache (`lookup`), pick, admit, forward
-//! (`attempts`), and respond with accounting. `infer` below is the list
-//! of stages.
+//! parse (`request`), resolve, cache (`lookup`), wait (flow control), pick,
+//! admit, forward (`attempts`), and respond with accounting. `infer` below
+//! is the list of stages.
 
 mod admit;
 mod attempts;
