@@ -36,9 +36,50 @@ pub struct EdgeMetrics {
     pub panics: IntCounter,
     /// Loans asked of the control plane's quota reserve, by outcome.
     pub loans: IntCounterVec,
+    flow: FlowMetrics,
+}
+
+/// The flow-control queues: depth and wait by band, and requests shed.
+#[derive(Debug, Clone)]
+struct FlowMetrics {
     queue_depth: IntGaugeVec,
     queue_wait: HistogramVec,
     shed: IntCounterVec,
+}
+
+impl FlowMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let flow = Self {
+            queue_depth: IntGaugeVec::new(
+                Opts::new(
+                    "infermesh_edge_queue_depth",
+                    "Requests waiting at the edge because every replica of their model is full, by priority band.",
+                ),
+                &["model", "band"],
+            )
+            .expect("valid gauge definition"),
+            queue_wait: histogram(
+                "infermesh_edge_queue_wait_seconds",
+                "Time requests waited at the edge for their turn, by priority band.",
+                REQUEST_SECONDS,
+                &["model", "band"],
+            ),
+            shed: counter(
+                "infermesh_edge_shed_total",
+                "Requests refused with 503 because every replica was full, by band and reason (sheddable: not held; timeout: no turn within the model's queue deadline).",
+                &["model", "band", "reason"],
+            ),
+        };
+        register_all(
+            registry,
+            vec![
+                Box::new(flow.queue_depth.clone()),
+                Box::new(flow.queue_wait.clone()),
+                Box::new(flow.shed.clone()),
+            ],
+        )?;
+        Ok(flow)
+    }
 }
 
 /// What finished requests came to, per model: counted from each access
@@ -144,25 +185,7 @@ impl EdgeMetrics {
                 "Requests refused for their credentials, by outcome (unauthorized: 401; blocked: 429 for a client address past its failed attempts).",
                 &["outcome"],
             ),
-            queue_depth: IntGaugeVec::new(
-                Opts::new(
-                    "infermesh_edge_queue_depth",
-                    "Requests waiting at the edge because every replica of their model is full, by priority band.",
-                ),
-                &["model", "band"],
-            )
-            .expect("valid gauge definition"),
-            queue_wait: histogram(
-                "infermesh_edge_queue_wait_seconds",
-                "Time requests waited at the edge for their turn, by priority band.",
-                REQUEST_SECONDS,
-                &["model", "band"],
-            ),
-            shed: counter(
-                "infermesh_edge_shed_total",
-                "Requests refused with 503 because every replica was full, by band and reason (sheddable: not held; timeout: no turn within the model's queue deadline).",
-                &["model", "band", "reason"],
-            ),
+            flow: FlowMetrics::register(registry)?,
             loans: counter(
                 "infermesh_edge_quota_loans_total",
                 "Loans asked of the control plane's quota reserve by admissions this edge's grant could not cover, by outcome (lent; refused: the reserve was spent; unanswered: no stream, or no answer within 20 ms).",
@@ -181,9 +204,6 @@ impl EdgeMetrics {
                 Box::new(metrics.auth_failures.clone()),
                 Box::new(metrics.panics.clone()),
                 Box::new(metrics.loans.clone()),
-                Box::new(metrics.queue_depth.clone()),
-                Box::new(metrics.queue_wait.clone()),
-                Box::new(metrics.shed.clone()),
             ],
         )?;
         Ok(metrics)
@@ -208,21 +228,26 @@ impl EdgeMetrics {
 
     /// Requests of `model` in `band` waiting at the edge now.
     pub fn queue_depth(&self, model: &str, band: &str, depth: usize) {
-        self.queue_depth
+        self.flow
+            .queue_depth
             .with_label_values(&[model, band])
             .set(depth as i64);
     }
 
     /// A request of `model` in `band` waited `seconds` for its turn.
     pub fn queue_waited(&self, model: &str, band: &str, seconds: f64) {
-        self.queue_wait
+        self.flow
+            .queue_wait
             .with_label_values(&[model, band])
             .observe(seconds);
     }
 
     /// A request of `model` in `band` was shed for `reason`.
     pub fn shed(&self, model: &str, band: &str, reason: &str) {
-        self.shed.with_label_values(&[model, band, reason]).inc();
+        self.flow
+            .shed
+            .with_label_values(&[model, band, reason])
+            .inc();
     }
 
     /// A request for `model` was retried on another replica.

@@ -45,18 +45,10 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
     let registry = infermesh_runtime::metrics::registry(&[("region", &config.region)]);
     let metrics = Arc::new(EdgeMetrics::register(&registry)?);
     let loans = Arc::new(LoanDesk::default());
-    let limiter = Arc::new(
-        Limiter::new(config.default_completion_reserve)
-            .borrowing_through(
-                loans.clone(),
-                Duration::from_millis(config.quota_borrow_wait_ms),
-            )
-            .counting_loans_in(metrics.loans.clone()),
-    );
+    let limiter = limiter(&config, &metrics, loans.clone());
     let demand = Arc::new(DemandBoard::default());
-    let mut discovery_config =
-        discovery_config(&config, &node_id, limiter.clone(), demand.clone())?;
-    discovery_config.loans = Some(loans);
+    let discovery_config =
+        discovery_config(&config, &node_id, limiter.clone(), demand.clone(), loans)?;
     let (builder, initial) = saved_table(config.table_cache.as_deref());
     let (subscription, discovery_task) = discovery::subscribe_from(
         discovery_config,
@@ -82,8 +74,6 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
     ));
     let panics = metrics.panics.clone();
     let observer = Observer::new(log, metrics.clone());
-    let auth_failures = AuthFailures::new(config.auth_failures_per_minute)
-        .counted_in(metrics.auth_failures.clone());
     let gateway = Gateway::new(
         subscription.tables.clone(),
         Forwarder::new(
@@ -97,12 +87,7 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
     )
     .with_demand(demand)
     .with_sync(subscription.sync.clone());
-    let auth = AuthLayer::new(subscription.tables.clone(), config.allow_anonymous)
-        .limiting_failures(auth_failures)
-        .observed_by(observer.clone());
-    if config.allow_anonymous {
-        tracing::warn!("--allow-anonymous: requests without an API key are served without limits");
-    }
+    let auth = auth_layer(&config, subscription.tables.clone(), &metrics, &observer);
     let service = stack::build(
         gateway,
         auth,
@@ -129,6 +114,24 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
     let _ = discovery_task.await;
     tracing::info!("edge stopped");
     Ok(())
+}
+
+/// Authentication by API key against the tables as they come, limiting
+/// and counting failed attempts per client address.
+fn auth_layer(
+    config: &Config,
+    tables: tokio::sync::watch::Receiver<Option<Arc<Applied<EdgeTable>>>>,
+    metrics: &EdgeMetrics,
+    observer: &Observer,
+) -> AuthLayer {
+    if config.allow_anonymous {
+        tracing::warn!("--allow-anonymous: requests without an API key are served without limits");
+    }
+    let failures = AuthFailures::new(config.auth_failures_per_minute)
+        .counted_in(metrics.auth_failures.clone());
+    AuthLayer::new(tables, config.allow_anonymous)
+        .limiting_failures(failures)
+        .observed_by(observer.clone())
 }
 
 /// With --identity-dir: gets or renews the edge's identity and points the
@@ -159,13 +162,25 @@ fn access_log(config: &Config) -> AccessLog {
     }
 }
 
+/// The rate limiter: borrowing from the control plane's reserve through
+/// `loans`, counting the loans in `metrics`.
+fn limiter(config: &Config, metrics: &EdgeMetrics, loans: Arc<LoanDesk>) -> Arc<Limiter> {
+    Arc::new(
+        Limiter::new(config.default_completion_reserve)
+            .borrowing_through(loans, Duration::from_millis(config.quota_borrow_wait_ms))
+            .counting_loans_in(metrics.loans.clone()),
+    )
+}
+
 /// How the edge subscribes to routing tables: as an edge of its region,
-/// exchanging quota usage and signalling demand for pools with no replica.
+/// exchanging quota usage and loans and signalling demand for pools with
+/// no replica.
 fn discovery_config(
     config: &Config,
     node_id: &str,
     limiter: Arc<Limiter>,
     demand: Arc<DemandBoard>,
+    loans: Arc<LoanDesk>,
 ) -> anyhow::Result<DiscoveryConfig> {
     let client = config
         .control_plane_tls
@@ -184,7 +199,7 @@ fn discovery_config(
         quota: Some(limiter),
         usage_interval: Duration::from_millis(config.usage_report_interval_ms),
         demand: Some(demand),
-        loans: None,
+        loans: Some(loans),
     })
 }
 

@@ -11,7 +11,7 @@ use infermesh_proto::v1::{Priority, RateLimits, RoutingTable};
 use infermesh_runtime::api_key;
 
 use crate::error::ApiError;
-use crate::flow::Band;
+use crate::flow::band::Band;
 use crate::table::skips::{ObjectKind, SkipLog};
 
 /// One usable key.

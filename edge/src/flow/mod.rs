@@ -31,6 +31,10 @@ use tokio::time::Instant;
 
 use crate::table::ModelRoute;
 
+pub mod band;
+
+pub use band::Band;
+
 /// How often a route with waiters is looked at again without any request
 /// finishing (a load sample may have gone stale or shown room).
 const TICK: Duration = Duration::from_millis(25);
@@ -38,48 +42,6 @@ const TICK: Duration = Duration::from_millis(25);
 const DECODE_WEIGHT: f64 = 2.0;
 /// A tenant let through this recently counts in the fair share of slots.
 const RECENT: Duration = Duration::from_secs(1);
-
-/// A request's priority band, most urgent first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Band {
-    /// Never shed, served first.
-    Critical,
-    /// The default.
-    Standard,
-    /// Shed when the fleet is full.
-    Sheddable,
-}
-
-impl Band {
-    /// The band's name in metrics and headers.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Band::Critical => "critical",
-            Band::Standard => "standard",
-            Band::Sheddable => "sheddable",
-        }
-    }
-
-    /// A band named in a request header (`critical`, `standard`, `sheddable`).
-    pub fn parse(name: &str) -> Option<Band> {
-        match name.trim().to_ascii_lowercase().as_str() {
-            "critical" => Some(Band::Critical),
-            "standard" => Some(Band::Standard),
-            "sheddable" => Some(Band::Sheddable),
-            _ => None,
-        }
-    }
-
-    /// The band of the registry's priority (unset: standard).
-    pub fn of(priority: infermesh_proto::v1::Priority) -> Band {
-        use infermesh_proto::v1::Priority;
-        match priority {
-            Priority::Critical => Band::Critical,
-            Priority::Sheddable => Band::Sheddable,
-            Priority::Standard | Priority::Unspecified => Band::Standard,
-        }
-    }
-}
 
 /// Why a request was not let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,6 +179,27 @@ impl Inner {
         } else {
             Room::Full
         }
+    }
+
+    /// Puts `waiter` of `tenant` at the back of its queue in `band`; the
+    /// band's depth. No banking: a tenant that starts waiting is raised to
+    /// the least counter of the tenants already waiting in its band.
+    fn enqueue(&mut self, band: Band, tenant: &str, waiter: Waiter) -> usize {
+        let joining = self
+            .waiting
+            .get(&band)
+            .is_none_or(|t| !t.contains_key(tenant));
+        if joining && let Some(least) = self.least_waiting(band) {
+            let counter = self.served.entry(tenant.to_string()).or_default();
+            *counter = counter.max(least);
+        }
+        self.waiting
+            .entry(band)
+            .or_default()
+            .entry(tenant.to_string())
+            .or_default()
+            .push_back(waiter);
+        self.depth(band)
     }
 
     /// Whether `tenant` has requests waiting in any band.
@@ -412,24 +395,7 @@ impl Queue {
                 self.observe_shed(band, Shed::Sheddable);
                 return Err(Shed::Sheddable);
             }
-            // No banking: a tenant that starts waiting is raised to the
-            // least counter of the tenants already waiting in its band.
-            let joining = inner
-                .waiting
-                .get(&band)
-                .is_none_or(|t| !t.contains_key(tenant));
-            if joining && let Some(least) = inner.least_waiting(band) {
-                let counter = inner.served.entry(tenant.to_string()).or_default();
-                *counter = counter.max(least);
-            }
-            inner
-                .waiting
-                .entry(band)
-                .or_default()
-                .entry(tenant.to_string())
-                .or_default()
-                .push_back(Waiter { go, cost });
-            let depth = inner.depth(band);
+            let depth = inner.enqueue(band, tenant, Waiter { go, cost });
             let start_ticking = !std::mem::replace(&mut inner.ticking, true);
             drop(inner);
             if let Some(observer) = &self.observer {
