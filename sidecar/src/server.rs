@@ -113,6 +113,7 @@ pub async fn run(mut config: Config, stop: CancellationToken) -> anyhow::Result<
             quota: None,
             usage_interval: Duration::from_millis(200),
             demand: None,
+            loans: None,
         },
         AssignmentReader {
             endpoint_id: endpoint_id.clone(),
