@@ -65,8 +65,10 @@ pub struct Generation {
     pub kind: Kind,
     /// Prompt tokens.
     pub tokens: Vec<u32>,
-    /// Tokens to generate.
+    /// Tokens to generate, for each choice.
     pub max_tokens: usize,
+    /// Choices (`n`), generated side by side.
+    pub choices: usize,
     /// SSE or one JSON body.
     pub stream: bool,
     /// Append a usage chunk to the stream.
@@ -200,11 +202,20 @@ pub fn parse_generation(
                 ApiError::bad("max_tokens", "max_tokens must be a positive integer")
             })? as usize,
         };
-    if let Some(n) = object.get("n").and_then(Value::as_u64)
-        && n != 1
-    {
-        return Err(ApiError::bad("n", "only n=1 is supported"));
-    }
+    let choices = match object.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(v) => match (v.as_u64(), kind) {
+            (Some(1), _) => 1,
+            (Some(n @ 2..=MAX_CHOICES), Kind::Chat | Kind::Completion) => n as usize,
+            (Some(_), Kind::Chat | Kind::Completion) | (None, _) => {
+                return Err(ApiError::bad(
+                    "n",
+                    format!("n must be an integer from 1 to {MAX_CHOICES}"),
+                ));
+            }
+            (Some(_), _) => return Err(ApiError::bad("n", "only n=1 is supported")),
+        },
+    };
     let stream = match object.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -230,6 +241,7 @@ pub fn parse_generation(
         kind,
         tokens,
         max_tokens,
+        choices,
         stream,
         include_usage,
     })
@@ -245,16 +257,27 @@ pub fn usage(u: Usage) -> Value {
     })
 }
 
-/// A whole (non-streamed) response.
-pub fn completion(kind: Kind, id: &str, created: u64, model: &str, text: &str, u: Usage) -> Value {
-    let (object, choice) = match kind {
+/// The most choices (`n`) one request may ask for.
+const MAX_CHOICES: u64 = 128;
+
+/// A whole (non-streamed) response of `choices` identical choices.
+pub fn completion(
+    kind: Kind,
+    id: &str,
+    created: u64,
+    model: &str,
+    text: &str,
+    choices: usize,
+    u: Usage,
+) -> Value {
+    let (object, choices): (&str, Vec<Value>) = match kind {
         Kind::Chat => (
             "chat.completion",
-            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length", "logprobs": null}),
+            (0..choices).map(|i| json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "length", "logprobs": null})).collect(),
         ),
         Kind::Completion => (
             "text_completion",
-            json!({"index": 0, "text": text, "finish_reason": "length", "logprobs": null}),
+            (0..choices).map(|i| json!({"index": i, "text": text, "finish_reason": "length", "logprobs": null})).collect(),
         ),
         Kind::Responses => return response(id, created, model, "completed", text, Some(u)),
         Kind::Messages => {
@@ -265,7 +288,7 @@ pub fn completion(kind: Kind, id: &str, created: u64, model: &str, text: &str, u
         }
     };
     json!({"id": id, "object": object, "created": created, "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [choice], "usage": usage(u)})
+        "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, "usage": usage(u)})
 }
 
 /// A Responses API response object.
@@ -288,16 +311,34 @@ pub fn response(
         "usage": usage})
 }
 
-/// One streamed chunk; `delta` is the new text, `finish` the finish reason.
+/// What every chunk of one stream repeats.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkHead<'a> {
+    /// Chat or plain completion.
+    pub kind: Kind,
+    /// The generation's id.
+    pub id: &'a str,
+    /// When it began, in seconds since the Unix epoch.
+    pub created: u64,
+    /// The model's name.
+    pub model: &'a str,
+}
+
+/// One streamed chunk of choice `index`; `delta` is the new text,
+/// `finish` the finish reason.
 pub fn chunk(
-    kind: Kind,
-    id: &str,
-    created: u64,
-    model: &str,
+    head: &ChunkHead<'_>,
+    index: usize,
     delta: Option<&str>,
     first: bool,
     finish: Option<&str>,
 ) -> Value {
+    let ChunkHead {
+        kind,
+        id,
+        created,
+        model,
+    } = *head;
     let (object, choice) = match kind {
         Kind::Chat => {
             let mut d = serde_json::Map::new();
@@ -307,12 +348,12 @@ pub fn chunk(
             d.insert("content".into(), json!(delta.unwrap_or("")));
             (
                 "chat.completion.chunk",
-                json!({"index": 0, "delta": d, "finish_reason": finish, "logprobs": null}),
+                json!({"index": index, "delta": d, "finish_reason": finish, "logprobs": null}),
             )
         }
         Kind::Completion | Kind::Responses | Kind::Messages => (
             "text_completion",
-            json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null}),
+            json!({"index": index, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null}),
         ),
     };
     json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
@@ -429,7 +470,7 @@ mod tests {
             Some("max_tokens")
         );
         assert_eq!(
-            param(Kind::Completion, r#"{"model":"m","prompt":"x","n":2}"#),
+            param(Kind::Completion, r#"{"model":"m","prompt":"x","n":500}"#),
             Some("n")
         );
         let other = parse(Kind::Chat, r#"{"model":"other","messages":[]}"#).unwrap_err();

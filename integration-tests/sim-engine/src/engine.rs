@@ -164,12 +164,14 @@ impl Engine {
         }
     }
 
-    /// Queues, prefills and decodes one request, sending events to `out`
-    /// until done or until `out` is closed.
+    /// Queues, prefills and decodes one request of `choices` sequences
+    /// side by side, sending events to `out` until done or until `out` is
+    /// closed.
     pub async fn generate(
         self: Arc<Self>,
         tokens: Vec<u32>,
         max_tokens: usize,
+        choices: usize,
         out: mpsc::Sender<Event>,
     ) {
         let arrived = Instant::now();
@@ -221,7 +223,8 @@ impl Engine {
             if i == 0 {
                 self.observe_ttft(arrived.elapsed());
             }
-            c.generation_tokens.fetch_add(1, Ordering::Relaxed);
+            c.generation_tokens
+                .fetch_add(choices as u64, Ordering::Relaxed);
             if out
                 .send(Event::Token(output_word(&tokens, i)))
                 .await
@@ -234,7 +237,7 @@ impl Engine {
         c.finished_length.fetch_add(1, Ordering::Relaxed);
         let usage = Usage {
             prompt: tokens.len(),
-            completion: max_tokens,
+            completion: max_tokens * choices,
             cached,
         };
         let _ = out.send(Event::Done(usage)).await;

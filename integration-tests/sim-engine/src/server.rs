@@ -284,10 +284,11 @@ async fn generate(engine: Arc<Engine>, request: Request<Incoming>, kind: Kind) -
     }
     let (tx, mut events) = mpsc::channel(64);
     let prompt_tokens = generation.tokens.len();
+    let choices = generation.choices;
     tokio::spawn(
         engine
             .clone()
-            .generate(generation.tokens, generation.max_tokens, tx),
+            .generate(generation.tokens, generation.max_tokens, choices, tx),
     );
     let prefix = match kind {
         Kind::Chat => "chatcmpl",
@@ -306,7 +307,7 @@ async fn generate(engine: Arc<Engine>, request: Request<Incoming>, kind: Kind) -
                 Event::Done(u) => {
                     return json_response(
                         StatusCode::OK,
-                        &api::completion(kind, &id, created, &model, &text, u),
+                        &api::completion(kind, &id, created, &model, &text, choices, u),
                     );
                 }
             }
@@ -326,7 +327,8 @@ async fn generate(engine: Arc<Engine>, request: Request<Incoming>, kind: Kind) -
         &model,
         generation.include_usage,
         prompt_tokens,
-    );
+    )
+    .with_choices(choices);
     tokio::spawn(async move {
         let sse = |text: String| Ok(Frame::data(Bytes::from(text)));
         for text in stream.start() {

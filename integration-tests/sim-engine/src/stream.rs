@@ -16,6 +16,7 @@ pub struct Stream {
     model: String,
     include_usage: bool,
     prompt_tokens: usize,
+    choices: usize,
     first: bool,
     text: String,
 }
@@ -45,8 +46,24 @@ impl Stream {
             model: model.to_string(),
             include_usage,
             prompt_tokens,
+            choices: 1,
             first: true,
             text: String::new(),
+        }
+    }
+
+    /// The same stream with `choices` choices (chat and completions).
+    pub fn with_choices(mut self, choices: usize) -> Self {
+        self.choices = choices.max(1);
+        self
+    }
+
+    fn head(&self) -> api::ChunkHead<'_> {
+        api::ChunkHead {
+            kind: self.kind,
+            id: &self.id,
+            created: self.created,
+            model: &self.model,
         }
     }
 
@@ -84,15 +101,9 @@ impl Stream {
         let first = std::mem::replace(&mut self.first, false);
         self.text.push_str(t);
         match self.kind {
-            Kind::Chat | Kind::Completion => data(&api::chunk(
-                self.kind,
-                &self.id,
-                self.created,
-                &self.model,
-                Some(t),
-                first,
-                None,
-            )),
+            Kind::Chat | Kind::Completion => (0..self.choices)
+                .map(|index| data(&api::chunk(&self.head(), index, Some(t), first, None)))
+                .collect(),
             Kind::Responses => event(
                 "response.output_text.delta",
                 &json!({
@@ -111,21 +122,16 @@ impl Stream {
     pub fn done(&self, u: Usage) -> Vec<String> {
         match self.kind {
             Kind::Chat | Kind::Completion => {
-                let mut finish = api::chunk(
-                    self.kind,
-                    &self.id,
-                    self.created,
-                    &self.model,
-                    None,
-                    false,
-                    Some("length"),
-                );
-                // As vLLM: the fingerprint comes once, on the last chunk
-                // with choices, or on the usage chunk when one follows.
-                if !self.include_usage {
-                    finish["system_fingerprint"] = json!(api::SYSTEM_FINGERPRINT);
+                let mut out = Vec::new();
+                for index in 0..self.choices {
+                    let mut finish = api::chunk(&self.head(), index, None, false, Some("length"));
+                    // As vLLM: the fingerprint comes once, on the last chunk
+                    // with choices, or on the usage chunk when one follows.
+                    if !self.include_usage && index + 1 == self.choices {
+                        finish["system_fingerprint"] = json!(api::SYSTEM_FINGERPRINT);
+                    }
+                    out.push(data(&finish));
                 }
-                let mut out = vec![data(&finish)];
                 if self.include_usage {
                     out.push(data(&api::usage_chunk(
                         self.kind,
