@@ -144,10 +144,14 @@ impl CacheTap {
         } = recording;
         match answer {
             Some(answer) => {
-                if let Some(flight) = flight {
-                    flight.resolve(Some(answer.clone()));
-                }
-                tokio::spawn(async move { cache.store(key, answer, ttl).await });
+                // Stored before the flight ends: a request arriving between
+                // the two joins the flight instead of missing the store.
+                tokio::spawn(async move {
+                    cache.store(key, answer.clone(), ttl).await;
+                    if let Some(flight) = flight {
+                        flight.resolve(Some(answer));
+                    }
+                });
             }
             None => {
                 if let Some(flight) = flight {
