@@ -33,6 +33,10 @@ pub struct ControlPlaneMetrics {
     pub leader: IntGauge,
     load_reports: IntCounter,
     watch_lag: prometheus::Gauge,
+    /// This replica's part of shared limits nobody asked for lately.
+    pub quota_default_part: prometheus::Gauge,
+    /// Parts records this replica has read.
+    pub quota_parts_records: IntCounter,
     watch_resyncs: IntCounterVec,
     registrations_refused: IntCounterVec,
     /// Tables pushed and their encoded bytes: (count, bytes) for full
@@ -148,6 +152,14 @@ impl ControlPlaneMetrics {
                 "infermesh_control_plane_watch_lag_seconds",
                 "Seconds the registry watch has been behind a revision etcd reported under the prefix (0 when current); a resync follows at 10 s.",
             )?,
+            quota_default_part: prometheus::Gauge::new(
+                "infermesh_control_plane_quota_default_part",
+                "This replica's part of each shared rate limit and budget that no edge asked for lately (others follow demand): its edges' share of all edges, as the leader's last two parts records agree; 0 until a record names it with edges.",
+            )?,
+            quota_parts_records: IntCounter::new(
+                "infermesh_control_plane_quota_parts_records_total",
+                "Records of every replica's parts of the shared limits this replica has read (the leader writes one a second).",
+            )?,
             watch_resyncs: IntCounterVec::new(
                 Opts::new(
                     "infermesh_control_plane_watch_resyncs_total",
@@ -192,6 +204,8 @@ impl ControlPlaneMetrics {
         registry.register(Box::new(metrics.load_reports.clone()))?;
         registry.register(Box::new(metrics.watch_lag.clone()))?;
         registry.register(Box::new(metrics.watch_resyncs.clone()))?;
+        registry.register(Box::new(metrics.quota_default_part.clone()))?;
+        registry.register(Box::new(metrics.quota_parts_records.clone()))?;
         registry.register(Box::new(metrics.registrations_refused.clone()))?;
         registry.register(Box::new(metrics.pool_serving.clone()))?;
         registry.register(Box::new(metrics.pool_desired.clone()))?;

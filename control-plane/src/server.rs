@@ -171,17 +171,18 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         Duration::from_secs(u64::from(config.gc_interval_seconds)),
         cancel.clone(),
     ));
-    let autoscaling = tokio::spawn(autoscaler.run(leading, cancel.clone()));
+    let autoscaling = tokio::spawn(autoscaler.run(leading.clone(), cancel.clone()));
 
     let explain = Arc::new(crate::fleet::ExplainDesk::default());
+    let quotas = Arc::new(QuotaBook::new(snapshots.clone()));
     let admin = Admin::new(
         Registry::new(store.clone()),
         snapshots.clone(),
         loads.clone(),
         subscribers.clone(),
     )
-    .explaining_through(explain.clone());
-    let quotas = Arc::new(QuotaBook::new(snapshots.clone()));
+    .explaining_through(explain.clone())
+    .showing_budgets_of(quotas.clone());
     let quota_task = tokio::spawn(
         quotas
             .clone()
@@ -190,6 +191,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     let quota_exchange = tokio::spawn(quotas.clone().exchange(
         store.clone(),
         config.node_id(),
+        leading.clone(),
+        metrics.clone(),
         cancel.clone(),
     ));
     let discovery = Discovery::new(

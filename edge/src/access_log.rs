@@ -42,6 +42,8 @@ pub struct AccessRecord {
     pub tokens_in: Option<u64>,
     /// Completion tokens, from the engine's usage.
     pub tokens_out: Option<u64>,
+    /// What the request was charged against spend budgets, in micro-units.
+    pub spend_micros: Option<u64>,
     /// Attempts beyond the first.
     pub retries: u32,
     /// Response cache outcome.

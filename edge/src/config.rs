@@ -160,6 +160,14 @@ pub struct Config {
     )]
     pub upstream_idle_timeout_ms: u64,
 
+    /// A streamed request held at the edge (waiting for its turn in a
+    /// full model's queue, or for a pool to scale up from zero) for longer
+    /// than this many milliseconds is answered 200 with an event stream and
+    /// gets an SSE comment (`: waiting`) at this interval until it goes
+    /// out; a refusal after that comes as an error event. 0: never.
+    #[arg(long, env = "INFERMESH_SSE_KEEPALIVE_MS", default_value_t = 10_000)]
+    pub sse_keepalive_ms: u64,
+
     /// Most attempts on other replicas for one request (refused or lost
     /// connections and 502/503 before any byte reached the client).
     #[arg(long, env = "INFERMESH_MAX_RETRIES", default_value_t = 2)]

@@ -53,21 +53,21 @@ impl FlowMetrics {
             queue_depth: IntGaugeVec::new(
                 Opts::new(
                     "infermesh_edge_queue_depth",
-                    "Requests waiting at the edge because every replica of their model is full, by priority band.",
+                    "Requests waiting at the edge because every replica of their model is full, by priority band and tenant.",
                 ),
-                &["model", "band"],
+                &["model", "band", "tenant"],
             )
             .expect("valid gauge definition"),
             queue_wait: histogram(
                 "infermesh_edge_queue_wait_seconds",
-                "Time requests waited at the edge for their turn, by priority band.",
+                "Time requests waited at the edge for their turn, by priority band and tenant.",
                 REQUEST_SECONDS,
-                &["model", "band"],
+                &["model", "band", "tenant"],
             ),
             shed: counter(
                 "infermesh_edge_shed_total",
-                "Requests refused with 503 because every replica was full, by band and reason (sheddable: not held; timeout: no turn within the model's queue deadline).",
-                &["model", "band", "reason"],
+                "Requests refused with 503 because every replica was full, by band, tenant and reason (sheddable: not held; timeout: no turn within the model's queue deadline).",
+                &["model", "band", "tenant", "reason"],
             ),
         };
         register_all(
@@ -92,6 +92,7 @@ struct Outcomes {
     per_token: HistogramVec,
     prompt_tokens: IntCounterVec,
     completion_tokens: IntCounterVec,
+    spend: IntCounterVec,
     cache: IntCounterVec,
 }
 
@@ -226,27 +227,27 @@ impl EdgeMetrics {
         self.rate_limited.with_label_values(&[model, limit]).inc();
     }
 
-    /// Requests of `model` in `band` waiting at the edge now.
-    pub fn queue_depth(&self, model: &str, band: &str, depth: usize) {
+    /// Requests of `tenant` for `model` in `band` waiting at the edge now.
+    pub fn queue_depth(&self, model: &str, band: &str, tenant: &str, depth: usize) {
         self.flow
             .queue_depth
-            .with_label_values(&[model, band])
+            .with_label_values(&[model, band, tenant])
             .set(depth as i64);
     }
 
-    /// A request of `model` in `band` waited `seconds` for its turn.
-    pub fn queue_waited(&self, model: &str, band: &str, seconds: f64) {
+    /// A request of `tenant` for `model` in `band` waited `seconds` for its turn.
+    pub fn queue_waited(&self, model: &str, band: &str, tenant: &str, seconds: f64) {
         self.flow
             .queue_wait
-            .with_label_values(&[model, band])
+            .with_label_values(&[model, band, tenant])
             .observe(seconds);
     }
 
-    /// A request of `model` in `band` was shed for `reason`.
-    pub fn shed(&self, model: &str, band: &str, reason: &str) {
+    /// A request of `tenant` for `model` in `band` was shed for `reason`.
+    pub fn shed(&self, model: &str, band: &str, tenant: &str, reason: &str) {
         self.flow
             .shed
-            .with_label_values(&[model, band, reason])
+            .with_label_values(&[model, band, tenant, reason])
             .inc();
     }
 
@@ -337,6 +338,11 @@ impl Outcomes {
                 "Completion tokens, as the engine's usage reported them.",
                 &["model"],
             ),
+            spend: counter(
+                "infermesh_edge_spend_micros_total",
+                "Spend charged against budgets, in millionths of a currency unit, by model and tenant: what requests used at the model's price.",
+                &["model", "tenant"],
+            ),
             cache: counter(
                 "infermesh_edge_cache_requests_total",
                 "Requests of models with a cache policy, by outcome (hit, miss, bypass).",
@@ -352,6 +358,7 @@ impl Outcomes {
                 Box::new(outcomes.per_token.clone()),
                 Box::new(outcomes.prompt_tokens.clone()),
                 Box::new(outcomes.completion_tokens.clone()),
+                Box::new(outcomes.spend.clone()),
                 Box::new(outcomes.cache.clone()),
             ],
         )?;
@@ -394,6 +401,12 @@ impl Outcomes {
             self.completion_tokens
                 .with_label_values(&[model])
                 .inc_by(tokens);
+        }
+        if let Some(micros) = record.spend_micros.filter(|&m| m > 0) {
+            let tenant = record.tenant.as_deref().unwrap_or("");
+            self.spend
+                .with_label_values(&[model, tenant])
+                .inc_by(micros);
         }
     }
 }

@@ -80,14 +80,16 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> anyhow::Resul
             deadlines(&config),
             upstream_tls(&config, cancel.child_token())?,
         ),
-        limiter,
+        limiter.clone(),
         observer.clone(),
         response_cache(&config, &registry, cancel.child_token())?,
         resilience(&config),
     )
     .with_demand(demand)
-    .with_sync(subscription.sync.clone());
-    let auth = auth_layer(&config, subscription.tables.clone(), &metrics, &observer);
+    .with_sync(subscription.sync.clone())
+    .with_keepalive(Duration::from_millis(config.sse_keepalive_ms));
+    let auth = auth_layer(&config, subscription.tables.clone(), &metrics, &observer)
+        .counting_in(limiter.clone());
     let service = stack::build(
         gateway,
         auth,

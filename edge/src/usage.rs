@@ -15,7 +15,7 @@ use infermesh_runtime::http::{Body, BoxError};
 
 use crate::access_log::{AccessRecord, millis};
 use crate::metrics::{InFlight, Observer};
-use crate::quota::Admission;
+use crate::quota::{Admission, Used};
 use crate::sse::{Event, Framer, Part};
 
 /// Non-streamed bodies up to this size are read whole for their usage;
@@ -174,10 +174,13 @@ fn cut_event(reason: &str, code: &str) -> Bytes {
 /// for a response cut short (by the replica, a deadline, or the client
 /// going away) before any usage, the prompt and what was streamed
 /// (`produced`); a whole answer without usage keeps its reservation.
-fn charge(usage: Option<Usage>, failed: bool, cut_short: bool, produced: u64) -> Option<u64> {
+fn charge(usage: Option<Usage>, failed: bool, cut_short: bool, produced: Used) -> Option<Used> {
     match (usage, failed, cut_short) {
-        (Some(usage), _, _) => Some(usage.prompt + usage.completion),
-        (None, true, _) => Some(0),
+        (Some(usage), _, _) => Some(Used {
+            prompt: usage.prompt,
+            completion: usage.completion,
+        }),
+        (None, true, _) => Some(Used::NONE),
         (None, false, true) => Some(produced),
         (None, false, false) => None,
     }
@@ -426,14 +429,21 @@ impl UsageTap {
             finish.record.tokens_out = Some(usage.completion);
         }
         if let Some(admission) = finish.admission.take() {
-            let tokens = charge(
-                self.usage,
-                finish.failed,
-                finish.record.error.is_some(),
-                finish.prompt_estimate + self.chunks,
-            )
-            .unwrap_or(admission.reserved_tokens());
-            admission.settle(tokens);
+            let produced = Used {
+                prompt: finish.prompt_estimate,
+                completion: self.chunks,
+            };
+            let cut_short = finish.record.error.is_some();
+            match charge(self.usage, finish.failed, cut_short, produced) {
+                Some(used) => {
+                    finish.record.spend_micros = Some(admission.cost(used));
+                    admission.settle(used);
+                }
+                None => {
+                    finish.record.spend_micros = Some(admission.reserved_spend());
+                    admission.keep();
+                }
+            }
         }
         finish.record.total_ms = millis(finish.started.elapsed());
         finish.observer.finished(&finish.record);
@@ -748,14 +758,33 @@ mod tests {
             prompt: 5,
             completion: 7,
         });
-        assert_eq!(charge(usage, false, true, 3), Some(12), "usage wins");
-        assert_eq!(charge(None, true, false, 3), Some(0), "engine error");
+        let produced = Used {
+            prompt: 1,
+            completion: 2,
+        };
         assert_eq!(
-            charge(None, false, true, 3),
-            Some(3),
+            charge(usage, false, true, produced),
+            Some(Used {
+                prompt: 5,
+                completion: 7
+            }),
+            "usage wins"
+        );
+        assert_eq!(
+            charge(None, true, false, produced),
+            Some(Used::NONE),
+            "engine error"
+        );
+        assert_eq!(
+            charge(None, false, true, produced),
+            Some(produced),
             "cut: prompt + streamed"
         );
-        assert_eq!(charge(None, false, false, 3), None, "whole, no usage");
+        assert_eq!(
+            charge(None, false, false, produced),
+            None,
+            "whole, no usage"
+        );
         let mut tap = UsageTap::new(full(""), true, true, finish());
         tap.sse(Bytes::from(format!("{}{}", chunk("a"), chunk("b"))));
         tap.sse(Bytes::from(format!("{USAGE}data: [DONE]\n\n")));

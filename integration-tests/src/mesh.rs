@@ -584,6 +584,19 @@ impl Mesh {
         .expect("create pool");
     }
 
+    /// A spend budget as fleet status shows it (`quota` e.g.
+    /// `tenant/acme/spd`): (spent, remaining), in currency units.
+    pub async fn budget(&self, quota: &str) -> Option<(f64, f64)> {
+        let status = self.admin("GetFleetStatus", json!({})).await.ok()?;
+        let budget = status["budgets"]
+            .as_array()?
+            .iter()
+            .find(|b| b["quota"] == quota)?
+            .clone();
+        let amount = |field: &str| budget[field].as_str().and_then(|s| s.parse::<f64>().ok());
+        Some((amount("spent")?, amount("remaining")?))
+    }
+
     /// Ids of the registered endpoints (optionally of one pool), sorted.
     pub async fn endpoint_ids(&self, pool: &str) -> Vec<String> {
         let listed = self

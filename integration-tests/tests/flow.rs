@@ -2,7 +2,8 @@
 //! one engine that runs one request at a time (its pool's concurrency
 //! bound). While it runs one, a sheddable key's request is refused at once
 //! with 503 and Retry-After, while a standard key's requests wait at the
-//! edge for their turn, one at a time, and are all served.
+//! edge for their turn, one at a time, and are all served; streams held
+//! past the keep-alive interval get SSE comments until their turn.
 
 use std::time::Duration;
 
@@ -44,7 +45,10 @@ async fn when_the_engine_is_full_sheddable_requests_are_shed_and_the_rest_wait_t
             &["--max-num-seqs", "1", "--decode-ms-per-token", "15"],
         )
         .await;
-    let edge = mesh.start_edge("eu-west", &[]).await;
+    // Streams held at the edge past 300 ms get keep-alive comments.
+    let edge = mesh
+        .start_edge("eu-west", &["--sse-keepalive-ms", "300"])
+        .await;
     let standard = mesh.create_key("steady", json!({})).await;
     let sheddable = mesh
         .create_key("batch", json!({"priority": "SHEDDABLE"}))
@@ -100,11 +104,26 @@ async fn when_the_engine_is_full_sheddable_requests_are_shed_and_the_rest_wait_t
     );
     assert!(shed.headers.contains_key("retry-after"));
 
+    let mut kept_alive = 0;
     for stream in streams {
         let streamed = stream.await.unwrap().unwrap();
         assert_eq!(streamed.status, 200);
         assert_eq!(streamed.events().last().map(String::as_str), Some("[DONE]"));
+        let first = streamed.frames.first().map(|(_, b)| b.clone()).unwrap();
+        if first.starts_with(b": waiting\n\n") {
+            kept_alive += 1;
+            let events = streamed.events();
+            assert!(
+                events.iter().all(|e| !e.contains("\"error\"")),
+                "a kept-alive stream carries the engine's chunks: {events:?}"
+            );
+        }
     }
+    // The last streams wait well over a second for the five ahead of them.
+    assert!(
+        kept_alive >= 1,
+        "no stream waited past 300 ms with keep-alives"
+    );
     let metrics = mesh.http.get(&edge.metrics_url).await.unwrap().text();
     let shed_count = scrape::value(
         &metrics,

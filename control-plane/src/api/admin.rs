@@ -26,6 +26,7 @@ pub struct Admin {
     pub(super) loads: Arc<LoadView>,
     pub(super) subscribers: Arc<SubscriberView>,
     pub(super) explain: Arc<ExplainDesk>,
+    pub(super) quotas: Option<Arc<crate::quota::QuotaBook>>,
 }
 
 impl Admin {
@@ -44,7 +45,14 @@ impl Admin {
             loads,
             subscribers,
             explain: Arc::default(),
+            quotas: None,
         }
+    }
+
+    /// Shows in fleet status what `quotas` says was spent of each budget.
+    pub fn showing_budgets_of(mut self, quotas: Arc<crate::quota::QuotaBook>) -> Self {
+        self.quotas = Some(quotas);
+        self
     }
 
     /// Asks edges ExplainRoute's questions through `desk` (the one the

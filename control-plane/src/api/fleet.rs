@@ -83,6 +83,11 @@ impl Admin {
             subscribers_left_out: listed.left_out,
             answered_by: self.subscribers.node().to_string(),
             version: u64::try_from(snapshot.revision).unwrap_or(0),
+            budgets: self
+                .quotas
+                .as_ref()
+                .map(|q| q.budgets(&snapshot, now))
+                .unwrap_or_default(),
         }))
     }
 

@@ -16,6 +16,8 @@ use tokio::time::Instant;
 
 use infermesh_proto::v1::QuotaGrant;
 
+use super::budget::{Budget, SpendDelta, Totals};
+
 /// Weight of the newest demand sample in the moving average.
 const DEMAND_SMOOTHING: f64 = 0.5;
 /// Fraction of the mean demand every edge gets on top of its own, so that
@@ -67,6 +69,9 @@ struct QuotaState {
     /// until a first share-out: before it, edges admit from their local
     /// cold-start buckets, which the ledger does not see.
     reserve: f64,
+    /// For a spend budget: its period and what etcd holds of it. Its level
+    /// does not refill with time but follows what every replica spent.
+    budget: Option<Budget>,
 }
 
 impl QuotaState {
@@ -83,6 +88,7 @@ impl QuotaState {
             window,
             edges: HashMap::new(),
             reserve: 0.0,
+            budget: None,
         }
     }
 
@@ -97,13 +103,25 @@ impl QuotaState {
     }
 
     fn refill(&mut self, now: Instant) {
+        if let Some(budget) = &self.budget {
+            self.level = budget.level(self.global, self.scale);
+            self.updated = now;
+            return;
+        }
         let dt = now.saturating_duration_since(self.updated).as_secs_f64();
         self.level = (self.level + dt * self.refill_per_sec).min(self.limit);
         self.updated = now;
     }
 
     fn reset_ms(&self) -> u64 {
+        if let Some(budget) = &self.budget {
+            return budget.reset_ms();
+        }
         let missing = (self.limit - self.level).max(0.0);
+        if self.refill_per_sec <= 0.0 {
+            // No part of the limit here: it refills elsewhere.
+            return self.window.as_millis() as u64;
+        }
         ((missing / self.refill_per_sec) * 1000.0).ceil() as u64
     }
 }
@@ -147,14 +165,74 @@ impl Ledger {
             state.last_demand = now;
         }
         edge.demand = edge.demand.max(demand);
-        state.level -= delta as f64;
+        match &mut state.budget {
+            Some(budget) => {
+                budget.spent_here(delta);
+                state.refill(now);
+            }
+            None => state.level -= delta as f64,
+        }
+    }
+
+    /// Makes `quota` a spend budget over `period`, as of `unix_ms`, before
+    /// its first report: its level follows what etcd holds.
+    pub fn budget(&mut self, quota: &str, limit: Limit, budget: Budget, now: Instant) {
+        self.quotas.entry(quota.to_string()).or_insert_with(|| {
+            let mut state = QuotaState::new(limit.units, limit.window, now);
+            state.budget = Some(budget);
+            state
+        });
+    }
+
+    /// Starts the next period of every budget whose period ended by `unix_ms`.
+    pub fn roll_periods(&mut self, unix_ms: i64) {
+        for state in self.quotas.values_mut() {
+            if let Some(budget) = &mut state.budget {
+                budget.roll(unix_ms);
+            }
+        }
+    }
+
+    /// What budgets were spent through this replica since the last write
+    /// to etcd, now marked as being written.
+    pub fn take_spend(&mut self) -> Vec<SpendDelta> {
+        self.quotas
+            .iter_mut()
+            .filter_map(|(quota, state)| Some((quota, state.budget.as_mut()?)))
+            .flat_map(|(quota, budget)| budget.take(quota))
+            .collect()
+    }
+
+    /// The write of `deltas` to etcd ended: on success they are in the
+    /// totals etcd holds, on failure they wait for the next write.
+    pub fn spend_written(&mut self, deltas: &[SpendDelta], ok: bool) {
+        for delta in deltas {
+            if let Some(budget) = self
+                .quotas
+                .get_mut(&delta.quota)
+                .and_then(|s| s.budget.as_mut())
+            {
+                budget.written(delta, ok);
+            }
+        }
+    }
+
+    /// Takes what etcd holds as spent in each budget's current period,
+    /// by `(period label, quota)`; budgets missing from it spent nothing.
+    pub fn set_spent(&mut self, totals: &HashMap<(String, String), Totals>) {
+        for (quota, state) in &mut self.quotas {
+            if let Some(budget) = &mut state.budget {
+                let key = (budget.label().to_string(), quota.clone());
+                budget.set_durable(totals.get(&key).copied().unwrap_or_default());
+            }
+        }
     }
 
     /// Sets this replica's part of each quota's limit; `part(quota)` is in
-    /// (0, 1]. Used units stay charged when a part shrinks.
+    /// [0, 1]. Used units stay charged when a part shrinks.
     pub fn set_parts(&mut self, mut part: impl FnMut(&str) -> f64) {
         for (quota, state) in &mut self.quotas {
-            let scale = part(quota).clamp(1e-3, 1.0);
+            let scale = part(quota).clamp(0.0, 1.0);
             if (scale - state.scale).abs() > 1e-9 {
                 state.resize(state.global, scale, state.window);
             }
@@ -166,6 +244,21 @@ impl Ledger {
         self.quotas
             .iter()
             .map(|(q, s)| (q.clone(), s.edges.values().map(|e| e.demand_rate).sum()))
+            .collect()
+    }
+
+    /// What this replica's edges used of each quota, as a fraction of its
+    /// global limit.
+    pub fn used_fractions(&self) -> HashMap<String, f64> {
+        self.quotas
+            .iter()
+            .map(|(q, s)| {
+                let used = match &s.budget {
+                    Some(budget) => budget.used_fraction(s.global),
+                    None => ((s.limit - s.level) / s.global.max(1.0)).max(0.0),
+                };
+                (q.clone(), used)
+            })
             .collect()
     }
 
@@ -198,10 +291,16 @@ impl Ledger {
         let dt = elapsed.as_secs_f64().max(1e-3);
         self.quotas.retain(|_, state| {
             state.refill(now);
-            let full = state.level >= state.limit;
+            let full =
+                state.level >= state.limit && state.budget.as_ref().is_none_or(|b| !b.pending());
             !(full && now.saturating_duration_since(state.last_demand) >= idle_after)
         });
         for (quota, state) in &mut self.quotas {
+            // A budget whose spend etcd has not answered for yet is not
+            // shared out: edges keep what they hold until it is known.
+            if state.budget.as_ref().is_some_and(|b| !b.known()) {
+                continue;
+            }
             for edge in state.edges.values_mut() {
                 let sample = (edge.demand - edge.demand_at_last_shareout) as f64 / dt;
                 edge.demand_at_last_shareout = edge.demand;
@@ -393,6 +492,59 @@ mod tests {
         let grants = ledger.share_out(&[1], TICK, IDLE, t0 + IDLE);
         let quotas: Vec<_> = grants[&1].iter().map(|g| g.quota.as_str()).collect();
         assert_eq!(quotas, ["key/b/rpm"]);
+    }
+
+    #[test]
+    fn a_budget_is_shared_out_from_what_etcd_says_was_spent() {
+        use infermesh_runtime::money::Period;
+        let mut ledger = Ledger::default();
+        let t0 = Instant::now();
+        let q = "tenant/t/spd";
+        let limit = Limit {
+            units: 1000,
+            window: Duration::from_secs(24 * 3600),
+        };
+        ledger.budget(q, limit, Budget::new(Period::Day, 0), t0);
+        ledger.report(1, q, limit, 100, 100, t0);
+        let grants = ledger.share_out(&[1], TICK, IDLE, t0);
+        assert!(grants[&1].is_empty(), "no grant before etcd answered");
+        let key = ("1970-01-01".to_string(), q.to_string());
+        // A replica that is gone spent 600.
+        let gone = Totals {
+            mine: 0,
+            orphaned: 600,
+            all: 600,
+        };
+        let mut totals = HashMap::from([(key.clone(), gone)]);
+        ledger.set_spent(&totals);
+        let grants = ledger.share_out(&[1], TICK, IDLE, t0);
+        assert_eq!(
+            grants[&1][0].global_remaining, 300,
+            "1000 less 600 in etcd less 100 not written yet"
+        );
+        let deltas = ledger.take_spend();
+        assert_eq!(deltas.len(), 1);
+        assert_eq!(deltas[0].units, 100);
+        ledger.spend_written(&deltas, true);
+        totals.insert(
+            key,
+            Totals {
+                mine: 100,
+                orphaned: 600,
+                all: 700,
+            },
+        );
+        ledger.set_spent(&totals);
+        let grants = ledger.share_out(&[1], TICK, IDLE, t0);
+        assert_eq!(grants[&1][0].global_remaining, 300, "written: counted once");
+        // A refund (a reservation settled lower) gives units back.
+        ledger.report(1, q, limit, 40, 100, t0);
+        assert_eq!(ledger.remaining(q), Some(360.0));
+        // With half of the budget, this replica holds half of what the gone
+        // one left, less its own 40.
+        ledger.set_parts(|_| 0.5);
+        let grants = ledger.share_out(&[1], TICK, IDLE, t0);
+        assert_eq!(grants[&1][0].global_remaining, 200 - 40);
     }
 
     #[test]

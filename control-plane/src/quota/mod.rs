@@ -10,7 +10,9 @@
 //! second (`exchange`) and take parts in proportion to demand (by edge
 //! count while nobody asks), so the limit holds across replicas too.
 
+mod budget;
 mod ledger;
+mod parts;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,14 +20,18 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 
+use infermesh_proto::v1::BudgetStatus;
 use infermesh_proto::v1::{QuotaDigest, QuotaGrants, UsageReport};
-use infermesh_runtime::quota::{QuotaId, Scope};
+use infermesh_runtime::money::{Period, format_micros};
+use infermesh_runtime::quota::{Dimension, QuotaId, Scope};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use budget::Budget;
 pub use ledger::SessionId;
 use ledger::{Ledger, Limit};
+use parts::Parts;
 
 use crate::loads::Peers;
 use crate::registry::Registry;
@@ -52,69 +58,17 @@ pub struct QuotaBook {
     used_keys: Mutex<HashSet<String>>,
     next_session: AtomicU64,
     parts: Mutex<Parts>,
-}
-
-/// This replica's part of every limit, from the last exchange.
-#[derive(Debug, Clone)]
-struct Parts {
-    /// By quota id, for quotas someone asked for.
-    by_quota: HashMap<String, f64>,
-    /// For any other quota: this replica's share of all edges.
-    default: f64,
-    /// Edges connected to every replica.
-    edges: u32,
-}
-
-impl Default for Parts {
-    fn default() -> Self {
-        Self {
-            by_quota: HashMap::new(),
-            default: 1.0,
-            edges: 0,
-        }
-    }
+    /// What etcd last said was spent of every budget, by (period label, quota).
+    spent: Mutex<HashMap<(String, String), i64>>,
 }
 
 /// How often replicas exchange quota demand.
 pub const EXCHANGE_INTERVAL: Duration = Duration::from_secs(1);
-/// Fraction of the mean replica demand every replica with edges gets on top of its own.
-const REPLICA_FLOOR: f64 = 0.05;
-
-/// This replica's parts from its digest and the other replicas'.
-fn parts(mine: &QuotaDigest, others: &[QuotaDigest]) -> Parts {
-    let replicas: Vec<&QuotaDigest> = std::iter::once(mine)
-        .chain(others.iter())
-        .filter(|d| d.edges > 0)
-        .collect();
-    let edges: u32 = replicas.iter().map(|d| d.edges).sum();
-    if mine.edges == 0 {
-        return Parts {
-            edges,
-            ..Parts::default()
-        };
-    }
-    let default = f64::from(mine.edges) / f64::from(edges.max(1));
-    let quotas: HashSet<&String> = replicas.iter().flat_map(|d| d.demand.keys()).collect();
-    let by_quota = quotas
-        .into_iter()
-        .map(|quota| {
-            let rate = |d: &QuotaDigest| d.demand.get(quota).copied().unwrap_or(0.0).max(0.0);
-            let total: f64 = replicas.iter().map(|d| rate(d)).sum();
-            let part = if total <= 0.0 {
-                default
-            } else {
-                let floor = REPLICA_FLOOR * total / replicas.len() as f64;
-                (rate(mine) + floor) / (total + floor * replicas.len() as f64)
-            };
-            (quota.clone(), part)
-        })
-        .collect();
-    Parts {
-        by_quota,
-        default,
-        edges,
-    }
-}
+/// Rounds of failed exchanges a replica keeps its parts through; shorter
+/// than the life of its digest in etcd (three rounds, at least 5 s).
+const PARTS_KEPT_ROUNDS: u32 = 3;
+/// How often spend totals of past periods are looked for and removed.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// The limit of `quota` per its window, if one is set now.
 fn limit_of(snapshot: &Snapshot, quota: &QuotaId) -> Option<u64> {
@@ -140,6 +94,7 @@ impl QuotaBook {
             used_keys: Mutex::default(),
             next_session: AtomicU64::new(1),
             parts: Mutex::default(),
+            spent: Mutex::default(),
         }
     }
 
@@ -191,6 +146,14 @@ impl QuotaBook {
                 used.push(quota.name.clone());
             }
             if let Some(limit) = limit_of(&snapshot, &quota) {
+                if let Some(period) = quota.dimension.period() {
+                    let limit = Limit {
+                        units: limit,
+                        window: quota.dimension.window(),
+                    };
+                    let budget = Budget::new(period, infermesh_runtime::time::now_unix_ms());
+                    ledger.budget(&usage.quota, limit, budget, now);
+                }
                 ledger.report(
                     session,
                     &usage.quota,
@@ -243,6 +206,7 @@ impl QuotaBook {
             let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
             ledger.retain(|q| q.parse().ok().and_then(|q| limit_of(&snapshot, &q)));
             ledger.set_parts(|q| parts.by_quota.get(q).copied().unwrap_or(parts.default));
+            ledger.roll_periods(infermesh_runtime::time::now_unix_ms());
             ledger.share_out(&ids, elapsed, IDLE_AFTER, Instant::now())
         };
         // Edges size their cold-start share by every replica's edges.
@@ -279,43 +243,220 @@ impl QuotaBook {
     }
 
     /// Publishes this replica's quota demand and takes its part of every
-    /// limit from all replicas' demand, every `EXCHANGE_INTERVAL` until
-    /// cancelled. While etcd cannot be reached the last parts stay.
-    pub async fn exchange(self: Arc<Self>, store: Store, node: String, cancel: CancellationToken) {
-        let mut peers = Peers::new(store, ObjectKind::QuotaDigest, &node, EXCHANGE_INTERVAL);
+    /// limit (see `parts`), every `EXCHANGE_INTERVAL` until cancelled;
+    /// while `leading`, writes every replica's parts every other round.
+    /// While etcd cannot be reached the last parts stay.
+    pub async fn exchange(
+        self: Arc<Self>,
+        store: Store,
+        node: String,
+        leading: watch::Receiver<bool>,
+        metrics: Arc<crate::metrics::ControlPlaneMetrics>,
+        cancel: CancellationToken,
+    ) {
+        let mut peers = Peers::new(
+            store.clone(),
+            ObjectKind::QuotaDigest,
+            &node,
+            EXCHANGE_INTERVAL,
+        );
+        let parts_key = store.keys().object(ObjectKind::QuotaParts, "current");
+        let mut records = parts::Records::default();
+        let mut failed_rounds = 0u32;
+        let mut prune = tokio::time::interval(PRUNE_INTERVAL);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(EXCHANGE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
+                _ = prune.tick() => {
+                    let now = infermesh_runtime::time::now_unix_ms();
+                    match budget::prune_spend(&store, now).await {
+                        Ok(0) => {}
+                        Ok(pruned) => tracing::info!(pruned, "removed spend totals of past periods"),
+                        Err(error) => tracing::warn!(%error, "could not remove old spend totals"),
+                    }
+                    continue;
+                }
             }
-            let mine = QuotaDigest {
-                node: node.clone(),
-                edges: self
-                    .sessions
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .len() as u32,
-                demand: self
-                    .ledger
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .demand_rates(),
-            };
+            let mine = self.digest(&node, records.newest());
             match peers.exchange(mine.encode_to_vec()).await {
                 Ok(kvs) => {
                     let others: Vec<QuotaDigest> =
                         kvs.iter().filter_map(|kv| decode(kv).ok()).collect();
-                    *self.parts.lock().unwrap_or_else(PoisonError::into_inner) =
-                        parts(&mine, &others);
+                    if *leading.borrow() {
+                        let all: Vec<QuotaDigest> = std::iter::once(mine.clone())
+                            .chain(others.iter().cloned())
+                            .collect();
+                        let record = parts::record(&all).encode_to_vec();
+                        if let Err(error) = store.put_aux(&parts_key, record, None).await {
+                            tracing::warn!(%error, "could not write the replicas' quota parts");
+                        }
+                    }
+                    failed_rounds = 0;
+                    let mine_alone = parts::parts(&mine, &others);
+                    if let Ok(Some(kv)) = store.get(&parts_key).await
+                        && kv.mod_revision() > records.newest()
+                        && let Ok(record) = decode::<infermesh_proto::v1::QuotaParts>(&kv)
+                    {
+                        records.read(kv.mod_revision(), record);
+                        metrics.quota_parts_records.inc();
+                    }
+                    // A replica alone takes every limit whole; with others,
+                    // none without a record.
+                    let oldest_read = others
+                        .iter()
+                        .map(|d| d.parts_revision)
+                        .chain([records.newest()])
+                        .filter(|r| *r > 0)
+                        .min()
+                        .unwrap_or(0);
+                    let chosen = if others.is_empty() {
+                        mine_alone
+                    } else {
+                        records
+                            .parts_of(&node, mine_alone.edges, oldest_read)
+                            .unwrap_or(Parts {
+                                by_quota: HashMap::new(),
+                                default: 0.0,
+                                edges: mine_alone.edges,
+                            })
+                    };
+                    metrics.quota_default_part.set(chosen.default);
+
+                    *self.parts.lock().unwrap_or_else(PoisonError::into_inner) = chosen;
+                    // Spend of replicas that publish no digest any more is
+                    // theirs no longer: every replica holds its part of it.
+                    let live: HashSet<String> = others
+                        .iter()
+                        .map(|d| d.node.clone())
+                        .chain([node.clone()])
+                        .collect();
+                    self.write_spend(&store, &node, &live).await;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "quota exchange round failed; keeping the last parts")
+                    failed_rounds += 1;
+                    // Cut off from etcd, this replica cannot know the parts
+                    // the others take: past a few rounds (and before its
+                    // digest expires, so the others take over its part) it
+                    // takes none.
+                    if failed_rounds >= PARTS_KEPT_ROUNDS {
+                        tracing::warn!(%error, "quota exchange failing; sharing out no shared limits until etcd answers");
+                        *self.parts.lock().unwrap_or_else(PoisonError::into_inner) = Parts {
+                            by_quota: HashMap::new(),
+                            default: 0.0,
+                            edges: 0,
+                        };
+                        metrics.quota_default_part.set(0.0);
+                    } else {
+                        tracing::warn!(%error, "quota exchange round failed; keeping the last parts")
+                    }
                 }
             }
         }
         peers.leave().await;
+    }
+
+    /// What this replica's edges ask of each quota now.
+    fn digest(&self, node: &str, parts_revision: i64) -> QuotaDigest {
+        let (demand, used) = {
+            let ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+            (ledger.demand_rates(), ledger.used_fractions())
+        };
+        QuotaDigest {
+            node: node.to_string(),
+            parts_revision,
+            edges: self
+                .sessions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len() as u32,
+            demand,
+            used,
+        }
+    }
+
+    /// Adds what this replica's edges spent of every budget to the totals
+    /// in etcd and takes the totals back; on failure the spend is written
+    /// with the next round.
+    async fn write_spend(&self, store: &Store, node: &str, live: &HashSet<String>) {
+        let deltas = self
+            .ledger
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take_spend();
+        let now = infermesh_runtime::time::now_unix_ms();
+        let labels: Vec<String> = [Period::Day, Period::Month]
+            .iter()
+            .map(|p| p.span_at(now).label)
+            .collect();
+        let written = budget::write_spend(store, node, live, &labels, &deltas).await;
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        ledger.spend_written(&deltas, written.is_ok());
+        match written {
+            Ok(totals) => {
+                ledger.set_spent(&totals);
+                drop(ledger);
+                *self.spent.lock().unwrap_or_else(PoisonError::into_inner) =
+                    totals.into_iter().map(|(k, t)| (k, t.all)).collect();
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not write spend to etcd; trying again next round")
+            }
+        }
+    }
+
+    /// Every spend budget of `snapshot`'s keys and tenants with what etcd
+    /// last said was spent of it in its period holding `now_unix_ms`.
+    pub fn budgets(&self, snapshot: &Snapshot, now_unix_ms: i64) -> Vec<BudgetStatus> {
+        let spent = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
+        let keys = snapshot
+            .api_keys
+            .values()
+            .filter(|k| !k.revoked)
+            .map(|k| (Scope::Key, k.id.as_str(), k.limits.as_ref()));
+        let tenants = snapshot
+            .tenants
+            .values()
+            .map(|t| (Scope::Tenant, t.name.as_str(), t.limits.as_ref()));
+        let mut budgets = Vec::new();
+        for (scope, name, limits) in tenants.chain(keys) {
+            let Some(limits) = limits else { continue };
+            for dimension in [Dimension::DailySpend, Dimension::MonthlySpend] {
+                let (limit, Some(period)) = (dimension.limit_in(limits), dimension.period()) else {
+                    continue;
+                };
+                if limit == 0 {
+                    continue;
+                }
+                let quota = QuotaId::new(scope, name, dimension).to_string();
+                let span = period.span_at(now_unix_ms);
+                let used = spent
+                    .get(&(span.label.clone(), quota.clone()))
+                    .copied()
+                    .unwrap_or(0)
+                    .max(0) as u64;
+                let (tenant, key_id) = match scope {
+                    Scope::Tenant => (name.to_string(), String::new()),
+                    Scope::Key => (String::new(), name.to_string()),
+                };
+                budgets.push(BudgetStatus {
+                    quota,
+                    tenant,
+                    key_id,
+                    period: period.to_string(),
+                    period_label: span.label,
+                    limit: format_micros(limit),
+                    spent: format_micros(used),
+                    remaining: format_micros(limit.saturating_sub(used)),
+                    resets_at_unix_ms: span.end_unix_ms,
+                });
+            }
+        }
+        budgets.sort_by(|a, b| a.quota.cmp(&b.quota));
+        budgets
     }
 
     /// Shares out quotas every tick and records key use until cancelled.
@@ -382,43 +523,5 @@ mod tests {
             plausible(&usage(5_000, 256)).is_ok(),
             "settled tokens may exceed the reservation asked for"
         );
-    }
-
-    fn digest(node: &str, edges: u32, demand: &[(&str, f64)]) -> QuotaDigest {
-        QuotaDigest {
-            node: node.into(),
-            edges,
-            demand: demand.iter().map(|(q, r)| (q.to_string(), *r)).collect(),
-        }
-    }
-
-    #[test]
-    fn parts_follow_demand_and_sum_to_one() {
-        let a = digest("a", 1, &[("key/k/rpm", 7.0)]);
-        let b = digest("b", 2, &[("key/k/rpm", 3.0), ("tenant/t/tpm", 0.0)]);
-        let pa = parts(&a, std::slice::from_ref(&b));
-        let pb = parts(&b, std::slice::from_ref(&a));
-        let q = "key/k/rpm";
-        assert!((pa.by_quota[q] + pb.by_quota[q] - 1.0).abs() < 1e-9);
-        assert!(
-            pa.by_quota[q] > 0.65 && pa.by_quota[q] < 0.7,
-            "{:?}",
-            pa.by_quota
-        );
-        // Nobody asks for the tenant quota: parts by edge count.
-        assert!((pa.by_quota["tenant/t/tpm"] - 1.0 / 3.0).abs() < 1e-9);
-        assert!((pb.default - 2.0 / 3.0).abs() < 1e-9);
-        assert_eq!((pa.edges, pb.edges), (3, 3));
-    }
-
-    #[test]
-    fn replicas_without_edges_take_no_part() {
-        let a = digest("a", 2, &[("key/k/rpm", 1.0)]);
-        let idle = digest("idle", 0, &[]);
-        let pa = parts(&a, std::slice::from_ref(&idle));
-        assert_eq!(pa.by_quota["key/k/rpm"], 1.0);
-        assert_eq!(pa.default, 1.0);
-        let pi = parts(&idle, &[a]);
-        assert_eq!(pi.edges, 2);
     }
 }

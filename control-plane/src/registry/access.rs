@@ -22,6 +22,7 @@ const MAX_ALLOWED_MODELS: usize = 256;
 pub fn check_tenant(t: &Tenant) -> Result<(), RegistryError> {
     validate::dns_label("tenant.name", &t.name)?;
     validate::description("tenant.description", &t.description)?;
+    validate::limits("tenant.limits", t.limits.as_ref())?;
     check_priority("tenant.priority", t.priority)
 }
 
@@ -130,6 +131,7 @@ impl Registry {
             now,
         )?;
         check_priority("priority", request.priority)?;
+        validate::limits("limits", request.limits.as_ref())?;
         // Bound to the tenant as it is now; a tenant made later under the
         // same name is another tenant.
         let tenant_id = self
@@ -147,7 +149,7 @@ impl Registry {
                 name: request.name.clone(),
                 secret_sha256: made.sha256.to_vec(),
                 allowed_models: request.allowed_models.clone(),
-                limits: Some(limits_or_default(request.limits)),
+                limits: Some(limits_or_default(request.limits.clone())),
                 created_at_unix_ms: now,
                 expires_at_unix_ms: request.expires_at_unix_ms,
                 priority: request.priority,
@@ -200,6 +202,7 @@ impl Registry {
         };
         check_key_fields("", &key.name, &key.allowed_models, expiry, now_unix_ms())?;
         check_priority("priority", key.priority)?;
+        validate::limits("limits", key.limits.as_ref())?;
         self.put_guarded(key).await
     }
 

@@ -103,6 +103,9 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::Store(StoreError::Lease(e)) => {
                 tonic::Status::unavailable(format!("registry store unavailable: {e}"))
             }
+            RegistryError::Store(e @ StoreError::Contended(_)) => {
+                tonic::Status::aborted(e.to_string())
+            }
             RegistryError::Store(e @ StoreError::Tls(_)) => {
                 tonic::Status::unavailable(format!("registry store unavailable: {e}"))
             }

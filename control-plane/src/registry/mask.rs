@@ -9,7 +9,7 @@
 use std::marker::PhantomData;
 
 use infermesh_proto::v1::{
-    ApiKey, CachePolicy, Model, ModelTimeouts, Pool, RateLimits, Region, ScaleTarget,
+    ApiKey, CachePolicy, Model, ModelTimeouts, Pool, Price, RateLimits, Region, ScaleTarget,
     ScalingBehavior, ScalingTargets, Tenant,
 };
 use prost_types::FieldMask;
@@ -136,7 +136,12 @@ masked! {
         route_receipts: value,
         timeouts: message,
         engine_fields: value,
+        price: message,
         revision: output_only,
+    }
+    Price {
+        input_per_1k: value,
+        output_per_1k: value,
     }
     CachePolicy {
         enabled: value,
@@ -201,6 +206,8 @@ masked! {
         requests_per_minute: value,
         tokens_per_minute: value,
         tokens_per_day: value,
+        spend_per_day: value,
+        spend_per_month: value,
     }
     ApiKey {
         id: immutable,

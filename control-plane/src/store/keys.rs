@@ -46,6 +46,10 @@ pub enum ObjectKind {
     IssuedIdentity,
     /// A revoked identity.
     Revocation,
+    /// What was spent of one budget in one period.
+    Spend,
+    /// Every replica's parts of the shared limits, as the leader wrote them.
+    QuotaParts,
 }
 
 impl ObjectKind {
@@ -66,6 +70,8 @@ impl ObjectKind {
             ObjectKind::JoinToken => "jointokens/",
             ObjectKind::IssuedIdentity => "identities/",
             ObjectKind::Revocation => "revocations/",
+            ObjectKind::Spend => "spend/",
+            ObjectKind::QuotaParts => "quotaparts/",
         }
     }
 
@@ -87,6 +93,8 @@ impl ObjectKind {
             ObjectKind::JoinToken => "join token",
             ObjectKind::IssuedIdentity => "issued identity",
             ObjectKind::Revocation => "revocation",
+            ObjectKind::Spend => "spend record",
+            ObjectKind::QuotaParts => "quota parts",
         }
     }
 
@@ -101,10 +109,12 @@ impl ObjectKind {
                 | ObjectKind::Demand
                 | ObjectKind::QuotaDigest
                 | ObjectKind::JoinToken
+                | ObjectKind::Spend
+                | ObjectKind::QuotaParts
         )
     }
 
-    const ALL: [ObjectKind; 15] = [
+    const ALL: [ObjectKind; 17] = [
         ObjectKind::Model,
         ObjectKind::Pool,
         ObjectKind::Region,
@@ -120,6 +130,8 @@ impl ObjectKind {
         ObjectKind::JoinToken,
         ObjectKind::IssuedIdentity,
         ObjectKind::Revocation,
+        ObjectKind::Spend,
+        ObjectKind::QuotaParts,
     ];
 }
 

@@ -38,6 +38,9 @@ pub enum StoreError {
     /// The TLS files for etcd are unusable.
     #[error("--etcd-ca/--etcd-cert: {0}")]
     Tls(#[source] infermesh_runtime::tls::TlsError),
+    /// Other writers kept changing the keys a guarded write read.
+    #[error("{0}: other writers kept changing it; try again")]
+    Contended(String),
 }
 
 /// Why a lease could not be renewed.

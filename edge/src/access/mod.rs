@@ -51,7 +51,7 @@ pub struct Principal {
     /// The key used.
     pub key: Arc<KeyEntry>,
     /// The key's tenant's limits, if the tenant has any.
-    pub tenant_limits: Option<RateLimits>,
+    pub tenant_limits: Option<Arc<RateLimits>>,
     /// Whose answers this caller may share from the cache: its tenant's
     /// immutable id (`id:<id>`), or for a key made before tenant ids, the
     /// tenant's name (`name:<name>`).
@@ -65,7 +65,7 @@ pub struct Principal {
 pub struct Access {
     keys: HashMap<String, Arc<KeyEntry>>,
     /// Tenants by name: their id, limits and priority.
-    tenants: HashMap<String, (String, RateLimits, Priority)>,
+    tenants: HashMap<String, (String, Arc<RateLimits>, Priority)>,
 }
 
 /// Hash compared against when the claimed id is unknown, so that an
@@ -112,7 +112,7 @@ impl Access {
                 },
                 secret_sha256: key.secret_sha256.clone(),
                 allowed,
-                limits: key.limits.unwrap_or_default(),
+                limits: key.limits.clone().unwrap_or_default(),
                 expires_at_unix_ms: key.expires_at_unix_ms,
                 priority: key.priority(),
             };
@@ -128,7 +128,8 @@ impl Access {
             .tenants
             .iter()
             .map(|t| {
-                let entry = (t.id.clone(), t.limits.unwrap_or_default(), t.priority());
+                let limits = Arc::new(t.limits.clone().unwrap_or_default());
+                let entry = (t.id.clone(), limits, t.priority());
                 (t.name.clone(), entry)
             })
             .collect();
@@ -151,10 +152,24 @@ impl Access {
         headers: &HeaderMap,
         now_unix_ms: i64,
     ) -> Result<Principal, ApiError> {
+        self.check(headers, now_unix_ms).map_err(|(error, _)| error)
+    }
+
+    /// As `authenticate`; a refusal of a key the edge recognised (its
+    /// secret matched, but it expired) comes with the key's principal, so
+    /// that the refusal still spends one of its requests.
+    pub fn check(
+        &self,
+        headers: &HeaderMap,
+        now_unix_ms: i64,
+    ) -> Result<Principal, (ApiError, Option<Principal>)> {
         let presented = presented_secret(headers).ok_or_else(|| {
-            ApiError::Unauthorized(
-                "You didn't provide an API key. Send it as `Authorization: Bearer <key>` or `x-api-key: <key>`."
-                    .into(),
+            (
+                ApiError::Unauthorized(
+                    "You didn't provide an API key. Send it as `Authorization: Bearer <key>` or `x-api-key: <key>`."
+                        .into(),
+                ),
+                None,
             )
         })?;
         let claimed = api_key::claimed_id(presented);
@@ -168,17 +183,14 @@ impl Access {
                     || "that does not have the form imk_<id>_<secret>".to_string(),
                     api_key::display_prefix,
                 );
-                return Err(ApiError::Unauthorized(format!(
-                    "Incorrect API key provided: {shown}. The key is unknown or has been revoked."
-                )));
+                return Err((
+                    ApiError::Unauthorized(format!(
+                        "Incorrect API key provided: {shown}. The key is unknown or has been revoked."
+                    )),
+                    None,
+                ));
             }
         };
-        if entry.expires_at_unix_ms != 0 && now_unix_ms >= entry.expires_at_unix_ms {
-            return Err(ApiError::Unauthorized(format!(
-                "API key {} expired at {} (Unix ms).",
-                entry.prefix, entry.expires_at_unix_ms
-            )));
-        }
         // A key bound to a tenant that was since deleted (and perhaps made
         // again under the same name) has no tenant limits.
         let tenant = self
@@ -189,12 +201,20 @@ impl Access {
             (Priority::Unspecified, Some((_, _, tenant))) => *tenant,
             (own, _) => own,
         };
-        Ok(Principal {
+        let principal = Principal {
             key: entry.clone(),
-            tenant_limits: tenant.map(|(_, limits, _)| *limits),
+            tenant_limits: tenant.map(|(_, limits, _)| limits.clone()),
             cache_scope: entry.cache_scope.clone(),
             band: Band::of(priority),
-        })
+        };
+        if entry.expires_at_unix_ms != 0 && now_unix_ms >= entry.expires_at_unix_ms {
+            let error = ApiError::Unauthorized(format!(
+                "API key {} expired at {} (Unix ms).",
+                entry.prefix, entry.expires_at_unix_ms
+            ));
+            return Err((error, Some(principal)));
+        }
+        Ok(principal)
     }
 }
 
@@ -316,6 +336,14 @@ mod tests {
         refusal(access.authenticate(&bearer(&other.secret), 1));
         refusal(access.authenticate(&bearer("sk-not-ours"), 1));
         assert!(refusal(access.authenticate(&bearer(&secret), 1000)).contains("expired"));
+        // Only the expired key was recognised: its refusal names who to count.
+        let recognised = |headers: &HeaderMap| access.check(headers, 1000).err().unwrap().1;
+        assert_eq!(
+            recognised(&bearer(&secret)).map(|p| p.key.id.clone()),
+            Some(id.clone())
+        );
+        assert!(recognised(&bearer(&wrong)).is_none());
+        assert!(recognised(&bearer(&other.secret)).is_none());
         let mut basic = HeaderMap::new();
         basic.insert(
             http::header::AUTHORIZATION,

@@ -42,6 +42,8 @@ const TICK: Duration = Duration::from_millis(25);
 const DECODE_WEIGHT: f64 = 2.0;
 /// A tenant let through this recently counts in the fair share of slots.
 const RECENT: Duration = Duration::from_secs(1);
+/// Slots a tenant over its share leaves free while other tenants are about.
+const BURST_SLOTS: u64 = 1;
 
 /// Why a request was not let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,9 +132,10 @@ impl Inner {
     /// through in the last second has a fair share of the slots (their sum
     /// over those tenants): a tenant under its share may take a slot at
     /// once, even ahead of others' waiters; one at or over it only a slot
-    /// that no other tenant's unused share is kept for. A light tenant does
-    /// not wait behind a heavy one's backlog, and a tenant alone may use
-    /// every slot.
+    /// that no other tenant's unused share is kept for, and never the last
+    /// free one while others are about (`BURST_SLOTS`). A light tenant does
+    /// not wait behind a heavy one's backlog, nor, mostly, for a burst
+    /// beyond its share; a tenant alone may use every slot.
     ///
     /// Right after a request finished (`finished`), the engines' load is
     /// not asked: the stamps are older than the slot that just freed.
@@ -174,7 +177,11 @@ impl Inner {
             .iter()
             .map(|t| share.saturating_sub(holding(t)))
             .sum();
-        if active + kept_for_others < bound {
+        // While others are about, one slot more stays free for a burst of
+        // theirs beyond their share: a tenant over its share never takes
+        // the last free slot from a light tenant's next request.
+        let burst = u64::from(!others.is_empty()) * BURST_SLOTS;
+        if active + kept_for_others + burst < bound {
             Room::Shared
         } else {
             Room::Full
@@ -199,7 +206,7 @@ impl Inner {
             .entry(tenant.to_string())
             .or_default()
             .push_back(waiter);
-        self.depth(band)
+        self.tenant_depth(band, tenant)
     }
 
     /// Whether `tenant` has requests waiting in any band.
@@ -225,10 +232,19 @@ impl Inner {
         }
     }
 
+    #[cfg(test)]
     fn depth(&self, band: Band) -> usize {
         self.waiting
             .get(&band)
             .map_or(0, |t| t.values().map(VecDeque::len).sum())
+    }
+
+    /// Requests of `tenant` waiting in `band`.
+    fn tenant_depth(&self, band: Band, tenant: &str) -> usize {
+        self.waiting
+            .get(&band)
+            .and_then(|t| t.get(tenant))
+            .map_or(0, VecDeque::len)
     }
 
     /// The least counter among tenants waiting in `band`.
@@ -307,12 +323,12 @@ impl Inner {
 
 /// What the queue reports to metrics.
 pub trait FlowObserver: Send + Sync {
-    /// Requests of `band` waiting now.
-    fn depth(&self, band: Band, depth: usize);
-    /// A request of `band` waited `waited` and went on.
-    fn waited(&self, band: Band, waited: Duration);
-    /// A request of `band` was shed.
-    fn shed(&self, band: Band, why: Shed);
+    /// Requests of `tenant` in `band` waiting now.
+    fn depth(&self, band: Band, tenant: &str, depth: usize);
+    /// A request of `tenant` in `band` waited `waited` and went on.
+    fn waited(&self, band: Band, tenant: &str, waited: Duration);
+    /// A request of `tenant` in `band` was shed.
+    fn shed(&self, band: Band, tenant: &str, why: Shed);
 }
 
 /// One model's queue, kept across table pushes.
@@ -392,14 +408,14 @@ impl Queue {
             }
             if band == Band::Sheddable {
                 drop(inner);
-                self.observe_shed(band, Shed::Sheddable);
+                self.observe_shed(band, tenant, Shed::Sheddable);
                 return Err(Shed::Sheddable);
             }
             let depth = inner.enqueue(band, tenant, Waiter { go, cost });
             let start_ticking = !std::mem::replace(&mut inner.ticking, true);
             drop(inner);
             if let Some(observer) = &self.observer {
-                observer.depth(band, depth);
+                observer.depth(band, tenant, depth);
             }
             if start_ticking {
                 tokio::spawn(self.clone().tick());
@@ -407,14 +423,14 @@ impl Queue {
         }
         let started = Instant::now();
         let outcome = tokio::time::timeout(deadline, wait).await;
-        let depth = self.lock().depth(band);
+        let depth = self.lock().tenant_depth(band, tenant);
         if let Some(observer) = &self.observer {
-            observer.depth(band, depth);
+            observer.depth(band, tenant, depth);
         }
         match outcome {
             Ok(Ok(())) => {
                 if let Some(observer) = &self.observer {
-                    observer.waited(band, started.elapsed());
+                    observer.waited(band, tenant, started.elapsed());
                 }
                 // Counted out by whoever let it go.
                 Ok(self.ticket(tenant))
@@ -422,7 +438,7 @@ impl Queue {
             // Timed out (the waiter is skipped when its turn comes), or the
             // queue went away.
             _ => {
-                self.observe_shed(band, Shed::Timeout);
+                self.observe_shed(band, tenant, Shed::Timeout);
                 Err(Shed::Timeout)
             }
         }
@@ -435,9 +451,9 @@ impl Queue {
         }
     }
 
-    fn observe_shed(&self, band: Band, why: Shed) {
+    fn observe_shed(&self, band: Band, tenant: &str, why: Shed) {
         if let Some(observer) = &self.observer {
-            observer.shed(band, why);
+            observer.shed(band, tenant, why);
         }
     }
 

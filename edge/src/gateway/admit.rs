@@ -3,25 +3,22 @@
 use super::Gateway;
 use crate::access::Principal;
 use crate::error::ApiError;
-use crate::quota::Admission;
+use crate::quota::{Admission, Ask};
 
 impl Gateway {
-    /// Admits a request of `prompt_tokens` with `choices` completions of
-    /// up to `max_tokens` each for `principal` on `model`; a refusal is
-    /// counted. Unauthenticated edges admit everything.
+    /// Admits a request asking for `ask` for `principal` on `model`; a
+    /// refusal is counted. Unauthenticated edges admit everything.
     pub(crate) async fn admit_counted(
         &self,
         principal: Option<&Principal>,
         model: &str,
-        prompt_tokens: u64,
-        max_tokens: Option<u64>,
-        choices: u64,
+        ask: &Ask,
     ) -> Result<Option<Admission>, ApiError> {
         let Some(principal) = principal else {
             return Ok(None);
         };
         self.limiter
-            .admit_or_borrow(principal, prompt_tokens, max_tokens, choices)
+            .admit_or_borrow(principal, ask)
             .await
             .map(Some)
             .inspect_err(|error| {

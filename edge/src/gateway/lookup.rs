@@ -13,6 +13,7 @@ use crate::access::Principal;
 use crate::access_log::AccessRecord;
 use crate::cache::{self, CACHE_HEADER, Decision, Flight, Joined, Lookup, ResponseCache};
 use crate::error::ApiError;
+use crate::quota::{Ask, Used};
 use crate::request::Parsed;
 
 /// What the cache stage decided.
@@ -97,7 +98,10 @@ impl Gateway {
         record: &mut AccessRecord,
     ) -> Result<Response<Body>, ApiError> {
         let model = record.served_model.as_deref().unwrap_or("");
-        let admission = self.admit_counted(principal, model, 0, Some(0), 1).await?;
+        // A cached answer costs no tokens: only the request is counted.
+        let admission = self
+            .admit_counted(principal, model, &Ask::tokens(0, Some(0)))
+            .await?;
         let (body, content_type) = if request.stream {
             let value: serde_json::Value =
                 serde_json::from_slice(&answer).map_err(|e| ApiError::UpstreamFailed {
@@ -120,7 +124,7 @@ impl Gateway {
         headers.insert(CACHE_HEADER, http::HeaderValue::from_static("hit"));
         if let Some(admission) = admission {
             headers.extend(admission.headers.clone());
-            admission.settle(0);
+            admission.settle(Used::NONE);
         }
         record.cache = "hit";
         record.stream = request.stream;

@@ -7,6 +7,7 @@
 mod admit;
 mod attempts;
 mod explain;
+mod keepalive;
 mod lookup;
 mod pick;
 mod probes;
@@ -38,7 +39,7 @@ use crate::forward::Forwarder;
 use crate::health::{EjectionPolicy, RetryBudget};
 use crate::metrics::Observer;
 use crate::openai;
-use crate::quota::Limiter;
+use crate::quota::{Ask, Limiter, Used};
 use crate::table::EdgeTable;
 
 use attempts::Attempts;
@@ -63,6 +64,9 @@ pub struct Gateway {
     sync: Arc<SyncState>,
     /// Flow-control queues by model, kept across table pushes.
     queues: Arc<dashmap::DashMap<String, Arc<crate::flow::Queue>>>,
+    /// How long a streamed request waits at the edge before it is
+    /// answered with keep-alive comments (zero: never).
+    keepalive: std::time::Duration,
 }
 
 /// Retries and ejection settings.
@@ -97,7 +101,15 @@ impl Gateway {
             demand: Arc::default(),
             sync: Arc::default(),
             queues: Arc::default(),
+            keepalive: keepalive::DEFAULT_INTERVAL,
         }
+    }
+
+    /// Sends SSE comments every `interval` to a streamed request held at
+    /// the edge for longer than that (zero: never).
+    pub fn with_keepalive(mut self, interval: std::time::Duration) -> Self {
+        self.keepalive = interval;
+        self
     }
 
     /// Reports the table's lag behind the control plane from `sync` on `/readyz`.
@@ -172,22 +184,24 @@ impl Gateway {
             Cached::Hit(response) => return Ok(response),
             Cached::Miss(capture) => capture,
         };
-        let ticket = self
-            .wait_turn(&target, &request, principal, &head.headers)
-            .await?;
+        let ticket = self.wait_turn(&target, &request, principal, &head).await?;
         let hints = pick::hints(target.route.policy, &request, &head.headers);
         let upstream = pick::first(&target, &hints)?;
         // Rewritten before admission: a body that cannot be rewritten is
         // refused before it counts against any limit.
         let sent = request.upstream_body(model, target.route.engine_fields)?;
-        let (prompt, output) = (request.prompt_tokens_estimate, request.max_output_tokens);
-        let mut admission = self
-            .admit_counted(principal, model, prompt, output, request.n)
-            .await?;
+        let prompt = request.prompt_tokens_estimate;
+        let ask = Ask::tokens(prompt, request.max_output_tokens)
+            .choices(request.n)
+            .priced(target.route.price);
+        let mut admission = self.admit_counted(principal, model, &ask).await?;
         // Until the answer's body takes over the settling, a client that
         // leaves is charged its prompt.
         if let Some(admission) = &mut admission {
-            admission.charge_if_dropped(prompt);
+            admission.charge_if_dropped(Used {
+                prompt,
+                completion: 0,
+            });
         }
         let in_flight = self.observer.metrics().map(|m| m.in_flight(model));
         // No stage after this one needs them, so no copy of the head is made.
@@ -202,7 +216,7 @@ impl Gateway {
             Ok(answer) => answer,
             Err(error) => {
                 if let Some(admission) = admission {
-                    admission.settle(0);
+                    admission.settle(Used::NONE);
                 }
                 return Err(error);
             }
@@ -276,52 +290,70 @@ impl tower::Service<Request<Bytes>> for Gateway {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let gateway = self.clone();
+    fn call(&mut self, mut request: Request<Bytes>) -> Self::Future {
+        let hold = keepalive::Hold::default();
+        request.extensions_mut().insert(hold.clone());
+        let interval = self.keepalive;
+        let work: BoxFuture<'static, Response<Body>> = Box::pin(self.clone().serve(request));
         Box::pin(async move {
-            let started = Instant::now();
-            let mut record = AccessRecord::begin(&request);
-            let probe = matches!(request.uri().path(), "/livez" | "/readyz");
-            let observer = gateway.observer.clone();
-            let limiter = gateway.limiter.clone();
-            let principal = request.extensions().get::<Principal>().cloned();
-            let span = request_span(&request);
-            let outcome = gateway
-                .handle(request, &mut record)
-                .instrument(span.clone())
-                .await;
-            let status = match &outcome {
-                Ok(response) => response.status().as_u16(),
-                Err(error) => error.status().as_u16(),
-            };
-            span.record("http.response.status_code", status);
-            match outcome {
-                Ok(response) => {
-                    if !record.deferred && !probe {
-                        record.status = response.status().as_u16();
-                        record.total_ms = millis(started.elapsed());
-                        observer.finished(&record);
-                    }
-                    Ok(response)
-                }
-                Err(error) => {
-                    if error.status().is_server_error() {
-                        tracing::warn!(%error, "request failed");
-                    }
-                    record.error = Some(error.code().to_string());
-                    // A recognised key asking for what does not exist or
-                    // is not its own still spends a request: probing for
-                    // models is not free.
-                    if let (Some(principal), true) = (&principal, error.counts_as_request()) {
-                        limiter.count_request(principal);
-                    }
-                    let response = error.into_response();
+            if interval.is_zero() {
+                return Ok(work.await);
+            }
+            let mut work = work;
+            tokio::select! {
+                response = &mut work => Ok(response),
+                () = hold.held_for(interval) => Ok(keepalive::stream(work, interval)),
+            }
+        })
+    }
+}
+
+impl Gateway {
+    /// Answers one request and records it: access log, metrics, and the
+    /// request counted against its key for a refusal that spends one.
+    async fn serve(self, request: Request<Bytes>) -> Response<Body> {
+        let started = Instant::now();
+        let mut record = AccessRecord::begin(&request);
+        let probe = matches!(request.uri().path(), "/livez" | "/readyz");
+        let observer = self.observer.clone();
+        let limiter = self.limiter.clone();
+        let principal = request.extensions().get::<Principal>().cloned();
+        let span = request_span(&request);
+        let outcome = self
+            .handle(request, &mut record)
+            .instrument(span.clone())
+            .await;
+        let status = match &outcome {
+            Ok(response) => response.status().as_u16(),
+            Err(error) => error.status().as_u16(),
+        };
+        span.record("http.response.status_code", status);
+        match outcome {
+            Ok(response) => {
+                if !record.deferred && !probe {
                     record.status = response.status().as_u16();
                     record.total_ms = millis(started.elapsed());
                     observer.finished(&record);
-                    Ok(response)
                 }
+                response
             }
-        })
+            Err(error) => {
+                if error.status().is_server_error() {
+                    tracing::warn!(%error, "request failed");
+                }
+                record.error = Some(error.code().to_string());
+                // A recognised key asking for what does not exist or
+                // is not its own still spends a request: probing for
+                // models is not free.
+                if let (Some(principal), true) = (&principal, error.counts_as_request()) {
+                    limiter.count_request(principal);
+                }
+                let response = error.into_response();
+                record.status = response.status().as_u16();
+                record.total_ms = millis(started.elapsed());
+                observer.finished(&record);
+                response
+            }
+        }
     }
 }

@@ -15,6 +15,7 @@ use super::{Gateway, HOP_HEADER, SPILLOVER_HEADER};
 use crate::access::Principal;
 use crate::access_log::AccessRecord;
 use crate::error::ApiError;
+use crate::quota::Ask;
 use crate::request::Parsed;
 use crate::table::{ColdStart, EdgeTable, ModelRoute, Upstream};
 
@@ -70,12 +71,10 @@ impl Gateway {
         // caller whose quota is spent, who would be refused anyway.
         if let Some(cold) = &route.cold_start {
             if let Some(principal) = principal {
-                self.limiter.peek(
-                    principal,
-                    request.prompt_tokens_estimate,
-                    request.max_output_tokens,
-                    request.n,
-                )?;
+                let ask = Ask::tokens(request.prompt_tokens_estimate, request.max_output_tokens)
+                    .choices(request.n)
+                    .priced(route.price);
+                self.limiter.peek(principal, &ask)?;
             }
             self.demand.signal(&cold.pool);
         }
@@ -105,6 +104,10 @@ impl Gateway {
                 fallback: None,
             }));
         };
+        let _waiting = head
+            .extensions
+            .get::<super::keepalive::Hold>()
+            .and_then(|hold| hold.waiting(request.stream));
         let (table, route) = self.wait_for_replica(&route.model, &cold).await?;
         Ok(Resolution::Here(Target {
             table,

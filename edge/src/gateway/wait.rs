@@ -24,21 +24,21 @@ struct QueueMetrics {
 }
 
 impl FlowObserver for QueueMetrics {
-    fn depth(&self, band: Band, depth: usize) {
+    fn depth(&self, band: Band, tenant: &str, depth: usize) {
         if let Some(metrics) = self.observer.metrics() {
-            metrics.queue_depth(&self.model, band.as_str(), depth);
+            metrics.queue_depth(&self.model, band.as_str(), tenant, depth);
         }
     }
 
-    fn waited(&self, band: Band, waited: Duration) {
+    fn waited(&self, band: Band, tenant: &str, waited: Duration) {
         if let Some(metrics) = self.observer.metrics() {
-            metrics.queue_waited(&self.model, band.as_str(), waited.as_secs_f64());
+            metrics.queue_waited(&self.model, band.as_str(), tenant, waited.as_secs_f64());
         }
     }
 
-    fn shed(&self, band: Band, why: Shed) {
+    fn shed(&self, band: Band, tenant: &str, why: Shed) {
         if let Some(metrics) = self.observer.metrics() {
-            metrics.shed(&self.model, band.as_str(), why.as_str());
+            metrics.shed(&self.model, band.as_str(), tenant, why.as_str());
         }
     }
 }
@@ -62,8 +62,9 @@ impl Gateway {
         target: &Target,
         request: &Parsed<'_>,
         principal: Option<&Principal>,
-        headers: &http::HeaderMap,
+        head: &http::request::Parts,
     ) -> Result<Option<Ticket>, ApiError> {
+        let headers = &head.headers;
         let route = &target.route;
         let Some(deadline) = route
             .timeouts
@@ -88,6 +89,11 @@ impl Gateway {
         let tenant = principal.map_or("", |p| p.key.tenant.as_str());
         let output = request.max_output_tokens.unwrap_or(0) * request.n.max(1);
         let band = band(principal, headers);
+        // A streamed request held here gets keep-alives past their interval.
+        let _waiting = head
+            .extensions
+            .get::<super::keepalive::Hold>()
+            .and_then(|hold| hold.waiting(request.stream));
         queue
             .enter(
                 route,

@@ -23,6 +23,7 @@ use crate::access_log::{AccessRecord, millis};
 use crate::error::ApiError;
 use crate::gateway::Tables;
 use crate::metrics::Observer;
+use crate::quota::Limiter;
 
 /// Paths open without a key: Kubernetes probes.
 fn is_probe(path: &str) -> bool {
@@ -36,6 +37,7 @@ pub struct AuthLayer {
     allow_anonymous: bool,
     failures: Arc<AuthFailures>,
     observer: Option<Observer>,
+    limiter: Option<Arc<Limiter>>,
 }
 
 impl AuthLayer {
@@ -47,7 +49,15 @@ impl AuthLayer {
             allow_anonymous,
             failures: Arc::new(AuthFailures::new(0)),
             observer: None,
+            limiter: None,
         }
+    }
+
+    /// Counts a refusal of a key `limiter` recognised (an expired one)
+    /// against the key's request limit.
+    pub fn counting_in(mut self, limiter: Arc<Limiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
     }
 
     /// Writes every refused request to the access log and the request
@@ -73,6 +83,7 @@ impl<S> Layer<S> for AuthLayer {
             allow_anonymous: self.allow_anonymous,
             failures: self.failures.clone(),
             observer: self.observer.clone(),
+            limiter: self.limiter.clone(),
         }
     }
 }
@@ -85,6 +96,7 @@ pub struct Auth<S> {
     allow_anonymous: bool,
     failures: Arc<AuthFailures>,
     observer: Option<Observer>,
+    limiter: Option<Arc<Limiter>>,
 }
 
 fn presents_a_key(headers: &http::HeaderMap) -> bool {
@@ -97,11 +109,15 @@ impl<S> Auth<S> {
             return Ok(None);
         }
         let table = self.tables.borrow().clone().ok_or(ApiError::NotReady)?;
-        table
-            .table
-            .access
-            .authenticate(headers, now_unix_ms())
-            .map(Some)
+        match table.table.access.check(headers, now_unix_ms()) {
+            Ok(principal) => Ok(Some(principal)),
+            Err((error, recognised)) => {
+                if let (Some(principal), Some(limiter)) = (recognised, &self.limiter) {
+                    limiter.count_request(&principal);
+                }
+                Err(error)
+            }
+        }
     }
 }
 

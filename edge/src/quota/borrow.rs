@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::{BORROW_AT_LEAST, Limiter, Try};
 use crate::access::Principal;
 use crate::error::ApiError;
-use crate::quota::Admission;
+use crate::quota::{Admission, Ask};
 
 /// Loans one admission may ask for: requests admitted meanwhile may use a
 /// loan before the request that asked for it tries again.
@@ -26,18 +26,15 @@ impl Limiter {
         self
     }
 
-    /// Admits as `admit` does, for a request asking for `choices`
-    /// completions of up to `max_tokens` each; a quota that would refuse is
+    /// Admits a request asking for `ask` (its prompt, `choices` completions
+    /// of up to its output bound each, at its model's price), or says which
+    /// limit refuses it and when to retry; a quota that would refuse is
     /// first topped up from the control plane's reserve, once per quota.
     pub async fn admit_or_borrow(
         &self,
         principal: &Principal,
-        prompt_tokens: u64,
-        max_tokens: Option<u64>,
-        choices: u64,
+        ask: &Ask,
     ) -> Result<Admission, ApiError> {
-        let output = max_tokens.unwrap_or(self.default_completion_reserve);
-        let tokens = prompt_tokens + output.saturating_mul(choices.max(1));
         // Quotas the reserve could not cover, and loans asked for.
         let mut dry = Vec::new();
         let mut borrowed = 0;
@@ -47,7 +44,7 @@ impl Limiter {
             } else {
                 Try::Again
             };
-            let refused = match self.try_admit(principal, tokens, how) {
+            let refused = match self.try_admit(principal, ask, how) {
                 Ok(admission) => return Ok(admission),
                 Err(refused) => refused,
             };

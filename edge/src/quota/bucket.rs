@@ -56,6 +56,12 @@ impl Bucket {
         self.level -= amount;
     }
 
+    /// Holds no more than `level` units from now on (until refilled).
+    pub fn cap_level(&mut self, level: f64, now: Instant) {
+        self.refill(now);
+        self.level = self.level.min(level);
+    }
+
     /// Time until `amount` is available.
     pub fn wait_for(&mut self, amount: f64, now: Instant) -> Duration {
         self.refill(now);

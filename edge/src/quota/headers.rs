@@ -1,11 +1,14 @@
 //! The rate-limit headers OpenAI clients read: `x-ratelimit-limit-*`,
 //! `x-ratelimit-remaining-*` and `x-ratelimit-reset-*` for requests and
-//! tokens on every response, and `Retry-After` on a 429.
+//! tokens on every response, and `Retry-After` on a 429. Spend budgets
+//! get the same three as `*-spend-day` and `*-spend-month`, in currency
+//! units.
 
 use std::sync::MutexGuard;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use infermesh_runtime::money::{Period, format_micros};
 use infermesh_runtime::quota::{Dimension, QuotaId, Scope};
 use tokio::time::Instant;
 
@@ -32,8 +35,10 @@ fn put(headers: &mut HeaderMap, name: &'static str, value: String) {
     }
 }
 
-/// The 429 for the quota `id`, whose limit is `limit`, retryable after `retry`.
-/// `headers` (the x-ratelimit-* set) get Retry-After added.
+/// The 429 for the quota `id`, whose limit is `limit`, for a request
+/// needing `tokens` units of it (micro-units of a spend budget),
+/// retryable after `retry`. `headers` (the x-ratelimit-* set) get
+/// Retry-After added.
 pub fn refusal(
     id: &QuotaId,
     limit: u64,
@@ -64,6 +69,16 @@ pub fn refusal(
             "insufficient_quota",
             format!(
                 "Daily token budget of {limit} exhausted for {whose}; this request needs about {tokens}. Retry after {}.",
+                reset_text(retry)
+            ),
+        ),
+        Dimension::DailySpend | Dimension::MonthlySpend => (
+            "insufficient_quota",
+            format!(
+                "Spend budget of {} per {} exhausted for {whose}; this request may cost up to {}. The budget starts again in {}.",
+                format_micros(limit),
+                id.dimension.period().map_or(Period::Day, |p| p),
+                format_micros(tokens),
                 reset_text(retry)
             ),
         ),
@@ -106,19 +121,34 @@ pub(super) fn limits(
             "x-ratelimit-remaining-tokens",
             "x-ratelimit-reset-tokens",
         ),
+        (
+            Dimension::DailySpend,
+            "x-ratelimit-limit-spend-day",
+            "x-ratelimit-remaining-spend-day",
+            "x-ratelimit-reset-spend-day",
+        ),
+        (
+            Dimension::MonthlySpend,
+            "x-ratelimit-limit-spend-month",
+            "x-ratelimit-remaining-spend-month",
+            "x-ratelimit-reset-spend-month",
+        ),
     ] {
+        let shown = |units: u64| {
+            if dimension.is_spend() {
+                format_micros(units)
+            } else {
+                units.to_string()
+            }
+        };
         let chosen = charges
             .iter()
             .zip(guards.iter_mut())
             .filter(|(c, _)| c.id.dimension == dimension && c.limit > 0)
             .min_by_key(|(c, _)| c.id.scope != Scope::Key);
         if let Some((charge, guard)) = chosen {
-            put(&mut headers, limit_name, charge.limit.to_string());
-            put(
-                &mut headers,
-                remaining_name,
-                guard.remaining(now).to_string(),
-            );
+            put(&mut headers, limit_name, shown(charge.limit));
+            put(&mut headers, remaining_name, shown(guard.remaining(now)));
             put(&mut headers, reset_name, reset_text(guard.reset(now)));
         }
     }

@@ -14,6 +14,7 @@
 //! stream bounded by `--quota-borrow-wait-ms`, and refuses only when
 //! nothing covers the request.
 
+mod admission;
 mod borrow;
 mod bucket;
 mod headers;
@@ -26,11 +27,15 @@ use dashmap::DashMap;
 use http::HeaderMap;
 use infermesh_proto::v1::{QuotaGrants, QuotaUsage, UsageReport};
 use infermesh_runtime::discovery::QuotaExchange;
+use infermesh_runtime::money::{Period, Price};
 use infermesh_runtime::quota::{Dimension, QuotaId, Scope};
+use infermesh_runtime::time::now_unix_ms;
 use tokio::time::Instant;
 
 use crate::access::Principal;
 use crate::error::ApiError;
+use admission::Meter;
+pub use admission::{Admission, Ask, Used};
 use bucket::Bucket;
 pub use headers::reset_text;
 
@@ -39,6 +44,8 @@ const GRANT_FRESH_FOR: Duration = Duration::from_secs(2);
 /// The least a loan asks for, as a fraction of the limit, so that an edge
 /// that ran dry does not ask again for every request until the next share-out.
 const BORROW_AT_LEAST: f64 = 0.02;
+/// The refill window of a spend budget's local share: none within a period.
+const NO_REFILL: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
 
 #[derive(Debug, Clone)]
 struct Grant {
@@ -53,6 +60,10 @@ struct Grant {
 struct QuotaState {
     limit: u64,
     window: Duration,
+    /// A spend budget's calendar period, and when the current one ends (ms
+    /// since the Unix epoch): its local share does not refill with time
+    /// but starts again with the next period.
+    period: Option<(Period, i64)>,
     consumed: i64,
     demand: u64,
     grant: Option<Grant>,
@@ -65,11 +76,19 @@ struct QuotaState {
 }
 
 impl QuotaState {
-    fn new(limit: u64, window: Duration, edges: u32, now: Instant) -> Self {
+    fn new(limit: u64, dimension: Dimension, edges: u32, now: Instant) -> Self {
         let local_capacity = limit as f64 / edges.max(1) as f64;
+        let period = dimension
+            .period()
+            .map(|p| (p, p.span_at(now_unix_ms()).end_unix_ms));
+        let window = match period {
+            Some(_) => NO_REFILL,
+            None => dimension.window(),
+        };
         Self {
             limit,
             window,
+            period,
             consumed: 0,
             demand: 0,
             grant: None,
@@ -84,6 +103,25 @@ impl QuotaState {
         self.limit = limit;
         self.local_capacity = limit as f64 / edges.max(1) as f64;
         self.local.resize(self.local_capacity, self.window, now);
+    }
+
+    /// Starts a spend budget's next period when the current one ended.
+    fn roll(&mut self, unix_ms: i64, now: Instant) {
+        let Some((period, end)) = self.period else {
+            return;
+        };
+        if unix_ms < end {
+            return;
+        }
+        self.period = Some((period, period.span_at(unix_ms).end_unix_ms));
+        self.local = Bucket::new(self.local_capacity, self.window, now);
+        self.lent_to_local = 0.0;
+    }
+
+    /// Time until a spend budget's next period.
+    fn until_next_period(&self) -> Option<Duration> {
+        let (_, end) = self.period?;
+        Some(Duration::from_millis((end - now_unix_ms()).max(0) as u64))
     }
 
     fn fresh_grant(&self, now: Instant) -> Option<&Grant> {
@@ -121,6 +159,9 @@ impl QuotaState {
     }
 
     fn reset(&mut self, now: Instant) -> Duration {
+        if let Some(next) = self.until_next_period() {
+            return next;
+        }
         match self.fresh_grant(now) {
             Some(g) => g.reset,
             None => self.local.until_full(now),
@@ -131,6 +172,9 @@ impl QuotaState {
     /// refills what it lacks, or the next share-out when it holds enough
     /// but none of it is this edge's.
     fn retry_after(&mut self, amount: f64, now: Instant) -> Duration {
+        if let Some(next) = self.until_next_period() {
+            return next.max(Duration::from_millis(250));
+        }
         match self.fresh_grant(now) {
             Some(_) => {
                 let per_sec = self.limit as f64 / self.window.as_secs_f64();
@@ -160,67 +204,6 @@ struct Charge {
     id: QuotaId,
     limit: u64,
     amount: u64,
-}
-
-/// What was reserved for one admitted request, to settle when it ends.
-pub struct Admission {
-    token_quotas: Vec<Arc<Mutex<QuotaState>>>,
-    reserved_tokens: u64,
-    /// x-ratelimit-* headers for the response.
-    pub headers: HeaderMap,
-    /// What it is charged if dropped unsettled (the client left before the
-    /// answer began); `None` keeps the reservation.
-    if_dropped: Option<u64>,
-}
-
-impl std::fmt::Debug for Admission {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Admission")
-            .field("reserved_tokens", &self.reserved_tokens)
-            .finish()
-    }
-}
-
-impl Admission {
-    /// Replaces the token reservation with what the request really used.
-    pub fn settle(mut self, actual_tokens: u64) {
-        self.if_dropped = None;
-        self.apply(actual_tokens);
-    }
-
-    /// Charges `tokens` instead of the reservation if the request is
-    /// dropped before it settles: a request whose client went away before
-    /// any answer is charged its prompt, not what it might have generated.
-    pub fn charge_if_dropped(&mut self, tokens: u64) {
-        self.if_dropped = Some(tokens);
-    }
-
-    fn apply(&self, actual_tokens: u64) {
-        let delta = actual_tokens as i64 - self.reserved_tokens as i64;
-        if delta == 0 {
-            return;
-        }
-        let now = Instant::now();
-        for state in &self.token_quotas {
-            state
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .charge(delta, now);
-        }
-    }
-
-    /// Tokens reserved at admission.
-    pub fn reserved_tokens(&self) -> u64 {
-        self.reserved_tokens
-    }
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        if let Some(tokens) = self.if_dropped.take() {
-            self.apply(tokens);
-        }
-    }
 }
 
 /// How an admission is tried.
@@ -290,12 +273,7 @@ impl Limiter {
             .quotas
             .entry(id.to_string())
             .or_insert_with(|| {
-                Arc::new(Mutex::new(QuotaState::new(
-                    limit,
-                    id.dimension.window(),
-                    edges,
-                    now,
-                )))
+                Arc::new(Mutex::new(QuotaState::new(limit, id.dimension, edges, now)))
             })
             .clone();
         {
@@ -304,28 +282,27 @@ impl Limiter {
             if s.limit != limit || (s.local_capacity - capacity).abs() > f64::EPSILON {
                 s.resize(limit, edges, now);
             }
+            if s.period.is_some() {
+                s.roll(now_unix_ms(), now);
+            }
         }
         state
     }
 
-    fn charges(principal: &Principal, tokens: u64) -> Vec<Charge> {
+    /// The quotas a request of `principal` reserving `reserve` at `price`
+    /// is charged against, in quota-id order.
+    fn charges(principal: &Principal, reserve: Used, price: &Price) -> Vec<Charge> {
         let mut charges = Vec::new();
         let mut add = |scope, name: &str, limits: &infermesh_proto::v1::RateLimits| {
-            for dimension in [
-                Dimension::Requests,
-                Dimension::Tokens,
-                Dimension::DailyTokens,
-            ] {
+            for dimension in Dimension::ALL {
                 let limit = dimension.limit_in(limits);
                 // A key's request count is kept even without a limit: it is
                 // how the control plane learns when the key was last used.
                 let tracked = scope == Scope::Key && dimension == Dimension::Requests;
-                if limit > 0 || tracked {
-                    let amount = if dimension == Dimension::Requests {
-                        1
-                    } else {
-                        tokens
-                    };
+                let amount = Meter::of(dimension).units(reserve, price);
+                // What costs nothing is not held to a spent budget.
+                let free = dimension.is_spend() && amount == 0;
+                if (limit > 0 || tracked) && !free {
                     charges.push(Charge {
                         id: QuotaId::new(scope, name, dimension),
                         limit,
@@ -347,7 +324,7 @@ impl Limiter {
     /// charged, never refused, and it shows in the demand reported.
     pub fn count_request(&self, principal: &Principal) {
         let now = Instant::now();
-        let requests = Self::charges(principal, 0)
+        let requests = Self::charges(principal, Used::NONE, &Price::default())
             .into_iter()
             .filter(|c| c.id.dimension == Dimension::Requests);
         for charge in requests {
@@ -360,46 +337,37 @@ impl Limiter {
     }
 
     /// Admits a request of `principal` whose prompt is about
-    /// `prompt_tokens` and that may generate `max_tokens`, or says which
-    /// limit refuses it and when to retry.
+    /// `prompt_tokens` and that may generate `max_tokens` of a free model,
+    /// or says which limit refuses it and when to retry.
     pub fn admit(
         &self,
         principal: &Principal,
         prompt_tokens: u64,
         max_tokens: Option<u64>,
     ) -> Result<Admission, ApiError> {
-        let tokens = prompt_tokens + max_tokens.unwrap_or(self.default_completion_reserve);
-        self.try_admit(principal, tokens, Try::First)
-            .map_err(|r| r.error)
+        self.try_admit(
+            principal,
+            &Ask::tokens(prompt_tokens, max_tokens),
+            Try::First,
+        )
+        .map_err(|r| r.error)
     }
 
     /// Whether a request of `principal` would be admitted now, charging
     /// nothing: a request held for a pool to scale up from zero is refused
     /// first when its quota is spent, so that it wakes nothing.
-    pub fn peek(
-        &self,
-        principal: &Principal,
-        prompt_tokens: u64,
-        max_tokens: Option<u64>,
-        choices: u64,
-    ) -> Result<(), ApiError> {
-        let output = max_tokens.unwrap_or(self.default_completion_reserve);
-        let tokens = prompt_tokens + output.saturating_mul(choices.max(1));
-        self.try_admit(principal, tokens, Try::Peek)
+    pub fn peek(&self, principal: &Principal, ask: &Ask) -> Result<(), ApiError> {
+        self.try_admit(principal, ask, Try::Peek)
             .map(|_| ())
             .map_err(|r| r.error)
     }
 
     /// Admits or refuses (`Try::Peek`: says which, changing nothing).
-    fn try_admit(
-        &self,
-        principal: &Principal,
-        tokens: u64,
-        how: Try,
-    ) -> Result<Admission, Refused> {
+    fn try_admit(&self, principal: &Principal, ask: &Ask, how: Try) -> Result<Admission, Refused> {
         let count_demand = how == Try::First;
         let now = Instant::now();
-        let charges = Self::charges(principal, tokens);
+        let reserve = ask.reserve(self.default_completion_reserve);
+        let charges = Self::charges(principal, reserve, &ask.price);
         let states: Vec<_> = charges
             .iter()
             .map(|c| self.state(&c.id, c.limit, now))
@@ -427,7 +395,8 @@ impl Limiter {
                 }
             }
             let mut headers = headers::limits(&charges, &mut guards, now);
-            let error = headers::refusal(&charge.id, charge.limit, tokens, retry, &mut headers);
+            let error =
+                headers::refusal(&charge.id, charge.limit, charge.amount, retry, &mut headers);
             drop(guards);
             return Err(Refused {
                 error,
@@ -439,8 +408,9 @@ impl Limiter {
         }
         if how == Try::Peek {
             return Ok(Admission {
-                token_quotas: Vec::new(),
-                reserved_tokens: 0,
+                quotas: Vec::new(),
+                reserved: Used::NONE,
+                price: ask.price,
                 headers: HeaderMap::new(),
                 if_dropped: None,
             });
@@ -453,15 +423,16 @@ impl Limiter {
         }
         let headers = headers::limits(&charges, &mut guards, now);
         drop(guards);
-        let token_quotas = charges
+        let quotas = charges
             .iter()
             .zip(states)
             .filter(|(c, _)| c.id.dimension != Dimension::Requests)
-            .map(|(_, s)| s)
+            .map(|(c, s)| (s, Meter::of(c.id.dimension)))
             .collect();
         Ok(Admission {
-            token_quotas,
-            reserved_tokens: tokens,
+            quotas,
+            reserved: reserve,
+            price: ask.price,
             headers,
             if_dropped: None,
         })
@@ -515,6 +486,10 @@ impl QuotaExchange for Limiter {
             let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
             s.lent_to_grant = 0.0;
             s.lent_to_local = 0.0;
+            // Should the grants stop, the local share this edge falls back
+            // to holds no more than its part of what is left.
+            let part = grant.global_remaining.max(0) as f64 / f64::from(grants.edges.max(1));
+            s.local.cap_level(part, now);
             s.grant = Some(Grant {
                 allowance: grant.allowance,
                 consumed_seen: grant.consumed_seen,

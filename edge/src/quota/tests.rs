@@ -99,7 +99,10 @@ async fn token_reservations_are_settled_against_actual_usage() {
         limiter.admit(&p, 40, Some(50)).is_err(),
         "only 10 tokens left"
     );
-    first.settle(20);
+    first.settle(Used {
+        prompt: 20,
+        completion: 0,
+    });
     let second = limiter.admit(&p, 40, Some(20)).unwrap();
     assert_eq!(
         header(&second.headers, "x-ratelimit-remaining-tokens"),
@@ -233,8 +236,14 @@ async fn an_edge_that_ran_dry_borrows_from_the_reserve_before_it_refuses() {
         amount
     });
     // Asks for at least 2% of the limit, so the next request needs no loan.
-    limiter.admit_or_borrow(&p, 1, Some(1), 1).await.unwrap();
-    limiter.admit_or_borrow(&p, 1, Some(1), 1).await.unwrap();
+    limiter
+        .admit_or_borrow(&p, &Ask::tokens(1, Some(1)).choices(1))
+        .await
+        .unwrap();
+    limiter
+        .admit_or_borrow(&p, &Ask::tokens(1, Some(1)).choices(1))
+        .await
+        .unwrap();
     assert_eq!(
         *asked.lock().unwrap(),
         vec![2],
@@ -242,7 +251,10 @@ async fn an_edge_that_ran_dry_borrows_from_the_reserve_before_it_refuses() {
     );
     // A new share-out, which saw the 2 admitted, replaces the loan.
     granted(&limiter, &quota, 1, 2, 88);
-    limiter.admit_or_borrow(&p, 1, Some(1), 1).await.unwrap();
+    limiter
+        .admit_or_borrow(&p, &Ask::tokens(1, Some(1)).choices(1))
+        .await
+        .unwrap();
     assert_eq!(asked.lock().unwrap().len(), 1);
 }
 
@@ -256,7 +268,7 @@ async fn a_spent_reserve_or_an_absent_control_plane_refuses_at_once() {
     granted(&limiter, &quota, 0, 0, 0);
     let lender = lender(desk.clone(), |_| 0);
     let refused = limiter
-        .admit_or_borrow(&p, 1, Some(1), 1)
+        .admit_or_borrow(&p, &Ask::tokens(1, Some(1)).choices(1))
         .await
         .unwrap_err();
     assert!(
@@ -272,7 +284,12 @@ async fn a_spent_reserve_or_an_absent_control_plane_refuses_at_once() {
     // Stream closed: no question is asked, no wait.
     desk.closed();
     let started = Instant::now();
-    assert!(limiter.admit_or_borrow(&p, 1, Some(1), 1).await.is_err());
+    assert!(
+        limiter
+            .admit_or_borrow(&p, &Ask::tokens(1, Some(1)).choices(1))
+            .await
+            .is_err()
+    );
     assert_eq!(started.elapsed(), Duration::ZERO);
 }
 
@@ -287,13 +304,22 @@ async fn every_choice_asked_for_is_reserved() {
         None,
     );
     // Cold with one edge: the whole limit. 10 + 4 x 100 = 410 reserved.
-    let four = limiter.admit_or_borrow(&p, 10, Some(100), 4).await.unwrap();
+    let four = limiter
+        .admit_or_borrow(&p, &Ask::tokens(10, Some(100)).choices(4))
+        .await
+        .unwrap();
     assert_eq!(four.reserved_tokens(), 410);
     // Without max_tokens: the default reserve per choice.
-    let two = limiter.admit_or_borrow(&p, 10, None, 2).await.unwrap();
+    let two = limiter
+        .admit_or_borrow(&p, &Ask::tokens(10, None).choices(2))
+        .await
+        .unwrap();
     assert_eq!(two.reserved_tokens(), 10 + 2 * 16);
     assert!(
-        limiter.admit_or_borrow(&p, 10, Some(300), 2).await.is_err(),
+        limiter
+            .admit_or_borrow(&p, &Ask::tokens(10, Some(300)).choices(2))
+            .await
+            .is_err(),
         "610 asked, 548 left"
     );
 }
@@ -319,11 +345,15 @@ async fn a_peek_charges_nothing_and_refuses_as_admission_would() {
     let limiter = Limiter::new(16);
     let p = principal(rpm(1), None);
     for _ in 0..3 {
-        limiter.peek(&p, 1, Some(1), 1).unwrap();
+        limiter
+            .peek(&p, &Ask::tokens(1, Some(1)).choices(1))
+            .unwrap();
     }
     assert!(limiter.usage().is_none(), "nothing to report");
     limiter.admit(&p, 1, Some(1)).unwrap();
-    let refused = limiter.peek(&p, 1, Some(1), 1).unwrap_err();
+    let refused = limiter
+        .peek(&p, &Ask::tokens(1, Some(1)).choices(1))
+        .unwrap_err();
     assert!(
         matches!(refused, ApiError::RateLimited { .. }),
         "{refused:?}"
@@ -357,11 +387,88 @@ async fn an_admission_dropped_unsettled_keeps_its_reservation_or_its_fallback_ch
         "no fallback: the reservation stands"
     );
     let mut left = limiter.admit(&p, 10, Some(100)).unwrap();
-    left.charge_if_dropped(10);
+    left.charge_if_dropped(Used {
+        prompt: 10,
+        completion: 0,
+    });
     drop(left);
     assert_eq!(consumed(&limiter), 120, "the client left: its prompt only");
     let mut settled = limiter.admit(&p, 10, Some(100)).unwrap();
-    settled.charge_if_dropped(10);
-    settled.settle(42);
+    settled.charge_if_dropped(Used {
+        prompt: 10,
+        completion: 0,
+    });
+    settled.settle(Used {
+        prompt: 42,
+        completion: 0,
+    });
     assert_eq!(consumed(&limiter), 162, "settled once, to what was used");
+}
+
+#[tokio::test(start_paused = true)]
+async fn spend_budgets_reserve_the_cost_and_settle_what_was_used() {
+    let limiter = Limiter::new(16);
+    // A tenant may spend 0.01 a day; the model costs 0.001 per 1k prompt
+    // tokens and 0.002 per 1k completion tokens.
+    let p = principal(
+        RateLimits::default(),
+        Some(RateLimits {
+            spend_per_day: "0.01".into(),
+            ..Default::default()
+        }),
+    );
+    let price = Price::parse("0.001", "0.002").unwrap();
+    let ask = Ask::tokens(1000, Some(1000)).priced(price);
+    let first = limiter.admit_or_borrow(&p, &ask).await.unwrap();
+    assert_eq!(first.reserved_spend(), 3000, "0.001 + 0.002");
+    assert_eq!(
+        header(&first.headers, "x-ratelimit-limit-spend-day"),
+        "0.01"
+    );
+    assert_eq!(
+        header(&first.headers, "x-ratelimit-remaining-spend-day"),
+        "0.007"
+    );
+    // Two more fit, a fourth does not.
+    let second = limiter.admit_or_borrow(&p, &ask).await.unwrap();
+    let third = limiter.admit_or_borrow(&p, &ask).await.unwrap();
+    match limiter.admit_or_borrow(&p, &ask).await {
+        Err(ApiError::RateLimited {
+            kind,
+            headers,
+            message,
+        }) => {
+            assert_eq!(kind, "insufficient_quota");
+            assert!(
+                message.contains("Spend budget of 0.01 per day"),
+                "{message}"
+            );
+            assert!(message.contains("may cost up to 0.003"), "{message}");
+            let retry: u64 = header(&headers, "retry-after").parse().unwrap();
+            assert!(
+                retry > 0 && retry <= 24 * 3600,
+                "until UTC midnight: {retry}"
+            );
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    // The first used only its prompt and 100 completion tokens: 0.0012.
+    first.settle(Used {
+        prompt: 1000,
+        completion: 100,
+    });
+    second.settle(Used::NONE);
+    drop(third);
+    let fourth = limiter.admit_or_borrow(&p, &ask).await.unwrap();
+    assert_eq!(
+        header(&fourth.headers, "x-ratelimit-remaining-spend-day"),
+        // 0.01 - 0.0012 (first) - 0.003 (third, kept) - 0.003 (this one)
+        "0.0028"
+    );
+    // A free model counts against no budget.
+    let free = limiter
+        .admit_or_borrow(&p, &Ask::tokens(1000, Some(1000)))
+        .await
+        .unwrap();
+    assert_eq!(free.reserved_spend(), 0);
 }

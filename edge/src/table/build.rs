@@ -236,6 +236,7 @@ impl EdgeTableBuilder {
             prefixes: self.prefixes.get(&model.name).cloned().unwrap_or_default(),
             receipts: model.route_receipts,
             timeouts: model.timeouts,
+            price: infermesh_runtime::money::Price::of(model.price.as_ref()),
             engine_fields: FieldSet::of(model.engine_fields.iter().map(String::as_str)),
             cold_start,
             turns: RoundRobin::default(),

@@ -41,6 +41,8 @@ pub struct ModelRoute {
     pub receipts: bool,
     /// The model's own deadlines, if it sets any.
     pub timeouts: Option<infermesh_proto::v1::ModelTimeouts>,
+    /// What its tokens cost, for spend budgets.
+    pub price: infermesh_runtime::money::Price,
     /// Engine-specific request fields clients may send for it.
     pub engine_fields: infermesh_runtime::engine_fields::FieldSet,
     /// A pool of this region that scales to zero: requests wait for it.

@@ -14,6 +14,7 @@ pub mod fs;
 pub mod http;
 pub mod loans;
 pub mod metrics;
+pub mod money;
 pub mod quota;
 pub mod shutdown;
 pub mod table_delta;

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use infermesh_proto::v1::RateLimits;
 
+use crate::money::{Period, budget_micros};
+
 /// Whose traffic a quota counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scope {
@@ -26,23 +28,56 @@ pub enum Dimension {
     Tokens,
     /// Tokens per day.
     DailyTokens,
+    /// Spend (micro-units) per UTC day.
+    DailySpend,
+    /// Spend (micro-units) per UTC calendar month.
+    MonthlySpend,
 }
 
 impl Dimension {
-    /// The window the limit refills over.
+    /// Every dimension.
+    pub const ALL: [Dimension; 5] = [
+        Dimension::Requests,
+        Dimension::Tokens,
+        Dimension::DailyTokens,
+        Dimension::DailySpend,
+        Dimension::MonthlySpend,
+    ];
+
+    /// The window the limit refills over. Spend budgets do not refill:
+    /// they start again with each calendar period (`period`); their window
+    /// is the longest period, for the edge's cold-start share.
     pub fn window(self) -> Duration {
         match self {
             Dimension::Requests | Dimension::Tokens => Duration::from_secs(60),
-            Dimension::DailyTokens => Duration::from_secs(24 * 3600),
+            Dimension::DailyTokens | Dimension::DailySpend => Duration::from_secs(24 * 3600),
+            Dimension::MonthlySpend => Duration::from_secs(31 * 24 * 3600),
         }
     }
 
-    /// The limit set for this dimension; 0 is none.
+    /// The calendar period of a spend budget; `None` for limits that refill.
+    pub fn period(self) -> Option<Period> {
+        match self {
+            Dimension::DailySpend => Some(Period::Day),
+            Dimension::MonthlySpend => Some(Period::Month),
+            _ => None,
+        }
+    }
+
+    /// Whether this counts spend (micro-units) rather than requests or tokens.
+    pub fn is_spend(self) -> bool {
+        self.period().is_some()
+    }
+
+    /// The limit set for this dimension; 0 is none (as is a budget the
+    /// registry would not have taken).
     pub fn limit_in(self, limits: &RateLimits) -> u64 {
         match self {
             Dimension::Requests => limits.requests_per_minute,
             Dimension::Tokens => limits.tokens_per_minute,
             Dimension::DailyTokens => limits.tokens_per_day,
+            Dimension::DailySpend => budget_micros(&limits.spend_per_day).unwrap_or(0),
+            Dimension::MonthlySpend => budget_micros(&limits.spend_per_month).unwrap_or(0),
         }
     }
 
@@ -51,6 +86,8 @@ impl Dimension {
             Dimension::Requests => "rpm",
             Dimension::Tokens => "tpm",
             Dimension::DailyTokens => "tpd",
+            Dimension::DailySpend => "spd",
+            Dimension::MonthlySpend => "spm",
         }
     }
 }
@@ -89,7 +126,7 @@ impl fmt::Display for QuotaId {
 
 /// A quota id that does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("quota id {0:?} is not <key|tenant>/<name>/<rpm|tpm|tpd>")]
+#[error("quota id {0:?} is not <key|tenant>/<name>/<rpm|tpm|tpd|spd|spm>")]
 pub struct BadQuotaId(String);
 
 impl FromStr for QuotaId {
@@ -112,6 +149,8 @@ impl FromStr for QuotaId {
             "rpm" => Dimension::Requests,
             "tpm" => Dimension::Tokens,
             "tpd" => Dimension::DailyTokens,
+            "spd" => Dimension::DailySpend,
+            "spm" => Dimension::MonthlySpend,
             _ => return Err(bad()),
         };
         if name.is_empty() {
@@ -130,6 +169,9 @@ mod tests {
         let id = QuotaId::new(Scope::Tenant, "acme", Dimension::DailyTokens);
         assert_eq!(id.to_string(), "tenant/acme/tpd");
         assert_eq!("tenant/acme/tpd".parse::<QuotaId>().unwrap(), id);
+        let spend = QuotaId::new(Scope::Key, "k1", Dimension::MonthlySpend);
+        assert_eq!(spend.to_string().parse::<QuotaId>().unwrap(), spend);
+        assert!(spend.dimension.is_spend());
         for bad in [
             "",
             "key",
