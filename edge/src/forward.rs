@@ -215,7 +215,9 @@ impl Forwarder {
         if let Some(stamp) = parts.headers.remove(LOAD_HEADER)
             && let Ok(stamp) = stamp.to_str()
         {
-            upstream.load.update(stamp);
+            upstream
+                .load
+                .update_seen(stamp, upstream.in_flight.load(Ordering::Relaxed));
         }
         // The upstream span, like the replica's in-flight count, lasts until the body ends.
         let body = Guarded::new(body, (in_flight, span)).boxed();

@@ -114,7 +114,10 @@ impl EngineProxy {
                 strip_hop_by_hop(&mut parts.headers);
                 // The engine's latest load rides on every answer, so the edge
                 // sees it at once, between pushed reports.
-                let load = stamp(&self.readiness.loads.borrow());
+                let load = stamp(
+                    &self.readiness.loads.borrow(),
+                    self.readiness.in_flight.count(),
+                );
                 if let Ok(value) = http::HeaderValue::from_str(&load) {
                     parts.headers.insert(LOAD_HEADER, value);
                 }
@@ -147,10 +150,13 @@ impl EngineProxy {
 /// Response header carrying the engine's load as last scraped, for the edge.
 pub const LOAD_HEADER: &str = "x-infermesh-load";
 
-/// `r=<running>;w=<waiting>;kv=<KV-cache use>`, compact and parseable.
-pub fn stamp(load: &infermesh_proto::v1::Load) -> String {
+/// `r=<running>;w=<waiting>;kv=<KV-cache use>;f=<in flight>`, compact
+/// and parseable: the engine's load as last scraped, and the requests in
+/// flight through this sidecar now (the answered one included), which no
+/// scrape interval makes stale.
+pub fn stamp(load: &infermesh_proto::v1::Load, in_flight: usize) -> String {
     format!(
-        "r={};w={};kv={:.3}",
+        "r={};w={};kv={:.3};f={in_flight}",
         load.running, load.waiting, load.kv_cache_usage
     )
 }

@@ -1,9 +1,9 @@
 //! Flow control: who waits, and who goes next, when a model's replicas are
 //! full. A replica is full at its pool's concurrency bound, counting the
-//! requests this edge has in flight to it and what its sidecar last
-//! stamped, or while that stamp shows requests waiting in the engine; when
-//! every replica of the route is full, a new request waits here instead of
-//! joining an engine queue, in
+//! requests this edge has in flight to it and those of others as its
+//! sidecar last counted them, or, without a bound, while its stamp shows
+//! requests waiting in the engine; when every replica of the route is
+//! full, a new request waits here instead of joining an engine queue, in
 //! the order the edge decides rather than arrival order at the engines:
 //!
 //! - by priority band (critical, then standard); sheddable requests are
@@ -65,10 +65,9 @@ impl Shed {
 }
 
 /// Whether every replica of `route` is full: at its pool's concurrency
-/// bound, counting the larger of what its engine last reported (running
-/// and waiting) and what this edge has in flight to it; or, without a
-/// bound, with requests waiting in its engine as its latest fresh load
-/// sample shows.
+/// bound (`Upstream::at_bound`: this edge's requests in flight to it and
+/// others' as its sidecar last counted them); or, without a bound, with
+/// requests waiting in its engine as its latest fresh load sample shows.
 pub fn full(route: &ModelRoute) -> bool {
     let mut candidates = route
         .upstreams
@@ -79,16 +78,13 @@ pub fn full(route: &ModelRoute) -> bool {
 }
 
 fn replica_full(upstream: &crate::replica::Upstream) -> bool {
-    let in_flight = upstream
-        .in_flight
-        .load(std::sync::atomic::Ordering::Relaxed) as u64;
-    let reported = upstream.load.fresh();
-    if reported.is_some_and(|(_, waiting, _)| waiting > 0) {
-        return true;
+    if upstream.max_concurrency > 0 {
+        return upstream.at_bound();
     }
-    let bound = u64::from(upstream.max_concurrency);
-    let busy = reported.map_or(0, |(running, waiting, _)| u64::from(running + waiting));
-    bound > 0 && in_flight.max(busy) >= bound
+    upstream
+        .load
+        .fresh()
+        .is_some_and(|(_, waiting, _)| waiting > 0)
 }
 
 struct Waiter {
@@ -260,63 +256,55 @@ impl Inner {
         self.served.get(tenant).copied().unwrap_or(0.0)
     }
 
-    /// Takes the next waiter if it has room on `route`: the most urgent
-    /// band, the tenant with the least counter, the oldest of its requests;
-    /// charged to its tenant and counted out. None when the one whose turn
-    /// it is has no room.
+    /// Takes the next waiter that has room on `route`: bands from the
+    /// most urgent, within a band tenants from the least counter, the
+    /// oldest request of the first tenant with room; charged to its tenant
+    /// and counted out. A tenant over its share does not hold up one
+    /// under it. None when no waiting tenant has room.
     fn next_with_room(
         &mut self,
         route: &ModelRoute,
         now: Instant,
         finished: bool,
     ) -> Option<(String, Waiter)> {
-        let band = *self.waiting.keys().next()?;
-        let tenant = self
+        let mut turns: Vec<(Band, f64, String)> = self
             .waiting
-            .get(&band)?
-            .keys()
-            .min_by(|a, b| self.counter(a).total_cmp(&self.counter(b)))?
-            .clone();
-        if self.room(route, &tenant, now, finished) == Room::Full {
-            return None;
+            .iter()
+            .flat_map(|(band, tenants)| tenants.keys().map(|t| (*band, self.counter(t), t.clone())))
+            .collect();
+        turns.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        for (band, _, tenant) in turns {
+            if self.room(route, &tenant, now, finished) == Room::Full {
+                continue;
+            }
+            if let Some(waiter) = self.take(band, &tenant) {
+                self.let_through(&tenant, now);
+                return Some((tenant, waiter));
+            }
         }
-        let (tenant, waiter) = self.next()?;
-        self.let_through(&tenant, now);
-        Some((tenant, waiter))
+        None
     }
 
-    /// Takes the next waiter: the most urgent band, the tenant with the
-    /// least counter, the oldest of its requests; charged to its tenant.
-    fn next(&mut self) -> Option<(String, Waiter)> {
+    /// The oldest waiter of `tenant` in `band` that has not given up,
+    /// charged to its tenant; waiters that gave up are dropped on the way.
+    fn take(&mut self, band: Band, tenant: &str) -> Option<Waiter> {
         loop {
-            let band = *self.waiting.keys().next()?;
             let tenants = self.waiting.get_mut(&band)?;
-            let served = &self.served;
-            let tenant = tenants
-                .keys()
-                .min_by(|a, b| {
-                    let (ca, cb) = (
-                        served.get(*a).copied().unwrap_or(0.0),
-                        served.get(*b).copied().unwrap_or(0.0),
-                    );
-                    ca.total_cmp(&cb)
-                })?
-                .clone();
-            let queue = tenants.get_mut(&tenant)?;
+            let queue = tenants.get_mut(tenant)?;
             let waiter = queue.pop_front();
             if queue.is_empty() {
-                tenants.remove(&tenant);
+                tenants.remove(tenant);
             }
             if tenants.is_empty() {
                 self.waiting.remove(&band);
             }
-            let Some(waiter) = waiter else { continue };
+            let waiter = waiter?;
             if waiter.go.is_closed() {
                 // Gave up (deadline, client gone) without being removed yet.
                 continue;
             }
-            *self.served.entry(tenant.clone()).or_default() += waiter.cost;
-            return Some((tenant, waiter));
+            *self.served.entry(tenant.to_string()).or_default() += waiter.cost;
+            return Some(waiter);
         }
     }
 }
@@ -562,6 +550,51 @@ mod tests {
         );
         fill(&unbounded, 1);
         assert!(full(&unbounded));
+    }
+
+    #[test]
+    fn a_tenant_over_its_share_does_not_hold_up_one_under_it() {
+        let mut table = serving_table(RoutingPolicy::LeastLoad, &["a"]);
+        table.pools[0].max_concurrency = 4;
+        let route = EdgeTableBuilder::default()
+            .build(table)
+            .route("llama")
+            .unwrap()
+            .clone();
+        let now = Instant::now();
+        let mut inner = Inner::default();
+        for _ in 0..3 {
+            inner.let_through("heavy", now);
+        }
+        let waiter = || Waiter {
+            go: oneshot::channel().0,
+            cost: 1.0,
+        };
+        let (light_go, mut light_went) = oneshot::channel();
+        inner.enqueue(Band::Standard, "heavy", waiter());
+        inner.enqueue(
+            Band::Standard,
+            "light",
+            Waiter {
+                go: light_go,
+                cost: 1.0,
+            },
+        );
+        inner.last_seen.insert("light".into(), now);
+        // The heavy tenant's turn by counter, but it holds 3 of 4 slots,
+        // over its half: the light one, holding none, goes.
+        inner.served.insert("light".into(), 100.0);
+        let (tenant, waiter) = inner
+            .next_with_room(&route, now, true)
+            .expect("light has room");
+        assert_eq!(tenant, "light");
+        waiter.go.send(()).unwrap();
+        assert!(light_went.try_recv().is_ok());
+        assert!(
+            inner.next_with_room(&route, now, true).is_none(),
+            "the heavy one still has no room"
+        );
+        assert_eq!(inner.tenant_depth(Band::Standard, "heavy"), 1);
     }
 
     #[tokio::test]

@@ -1,5 +1,7 @@
 //! A replica's latest engine load, as its sidecar stamps it on each
-//! response (`x-infermesh-load: r=<running>;w=<waiting>;kv=<use>`). Kept
+//! response (`x-infermesh-load: r=<running>;w=<waiting>;kv=<use>;f=<in
+//! flight>`: the engine's figures as last scraped, and the sidecar's own
+//! count of requests in flight as the response left it). Kept
 //! in atomics so the response path writes it and the balancers read it
 //! without a lock; a sample older than a few seconds is not used, because
 //! a replica that stopped answering would otherwise look idle forever.
@@ -17,20 +19,36 @@ pub struct LoadSample {
     running: AtomicU32,
     waiting: AtomicU32,
     kv_milli: AtomicU32,
+    /// Requests in flight at the sidecar that were not this edge's when
+    /// the stamp was taken; `NO_COUNT` when the stamp had none.
+    others: AtomicU32,
     at_ms: AtomicI64,
 }
+
+/// `others` of a stamp without the sidecar's count.
+const NO_COUNT: u32 = u32::MAX;
 
 impl LoadSample {
     /// Records a `r=<running>;w=<waiting>;kv=<use>` stamp; ignores a malformed one.
     pub fn update(&self, stamp: &str) {
-        self.update_at(stamp, now_unix_ms());
+        self.update_seen(stamp, 0);
+    }
+
+    /// Records a stamp that arrived while this edge had `mine` requests in
+    /// flight to the replica (the stamped one included).
+    pub fn update_seen(&self, stamp: &str, mine: usize) {
+        self.update_at(stamp, mine, now_unix_ms());
     }
 
     /// Records a stamp as taken at `now_ms` (Unix milliseconds).
-    pub fn update_at(&self, stamp: &str, now_ms: i64) {
+    pub fn update_at(&self, stamp: &str, mine: usize, now_ms: i64) {
         let Some((running, waiting, kv)) = parse(stamp) else {
             return;
         };
+        let others = in_flight(stamp).map_or(NO_COUNT, |f| {
+            u32::try_from(f.saturating_sub(mine)).unwrap_or(NO_COUNT - 1)
+        });
+        self.others.store(others, Ordering::Relaxed);
         self.running.store(running, Ordering::Relaxed);
         self.waiting.store(waiting, Ordering::Relaxed);
         self.kv_milli.store((kv * 1000.0) as u32, Ordering::Relaxed);
@@ -56,11 +74,29 @@ impl LoadSample {
 }
 
 impl LoadSample {
+    /// Requests of others (other edges, direct callers) in flight at the
+    /// replica when its latest fresh stamp was taken, where the stamp
+    /// carried the sidecar's count.
+    pub fn others_at(&self, now_ms: i64) -> Option<u32> {
+        let others = self.others.load(Ordering::Relaxed);
+        (others != NO_COUNT && self.fresh_at(now_ms).is_some()).then_some(others)
+    }
+
     /// Milliseconds since the last sample at `now_ms`; `None` when none arrived.
     pub fn age_ms_at(&self, now_ms: i64) -> Option<i64> {
         let at = self.at_ms.load(Ordering::Relaxed);
         (at > 0).then(|| (now_ms - at).max(0))
     }
+}
+
+/// The sidecar's count of requests in flight (`f=`), when the stamp has it.
+fn in_flight(stamp: &str) -> Option<usize> {
+    stamp
+        .split(';')
+        .find_map(|part| match part.trim().split_once('=') {
+            Some(("f", v)) => v.parse().ok(),
+            _ => None,
+        })
 }
 
 /// (running, waiting, KV use) of a well-formed stamp: all three fields,
@@ -88,12 +124,12 @@ mod tests {
     #[test]
     fn a_stamp_is_read_and_a_malformed_one_keeps_the_last_sample() {
         let load = LoadSample::default();
-        load.update_at("r=1;w=0;kv=0.100", NOW);
+        load.update_at("r=1;w=0;kv=0.100", 0, NOW);
         for malformed in ["garbage", "r=1;w=0", "r=1;w=0;kv=1.5", "r=x;w=0;kv=0.2"] {
-            load.update_at(malformed, NOW + 1);
+            load.update_at(malformed, 0, NOW + 1);
         }
         assert_eq!(load.fresh_at(NOW), Some((1, 0, 0.1)));
-        load.update_at(" r=4 ; w=6 ; kv=0.900 ", NOW);
+        load.update_at(" r=4 ; w=6 ; kv=0.900 ", 0, NOW);
         assert_eq!(load.fresh_at(NOW), Some((4, 6, 0.9)));
     }
 
@@ -101,9 +137,28 @@ mod tests {
     fn a_sample_goes_stale_after_its_time_to_live() {
         let load = LoadSample::default();
         assert_eq!(load.fresh_at(NOW), None, "never stamped");
-        load.update_at("r=2;w=3;kv=0.500", NOW);
+        load.update_at("r=2;w=3;kv=0.500", 0, NOW);
         assert!(load.fresh_at(NOW + LOAD_SAMPLE_TTL_MS).is_some());
         assert_eq!(load.fresh_at(NOW + LOAD_SAMPLE_TTL_MS + 1), None);
+    }
+
+    #[test]
+    fn the_sidecars_count_less_this_edges_own_is_what_others_have_in_flight() {
+        let load = LoadSample::default();
+        load.update_at("r=4;w=0;kv=0.100", 2, NOW);
+        assert_eq!(load.others_at(NOW), None, "no count in the stamp");
+        load.update_at("r=4;w=0;kv=0.100;f=5", 2, NOW);
+        assert_eq!(load.others_at(NOW), Some(3));
+        load.update_at("r=4;w=0;kv=0.100;f=1", 2, NOW);
+        assert_eq!(
+            load.others_at(NOW),
+            Some(0),
+            "requests of this edge ended since"
+        );
+        load.update_at("r=4;w=0;kv=0.100;f=x", 2, NOW);
+        assert_eq!(load.others_at(NOW), None);
+        load.update_at("r=4;w=0;kv=0.100;f=3", 0, NOW);
+        assert_eq!(load.others_at(NOW + LOAD_SAMPLE_TTL_MS + 1), None, "stale");
     }
 
     #[test]

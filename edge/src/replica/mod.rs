@@ -36,3 +36,28 @@ pub struct Upstream {
     /// Requests its engine runs at once (its pool's), 0 when unknown.
     pub max_concurrency: u32,
 }
+
+impl Upstream {
+    /// Whether it runs as many requests as its pool's bound allows; never
+    /// without a bound. Its requests are this edge's in flight to it, plus
+    /// what others had in flight when its sidecar last stamped a response
+    /// to this edge; without the sidecar's count, the larger of this
+    /// edge's and what its engine last stamped (running and waiting).
+    pub fn at_bound(&self) -> bool {
+        let bound = u64::from(self.max_concurrency);
+        if bound == 0 {
+            return false;
+        }
+        let mine = self.in_flight.load(std::sync::atomic::Ordering::Relaxed) as u64;
+        let now = infermesh_runtime::time::now_unix_ms();
+        let busy = match self.load.others_at(now) {
+            Some(others) => mine + u64::from(others),
+            None => self
+                .load
+                .fresh_at(now)
+                .map_or(0, |(running, waiting, _)| u64::from(running + waiting))
+                .max(mine),
+        };
+        busy >= bound
+    }
+}

@@ -26,6 +26,14 @@ pub(crate) fn replica(id: &str) -> Arc<Upstream> {
     })
 }
 
+/// An idle replica named `id` of a pool that runs `max_concurrency`
+/// requests at once.
+pub(crate) fn bounded(id: &str, max_concurrency: u32) -> Arc<Upstream> {
+    let mut upstream = Arc::into_inner(replica(id)).expect("not shared yet");
+    upstream.max_concurrency = max_concurrency;
+    Arc::new(upstream)
+}
+
 /// One idle replica per id, in order.
 pub(crate) fn replicas(ids: &[&str]) -> Vec<Arc<Upstream>> {
     ids.iter().map(|id| replica(id)).collect()

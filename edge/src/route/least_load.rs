@@ -99,7 +99,7 @@ mod tests {
         let all = replicas(&["a", "b"]);
         all[0]
             .load
-            .update_at("r=9;w=30;kv=1.0", now_unix_ms() - 60_000);
+            .update_at("r=9;w=30;kv=1.0", 0, now_unix_ms() - 60_000);
         busy(&all[1], 1);
         assert_eq!(score(&all[0]), 0.0);
         for seed in 0..20 {

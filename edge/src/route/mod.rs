@@ -95,7 +95,8 @@ pub trait Balancer {
 
 /// The replicas an attempt may go to: not one already tried, and not
 /// ejected, unless every one left is (then ejections are ignored rather
-/// than refuse the request).
+/// than refuse the request); and not one at its pool's concurrency bound
+/// while another has room.
 #[derive(Debug)]
 pub struct Candidates<'a> {
     replicas: Vec<&'a Arc<Upstream>>,
@@ -112,6 +113,14 @@ impl<'a> Candidates<'a> {
             (untried().collect(), false)
         } else {
             (healthy, true)
+        };
+        // A replica at its pool's bound would queue the request in its
+        // engine while another has a free slot.
+        let replicas = if replicas.iter().any(|u| u.at_bound()) {
+            let free: Vec<_> = replicas.iter().copied().filter(|u| !u.at_bound()).collect();
+            if free.is_empty() { replicas } else { free }
+        } else {
+            replicas
         };
         Self {
             replicas,
@@ -142,7 +151,7 @@ impl<'a> Candidates<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::fixtures::{eject, replicas, rng, serving_table};
+    use super::fixtures::{bounded, eject, replicas, rng, serving_table};
     use super::*;
     use crate::table::{EdgeTableBuilder, ModelRoute};
     use infermesh_proto::v1::RoutingPolicy;
@@ -260,6 +269,39 @@ mod tests {
             let (chosen, reason) = route.choose(&RouteHints::default(), &[]).unwrap();
             assert_eq!(chosen.id, "b", "{reason}");
         }
+    }
+
+    #[test]
+    fn a_replica_at_its_bound_is_passed_over_while_another_has_room() {
+        let all = vec![bounded("a", 2), bounded("b", 2)];
+        let hints = RouteHints {
+            session: Some("alice".into()),
+            ..Default::default()
+        };
+        let own = SessionAffinity
+            .pick(&Candidates::new(&all, &[]), &hints, &mut rng(1))
+            .unwrap()
+            .upstream;
+        let other = all.iter().find(|u| u.id != own.id).unwrap();
+        own.in_flight.store(2, Ordering::Relaxed);
+        let candidates = Candidates::new(&all, &[]);
+        assert_eq!(candidates.replicas().len(), 1);
+        let pick = SessionAffinity
+            .pick(&candidates, &hints, &mut rng(1))
+            .unwrap();
+        assert_eq!(pick.upstream.id, other.id);
+        // Its engine stamping a full batch counts too.
+        other.load.update("r=2;w=0;kv=0.500");
+        let candidates = Candidates::new(&all, &[]);
+        assert_eq!(
+            candidates.replicas().len(),
+            2,
+            "all at their bound: none left out"
+        );
+        let pick = SessionAffinity
+            .pick(&candidates, &hints, &mut rng(1))
+            .unwrap();
+        assert_eq!(pick.upstream.id, own.id);
     }
 
     #[test]

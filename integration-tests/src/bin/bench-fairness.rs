@@ -9,8 +9,8 @@
 //! model's `timeouts.queue_ms` at the 2 s SLO, the pool's `max_concurrency`
 //! 4). For
 //! each: B's time to first token (p50, p99), each tenant's goodput (answers
-//! whose first token came within the 2 s SLO, per second) and requests shed
-//! with 503.
+//! whose first token came within the 2 s SLO, per second), requests shed
+//! with 503, and how many of B's requests the edge held in its queue.
 //!
 //! ```sh
 //! cargo build --release --workspace --bins
@@ -156,6 +156,17 @@ fn figures(answers: &[Answer], seconds: u64) -> Figures {
     }
 }
 
+/// The edge's metrics page.
+async fn metrics_text(client: &UpstreamClient, url: &str) -> String {
+    let request = Request::builder()
+        .uri(url)
+        .body(full(String::new()))
+        .expect("request");
+    let response = client.request(request).await.expect("edge metrics");
+    let body = response.into_body().collect().await.expect("metrics body");
+    String::from_utf8_lossy(&body.to_bytes()).into_owned()
+}
+
 /// Sets the model's queue deadline (0: flow control off).
 async fn queue_ms(mesh: &Mesh, ms: u64) {
     let model = mesh
@@ -258,23 +269,35 @@ async fn main() {
             Some(a) => Some(figures(&a.await.expect("tenant A"), seconds)),
             None => None,
         };
-        rows.push((name, b, a));
+        // B's requests the edge held (a count, not a rate: since it started).
+        let held = if flow {
+            let text = metrics_text(&client, &edge.metrics_url).await;
+            let count = infermesh_integration_tests::scrape::value(
+                &text,
+                "infermesh_edge_queue_wait_seconds_count",
+                &[("tenant", "steady")],
+            );
+            format!("{:.0}", count.unwrap_or(0.0))
+        } else {
+            "-".to_string()
+        };
+        rows.push((name, b, a, held));
         // Let the engines drain between runs.
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     let _keep = Arc::new(replicas);
     println!(
-        "| run | B TTFT p50 | B TTFT p99 | B goodput (TTFT ≤ 2 s) | A goodput | A shed (503) | failed (A+B) |"
+        "| run | B TTFT p50 | B TTFT p99 | B goodput (TTFT ≤ 2 s) | B held at the edge | A goodput | A shed (503) | failed (A+B) |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for (name, b, a) in rows {
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, b, a, held) in rows {
         let (a_good, a_shed, a_failed) = a
             .as_ref()
             .map_or(("-".to_string(), "-".to_string(), 0), |a| {
                 (format!("{:.1}/s", a.goodput), a.shed.to_string(), a.failed)
             });
         println!(
-            "| {name} | {:.0} ms | {:.0} ms | {:.1}/s | {a_good} | {a_shed} | {} |",
+            "| {name} | {:.0} ms | {:.0} ms | {:.1}/s | {held} | {a_good} | {a_shed} | {} |",
             b.p50.as_secs_f64() * 1000.0,
             b.p99.as_secs_f64() * 1000.0,
             b.goodput,
