@@ -39,13 +39,13 @@ impl LoadView {
 
     /// The latest load of an endpoint, wherever it reports.
     pub fn get(&self, endpoint: &str) -> Option<Load> {
-        let local = self.local.get(endpoint).map(|l| *l);
+        let local = self.local.get(endpoint).map(|l| l.clone());
         let peer = self
             .peers
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(endpoint)
-            .copied();
+            .cloned();
         match (local, peer) {
             (Some(a), Some(b)) => Some(if b.observed_at_unix_ms > a.observed_at_unix_ms {
                 b
@@ -67,7 +67,7 @@ impl LoadView {
             loads: self
                 .local
                 .iter()
-                .map(|e| (e.key().clone(), *e.value()))
+                .map(|e| (e.key().clone(), e.value().clone()))
                 .collect(),
             ..Default::default()
         }
@@ -196,7 +196,7 @@ fn merge(digests: &[LoadDigest]) -> HashMap<String, Load> {
                 .get(endpoint)
                 .is_none_or(|l: &Load| load.observed_at_unix_ms > l.observed_at_unix_ms);
             if newer {
-                peers.insert(endpoint.clone(), *load);
+                peers.insert(endpoint.clone(), load.clone());
             }
         }
     }

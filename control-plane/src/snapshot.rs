@@ -14,7 +14,7 @@ use etcd_client::{EventType, KeyValue, WatchOptions};
 use futures_util::StreamExt;
 use imbl::OrdMap;
 use infermesh_proto::v1::{
-    ApiKey, Endpoint, EndpointState, Model, Pool, Region, Revocation, Tenant,
+    Adapter, ApiKey, Endpoint, EndpointState, Model, Pool, Region, Revocation, Tenant,
 };
 use infermesh_runtime::backoff::Backoff;
 use tokio::sync::watch;
@@ -46,6 +46,8 @@ pub struct Snapshot {
     pub endpoints: OrdMap<String, Endpoint>,
     /// Tenants by name.
     pub tenants: OrdMap<String, Tenant>,
+    /// LoRA adapters by name.
+    pub adapters: OrdMap<String, Adapter>,
     /// API keys by id, revoked ones included.
     pub api_keys: OrdMap<String, ApiKey>,
     /// Revoked identities by stored name (`identity::stored_name`).
@@ -95,6 +97,7 @@ impl Snapshot {
             Some((ObjectKind::Region, _)) => upsert(&mut self.regions, kv),
             Some((ObjectKind::Endpoint, _)) => upsert(&mut self.endpoints, kv),
             Some((ObjectKind::Tenant, _)) => upsert(&mut self.tenants, kv),
+            Some((ObjectKind::Adapter, _)) => upsert(&mut self.adapters, kv),
             Some((ObjectKind::ApiKey, _)) => upsert(&mut self.api_keys, kv),
             Some((ObjectKind::Revocation, name)) => match decode::<Revocation>(kv) {
                 Ok(revocation) => {
@@ -114,6 +117,7 @@ impl Snapshot {
             Some((ObjectKind::Region, name)) => drop(self.regions.remove(name)),
             Some((ObjectKind::Endpoint, id)) => drop(self.endpoints.remove(id)),
             Some((ObjectKind::Tenant, name)) => drop(self.tenants.remove(name)),
+            Some((ObjectKind::Adapter, name)) => drop(self.adapters.remove(name)),
             Some((ObjectKind::ApiKey, id)) => drop(self.api_keys.remove(id)),
             Some((ObjectKind::Revocation, name)) => drop(self.revocations.remove(name)),
             Some(_) | None => {}

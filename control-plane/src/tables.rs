@@ -64,6 +64,12 @@ pub fn edge_table(snapshot: &Snapshot, region: &str) -> RoutingTable {
             .cloned()
             .collect(),
         tenants: snapshot.tenants.values().cloned().collect(),
+        adapters: snapshot
+            .adapters
+            .values()
+            .filter(|a| served.contains(a.base_model.as_str()))
+            .cloned()
+            .collect(),
     }
 }
 
@@ -82,6 +88,16 @@ pub fn sidecar_table(snapshot: &Snapshot, region: &str, node_id: &str) -> Routin
         role: SubscriberRole::Sidecar as i32,
         api_keys: Vec::new(),
         tenants: Vec::new(),
+        adapters: model
+            .map(|m| {
+                snapshot
+                    .adapters
+                    .values()
+                    .filter(|a| a.base_model == m.name)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 

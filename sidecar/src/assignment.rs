@@ -1,16 +1,18 @@
 //! The sidecar's routing table: how edges currently see this replica. Used
 //! on shutdown to know when edges have stopped choosing it.
 
-use infermesh_proto::v1::{EndpointState, RoutingTable};
+use infermesh_proto::v1::{Adapter, EndpointState, RoutingTable};
 use infermesh_runtime::discovery::ApplyTable;
 
 /// This replica as the control plane last pushed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assignment {
     /// Registered and in the tables.
     pub listed: bool,
     /// Its state there.
     pub state: EndpointState,
+    /// The registry's LoRA adapters on its model.
+    pub adapters: Vec<Adapter>,
 }
 
 /// Why a sidecar table cannot say how edges see this replica.
@@ -50,10 +52,12 @@ impl AssignmentReader {
                         state: endpoint.state,
                     }
                 })?,
+                adapters: table.adapters.clone(),
             }),
             None if table.endpoints.is_empty() => Ok(Assignment {
                 listed: false,
                 state: EndpointState::Unspecified,
+                adapters: Vec::new(),
             }),
             None => Err(AssignmentError::NotListed {
                 endpoint_id: self.endpoint_id.clone(),
@@ -93,7 +97,8 @@ mod tests {
             reader.apply(table("me", EndpointState::Draining)).unwrap(),
             Assignment {
                 listed: true,
-                state: EndpointState::Draining
+                state: EndpointState::Draining,
+                adapters: Vec::new(),
             }
         );
         assert!(!reader.apply(RoutingTable::default()).unwrap().listed);

@@ -121,6 +121,10 @@ pub struct Config {
     )]
     pub serve_tls: MeshTls,
 
+    /// LoRA adapters resident in the engine at most; loading one more
+    /// unloads the least recently used one no request is using.
+    #[arg(long, env = "INFERMESH_MAX_ADAPTERS", default_value_t = 8)]
+    pub max_adapters: usize,
     /// How often the engine is scraped and load reported, milliseconds.
     #[arg(long, env = "INFERMESH_SCRAPE_INTERVAL_MS", default_value_t = 1000)]
     pub scrape_interval_ms: u64,
@@ -192,6 +196,9 @@ pub enum ConfigError {
     /// The scrape timeout is zero or longer than the interval.
     #[error("--scrape-timeout-ms: must be positive and at most --scrape-interval-ms")]
     ScrapeTimeout,
+    /// No adapter could ever be resident.
+    #[error("--max-adapters: must be at least 1")]
+    MaxAdapters,
 }
 
 impl Config {
@@ -232,6 +239,9 @@ impl Config {
         self.endpoint_id()?;
         if self.body_timeout.is_zero() {
             return Err(ConfigError::BodyTimeout);
+        }
+        if self.max_adapters == 0 {
+            return Err(ConfigError::MaxAdapters);
         }
         self.control_plane_tls
             .client()

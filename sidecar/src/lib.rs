@@ -3,6 +3,7 @@
 //! localhost, scrapes the engine's load and health, reports it, and drains
 //! the replica on shutdown.
 
+pub mod adapters;
 pub mod assignment;
 pub mod config;
 pub mod drain;

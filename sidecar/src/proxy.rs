@@ -2,7 +2,8 @@
 //! to the engine on localhost, bodies streamed both ways (SSE stays
 //! chunk-by-chunk). The sidecar answers `/livez` and `/readyz` itself, and
 //! refuses `/prestop`: the pod's preStop hooks reach it on a unix socket
-//! (`prestop`), never over the network. Under mutual TLS (`edges_only`)
+//! (`prestop`), never over the network, and the engine's adapter API
+//! (`adapters` loads adapters itself). Under mutual TLS (`edges_only`)
 //! only callers whose client certificate names an edge get past the
 //! probes; anyone else gets 403.
 
@@ -42,6 +43,7 @@ pub struct EngineProxy {
     metrics: Option<SidecarMetrics>,
     requests: Arc<std::sync::atomic::AtomicU64>,
     edges_only: bool,
+    adapters: Option<Arc<crate::adapters::Adapters>>,
 }
 
 impl EngineProxy {
@@ -54,7 +56,14 @@ impl EngineProxy {
             metrics: None,
             requests: Arc::default(),
             edges_only: false,
+            adapters: None,
         }
+    }
+
+    /// Loads the adapters requests name (`x-infermesh-adapter`) through `adapters`.
+    pub fn with_adapters(mut self, adapters: Arc<crate::adapters::Adapters>) -> Self {
+        self.adapters = Some(adapters);
+        self
     }
 
     /// Serves only callers with an edge identity (mutual TLS); probes stay open.
@@ -76,8 +85,41 @@ impl EngineProxy {
         self
     }
 
-    async fn forward(self, request: Request<RequestBody>) -> Response<Body> {
+    /// Makes the adapter a request names resident, or the answer refusing it.
+    async fn adapter_for(
+        &self,
+        request: &mut Request<RequestBody>,
+    ) -> Result<Option<crate::adapters::InUse>, Response<Body>> {
+        use crate::adapters::{ADAPTER_HEADER, AdapterError};
+        let Some(name) = request.headers_mut().remove(ADAPTER_HEADER) else {
+            return Ok(None);
+        };
+        let name = String::from_utf8_lossy(name.as_bytes()).into_owned();
+        let Some(adapters) = &self.adapters else {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "this replica serves no adapters",
+            ));
+        };
+        match adapters.acquire(&name).await {
+            Ok(in_use) => Ok(Some(in_use)),
+            Err(e @ AdapterError::Unknown(_)) => Err(json_response(
+                StatusCode::NOT_FOUND,
+                json!({"error": {"message": e.to_string(), "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}),
+            )),
+            Err(e) => Err(json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "adapter_load_failed"}}),
+            )),
+        }
+    }
+
+    async fn forward(self, mut request: Request<RequestBody>) -> Response<Body> {
         let in_flight = self.readiness.in_flight.enter();
+        let adapter = match self.adapter_for(&mut request).await {
+            Ok(adapter) => adapter,
+            Err(refused) => return self.with_resident(refused),
+        };
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (mut parts, body) = request.into_parts();
@@ -122,8 +164,8 @@ impl EngineProxy {
                     parts.headers.insert(LOAD_HEADER, value);
                 }
                 // The span ends with the body, streams included.
-                let body = Guarded::new(streamed(body), (span, in_flight)).boxed();
-                Response::from_parts(parts, body)
+                let body = Guarded::new(streamed(body), (span, in_flight, adapter)).boxed();
+                self.with_resident(Response::from_parts(parts, body))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "engine request failed");
@@ -133,6 +175,18 @@ impl EngineProxy {
                 )
             }
         }
+    }
+
+    /// `response` with the resident adapters stamped on, when adapters are served.
+    fn with_resident(&self, mut response: Response<Body>) -> Response<Body> {
+        if let Some(adapters) = &self.adapters
+            && let Ok(value) = http::HeaderValue::from_str(&adapters.stamp())
+        {
+            response
+                .headers_mut()
+                .insert(crate::adapters::RESIDENT_HEADER, value);
+        }
+        response
     }
 
     fn readyz(&self) -> Response<Body> {
@@ -206,6 +260,15 @@ impl tower::Service<Request<RequestBody>> for EngineProxy {
                 "/prestop" => json_response(
                     StatusCode::FORBIDDEN,
                     json!({"error": {"message": "the preStop hook is served on the sidecar's unix socket (--prestop-socket), not over the network", "type": "permission_error", "code": "prestop_not_on_network"}}),
+                ),
+                // Adapters are loaded by the sidecar alone, from the
+                // registry's sources: no caller may load a path of its own.
+                "/v1/load_lora_adapter"
+                | "/v1/unload_lora_adapter"
+                | "/load_lora_adapter"
+                | "/unload_lora_adapter" => json_response(
+                    StatusCode::FORBIDDEN,
+                    json!({"error": {"message": "adapters are loaded and unloaded by the sidecar, for requests that name a registered adapter", "type": "permission_error", "param": null, "code": "adapter_api_not_exposed"}}),
                 ),
                 _ if proxy.edges_only && !from_an_edge(&request) => {
                     let who = request

@@ -166,7 +166,7 @@ impl Reporter {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    let load = *loads.borrow_and_update();
+                    let load = loads.borrow_and_update().clone();
                     send(load_report_request::Kind::Load(load)).await?;
                     signals.last_sent.store(infermesh_runtime::time::now_unix_ms(), Ordering::Relaxed);
                 }

@@ -61,6 +61,12 @@ pub async fn run(mut config: Config, stop: CancellationToken) -> anyhow::Result<
         GpuTelemetry::Unavailable("--gpu-telemetry false".into())
     };
 
+    let adapters = std::sync::Arc::new(crate::adapters::Adapters::new(
+        client.clone(),
+        &config.engine_url,
+        config.engine,
+        config.max_adapters,
+    ));
     let (loads_tx, loads) = watch::channel(Load::default());
     let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let scraper = Scraper::new(
@@ -70,7 +76,8 @@ pub async fn run(mut config: Config, stop: CancellationToken) -> anyhow::Result<
         Duration::from_millis(config.scrape_timeout_ms),
     )?
     .with_telemetry(gpu, metrics.clone())
-    .counting(requests.clone());
+    .counting(requests.clone())
+    .with_adapters(adapters.clone());
     let scrape_task =
         tokio::spawn(scraper.run(config.scrape_interval(), loads_tx, background.clone()));
 
@@ -121,6 +128,11 @@ pub async fn run(mut config: Config, stop: CancellationToken) -> anyhow::Result<
         background.clone(),
     );
 
+    let adapters_task = tokio::spawn(follow_adapters(
+        assignment.tables.clone(),
+        adapters.clone(),
+        background.clone(),
+    ));
     let in_flight = crate::drain::InFlight::default();
     let pre_stop = crate::drain::PreStop::default();
     let proxy = EngineProxy::new(
@@ -133,7 +145,8 @@ pub async fn run(mut config: Config, stop: CancellationToken) -> anyhow::Result<
         },
     )
     .with_metrics(metrics)
-    .counting(requests);
+    .counting(requests)
+    .with_adapters(adapters);
     let (proxy, tls) = match config.serve_tls {
         MeshTls::Off => (proxy, None),
         MeshTls::Mutual => {
@@ -231,7 +244,8 @@ pub async fn run(mut config: Config, stop: CancellationToken) -> anyhow::Result<
         report_task,
         discovery_task,
         metrics_task,
-        age_task
+        age_task,
+        adapters_task
     );
     if let Some(hook) = hook {
         let _ = hook.await;
@@ -241,6 +255,26 @@ pub async fn run(mut config: Config, stop: CancellationToken) -> anyhow::Result<
     }
     tracing::info!("sidecar stopped");
     Ok(())
+}
+
+/// Keeps `adapters` on the registry's adapters of this replica's model, as
+/// each sidecar table brings them.
+async fn follow_adapters(
+    mut tables: watch::Receiver<
+        Option<std::sync::Arc<discovery::Applied<crate::assignment::Assignment>>>,
+    >,
+    adapters: std::sync::Arc<crate::adapters::Adapters>,
+    cancel: CancellationToken,
+) {
+    loop {
+        if let Some(applied) = tables.borrow_and_update().clone() {
+            adapters.set_known(&applied.table.adapters);
+        }
+        tokio::select! {
+            changed = tables.changed() => if changed.is_err() { return },
+            _ = cancel.cancelled() => return,
+        }
+    }
 }
 
 /// Sets the report-age gauge every `every` from the reporter's last send.

@@ -1,4 +1,4 @@
-//! The tenant and API key half of the admin API. Keys leave the control
+//! The tenant, API key and adapter part of the admin API. Keys leave the control
 //! plane without their hash; the secret leaves it once, in the answer to
 //! CreateApiKey, and is never logged.
 
@@ -31,6 +31,58 @@ fn with_last_use(key: ApiKey, last_used: Option<i64>) -> ApiKey {
 }
 
 impl Admin {
+    pub(super) async fn do_create_adapter(
+        &self,
+        r: pb::CreateAdapterRequest,
+    ) -> Result<Response<pb::Adapter>, Status> {
+        let adapter = required(r.adapter, "adapter")?;
+        ok(self.registry.create_adapter(adapter).await)
+    }
+
+    pub(super) async fn do_get_adapter(
+        &self,
+        r: pb::GetAdapterRequest,
+    ) -> Result<Response<pb::Adapter>, Status> {
+        named(&r.name, "name")?;
+        ok(self.registry.get::<pb::Adapter>(&r.name).await)
+    }
+
+    pub(super) async fn do_list_adapters(
+        &self,
+        r: pb::ListAdaptersRequest,
+    ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
+        ok(self
+            .registry
+            .list::<pb::Adapter>()
+            .await
+            .map(|adapters| pb::ListAdaptersResponse {
+                adapters: adapters
+                    .into_iter()
+                    .filter(|a| r.base_model.is_empty() || a.base_model == r.base_model)
+                    .collect(),
+            }))
+    }
+
+    pub(super) async fn do_update_adapter(
+        &self,
+        r: pb::UpdateAdapterRequest,
+    ) -> Result<Response<pb::Adapter>, Status> {
+        let adapter = required(r.adapter, "adapter")?;
+        ok(self.registry.update_adapter(adapter, r.update_mask).await)
+    }
+
+    pub(super) async fn do_delete_adapter(
+        &self,
+        r: pb::DeleteAdapterRequest,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        named(&r.name, "name")?;
+        ok(self
+            .registry
+            .delete_adapter(&r.name, r.revision)
+            .await
+            .map(|revision| DeleteResponse { revision }))
+    }
+
     pub(super) async fn do_create_tenant(
         &self,
         r: pb::CreateTenantRequest,

@@ -137,6 +137,41 @@ impl AdminService for Admin {
             .map(|revision| DeleteResponse { revision }))
     }
 
+    async fn create_adapter(
+        &self,
+        r: Request<pb::CreateAdapterRequest>,
+    ) -> Result<Response<pb::Adapter>, Status> {
+        self.do_create_adapter(r.into_inner()).await
+    }
+
+    async fn get_adapter(
+        &self,
+        r: Request<pb::GetAdapterRequest>,
+    ) -> Result<Response<pb::Adapter>, Status> {
+        self.do_get_adapter(r.into_inner()).await
+    }
+
+    async fn list_adapters(
+        &self,
+        r: Request<pb::ListAdaptersRequest>,
+    ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
+        self.do_list_adapters(r.into_inner()).await
+    }
+
+    async fn update_adapter(
+        &self,
+        r: Request<pb::UpdateAdapterRequest>,
+    ) -> Result<Response<pb::Adapter>, Status> {
+        self.do_update_adapter(r.into_inner()).await
+    }
+
+    async fn delete_adapter(
+        &self,
+        r: Request<pb::DeleteAdapterRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        self.do_delete_adapter(r.into_inner()).await
+    }
+
     async fn create_pool(
         &self,
         r: Request<pb::CreatePoolRequest>,

@@ -9,8 +9,8 @@
 use std::marker::PhantomData;
 
 use infermesh_proto::v1::{
-    ApiKey, CachePolicy, Model, ModelTimeouts, Pool, Price, RateLimits, Region, ScaleTarget,
-    ScalingBehavior, ScalingTargets, Tenant,
+    Adapter, ApiKey, CachePolicy, Model, ModelTimeouts, Pool, Price, RateLimits, Region,
+    ScaleTarget, ScalingBehavior, ScalingTargets, Tenant,
 };
 use prost_types::FieldMask;
 
@@ -192,6 +192,15 @@ masked! {
         zones: value,
         failover: value,
         edge_address: value,
+        revision: output_only,
+    }
+    Adapter {
+        name: immutable,
+        base_model: immutable,
+        source: value,
+        version: value,
+        owner_tenant: value,
+        description: value,
         revision: output_only,
     }
     Tenant {

@@ -7,6 +7,7 @@
 //! mask says, and validates the result before anything is written.
 
 mod access;
+mod adapters;
 mod error;
 mod mask;
 pub mod validate;
@@ -19,6 +20,7 @@ use prost::Message;
 use prost_types::FieldMask;
 
 pub use access::redacted;
+pub use adapters::check_adapter;
 pub use error::RegistryError;
 use mask::{Masked, UpdateMask};
 
@@ -143,7 +145,10 @@ impl Registry {
                     return Err(RegistryError::AlreadyExists(if owner == *name {
                         format!("model {name:?} already exists")
                     } else {
-                        format!("name {name:?} is already an alias of model {owner:?}")
+                        format!(
+                            "name {name:?} is already used by {}",
+                            adapters::owner_phrase(&owner)
+                        )
                     }));
                 }
             }
@@ -194,7 +199,8 @@ impl Registry {
             for (alias, owner) in added.iter().zip(self.owners(&added).await?) {
                 if let Some(owner) = owner {
                     return Err(RegistryError::AlreadyExists(format!(
-                        "name {alias:?} is already used by model {owner:?}"
+                        "name {alias:?} is already used by {}",
+                        adapters::owner_phrase(&owner)
                     )));
                 }
             }
@@ -239,7 +245,12 @@ impl Registry {
 
     /// A guard that fails if any pool was written after `revision`.
     fn no_pool_changed_since(&self, revision: i64) -> Compare {
-        let dir = self.store.keys().dir(ObjectKind::Pool);
+        self.none_changed_since(ObjectKind::Pool, revision)
+    }
+
+    /// A guard that fails if any object of `kind` was written after `revision`.
+    fn none_changed_since(&self, kind: ObjectKind, revision: i64) -> Compare {
+        let dir = self.store.keys().dir(kind);
         Compare::mod_revision(dir.clone(), CompareOp::Less, revision + 1)
             .with_range(prefix_end(&dir))
     }
@@ -257,10 +268,20 @@ impl Registry {
                     by: users,
                 });
             }
+            let (adapters, adapters_read_at) = self.adapters_on(name).await?;
+            if !adapters.is_empty() {
+                return Err(RegistryError::InUse {
+                    kind: ObjectKind::Model,
+                    name: name.to_string(),
+                    by_kind: "adapters",
+                    by: adapters,
+                });
+            }
             let key = self.key(ObjectKind::Model, name);
             let compares = vec![
                 Compare::mod_revision(key.clone(), CompareOp::Equal, current.revision),
                 self.no_pool_changed_since(read_at),
+                self.none_changed_since(ObjectKind::Adapter, adapters_read_at),
             ];
             let mut ops = vec![
                 TxnOp::delete(key, None),

@@ -4,7 +4,8 @@
 //! - `models/<name>`, `pools/<name>`, `regions/<name>`, `endpoints/<id>`
 //! - `names/<model name or alias>` → owning model name, so that names and
 //!   aliases stay unique across models through one transaction.
-//! - `tenants/<name>`, `apikeys/<id>`
+//! - `tenants/<name>`, `apikeys/<id>`, `adapters/<name>` (an adapter's
+//!   name is reserved under `names/` too, as `adapter:<name>`)
 //! - `keyuse/<id>` → when a key was last used (Unix ms, decimal); kept apart
 //!   from the key so that recording use never changes a routing table.
 //! - `loads/<node>` → the loads one control-plane replica holds, under that
@@ -50,6 +51,8 @@ pub enum ObjectKind {
     Spend,
     /// Every replica's parts of the shared limits, as the leader wrote them.
     QuotaParts,
+    /// A LoRA adapter.
+    Adapter,
 }
 
 impl ObjectKind {
@@ -72,6 +75,7 @@ impl ObjectKind {
             ObjectKind::Revocation => "revocations/",
             ObjectKind::Spend => "spend/",
             ObjectKind::QuotaParts => "quotaparts/",
+            ObjectKind::Adapter => "adapters/",
         }
     }
 
@@ -95,6 +99,7 @@ impl ObjectKind {
             ObjectKind::Revocation => "revocation",
             ObjectKind::Spend => "spend record",
             ObjectKind::QuotaParts => "quota parts",
+            ObjectKind::Adapter => "adapter",
         }
     }
 
@@ -114,7 +119,7 @@ impl ObjectKind {
         )
     }
 
-    const ALL: [ObjectKind; 17] = [
+    const ALL: [ObjectKind; 18] = [
         ObjectKind::Model,
         ObjectKind::Pool,
         ObjectKind::Region,
@@ -132,6 +137,7 @@ impl ObjectKind {
         ObjectKind::Revocation,
         ObjectKind::Spend,
         ObjectKind::QuotaParts,
+        ObjectKind::Adapter,
     ];
 }
 

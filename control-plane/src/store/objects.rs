@@ -1,7 +1,7 @@
 //! Typed reads of registry objects: decode the stored protobuf and stamp it
 //! with its key's mod_revision, which is what update guards compare against.
 
-use infermesh_proto::v1::{ApiKey, Endpoint, Model, Pool, Region, Tenant};
+use infermesh_proto::v1::{Adapter, ApiKey, Endpoint, Model, Pool, Region, Tenant};
 use infermesh_runtime::table_delta::Keyed;
 
 use super::{ObjectKind, Store, StoreError, decode};
@@ -38,6 +38,7 @@ revisioned_object!(Model, ObjectKind::Model);
 revisioned_object!(Pool, ObjectKind::Pool);
 revisioned_object!(Region, ObjectKind::Region);
 revisioned_object!(Tenant, ObjectKind::Tenant);
+revisioned_object!(Adapter, ObjectKind::Adapter);
 // A key is stored under its id; its `name` field is only a label.
 revisioned_object!(ApiKey, ObjectKind::ApiKey);
 

@@ -65,6 +65,23 @@ pub struct Config {
     /// Start with /health failing.
     #[arg(long, env = "SIM_ENGINE_UNHEALTHY")]
     pub unhealthy: bool,
+    /// Serve LoRA adapters loaded at run time (vLLM's `--enable-lora` with
+    /// `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`).
+    #[arg(long, env = "SIM_ENGINE_ENABLE_LORA")]
+    pub enable_lora: bool,
+    /// Adapters in GPU slots at once (vLLM's `--max-loras`).
+    #[arg(long, env = "SIM_ENGINE_MAX_LORAS", default_value_t = 4)]
+    pub max_loras: usize,
+    /// Time one adapter load takes, milliseconds.
+    #[arg(long, env = "SIM_ENGINE_LORA_LOAD_MS", default_value_t = 100)]
+    pub lora_load_ms: u64,
+    /// Time added to the first token of a request whose adapter is not in
+    /// a GPU slot, milliseconds.
+    #[arg(long, env = "SIM_ENGINE_LORA_SWITCH_MS", default_value_t = 20)]
+    pub lora_switch_ms: u64,
+    /// Fail every adapter load (as a missing adapter path does).
+    #[arg(long, env = "SIM_ENGINE_FAIL_LORA_LOADS")]
+    pub fail_lora_loads: bool,
 }
 
 impl Config {

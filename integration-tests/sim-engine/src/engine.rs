@@ -59,6 +59,8 @@ pub struct Engine {
     error_rate_ppm: AtomicU64,
     accepted: AtomicU64,
     last_request: Mutex<(bytes::Bytes, Heard)>,
+    /// LoRA adapters.
+    pub loras: crate::lora::Loras,
 }
 
 /// What the engine keeps of a request's headers.
@@ -115,6 +117,7 @@ impl Engine {
             error_rate_ppm: AtomicU64::new((config.error_rate * 1e6) as u64),
             accepted: AtomicU64::new(0),
             last_request: Mutex::new((bytes::Bytes::new(), Heard::default())),
+            loras: crate::lora::Loras::default(),
             config,
         })
     }
@@ -172,6 +175,7 @@ impl Engine {
         tokens: Vec<u32>,
         max_tokens: usize,
         choices: usize,
+        adapter: Option<String>,
         out: mpsc::Sender<Event>,
     ) {
         let arrived = Instant::now();
@@ -190,7 +194,23 @@ impl Engine {
         let blocks = (tokens.len() + max_tokens).div_ceil(bs);
         let _running = Running::start(&self, blocks);
 
-        let keys = block_keys(&tokens, bs);
+        // An adapter's KV blocks are its own: the same prompt under another
+        // adapter (or the base model) shares nothing.
+        let keys = match &adapter {
+            Some(name) => {
+                let salt = name
+                    .bytes()
+                    .fold(0x9e37_79b9u32, |h, b| h.rotate_left(5) ^ u32::from(b));
+                let salted: Vec<u32> = std::iter::once(salt)
+                    .chain(tokens.iter().copied())
+                    .collect();
+                block_keys(&salted, bs)
+            }
+            None => block_keys(&tokens, bs),
+        };
+        let switch = adapter.as_deref().map_or(Duration::ZERO, |name| {
+            self.loras.use_adapter(&self.config, name)
+        });
         let hit_blocks = match self.cache.lock() {
             Ok(mut cache) => cache.admit(&keys),
             Err(_) => 0,
@@ -202,7 +222,8 @@ impl Engine {
         c.prefix_hits.fetch_add(cached as u64, Ordering::Relaxed);
         c.prompt_tokens
             .fetch_add(tokens.len() as u64, Ordering::Relaxed);
-        let prefill = Duration::from_millis(self.config.base_ttft_ms)
+        let prefill = switch
+            + Duration::from_millis(self.config.base_ttft_ms)
             + Duration::from_micros(
                 self.config.prefill_us_per_token * (tokens.len() - cached) as u64,
             );

@@ -176,6 +176,40 @@ pub fn render(engine: &Engine) -> String {
             );
         }
     }
+    if engine.config.enable_lora {
+        // vLLM's adapter gauge: which adapters the running batch uses.
+        let slots = engine.loras.in_slots().join(",");
+        let labels = format!(
+            "max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"\"",
+            engine.config.max_loras,
+            escape(&slots)
+        );
+        metric(
+            &mut out,
+            "vllm:lora_requests_info",
+            "gauge",
+            "Running stats on lora requests.",
+            &labels,
+            1.0,
+        );
+        let loras = &engine.loras;
+        metric(
+            &mut out,
+            "sim:lora_loads_total",
+            "counter",
+            "Adapters loaded through the runtime API (simulator only).",
+            &model,
+            loras.loads.load(Ordering::Relaxed) as f64,
+        );
+        metric(
+            &mut out,
+            "sim:lora_switches_total",
+            "counter",
+            "Adapters moved into a GPU slot for a request (simulator only).",
+            &model,
+            loras.switches.load(Ordering::Relaxed) as f64,
+        );
+    }
     out
 }
 

@@ -119,10 +119,30 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
             );
             r
         }
-        (Method::GET, "/v1/models") => json_response(
-            StatusCode::OK,
-            &json!({"object": "list", "data": [{"id": engine.config.model, "object": "model", "created": now_secs(), "owned_by": "vllm", "max_model_len": engine.config.max_model_len}]}),
-        ),
+        (Method::GET, "/v1/models") => {
+            let mut data = vec![
+                json!({"id": engine.config.model, "object": "model", "created": now_secs(), "owned_by": "vllm", "max_model_len": engine.config.max_model_len}),
+            ];
+            data.extend(engine.loras.models(&engine.config.model, now_secs()));
+            json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+        }
+        (Method::POST, "/v1/load_lora_adapter" | "/v1/unload_lora_adapter")
+            if engine.config.enable_lora =>
+        {
+            let body = match read_body(request).await {
+                Ok(b) => b,
+                Err(e) => return error_response(&e),
+            };
+            let answer = if path == "/v1/load_lora_adapter" {
+                engine.loras.load(&engine.config, &body).await
+            } else {
+                engine.loras.unload(&body)
+            };
+            match answer {
+                Ok(text) => Response::new(full(text)),
+                Err(e) => error_response(&e),
+            }
+        }
         (Method::POST, "/v1/chat/completions") => generate(engine, request, Kind::Chat).await,
         (Method::POST, "/v1/completions") => generate(engine, request, Kind::Completion).await,
         (Method::POST, "/v1/responses") => generate(engine, request, Kind::Responses).await,
@@ -260,12 +280,16 @@ async fn generate(engine: Arc<Engine>, request: Request<Incoming>, kind: Kind) -
         Err(e) => return error_response(&e),
     };
     engine.remember_request(&body, traceparent);
-    let generation = match api::parse_generation(
-        kind,
-        &body,
-        &engine.config.model,
-        engine.config.max_model_len,
-    ) {
+    // A loaded adapter is served under its own name.
+    let adapter = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
+        .filter(|m| *m != engine.config.model && engine.loras.is_loaded(m));
+    let served = adapter
+        .clone()
+        .unwrap_or_else(|| engine.config.model.clone());
+    let generation = match api::parse_generation(kind, &body, &served, engine.config.max_model_len)
+    {
         Ok(g) => g,
         Err(e) => return error_response(&e),
     };
@@ -285,11 +309,13 @@ async fn generate(engine: Arc<Engine>, request: Request<Incoming>, kind: Kind) -
     let (tx, mut events) = mpsc::channel(64);
     let prompt_tokens = generation.tokens.len();
     let choices = generation.choices;
-    tokio::spawn(
-        engine
-            .clone()
-            .generate(generation.tokens, generation.max_tokens, choices, tx),
-    );
+    tokio::spawn(engine.clone().generate(
+        generation.tokens,
+        generation.max_tokens,
+        choices,
+        adapter,
+        tx,
+    ));
     let prefix = match kind {
         Kind::Chat => "chatcmpl",
         Kind::Completion => "cmpl",
@@ -298,7 +324,7 @@ async fn generate(engine: Arc<Engine>, request: Request<Incoming>, kind: Kind) -
     };
     let id = format!("{prefix}-{:032x}", rand::random::<u128>());
     let created = now_secs();
-    let model = engine.config.model.clone();
+    let model = served;
     if !generation.stream {
         let mut text = String::new();
         while let Some(event) = events.recv().await {

@@ -20,7 +20,11 @@ fn engine(flags: &[&str]) -> Arc<Engine> {
 
 async fn run_to_end(engine: &Arc<Engine>, prompt: &str, max_tokens: usize) -> Usage {
     let (tx, mut rx) = mpsc::channel(64);
-    tokio::spawn(engine.clone().generate(tokenize(prompt), max_tokens, 1, tx));
+    tokio::spawn(
+        engine
+            .clone()
+            .generate(tokenize(prompt), max_tokens, 1, None, tx),
+    );
     let mut tokens = 0;
     while let Some(event) = rx.recv().await {
         match event {
@@ -88,11 +92,12 @@ async fn a_repeated_prompt_hits_the_prefix_cache_and_starts_sooner() {
 async fn a_client_that_leaves_frees_its_slot() {
     let engine = engine(&["--max-num-seqs", "1", "--decode-ms-per-token", "100"]);
     let (tx, mut rx) = mpsc::channel(64);
-    let generation = tokio::spawn(
-        engine
-            .clone()
-            .generate(tokenize("long answer"), 1000, 1, tx),
-    );
+    let generation =
+        tokio::spawn(
+            engine
+                .clone()
+                .generate(tokenize("long answer"), 1000, 1, None, tx),
+        );
     assert!(matches!(rx.recv().await, Some(Event::Token(_))));
     assert_eq!(engine.running.load(Ordering::Relaxed), 1);
     drop(rx);

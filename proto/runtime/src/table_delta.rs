@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use infermesh_proto::v1::{
-    ApiKey, Endpoint, Model, Pool, Region, RoutingTable, TableDelta, Tenant,
+    Adapter, ApiKey, Endpoint, Model, Pool, Region, RoutingTable, TableDelta, Tenant,
 };
 
 /// What identifies an object in a table and in the registry (the last
@@ -27,7 +27,7 @@ macro_rules! keyed_by {
     };
 }
 
-keyed_by!(name: Model, Pool, Region, Tenant);
+keyed_by!(name: Model, Pool, Region, Tenant, Adapter);
 keyed_by!(id: Endpoint, ApiKey);
 
 /// The change from `old` to `new`, two tables of one subscriber.
@@ -38,6 +38,7 @@ pub fn diff(old: &RoutingTable, new: &RoutingTable) -> TableDelta {
     let (regions, removed_regions) = changes(&old.regions, &new.regions);
     let (api_keys, removed_api_keys) = changes(&old.api_keys, &new.api_keys);
     let (tenants, removed_tenants) = changes(&old.tenants, &new.tenants);
+    let (adapters, removed_adapters) = changes(&old.adapters, &new.adapters);
     TableDelta {
         base_version: old.version,
         version: new.version,
@@ -53,6 +54,8 @@ pub fn diff(old: &RoutingTable, new: &RoutingTable) -> TableDelta {
         removed_regions,
         removed_api_keys,
         removed_tenants,
+        adapters,
+        removed_adapters,
     }
 }
 
@@ -121,6 +124,7 @@ pub fn apply(base: &RoutingTable, delta: TableDelta) -> Result<RoutingTable, Del
         regions: merge(&base.regions, delta.regions, &delta.removed_regions),
         api_keys: merge(&base.api_keys, delta.api_keys, &delta.removed_api_keys),
         tenants: merge(&base.tenants, delta.tenants, &delta.removed_tenants),
+        adapters: merge(&base.adapters, delta.adapters, &delta.removed_adapters),
     })
 }
 
@@ -141,7 +145,9 @@ fn merge<T: Keyed + Clone>(base: &[T], changed: Vec<T>, removed: &[String]) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use infermesh_proto::v1::{ApiKey, Endpoint, Model, Pool, Region, SubscriberRole, Tenant};
+    use infermesh_proto::v1::{
+        Adapter, ApiKey, Endpoint, Model, Pool, Region, SubscriberRole, Tenant,
+    };
     use prost::Message;
 
     fn table(version: u64, pools: &[&str], endpoints: &[(&str, &str)]) -> RoutingTable {
@@ -184,6 +190,7 @@ mod tests {
                 name: "t".into(),
                 ..Default::default()
             }],
+            adapters: Vec::new(),
         }
     }
 
@@ -227,7 +234,13 @@ mod tests {
         });
         new.api_keys.clear();
         new.tenants[0].description = "changed".into();
+        new.adapters.push(Adapter {
+            name: "support-bot".into(),
+            base_model: "m".into(),
+            ..Default::default()
+        });
         let delta = diff(&old, &new);
+        assert_eq!(delta.adapters.len(), 1);
         assert_eq!(delta.removed_api_keys, ["k1"]);
         assert_eq!(delta.models.len(), 1);
         assert_eq!(delta.tenants.len(), 1);

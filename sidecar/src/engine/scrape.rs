@@ -31,6 +31,7 @@ pub struct Scraper {
     gpu: GpuTelemetry,
     metrics: Option<SidecarMetrics>,
     requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    adapters: Option<std::sync::Arc<crate::adapters::Adapters>>,
 }
 
 /// Why a scrape failed.
@@ -69,7 +70,14 @@ impl Scraper {
             previous_counters: None,
             hit_rate: 0.0,
             requests: Default::default(),
+            adapters: None,
         })
+    }
+
+    /// Reports the resident adapters of `adapters` with each load.
+    pub fn with_adapters(mut self, adapters: std::sync::Arc<crate::adapters::Adapters>) -> Self {
+        self.adapters = Some(adapters);
+        self
     }
 
     async fn get(&self, uri: &Uri, limit: usize) -> Result<bytes::Bytes, ScrapeError> {
@@ -147,6 +155,10 @@ impl Scraper {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64),
             requests_total: self.requests.load(std::sync::atomic::Ordering::Relaxed),
+            adapters: self
+                .adapters
+                .as_ref()
+                .map_or_else(Vec::new, |adapters| adapters.resident()),
         };
         if let Some(metrics) = &self.metrics {
             metrics.engine(&load);
