@@ -225,7 +225,8 @@ mod tests {
     #[test]
     fn every_field_is_checked_and_named() {
         assert!(check_adapter(&adapter()).is_ok());
-        let cases: [(&str, fn(&mut Adapter)); 7] = [
+        type Spoil = fn(&mut Adapter);
+        let cases: [(&str, Spoil); 7] = [
             ("adapter.name", |a| a.name.clear()),
             ("adapter.base_model", |a| a.base_model.clear()),
             ("adapter.base_model", |a| a.base_model = a.name.clone()),
