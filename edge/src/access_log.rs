@@ -28,6 +28,8 @@ pub struct AccessRecord {
     pub model: Option<String>,
     /// The model's canonical name, once the request was routed.
     pub served_model: Option<String>,
+    /// The LoRA adapter asked for, when the model was one.
+    pub adapter: Option<String>,
     /// Endpoint id the request went to.
     pub endpoint: Option<String>,
     /// Status sent to the client.

@@ -38,6 +38,14 @@ impl Drop for InFlight {
 
 /// Response header in which sidecars stamp their engine's load.
 pub const LOAD_HEADER: &str = "x-infermesh-load";
+/// The LoRA adapters a sidecar's engine holds (`name@version` apart by
+/// spaces), stamped on every answer; for this edge, not the client.
+pub const ADAPTERS_HEADER: &str = "x-infermesh-adapters";
+/// The adapter a request uses, for the sidecar to load when needed; set by
+/// the edge only.
+pub const ADAPTER_HEADER: &str = "x-infermesh-adapter";
+/// Set by a sidecar on its refusal when an adapter could not be loaded.
+pub const ADAPTER_FAILED_HEADER: &str = "x-infermesh-adapter-failed";
 
 /// Why a forward failed, and whether another replica may be tried.
 #[derive(Debug)]
@@ -218,6 +226,11 @@ impl Forwarder {
             upstream
                 .load
                 .update_seen(stamp, upstream.in_flight.load(Ordering::Relaxed));
+        }
+        if let Some(listed) = parts.headers.remove(ADAPTERS_HEADER)
+            && let Ok(listed) = listed.to_str()
+        {
+            upstream.load.update_adapters(listed);
         }
         // The upstream span, like the replica's in-flight count, lasts until the body ends.
         let body = Guarded::new(body, (in_flight, span)).boxed();

@@ -36,6 +36,8 @@ pub struct EdgeMetrics {
     pub panics: IntCounter,
     /// Loans asked of the control plane's quota reserve, by outcome.
     pub loans: IntCounterVec,
+    /// Requests for LoRA adapters, by placement.
+    adapters: IntCounterVec,
     flow: FlowMetrics,
 }
 
@@ -187,6 +189,11 @@ impl EdgeMetrics {
                 &["outcome"],
             ),
             flow: FlowMetrics::register(registry)?,
+            adapters: counter(
+                "infermesh_edge_adapter_requests_total",
+                "Requests for LoRA adapters, by base model, adapter (registered names only) and placement (resident: sent to a replica holding it; loading: joined a load under way; load: the replica loads it first; load_failed: no replica could load it).",
+                &["model", "adapter", "placement"],
+            ),
             loans: counter(
                 "infermesh_edge_quota_loans_total",
                 "Loans asked of the control plane's quota reserve by admissions this edge's grant could not cover, by outcome (lent; refused: the reserve was spent; unanswered: no stream, or no answer within 20 ms).",
@@ -205,6 +212,7 @@ impl EdgeMetrics {
                 Box::new(metrics.auth_failures.clone()),
                 Box::new(metrics.panics.clone()),
                 Box::new(metrics.loans.clone()),
+                Box::new(metrics.adapters.clone()),
             ],
         )?;
         Ok(metrics)
@@ -254,6 +262,13 @@ impl EdgeMetrics {
     /// A request for `model` was retried on another replica.
     pub fn retried(&self, model: &str) {
         self.retries.with_label_values(&[model]).inc();
+    }
+
+    /// A request for `adapter` on `model` was placed as `placement` says.
+    pub fn adapter_placed(&self, model: &str, adapter: &str, placement: &str) {
+        self.adapters
+            .with_label_values(&[model, adapter, placement])
+            .inc();
     }
 
     /// A request for `model` was forwarded to the edge of `region`.

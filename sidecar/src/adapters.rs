@@ -28,6 +28,9 @@ use crate::engine::EngineKind;
 
 /// Request header naming the adapter a request uses (set by the edge).
 pub const ADAPTER_HEADER: &str = "x-infermesh-adapter";
+/// Set on a refusal when the adapter could not be made resident (`load`:
+/// the engine failed the load; `busy`: every slot in use).
+pub const FAILED_HEADER: &str = "x-infermesh-adapter-failed";
 /// Response header listing the resident adapters, `name@version` apart by spaces.
 pub const RESIDENT_HEADER: &str = "x-infermesh-adapters";
 

@@ -107,10 +107,21 @@ impl EngineProxy {
                 StatusCode::NOT_FOUND,
                 json!({"error": {"message": e.to_string(), "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}),
             )),
-            Err(e) => Err(json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "adapter_load_failed"}}),
-            )),
+            Err(e) => {
+                let mut refusal = json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "adapter_load_failed"}}),
+                );
+                let why = match e {
+                    AdapterError::Busy(_) => "busy",
+                    _ => "load",
+                };
+                refusal.headers_mut().insert(
+                    crate::adapters::FAILED_HEADER,
+                    http::HeaderValue::from_static(why),
+                );
+                Err(refusal)
+            }
         }
     }
 

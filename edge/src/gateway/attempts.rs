@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::Gateway;
 use crate::access_log::AccessRecord;
 use crate::error::ApiError;
-use crate::table::{ModelRoute, RouteHints, Upstream};
+use crate::table::{AdapterRoute, ModelRoute, RouteHints, Upstream};
 
 /// One request's forwarding: what is sent, and where it may go.
 pub(crate) struct Attempts<'a> {
@@ -24,6 +24,8 @@ pub(crate) struct Attempts<'a> {
     pub route: &'a ModelRoute,
     /// The policy's hints, for picking a replica to retry on.
     pub hints: &'a RouteHints,
+    /// The LoRA adapter the request uses, if any.
+    pub adapter: Option<&'a AdapterRoute>,
 }
 
 /// The replica's answer and the engine fingerprint of the replica that gave it.
@@ -99,10 +101,34 @@ impl Gateway {
             if let Some(metrics) = metrics {
                 metrics.upstream(&route.model, &upstream.id, sent.elapsed());
             }
-            let retryable = self.judge(&forwarded, route, &upstream, sent);
+            // A replica that could not load the adapter is not unhealthy:
+            // one other replica is tried, then its refusal is the answer.
+            if let (Some(adapter), Ok(response)) = (request.adapter, &forwarded)
+                && response
+                    .headers()
+                    .contains_key(crate::forward::ADAPTER_FAILED_HEADER)
+            {
+                tried.push(upstream.id.clone());
+                let retry = (tried.len() == 1)
+                    .then(|| super::placing::place(route, adapter, &tried, &self.loading))
+                    .flatten();
+                if let Some((next, reason)) = retry {
+                    tracing::info!(adapter = %adapter.name, from = %upstream.id, to = %next.id, %reason, "adapter load failed; trying another replica");
+                    record.retries += 1;
+                    upstream = next;
+                    continue;
+                }
+                self.adapter_failed(route, adapter);
+            }
+            let adapter_refused = request.adapter.is_some()
+                && forwarded.as_ref().is_ok_and(|r| {
+                    r.headers()
+                        .contains_key(crate::forward::ADAPTER_FAILED_HEADER)
+                });
+            let retryable = !adapter_refused && self.judge(&forwarded, route, &upstream, sent);
             if retryable
                 && let Some((next, reason)) =
-                    self.next_attempt(route, &mut tried, &upstream, request.hints)
+                    self.next_attempt(route, &mut tried, &upstream, request.hints, request.adapter)
             {
                 tracing::debug!(from = %upstream.id, to = %next.id, %reason, "retrying on another replica");
                 record.retries += 1;
@@ -112,7 +138,10 @@ impl Gateway {
                 upstream = next;
                 continue;
             }
-            let response = forwarded.map_err(|failure| failure.error)?;
+            let mut response = forwarded.map_err(|failure| failure.error)?;
+            response
+                .headers_mut()
+                .remove(crate::forward::ADAPTER_FAILED_HEADER);
             let answer = (response, upstream.fingerprint.clone());
             return served(answer, &route.model, request.head.uri.path()).await;
         }
@@ -189,12 +218,16 @@ impl Gateway {
         tried: &mut Vec<String>,
         failed: &Upstream,
         hints: &RouteHints,
+        adapter: Option<&AdapterRoute>,
     ) -> Option<(Arc<Upstream>, crate::route::Reason)> {
         tried.push(failed.id.clone());
         if tried.len() > self.resilience.max_retries as usize {
             return None;
         }
-        let next = route.choose(hints, tried)?;
+        let next = match adapter {
+            Some(adapter) => super::placing::place(route, adapter, tried, &self.loading)?,
+            None => route.choose(hints, tried)?,
+        };
         self.resilience.budget.spend().then_some(next)
     }
 }

@@ -47,12 +47,19 @@ impl Gateway {
             return Ok(Cached::Miss(Capture::default()));
         };
         let route = &target.route;
+        // An adapter's answers are its own, version by version.
+        let model = match &target.adapter {
+            Some(adapter) => {
+                std::borrow::Cow::Owned(format!("{}+{}", route.model, adapter.resident))
+            }
+            None => std::borrow::Cow::Borrowed(route.model.as_str()),
+        };
         let decision = cache.decide(
             headers,
             request,
             route.cache.as_ref(),
             principal.map_or("", |p| &*p.cache_scope),
-            &route.model,
+            &model,
             route.upstreams.iter().map(|u| u.fingerprint.as_str()),
         );
         let lookup = match decision {

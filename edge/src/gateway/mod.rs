@@ -10,6 +10,7 @@ mod explain;
 mod keepalive;
 mod lookup;
 mod pick;
+mod placing;
 mod probes;
 mod resolve;
 mod respond;
@@ -45,7 +46,7 @@ use crate::table::EdgeTable;
 use attempts::Attempts;
 pub use explain::{Explaining, explain};
 use lookup::Cached;
-use resolve::Resolution;
+use resolve::{Resolution, Target};
 use respond::Books;
 
 /// The table the request path reads: `None` until the first push.
@@ -67,6 +68,8 @@ pub struct Gateway {
     /// How long a streamed request waits at the edge before it is
     /// answered with keep-alive comments (zero: never).
     keepalive: std::time::Duration,
+    /// Adapter loads this edge has under way.
+    loading: Arc<placing::Loading>,
 }
 
 /// Retries and ejection settings.
@@ -102,6 +105,7 @@ impl Gateway {
             sync: Arc::default(),
             queues: Arc::default(),
             keepalive: keepalive::DEFAULT_INTERVAL,
+            loading: Arc::default(),
         }
     }
 
@@ -186,10 +190,11 @@ impl Gateway {
         };
         let ticket = self.wait_turn(&target, &request, principal, &head).await?;
         let hints = pick::hints(target.route.policy, &request, &head.headers);
-        let upstream = pick::first(&target, &hints)?;
+        let (upstream, _load) = self.first_replica(&target, &hints, &mut head.headers)?;
         // Rewritten before admission: a body that cannot be rewritten is
-        // refused before it counts against any limit.
-        let sent = request.upstream_body(model, target.route.engine_fields)?;
+        // refused before it counts against any limit. An adapter keeps its
+        // name: the engine serves it under that name.
+        let sent = request.upstream_body(target.engine_model(), target.route.engine_fields)?;
         let prompt = request.prompt_tokens_estimate;
         let ask = Ask::tokens(prompt, request.max_output_tokens)
             .choices(request.n)
@@ -211,6 +216,7 @@ impl Gateway {
             body: sent,
             route: &target.route,
             hints: &hints,
+            adapter: target.adapter.as_deref(),
         };
         let answer = match self.forward(attempts, upstream, record).await {
             Ok(answer) => answer,
@@ -229,6 +235,27 @@ impl Gateway {
             started,
         };
         Ok(self.respond(answer, &target, &request, books, record))
+    }
+}
+
+impl Gateway {
+    /// The replica for a request's first attempt (and the adapter load it
+    /// starts); names the adapter in `headers` for the sidecar, and only
+    /// the edge does.
+    fn first_replica(
+        &self,
+        target: &Target,
+        hints: &crate::table::RouteHints,
+        headers: &mut http::HeaderMap,
+    ) -> Result<(Arc<crate::table::Upstream>, Option<placing::LoadUnderWay>), ApiError> {
+        headers.remove(crate::forward::ADAPTER_HEADER);
+        let Some(adapter) = &target.adapter else {
+            return Ok((pick::first(target, hints)?, None));
+        };
+        let value = http::HeaderValue::from_str(&adapter.name)
+            .map_err(|_| ApiError::ModelNotFound(adapter.name.clone()))?;
+        headers.insert(crate::forward::ADAPTER_HEADER, value);
+        self.place_adapter(target, adapter, &[])
     }
 }
 

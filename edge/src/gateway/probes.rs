@@ -49,9 +49,33 @@ impl Gateway {
                 }))
             })
             .collect();
+        // Adapters the caller may use, with their base model as `parent`.
+        let mut adapters: Vec<_> = table
+            .table
+            .adapters
+            .values()
+            .filter(|a| usable(a, principal))
+            .collect();
+        adapters.sort_by(|a, b| a.name.cmp(&b.name));
+        let data: Vec<_> = data
+            .into_iter()
+            .chain(adapters.into_iter().map(|a| {
+                json!({"id": a.name, "object": "model", "created": 0, "owned_by": a.owner.as_deref().unwrap_or("infermesh"),
+                    "root": a.name, "parent": a.base})
+            }))
+            .collect();
         Ok(json_response(
             StatusCode::OK,
             json!({"object": "list", "data": data}),
         ))
     }
+}
+
+/// Whether `principal` may use `adapter`: its tenant may see it, and its
+/// key allows the adapter or its base model.
+pub(super) fn usable(adapter: &crate::table::AdapterRoute, principal: Option<&Principal>) -> bool {
+    principal.is_none_or(|p| {
+        adapter.visible_to(Some(&p.key.tenant))
+            && (p.key.allows(&adapter.name) || p.key.allows(&adapter.base))
+    })
 }

@@ -17,7 +17,7 @@ use crate::access_log::AccessRecord;
 use crate::error::ApiError;
 use crate::quota::Ask;
 use crate::request::Parsed;
-use crate::table::{ColdStart, EdgeTable, ModelRoute, Upstream};
+use crate::table::{AdapterRoute, ColdStart, EdgeTable, ModelRoute, Upstream};
 
 /// Where a request is served in this region.
 #[derive(Clone)]
@@ -28,6 +28,18 @@ pub(crate) struct Target {
     pub route: Arc<ModelRoute>,
     /// The fallback model serving in place of the one asked for.
     pub fallback: Option<String>,
+    /// The LoRA adapter asked for, served on the route's replicas.
+    pub adapter: Option<Arc<AdapterRoute>>,
+}
+
+impl Target {
+    /// The model name the engine serves the request under: the adapter's,
+    /// else the model's canonical name.
+    pub(crate) fn engine_model(&self) -> &str {
+        self.adapter
+            .as_ref()
+            .map_or(self.route.model.as_str(), |a| a.name.as_str())
+    }
 }
 
 /// The outcome of resolving a request.
@@ -48,22 +60,14 @@ impl Gateway {
         principal: Option<&Principal>,
         record: &mut AccessRecord,
     ) -> Result<Resolution, ApiError> {
-        let route = table
-            .table
-            .route(&request.model)
-            .ok_or_else(|| ApiError::ModelNotFound(request.model.clone()))?
-            .clone();
-        if let Some(p) = principal.filter(|p| !p.key.allows(&route.model)) {
-            return Err(ApiError::ModelNotAllowed {
-                key: p.key.prefix.clone(),
-                model: request.model.clone(),
-            });
-        }
+        let (route, adapter) = named(&table.table, &request.model, principal)?;
+        record.adapter = adapter.as_ref().map(|a| a.name.clone());
         if !route.upstreams.is_empty() {
             return Ok(Resolution::Here(Target {
                 table,
                 route,
                 fallback: None,
+                adapter,
             }));
         }
         // A pool that scaled to zero comes back for this request, even
@@ -88,13 +92,17 @@ impl Gateway {
         {
             return Ok(Resolution::Spilled(response));
         }
-        if let Some(other) = fallback(&table.table, &route, principal) {
+        // An adapter is never swapped for another model.
+        if adapter.is_none()
+            && let Some(other) = fallback(&table.table, &route, principal)
+        {
             tracing::debug!(model = %route.model, fallback = %other.model, "serving with a fallback model");
             let fallback = Some(other.model.clone());
             return Ok(Resolution::Here(Target {
                 table,
                 route: other,
                 fallback,
+                adapter: None,
             }));
         }
         let Some(cold) = route.cold_start.clone() else {
@@ -102,6 +110,7 @@ impl Gateway {
                 table,
                 route,
                 fallback: None,
+                adapter,
             }));
         };
         let _waiting = head
@@ -113,6 +122,7 @@ impl Gateway {
             table,
             route,
             fallback: None,
+            adapter,
         }))
     }
 
@@ -203,6 +213,37 @@ impl Gateway {
         }
         None
     }
+}
+
+/// The route of the model or adapter named `name`, for `principal`: a
+/// private adapter of another tenant is as unknown as a name nobody
+/// registered.
+fn named(
+    table: &EdgeTable,
+    name: &str,
+    principal: Option<&Principal>,
+) -> Result<(Arc<ModelRoute>, Option<Arc<AdapterRoute>>), ApiError> {
+    let not_allowed = |p: &Principal| ApiError::ModelNotAllowed {
+        key: p.key.prefix.clone(),
+        model: name.to_string(),
+    };
+    if let Some(route) = table.route(name) {
+        if let Some(p) = principal.filter(|p| !p.key.allows(&route.model)) {
+            return Err(not_allowed(p));
+        }
+        return Ok((route.clone(), None));
+    }
+    let adapter = table
+        .adapter(name)
+        .filter(|a| principal.is_none_or(|p| a.visible_to(Some(&p.key.tenant))))
+        .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))?;
+    if let Some(p) = principal.filter(|p| !super::probes::usable(adapter, Some(p))) {
+        return Err(not_allowed(p));
+    }
+    let route = table
+        .route(&adapter.base)
+        .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))?;
+    Ok((route.clone(), Some(adapter.clone())))
 }
 
 /// The first of `route`'s fallbacks that is served here and that

@@ -6,6 +6,7 @@
 //! without a lock; a sample older than a few seconds is not used, because
 //! a replica that stopped answering would otherwise look idle forever.
 
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 
 use infermesh_runtime::time::now_unix_ms;
@@ -23,6 +24,9 @@ pub struct LoadSample {
     /// the stamp was taken; `NO_COUNT` when the stamp had none.
     others: AtomicU32,
     at_ms: AtomicI64,
+    /// LoRA adapters its engine holds (`name@version`, sorted), as the
+    /// sidecar last listed them (`x-infermesh-adapters`).
+    adapters: RwLock<Vec<String>>,
 }
 
 /// `others` of a stamp without the sidecar's count.
@@ -74,6 +78,34 @@ impl LoadSample {
 }
 
 impl LoadSample {
+    /// Records the adapters a sidecar listed: `name@version` apart by spaces.
+    pub fn update_adapters(&self, listed: &str) {
+        let mut adapters: Vec<String> = listed
+            .split(' ')
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect();
+        adapters.sort_unstable();
+        *self.adapters.write().unwrap_or_else(|e| e.into_inner()) = adapters;
+    }
+
+    /// Whether its engine holds adapter `resident` (`name@version`).
+    pub fn holds_adapter(&self, resident: &str) -> bool {
+        self.adapters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .binary_search_by(|a| a.as_str().cmp(resident))
+            .is_ok()
+    }
+
+    /// How many adapters its engine holds.
+    pub fn adapter_count(&self) -> usize {
+        self.adapters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     /// Requests of others (other edges, direct callers) in flight at the
     /// replica when its latest fresh stamp was taken, where the stamp
     /// carried the sidecar's count.
@@ -159,6 +191,20 @@ mod tests {
         assert_eq!(load.others_at(NOW), None);
         load.update_at("r=4;w=0;kv=0.100;f=3", 0, NOW);
         assert_eq!(load.others_at(NOW + LOAD_SAMPLE_TTL_MS + 1), None, "stale");
+    }
+
+    #[test]
+    fn the_listed_adapters_replace_the_last_list() {
+        let load = LoadSample::default();
+        assert!(!load.holds_adapter("bot@r1"));
+        load.update_adapters("bot@r1 other@v2");
+        assert!(load.holds_adapter("bot@r1") && load.holds_adapter("other@v2"));
+        assert!(!load.holds_adapter("bot@r2"), "another version");
+        load.update_adapters("other@v2");
+        assert!(!load.holds_adapter("bot@r1"));
+        assert_eq!(load.adapter_count(), 1);
+        load.update_adapters("");
+        assert_eq!(load.adapter_count(), 0);
     }
 
     #[test]

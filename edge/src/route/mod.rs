@@ -13,6 +13,7 @@ use rand::RngCore;
 
 use crate::replica::Upstream;
 
+pub mod adapter;
 pub mod least_load;
 mod least_outstanding;
 mod prefix_affinity;
@@ -23,6 +24,7 @@ pub mod session_affinity;
 #[cfg(test)]
 pub(crate) mod fixtures;
 
+pub use adapter::AdapterPlacement;
 pub use least_load::LeastLoad;
 pub use least_outstanding::LeastOutstanding;
 pub use prefix_affinity::PrefixAffinity;

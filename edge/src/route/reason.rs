@@ -65,6 +65,20 @@ pub enum Reason {
         /// The chosen candidate's requests in flight.
         least_in_flight: usize,
     },
+    /// The least busy replica holding the adapter.
+    AdapterResident {
+        /// Its requests in flight.
+        in_flight: usize,
+    },
+    /// The replica a load of the adapter is under way on.
+    AdapterLoading,
+    /// No holder with room: the replica holding fewest adapters loads it.
+    AdapterLoad {
+        /// Adapters it holds.
+        resident: usize,
+        /// Its requests in flight.
+        in_flight: usize,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -107,6 +121,17 @@ impl fmt::Display for Reason {
             Reason::NoPrefixMatch { least_in_flight } => {
                 write!(f, "no prefix match; fewest in flight ({least_in_flight})")
             }
+            Reason::AdapterResident { in_flight } => {
+                write!(f, "adapter resident; {in_flight} in flight")
+            }
+            Reason::AdapterLoading => f.write_str("adapter load under way there"),
+            Reason::AdapterLoad {
+                resident,
+                in_flight,
+            } => write!(
+                f,
+                "adapter load: {resident} resident, {in_flight} in flight"
+            ),
         }
     }
 }

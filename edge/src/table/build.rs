@@ -20,8 +20,8 @@ use infermesh_runtime::tls::{PeerIdentity, PeerRole, mesh::expected_authority};
 
 use super::skips::{ObjectKind, SkipLog};
 use super::{
-    ColdStart, DEFAULT_COLD_START, EdgeTable, ListedModel, LoadSample, ModelRoute, PeerEdge,
-    Policy, Upstream,
+    AdapterRoute, ColdStart, DEFAULT_COLD_START, EdgeTable, ListedModel, LoadSample, ModelRoute,
+    PeerEdge, Policy, Upstream,
 };
 use crate::access::Access;
 use crate::health::Health;
@@ -111,6 +111,7 @@ impl EdgeTableBuilder {
             &mut skips,
         );
         let failover = failover_edges(&table, &mut skips);
+        let adapters = adapters(&table, &routes, &mut skips);
         // Skipped models keep their prefix index for when they come back.
         for (model, index) in routes.values().map(|r| (&r.model, &r.prefixes)) {
             self.prefixes.insert(model.clone(), index.clone());
@@ -129,6 +130,7 @@ impl EdgeTableBuilder {
             from_disk: false,
             skipped: skips.0,
             endpoint_ids: table.endpoints.iter().map(|e| e.id.clone()).collect(),
+            adapters,
         }
     }
 
@@ -242,6 +244,48 @@ impl EdgeTableBuilder {
             turns: RoundRobin::default(),
         })
     }
+}
+
+/// The table's adapters whose base model routes here under its own name
+/// and whose name no model claims.
+fn adapters(
+    table: &RoutingTable,
+    routes: &HashMap<String, Arc<ModelRoute>>,
+    skips: &mut SkipLog,
+) -> HashMap<String, Arc<AdapterRoute>> {
+    let mut adapters = HashMap::new();
+    for adapter in &table.adapters {
+        if routes.contains_key(&adapter.name) {
+            skips.skip(
+                ObjectKind::Adapter,
+                &adapter.name,
+                "its name is a model's; the model keeps it",
+            );
+            continue;
+        }
+        if routes
+            .get(&adapter.base_model)
+            .is_none_or(|r| r.model != adapter.base_model)
+        {
+            skips.skip(
+                ObjectKind::Adapter,
+                &adapter.name,
+                format_args!("base model {:?} is not routed here", adapter.base_model),
+            );
+            continue;
+        }
+        adapters.insert(
+            adapter.name.clone(),
+            Arc::new(AdapterRoute {
+                name: adapter.name.clone(),
+                base: adapter.base_model.clone(),
+                version: adapter.version.clone(),
+                owner: (!adapter.owner_tenant.is_empty()).then(|| adapter.owner_tenant.clone()),
+                resident: format!("{}@{}", adapter.name, adapter.version),
+            }),
+        );
+    }
+    adapters
 }
 
 /// Why an endpoint's mesh identity cannot be named.

@@ -72,6 +72,28 @@ pub struct ListedModel {
     pub aliases: Vec<String>,
 }
 
+/// A LoRA adapter served on a base model's replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterRoute {
+    /// What clients ask for.
+    pub name: String,
+    /// The model whose route serves it.
+    pub base: String,
+    /// Its registered version.
+    pub version: String,
+    /// The only tenant whose keys may use it, when private.
+    pub owner: Option<String>,
+    /// How a sidecar lists it once loaded: `name@version`.
+    pub resident: String,
+}
+
+impl AdapterRoute {
+    /// Whether keys of `tenant` may use it.
+    pub fn visible_to(&self, tenant: Option<&str>) -> bool {
+        self.owner.is_none() || self.owner.as_deref() == tenant
+    }
+}
+
 /// The edge's view of one routing-table version.
 #[derive(Debug, Default)]
 pub struct EdgeTable {
@@ -94,6 +116,8 @@ pub struct EdgeTable {
     /// Whether any model has a cache policy (requests are then read whole,
     /// for their cache material).
     pub caching: bool,
+    /// LoRA adapters whose base model routes here, by name.
+    pub adapters: HashMap<String, Arc<AdapterRoute>>,
 }
 
 /// Another region's edge, reached when this region cannot serve a model.
@@ -112,6 +136,11 @@ impl EdgeTable {
     /// The route for a model name or alias.
     pub fn route(&self, name: &str) -> Option<&Arc<ModelRoute>> {
         self.routes.get(name)
+    }
+
+    /// The adapter named `name`, if one is served here.
+    pub fn adapter(&self, name: &str) -> Option<&Arc<AdapterRoute>> {
+        self.adapters.get(name)
     }
 }
 

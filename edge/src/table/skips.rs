@@ -18,16 +18,19 @@ pub enum ObjectKind {
     Region,
     /// An API key.
     ApiKey,
+    /// A LoRA adapter (its base model is not routed here).
+    Adapter,
 }
 
 impl ObjectKind {
     /// Every kind, for metrics that report zero as well.
-    pub const ALL: [ObjectKind; 5] = [
+    pub const ALL: [ObjectKind; 6] = [
         ObjectKind::Endpoint,
         ObjectKind::Model,
         ObjectKind::Alias,
         ObjectKind::Region,
         ObjectKind::ApiKey,
+        ObjectKind::Adapter,
     ];
 
     /// The kind as a metric label.
@@ -38,6 +41,7 @@ impl ObjectKind {
             ObjectKind::Alias => "alias",
             ObjectKind::Region => "region",
             ObjectKind::ApiKey => "api_key",
+            ObjectKind::Adapter => "adapter",
         }
     }
 }

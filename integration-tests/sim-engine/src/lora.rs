@@ -14,8 +14,16 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::api::ApiError;
 use crate::config::Config;
+
+/// A refusal of the adapter API: status and vLLM's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraError {
+    /// HTTP status.
+    pub status: u16,
+    /// What vLLM says.
+    pub message: String,
+}
 
 /// The engine's adapters.
 #[derive(Debug, Default)]
@@ -26,41 +34,38 @@ pub struct Loras {
     slots: Mutex<VecDeque<String>>,
     /// Loads that succeeded.
     pub loads: AtomicU64,
+    /// Loads that failed.
+    pub load_failures: AtomicU64,
     /// Adapters moved into a GPU slot for a request.
     pub switches: AtomicU64,
 }
 
-fn refused(status: u16, message: String) -> ApiError {
-    ApiError {
-        status,
-        message,
-        param: None,
-        code: None,
-    }
+fn refused(status: u16, message: String) -> LoraError {
+    LoraError { status, message }
 }
 
 /// `lora_name` of a load or unload body.
-fn lora_name(body: &[u8]) -> Result<(String, Value), ApiError> {
+fn lora_name(body: &[u8]) -> Result<(String, Value), LoraError> {
     let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad("lora_name", format!("invalid JSON body: {e}")))?;
+        .map_err(|e| refused(400, format!("invalid JSON body: {e}")))?;
     let name = value
         .get("lora_name")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| ApiError::bad("lora_name", "lora_name is required"))?
+        .ok_or_else(|| refused(400, "lora_name is required".into()))?
         .to_string();
     Ok((name, value))
 }
 
 impl Loras {
     /// Loads an adapter (`{"lora_name", "lora_path"}`); the text vLLM answers.
-    pub async fn load(&self, config: &Config, body: &[u8]) -> Result<String, ApiError> {
+    pub async fn load(&self, config: &Config, body: &[u8]) -> Result<String, LoraError> {
         let (name, value) = lora_name(body)?;
         let path = value
             .get("lora_path")
             .and_then(Value::as_str)
             .filter(|p| !p.is_empty())
-            .ok_or_else(|| ApiError::bad("lora_path", "lora_path is required"))?
+            .ok_or_else(|| refused(400, "lora_path is required".into()))?
             .to_string();
         if self.lock_loaded().contains_key(&name) {
             return Err(refused(
@@ -70,6 +75,7 @@ impl Loras {
         }
         tokio::time::sleep(Duration::from_millis(config.lora_load_ms)).await;
         if config.fail_lora_loads || path.contains("missing") {
+            self.load_failures.fetch_add(1, Ordering::Relaxed);
             return Err(refused(
                 400,
                 format!("Loading lora {name} failed: No adapter found for {path}"),
@@ -83,7 +89,7 @@ impl Loras {
     }
 
     /// Unloads an adapter (`{"lora_name"}`); the text vLLM answers.
-    pub fn unload(&self, body: &[u8]) -> Result<String, ApiError> {
+    pub fn unload(&self, body: &[u8]) -> Result<String, LoraError> {
         let (name, _) = lora_name(body)?;
         if self.lock_loaded().remove(&name).is_none() {
             return Err(refused(

@@ -203,6 +203,14 @@ pub fn render(engine: &Engine) -> String {
         );
         metric(
             &mut out,
+            "sim:lora_load_failures_total",
+            "counter",
+            "Adapter loads that failed (simulator only).",
+            &model,
+            loras.load_failures.load(Ordering::Relaxed) as f64,
+        );
+        metric(
+            &mut out,
             "sim:lora_switches_total",
             "counter",
             "Adapters moved into a GPU slot for a request (simulator only).",

@@ -140,7 +140,12 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
             };
             match answer {
                 Ok(text) => Response::new(full(text)),
-                Err(e) => error_response(&e),
+                Err(e) => error_response(&api::ApiError {
+                    status: e.status,
+                    message: e.message,
+                    param: None,
+                    code: None,
+                }),
             }
         }
         (Method::POST, "/v1/chat/completions") => generate(engine, request, Kind::Chat).await,
