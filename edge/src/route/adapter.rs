@@ -1,18 +1,20 @@
 //! Placement of LoRA adapter requests: a replica whose engine holds the
-//! adapter (as its sidecar last listed it), the least busy of those,
-//! unless it has more than the affinity slack in flight beyond the least
-//! busy candidate; else the replica a load of the adapter is already
+//! adapter (as its sidecar last listed it) and is not saturated (at its
+//! pool's concurrency bound, or with requests waiting in its engine), the
+//! least busy of those; else the replica a load of the adapter is already
 //! under way on (so concurrent first requests cause one load); else the
 //! replica that holds the fewest adapters, then the least busy, which
-//! loads it. Round robin ignores residency: every turn loads on demand.
+//! loads it. A holder with free slots always wins, however busy: a load
+//! costs as much as a request and evicts another adapter, and placing by
+//! in-flight counts (which include requests waiting on loads) makes loads
+//! beget loads. Round robin ignores residency: every turn loads on demand.
 
 use std::sync::atomic::Ordering;
 
 use rand::RngCore;
 
-use super::{
-    AFFINITY_LOAD_SLACK, Balancer, Candidates, LeastOutstanding, Pick, Reason, RouteHints,
-};
+use super::{Balancer, Candidates, Pick, Reason, RouteHints};
+use crate::replica::Upstream;
 
 /// See the module docs.
 pub struct AdapterPlacement<'a> {
@@ -26,19 +28,16 @@ impl Balancer for AdapterPlacement<'_> {
     fn pick(
         &self,
         candidates: &Candidates<'_>,
-        hints: &RouteHints,
-        rng: &mut dyn RngCore,
+        _hints: &RouteHints,
+        _rng: &mut dyn RngCore,
     ) -> Option<Pick> {
-        let (_, least_in_flight) = LeastOutstanding::fewest(candidates, rng)?;
-        let in_flight = |u: &crate::replica::Upstream| u.in_flight.load(Ordering::Relaxed);
+        let in_flight = |u: &Upstream| u.in_flight.load(Ordering::Relaxed);
         let holder = candidates
             .replicas()
             .iter()
-            .filter(|u| u.load.holds_adapter(self.resident))
+            .filter(|u| u.load.holds_adapter(self.resident) && !saturated(u))
             .min_by_key(|u| in_flight(u));
-        if let Some(holder) = holder
-            && in_flight(holder) <= least_in_flight + AFFINITY_LOAD_SLACK
-        {
+        if let Some(holder) = holder {
             return Some(Pick {
                 upstream: (*holder).clone(),
                 reason: Reason::AdapterResident {
@@ -52,7 +51,6 @@ impl Balancer for AdapterPlacement<'_> {
                 reason: Reason::AdapterLoading,
             });
         }
-        let _ = hints;
         let best = candidates
             .replicas()
             .iter()
@@ -67,6 +65,16 @@ impl Balancer for AdapterPlacement<'_> {
             },
         })
     }
+}
+
+/// Whether `upstream` has no free slot: at its pool's concurrency bound,
+/// or with requests waiting in its engine as it last stamped.
+fn saturated(upstream: &Upstream) -> bool {
+    upstream.at_bound()
+        || upstream
+            .load
+            .fresh()
+            .is_some_and(|(_, waiting, _)| waiting > 0)
 }
 
 #[cfg(test)]
@@ -89,16 +97,22 @@ mod tests {
     }
 
     #[test]
-    fn a_holder_wins_until_it_is_busier_than_the_slack() {
+    fn a_holder_wins_until_it_is_saturated() {
         let all = replicas(&["a", "b", "c"]);
         all[1].load.update_adapters("bot@r1");
         assert_eq!(place(&all, None).upstream.id, "b");
-        busy(&all[1], AFFINITY_LOAD_SLACK);
-        assert_eq!(place(&all, None).upstream.id, "b", "within the slack");
-        busy(&all[1], AFFINITY_LOAD_SLACK + 1);
+        busy(&all[1], 20);
+        assert_eq!(place(&all, None).upstream.id, "b", "busy, with free slots");
+        all[1].load.update("r=8;w=2;kv=0.900");
         let pick = place(&all, None);
-        assert_ne!(pick.upstream.id, "b", "too busy: loaded elsewhere");
+        assert_ne!(
+            pick.upstream.id, "b",
+            "requests wait in its engine: loaded elsewhere"
+        );
         assert!(matches!(pick.reason, Reason::AdapterLoad { .. }));
+        // A second holder with room takes it instead.
+        all[2].load.update_adapters("bot@r1");
+        assert_eq!(place(&all, None).upstream.id, "c");
     }
 
     #[test]
