@@ -159,7 +159,7 @@ rm -rf "$run/identity"
 replica() {
   local id="$1" pool="$2" model="$3" region="$4" zone="$5" engine="$6" eport="$7" sport="$8" mport="$9"
   start "engine-$id" "$bin/infermesh-sim-engine" --listen "127.0.0.1:$eport" --model "$model" \
-    --metrics-dialect "$engine"
+    --metrics-dialect "$engine" --enable-lora
   start "sidecar-$id" "$bin/infermesh-sidecar" --listen "127.0.0.1:$sport" --metrics-listen "127.0.0.1:$mport" \
     --engine-url "http://127.0.0.1:$eport" --engine "$engine" --endpoint-id "$id" \
     --pool "$pool" --model "$model" --region "$region" --zone "$zone" --control-plane "$cp_addr" \

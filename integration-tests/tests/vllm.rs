@@ -3,7 +3,8 @@
 //! fingerprint; the sidecar reading vLLM's own metrics; prefix affinity
 //! landing a conversation where vLLM's prefix cache holds it; a client that
 //! goes away aborting the request inside vLLM; a sidecar draining a vLLM
-//! stream. vLLM takes a minute to start and its install is about 6 GB, so
+//! stream; a LoRA adapter loaded through the sidecar on its first request.
+//! vLLM takes a minute to start and its install is about 6 GB, so
 //! these run from `scripts/test-vllm.sh`, which starts two engines and
 //! passes them in INFERMESH_VLLM_URLS (comma-separated) with the name they
 //! serve in INFERMESH_VLLM_MODEL; `cargo test` alone skips them (ignored).
@@ -336,4 +337,77 @@ async fn a_draining_sidecar_finishes_its_vllm_stream_and_leaves() {
         "messages": [{"role": "user", "content": "still there?"}]});
     let reply = fleet.mesh.http.post_json(&fleet.url, &after).await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+/// The LoRA adapters `engine` lists in `/v1/models` (entries with a parent).
+async fn engine_adapters(http: &Http, engine: &str) -> Vec<(String, String)> {
+    let models = http
+        .get(&format!("{engine}/v1/models"))
+        .await
+        .expect("vLLM /v1/models")
+        .json();
+    models["data"]
+        .as_array()
+        .map(|data| {
+            data.iter()
+                .filter(|m| m["parent"].is_string())
+                .map(|m| {
+                    let field = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+                    (field("id"), field("parent"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+#[ignore = "needs real vLLM engines: scripts/test-vllm.sh"]
+async fn a_lora_adapter_is_loaded_through_the_sidecar_on_its_first_request() {
+    let source = std::env::var("INFERMESH_VLLM_LORA").expect("INFERMESH_VLLM_LORA");
+    let fleet = fleet("LEAST_OUTSTANDING").await;
+    let mesh = &fleet.mesh;
+    mesh.admin(
+        "CreateAdapter",
+        json!({"adapter": {"name": "tiny-support", "base_model": fleet.model,
+            "source": source, "version": "r1"}}),
+    )
+    .await
+    .expect("CreateAdapter");
+    for engine in &fleet.engines {
+        assert!(engine_adapters(&mesh.http, engine).await.is_empty());
+    }
+    let body = json!({"model": "tiny-support", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hello adapter"}]});
+    // Until every sidecar holds the table naming the adapter, a sidecar
+    // that does not know it answers 404 and loads nothing.
+    let first = wait::until("the adapter to be served", DEADLINE, || async {
+        let reply = mesh.http.post_json(&fleet.url, &body).await.ok()?;
+        (reply.status == 200).then_some(reply)
+    })
+    .await;
+    println!("first answer: {}", first.text());
+    assert_eq!(first.json()["model"], "tiny-support");
+    let mut holders = Vec::new();
+    for engine in &fleet.engines {
+        let adapters = engine_adapters(&mesh.http, engine).await;
+        println!("{engine} adapters: {adapters:?}");
+        if !adapters.is_empty() {
+            assert_eq!(
+                adapters,
+                [("tiny-support".to_string(), fleet.model.clone())]
+            );
+            holders.push(engine.clone());
+        }
+    }
+    assert_eq!(holders.len(), 1, "loaded on one engine");
+    // Later requests are served by the holder; no other engine loads it.
+    for _ in 0..4 {
+        let reply = mesh.http.post_json(&fleet.url, &body).await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let mut loaded = 0;
+    for engine in &fleet.engines {
+        loaded += engine_adapters(&mesh.http, engine).await.len();
+    }
+    assert_eq!(loaded, 1);
 }

@@ -82,6 +82,7 @@ fn endpoint_status(endpoint: &Endpoint, load: Option<Load>, now: i64) -> Endpoin
             .map(|l| u64::try_from(now.saturating_sub(l.observed_at_unix_ms)).unwrap_or(0)),
         running: load.as_ref().map_or(0, |l| l.running),
         waiting: load.as_ref().map_or(0, |l| l.waiting),
+        adapters: load.map(|l| l.adapters).unwrap_or_default(),
     }
 }
 

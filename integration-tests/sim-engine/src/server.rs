@@ -126,14 +126,19 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Response<Bod
             data.extend(engine.loras.models(&engine.config.model, now_secs()));
             json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
         }
-        (Method::POST, "/v1/load_lora_adapter" | "/v1/unload_lora_adapter")
-            if engine.config.enable_lora =>
-        {
+        // vLLM's paths, and SGLang's without `/v1`.
+        (
+            Method::POST,
+            "/v1/load_lora_adapter"
+            | "/v1/unload_lora_adapter"
+            | "/load_lora_adapter"
+            | "/unload_lora_adapter",
+        ) if engine.config.enable_lora => {
             let body = match read_body(request).await {
                 Ok(b) => b,
                 Err(e) => return error_response(&e),
             };
-            let answer = if path == "/v1/load_lora_adapter" {
+            let answer = if path.ends_with("/load_lora_adapter") {
                 engine.loras.load(&engine.config, &body).await
             } else {
                 engine.loras.unload(&body)
