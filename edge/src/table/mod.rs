@@ -267,4 +267,42 @@ mod tests {
         let a = &second.route("llama").unwrap().upstreams[0];
         assert_eq!(a.in_flight.load(Ordering::Relaxed), 5);
     }
+
+    #[test]
+    fn adapters_route_on_their_base_model_and_unusable_ones_are_skipped() {
+        let mut pushed = table(&[("a", "127.0.0.1:1000", EndpointState::Serving)]);
+        let adapter = |name: &str, base: &str, owner: &str| infermesh_proto::v1::Adapter {
+            name: name.into(),
+            base_model: base.into(),
+            source: format!("/adapters/{name}"),
+            version: "r1".into(),
+            owner_tenant: owner.into(),
+            ..Default::default()
+        };
+        pushed.adapters = vec![
+            adapter("bot", "llama", ""),
+            adapter("private-bot", "llama", "acme"),
+            adapter("on-alias", "l3", ""),
+            adapter("orphan", "gone", ""),
+            adapter("l3", "llama", ""),
+        ];
+        let t = EdgeTableBuilder::default().apply(pushed).unwrap();
+        let bot = t.adapter("bot").expect("routed");
+        assert_eq!(
+            (bot.base.as_str(), bot.resident.as_str()),
+            ("llama", "bot@r1")
+        );
+        assert!(t.route(&bot.base).is_some());
+        assert!(bot.visible_to(Some("anyone")));
+        let private = t.adapter("private-bot").unwrap();
+        assert!(private.visible_to(Some("acme")) && !private.visible_to(Some("other")));
+        for skipped in ["on-alias", "orphan", "l3"] {
+            assert!(t.adapter(skipped).is_none(), "{skipped}");
+            assert!(
+                t.skipped.iter().any(|s| s.to_string().contains(skipped)),
+                "{skipped}: {:?}",
+                t.skipped
+            );
+        }
+    }
 }
