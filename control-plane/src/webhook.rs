@@ -63,6 +63,12 @@ pub enum InjectionError {
         /// The value given.
         port: String,
     },
+    /// The max-adapters annotation is not a positive number.
+    #[error("{}max-adapters: {value:?} is not a positive number", PREFIX)]
+    BadMaxAdapters {
+        /// The value given.
+        value: String,
+    },
     /// A container of the pod already uses a port the sidecar needs.
     #[error("port {port} is taken by another container; the sidecar needs it")]
     PortTaken {
@@ -191,6 +197,13 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, I
             port: engine_port.to_string(),
         });
     }
+    if let Some(max) = annotation("max-adapters")
+        && max.parse::<u32>().map_or(true, |n| n == 0)
+    {
+        return Err(InjectionError::BadMaxAdapters {
+            value: max.to_string(),
+        });
+    }
     for port in [injection.proxy_port, injection.metrics_port] {
         let taken = containers.iter().any(|c| {
             c.get("ports")
@@ -234,6 +247,9 @@ pub fn patch(pod: &Value, injection: &Injection) -> Result<Option<Vec<Value>>, I
     }
     if let Some(revision) = annotation("model-revision") {
         env.push(value("INFERMESH_MODEL_REVISION", revision));
+    }
+    if let Some(max) = annotation("max-adapters") {
+        env.push(value("INFERMESH_MAX_ADAPTERS", max));
     }
     let mut container = json!({
         "name": CONTAINER,
@@ -646,6 +662,23 @@ mod tests {
             .unwrap()
             .push(json!({"name": CONTAINER, "image": "x"}));
         assert_eq!(patch(&injected, &injection(false)).unwrap(), None);
+    }
+
+    #[test]
+    fn the_resident_adapter_limit_comes_from_its_annotation_and_must_be_a_number() {
+        let mut pod = pod();
+        pod["metadata"]["annotations"]["infermesh.io/max-adapters"] = json!("16");
+        let ops = patch(&pod, &injection(false)).unwrap().unwrap();
+        let text = serde_json::to_string(&ops).unwrap();
+        assert!(
+            text.contains(r#"{"name":"INFERMESH_MAX_ADAPTERS","value":"16"}"#),
+            "{text}"
+        );
+        for bad in ["0", "many", "-1"] {
+            pod["metadata"]["annotations"]["infermesh.io/max-adapters"] = json!(bad);
+            let refused = patch(&pod, &injection(false)).unwrap_err();
+            assert!(refused.to_string().contains("max-adapters"), "{refused}");
+        }
     }
 
     #[test]
